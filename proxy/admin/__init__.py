@@ -1,0 +1,1 @@
+"""Admin listener: probes for the kubelet, /metrics for Prometheus, the /admin API for operators."""

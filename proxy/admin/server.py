@@ -1,0 +1,178 @@
+"""Admin listener (off the data path): `/health/*` and `/metrics` never need a token; `/admin/*` needs
+`Authorization: Bearer <token>` for every mutating call, and for reads too when the admin listener binds
+a non-loopback address. With no token configured those calls get 403. Tokens are compared in constant
+time and re-read from `admin.token_file` on each call, so a rotated Secret applies at once."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import __version__
+from proxy.obs import log
+from proxy.settings import redacted
+from proxy.settings.spec import is_loopback, parse_listen
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"type": "admin", "message": message}}, status=status)
+
+
+class Admin:
+    def __init__(self, app) -> None:
+        self.app = app
+        self.started = time.monotonic()
+
+    def routes(self) -> web.Application:
+        a = web.Application(middlewares=[self._auth])
+        a.router.add_get("/metrics", self.metrics)
+        a.router.add_get("/health/live", self.live)
+        a.router.add_get("/health/ready", self.ready)
+        a.router.add_get("/health/startup", self.startup)
+        a.router.add_get("/health", self.health)
+        a.router.add_get("/admin/upstreams", self.upstreams)
+        a.router.add_get("/admin/config", self.config)
+        a.router.add_post("/admin/upstreams/{name}/breaker", self.breaker)
+        a.router.add_delete("/admin/upstreams/{name}/cache", self.purge)
+        a.router.add_post("/admin/log-level", self.log_level)
+        a.router.add_post("/admin/reload", self.reload)
+        return a
+
+    # -- auth ----------------------------------------------------------------------------------------
+    def _token(self) -> str | None:
+        path = self.app.runtime.settings.admin.token_file
+        if not path:
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if not request.path.startswith("/admin/"):
+            return await handler(request)
+        mutating = request.method not in ("GET", "HEAD")
+        host, _ = parse_listen(self.app.runtime.settings.admin.listen)
+        if mutating or not is_loopback(host):
+            token = self._token()
+            if token is None:
+                return _json_error(403, "admin calls need a token: set admin.token_file")
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                return _json_error(401, "missing or wrong bearer token")
+        return await handler(request)
+
+    # -- probes and metrics ----------------------------------------------------------------------------
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.app.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.app.draining:
+            return False, "shutting_down"
+        if not self.app.started:
+            return False, "starting"
+        return True, "ready"
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok, status = self._ready()
+        return web.json_response({"status": "ready" if ok else "not_ready", "ready": ok, "reason": status},
+                                 status=200 if ok else 503)
+
+    async def startup(self, request: web.Request) -> web.Response:
+        ok = self.app.started
+        return web.json_response({"started": ok}, status=200 if ok else 503)
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok, status = self._ready()
+        body = {"status": "ready" if ok else "not_ready", "ready": ok, "live": True, "reason": status,
+                "version": __version__, "uptime_seconds": round(time.monotonic() - self.started, 1),
+                "config_hash": self.app.runtime.digest}
+        if self.app.last_reload_error:
+            body["last_reload_error"] = self.app.last_reload_error
+        return web.json_response(body, status=200 if ok else 503)
+
+    # -- /admin ----------------------------------------------------------------------------------------
+    def _upstream(self, request: web.Request):
+        up = self.app.runtime.upstreams.get(request.match_info["name"])
+        if up is None:
+            raise web.HTTPNotFound(text='{"error": {"type": "admin", "message": "no such upstream"}}',
+                                   content_type="application/json")
+        return up
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        out = {}
+        for name, up in self.app.runtime.upstreams.items():
+            c = up.counters
+            targets = {}
+            for t in up.targets:
+                b = t.breaker
+                targets[t.name] = {
+                    "url": _safe_url(t.spec.url), "weight": t.weight,
+                    "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
+                                "last_failure": b.last_failure},
+                    "pool": {"busy": t.pool.busy, "pending": t.pool.pending, "max_connections": t.pool.max_connections},
+                }
+            caches = {r.name: {"entries": len(r.cache), "bytes": r.cache.bytes} for r in up.routes}
+            out[name] = {"protocol": up.spec.protocol, "listen": up.spec.listen, "in_flight": c.in_flight,
+                         "retries_in_flight": c.budget.retries, "retry_budget": c.budget.limit,
+                         "retry_budget_exhausted": c.budget.exhausted, "targets": targets, "cache": caches}
+        return web.json_response(out)
+
+    async def config(self, request: web.Request) -> web.Response:
+        body = {"hash": self.app.runtime.digest, "config": redacted(self.app.runtime.loaded)}
+        if self.app.last_reload_error:
+            body["last_reload_error"] = self.app.last_reload_error
+        return web.json_response(body)
+
+    async def breaker(self, request: web.Request) -> web.Response:
+        up = self._upstream(request)
+        try:
+            data = await request.json()
+            state = data["state"]
+            track = data.get("track") or up.targets[0].name
+        except Exception:
+            return _json_error(400, 'body must be JSON: {"track": "<name>", "state": "open|closed|auto"}')
+        if state not in ("open", "closed", "auto"):
+            return _json_error(400, "state must be open, closed or auto")
+        target = up.by_name.get(track)
+        if target is None:
+            return _json_error(404, f"no track {track!r} on upstream {up.name!r}")
+        target.breaker.force(state)
+        return web.json_response({"upstream": up.name, "track": track, "state": target.breaker.state})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        up = self._upstream(request)
+        removed = sum(c.clear() for c in {id(r.cache): r.cache for r in up.routes}.values())
+        log.info("cache_purged", upstream=up.name, entries=removed)
+        return web.json_response({"upstream": up.name, "removed": removed})
+
+    async def log_level(self, request: web.Request) -> web.Response:
+        try:
+            level = (await request.json())["level"].lower()
+            if level not in log.LEVELS:
+                raise ValueError
+        except Exception:
+            return _json_error(400, 'body must be {"level": "debug|info|warning|error"}')
+        log.set_level(level)
+        log.info("log_level_changed", level=level)
+        return web.json_response({"level": level})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        ok, message = await self.app.reload(reason="admin")
+        return web.json_response({"reloaded": ok, "message": message, "hash": self.app.runtime.digest},
+                                 status=200 if ok else 422)
+
+
+def _safe_url(url: str) -> str:
+    from proxy.settings.loader import redact_url
+    return redact_url(url)

@@ -1,0 +1,224 @@
+"""Composition root: binds the listeners and the admin server, owns the current Runtime, reloads it,
+and drains on SIGTERM.
+
+Hot reload is build → validate → swap with one assignment → drain the old: a request reads
+`app.runtime` once at entry. A changed `listen` binds the new address before the swap and closes the
+old one after it; a config that fails to load or bind leaves the running one in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from aiohttp import web
+
+from proxy.admin.server import Admin
+from proxy.clock import REAL, Clock
+from proxy.listen.http import HttpListener
+from proxy.obs import log
+from proxy.obs.metrics import METRICS, Metrics
+from proxy.runtime import Runtime
+from proxy.settings import ConfigError, Loaded, load
+from proxy.settings.loader import digest
+from proxy.settings.spec import parse_listen
+from proxy.upstream.state import StateStore
+
+
+class StartupError(Exception):
+    """A runtime failure at start (exit code 3), e.g. a port already in use."""
+
+
+class _Bound:
+    __slots__ = ("key", "server", "web_server")
+
+    def __init__(self, key, server, web_server) -> None:
+        self.key, self.server, self.web_server = key, server, web_server
+
+
+class ProxyApp:
+    def __init__(self, config_path: str, clock: Clock = REAL, metrics: Metrics = METRICS) -> None:
+        self.config_path, self.clock, self.metrics = config_path, clock, metrics
+        self.store = StateStore(clock, metrics)
+        self.runtime: Runtime | None = None
+        self.started = False
+        self.draining = False
+        self.last_reload_error: list[str] | None = None
+        self.access_log = False
+        self._bound: dict[str, _Bound] = {}
+        self._admin_runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = asyncio.Event()
+
+    # -- start / stop ----------------------------------------------------------------------------------
+    async def start(self, loaded: Loaded) -> None:
+        log.set_secrets(loaded.sensitive)
+        runtime = Runtime(loaded, self.store, self.clock)
+        await self._bind(runtime)
+        self._swap(runtime)
+        admin_host, admin_port = parse_listen(loaded.settings.admin.listen)
+        self._admin_runner = web.AppRunner(Admin(self).routes(), access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        try:
+            await web.TCPSite(self._admin_runner, admin_host, admin_port, reuse_address=True).start()
+        except OSError as exc:
+            await self.close()
+            raise StartupError(f"admin.listen {admin_host}:{admin_port}: {exc.strerror or exc}") from None
+        self.started = True
+        self._spawn(self._watch())
+        log.info("started", upstreams=sorted(runtime.upstreams), admin=loaded.settings.admin.listen,
+                 config_hash=runtime.digest)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _swap(self, runtime: Runtime) -> None:
+        old = self.runtime
+        closing = self.store.prune()  # state the new runtime did not ask for
+        self.runtime = runtime
+        self.access_log = runtime.settings.log.access
+        self.metrics.set_config_hash(runtime.digest)
+        if old is not None:
+            self._spawn(self._close_after_drain(closing))
+
+    async def _close_after_drain(self, pools) -> None:
+        if not pools:
+            return
+        deadline = self.clock.monotonic() + self.runtime.settings.shutdown.drain_timeout
+        while any(p.busy for p in pools) and self.clock.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+
+    async def _bind(self, runtime: Runtime) -> None:
+        """Open listeners the runtime needs and do not exist yet; close the ones it dropped (after swap)."""
+        loop = asyncio.get_running_loop()
+        opened: dict[str, _Bound] = {}
+        try:
+            for name, up in runtime.upstreams.items():
+                key = (up.spec.listen, up.spec.protocol)
+                current = self._bound.get(name)
+                if current is not None and current.key == key:
+                    continue
+                host, port = parse_listen(up.spec.listen)
+                max_field = max(8190, up.spec.limits.max_header_bytes + 1024)
+                ws = web.Server(HttpListener(self, name).handle, access_log=None,
+                                max_line_size=max_field, max_field_size=max_field, handler_cancellation=True)
+                try:
+                    server = await loop.create_server(ws, host, port, reuse_address=True, backlog=1024)
+                except OSError as exc:
+                    raise StartupError(f"upstreams.{name}.listen {host}:{port}: {exc.strerror or exc}") from None
+                opened[name] = _Bound(key, server, ws)
+        except BaseException:
+            for b in opened.values():
+                b.server.close()
+            raise
+        stale = [b for n, b in self._bound.items() if n not in runtime.upstreams or n in opened]
+        self._bound = {n: b for n, b in self._bound.items() if n in runtime.upstreams and n not in opened}
+        self._bound.update(opened)
+        for b in stale:
+            self._spawn(self._close_listener(b))
+
+    async def _close_listener(self, b: _Bound, timeout: float | None = None) -> None:
+        b.server.close()
+        if timeout is None:
+            timeout = self.runtime.settings.shutdown.drain_timeout if self.runtime else 5.0
+        await b.web_server.shutdown(timeout)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for b in self._bound.values():
+            b.server.close()
+        await asyncio.gather(*(b.web_server.shutdown(1.0) for b in self._bound.values()), return_exceptions=True)
+        self._bound.clear()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await self.store.close()
+        self._stopped.set()
+
+    # -- reload ----------------------------------------------------------------------------------------
+    async def reload(self, reason: str) -> tuple[bool, str]:
+        try:
+            loaded = load(self.config_path)
+            runtime = Runtime(loaded, self.store, self.clock)
+            await self._bind(runtime)
+        except (ConfigError, StartupError) as exc:
+            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            self.last_reload_error = errors
+            self.metrics.reloads.labels("failure").inc()
+            log.error("reload_failed", reason=reason, errors=errors)
+            return False, "; ".join(errors)
+        log.set_secrets(loaded.sensitive)
+        self._swap(runtime)
+        self.last_reload_error = None
+        self.metrics.reloads.labels("success").inc()
+        log.info("reloaded", reason=reason, config_hash=runtime.digest)
+        return True, "reloaded"
+
+    async def _watch(self) -> None:
+        """Poll a content hash of the config and every referenced file: a ConfigMap update swaps a
+        `..data` symlink, which a watch on the file itself would miss."""
+        while True:
+            await asyncio.sleep(self.runtime.settings.reload.interval)
+            try:
+                current = digest(self.config_path, self.runtime.loaded.files)
+            except Exception:  # never let the watcher die
+                continue
+            if current != self.runtime.digest:
+                await self.reload("file_changed")
+
+    # -- shutdown --------------------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return sum(up.counters.in_flight for up in self.runtime.upstreams.values())
+
+    async def drain(self) -> None:
+        """SIGTERM: readiness turns 503 at once, listeners keep serving (the app may still be finishing
+        its calls); return once nothing has been in flight for quiet_period, or at drain_timeout."""
+        self.draining = True
+        spec = self.runtime.settings.shutdown
+        log.info("draining", in_flight=self.in_flight(), quiet_period=spec.quiet_period,
+                 drain_timeout=spec.drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.drain_timeout
+        quiet_since = loop.time() if self.in_flight() == 0 else None
+        while loop.time() < deadline:
+            now = loop.time()
+            if self.in_flight() == 0:
+                quiet_since = quiet_since or now
+                if now - quiet_since >= spec.quiet_period:
+                    break
+            else:
+                quiet_since = None
+            await asyncio.sleep(0.05)
+        log.info("drained", in_flight=self.in_flight())
+
+    async def serve(self) -> int:
+        """Run until SIGTERM (drain, exit 0) or SIGINT / a second SIGTERM (exit at once)."""
+        loop = asyncio.get_running_loop()
+        term = asyncio.Event()
+        hard = asyncio.Event()
+
+        def on_term() -> None:
+            if term.is_set():
+                hard.set()
+            term.set()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        loop.add_signal_handler(signal.SIGINT, hard.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("sighup")))
+        waiter = loop.create_task(term.wait())
+        hard_waiter = loop.create_task(hard.wait())
+        await asyncio.wait({waiter, hard_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not hard.is_set():
+            drain = loop.create_task(self.drain())
+            await asyncio.wait({drain, hard_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            drain.cancel()
+        for t in (waiter, hard_waiter):
+            t.cancel()
+        log.info("stopping", forced=hard.is_set())
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.close(), 2.0 if hard.is_set() else 5.0)
+        return 0

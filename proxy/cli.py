@@ -1,0 +1,112 @@
+"""Command line: `run`, `check-config`, `demo`.
+
+Exit codes everywhere: 0 ok, 1 invalid config, 2 usage error, 3 runtime failure (e.g. a port in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from proxy import __version__
+from proxy.settings import DEFAULT_PATH, ConfigError, load
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("PROXY_CONFIG") or DEFAULT_PATH
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load(args.file, strict_refs=args.strict)
+    except ConfigError as exc:
+        print(f"{args.file}: invalid config ({len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''})",
+              file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    s = loaded.settings
+    print(f"{args.file}: ok (hash {loaded.digest})")
+    print(f"  admin     {s.admin.listen}  token: {'file' if s.admin.token_file else 'none (mutating /admin calls get 403)'}")
+    for name, up in s.upstreams.items():
+        tracks = ", ".join(f"{t.name}={t.weight}" for t in up.targets)
+        b, r, t = up.breaker, up.retry, up.timeouts
+        print(f"  {name:<10}{up.protocol:<7}{up.listen:<18}→ {tracks}")
+        print(f"            timeouts connect={t.connect:g}s attempt={t.attempt:g}s total={t.total:g}s idle={t.idle:g}s;"
+              f" retry attempts={r.attempts} budget={r.budget_ratio:g}/min {r.budget_min};"
+              f" breaker {b.mode} fail_max={b.fail_max} reset={b.reset_timeout:g}s;"
+              f" routes: {', '.join(x.name for x in up.routes) or 'default'}")
+    for w in loaded.warnings:
+        print(f"  warning: {w}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.obs import log
+
+    path = _config_path(args.config)
+    try:
+        loaded = load(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid config, not starting:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.configure(loaded.settings.log.level)
+    _install_uvloop()
+    return asyncio.run(_serve(path, loaded))
+
+
+async def _serve(path, loaded, ready_hook=None) -> int:
+    from proxy.app import ProxyApp, StartupError
+
+    app = ProxyApp(path)
+    try:
+        await app.start(loaded)
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if ready_hook is not None:
+        await ready_hook(app)
+    return await app.serve()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    _install_uvloop()
+    return asyncio.run(run_demo(args.config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resilience-proxy", description="A resilience sidecar for an app's dependencies.")
+    p.add_argument("--version", action="version", version=f"resilience-proxy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the proxy")
+    r.add_argument("--config", help=f"config file (default: $PROXY_CONFIG or {DEFAULT_PATH})")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file")
+    c.add_argument("--strict", action="store_true", help="unresolved ${env:}/${file:} references are errors")
+    c.set_defaults(func=cmd_check)
+    d = sub.add_parser("demo", help="run the proxy against built-in local upstreams")
+    d.add_argument("--config", default=None, help="demo config (default: the packaged demo.yaml)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,107 @@
+"""`resilience-proxy demo`: the proxy on config/demo.yaml in front of a built-in fake database gateway,
+offline. The gateway can be made slow or failing from its control endpoint, so a newcomer sees a
+breaker open and a fallback served within a minute. Not on the data path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+DEMO_PORT = 18002
+MODES = ("ok", "fail", "slow")
+
+
+def demo_config_path() -> str:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "config" / "demo.yaml", here / "demo.yaml"):
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError("config/demo.yaml not found: run the demo from a checkout (pip install -e .)")
+
+
+def gateway_app() -> web.Application:
+    """A tiny database gateway: GET /products/{id} answers JSON; POST /_chaos/{mode} changes its mood."""
+    state = {"mode": "ok", "hits": 0}
+
+    async def product(request: web.Request) -> web.Response:
+        state["hits"] += 1
+        if state["mode"] == "fail":
+            return web.json_response({"error": "database unavailable"}, status=503)
+        if state["mode"] == "slow":
+            await asyncio.sleep(5)
+        pid = request.match_info["id"]
+        return web.json_response({"id": pid, "name": f"product {pid}", "price": 10 + len(pid), "served_by": "gateway"})
+
+    async def chaos(request: web.Request) -> web.Response:
+        mode = request.match_info["mode"]
+        if mode not in MODES:
+            return web.json_response({"error": f"mode must be one of {', '.join(MODES)}"}, status=400)
+        state["mode"] = mode
+        print(f"[demo gateway] mode is now {mode}", flush=True)
+        return web.json_response({"mode": mode})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    app = web.Application()
+    app.router.add_get("/products/{id}", product)
+    app.router.add_post("/_chaos/{mode}", chaos)
+    app.router.add_get("/_stats", stats)
+    return app
+
+
+CURLS = """
+resilience-proxy demo is running.
+  app → proxy 127.0.0.1:9002 → fake database gateway 127.0.0.1:{port}
+  admin/metrics on 127.0.0.1:9901, admin token: {token_file}
+
+Try, in another terminal:
+  curl -s localhost:9002/products/42                      # pass-through, with X-Request-Id
+  curl -s -X POST localhost:{port}/_chaos/fail             # make the gateway fail (503)
+  curl -si localhost:9002/products/42                     # cached answer: X-Fallback: cache
+  curl -si localhost:9002/products/7                      # never cached: static degraded answer
+  curl -s localhost:9901/metrics | grep circuit_breaker   # breaker opened after 3 failures
+  curl -s -H "Authorization: Bearer $(cat {token_file})" localhost:9901/admin/upstreams
+  curl -s -X POST localhost:{port}/_chaos/ok               # heal; the breaker closes after 15s
+Ctrl-C stops.
+"""
+
+
+async def run_demo(config: str | None = None) -> int:
+    from proxy.cli import _serve
+    from proxy.obs import log
+    from proxy.settings import ConfigError, load
+
+    tmp = tempfile.mkdtemp(prefix="resilience-proxy-demo-")
+    token_file = os.path.join(tmp, "admin-token")
+    with open(token_file, "w") as f:
+        f.write(secrets.token_hex(16))
+    os.environ["PROXY_ADMIN__TOKEN_FILE"] = token_file
+    path = config or demo_config_path()
+    try:
+        loaded = load(path)
+    except ConfigError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        return 1
+    log.configure(loaded.settings.log.level)
+    runner = web.AppRunner(gateway_app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", DEMO_PORT).start()
+    except OSError as exc:
+        print(f"cannot start the demo gateway on 127.0.0.1:{DEMO_PORT}: {exc.strerror}", file=sys.stderr)
+        return 3
+
+    async def announce(app) -> None:
+        print(CURLS.format(port=DEMO_PORT, token_file=token_file), flush=True)
+
+    try:
+        return await _serve(path, loaded, ready_hook=announce)
+    finally:
+        await runner.cleanup()

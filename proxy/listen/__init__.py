@@ -1,0 +1,1 @@
+"""Listeners: where the app's calls enter the data path."""

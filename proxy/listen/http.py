@@ -1,0 +1,256 @@
+"""HTTP egress listener (`protocol: http`): the entrance of the data path for one upstream.
+
+listener (this) → route (track choice) → policy chain → upstream pool. It refuses what a sidecar must
+not do (CONNECT, absolute-form targets, WebSocket upgrades, oversized headers/bodies) before anything is
+forwarded, prepares the upstream request (hop-by-hop headers removed, X-Forwarded-*, X-Request-Id,
+configured headers), runs the route's chain, and streams the answer back. Once response headers have
+gone out nothing can be retried or replaced: a later upstream failure aborts the client connection and
+counts against the target's breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.obs import log
+from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
+from proxy.upstream.http import BodyTooLarge
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+_REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
+_RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def new_request_id(given: str | None) -> str:
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+def _connection_listed(headers) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))
+
+
+def error_body(status: int, error_type: str, message: str, upstream: str, request_id: str) -> bytes:
+    return json.dumps({"error": {"type": error_type, "message": message, "upstream": upstream,
+                                 "request_id": request_id, "status": status}}).encode()
+
+
+async def _stream_body(prefix: list[bytes], content, limit: int | None, idle: float,
+                       seen: int) -> AsyncIterator[bytes]:
+    for chunk in prefix:
+        yield chunk
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await content.readany()
+        if not chunk:
+            return
+        seen += len(chunk)
+        if limit is not None and seen > limit:
+            raise BodyTooLarge(f"request body exceeds max_request_body ({limit} bytes)")
+        yield chunk
+
+
+class HttpListener:
+    """An aiohttp low-level server handler bound to one upstream name; reads the runtime per request."""
+
+    def __init__(self, app, name: str) -> None:
+        self.app, self.name = app, name
+
+    def error(self, request: web.BaseRequest, status: int, error_type: str, message: str, rid: str,
+              headers: dict | None = None) -> web.Response:
+        return web.Response(status=status, body=error_body(status, error_type, message, self.name, rid),
+                            content_type="application/json", headers={"X-Request-Id": rid, **(headers or {})})
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        up = self.app.runtime.upstreams.get(self.name)
+        rid = new_request_id(request.headers.get("X-Request-Id"))
+        if up is None:
+            return self.error(request, 503, "unavailable", "upstream removed by a config reload", rid)
+        method = request.method
+        if method == "CONNECT":
+            return self.error(request, 405, "not_supported", "CONNECT is not supported: this is not a forward proxy", rid)
+        raw_path = request.raw_path
+        if not raw_path.startswith("/"):
+            if raw_path == "*" and method == "OPTIONS":
+                raw_path = "*"
+            else:
+                return self.error(request, 400, "not_supported",
+                                  "absolute-form request targets are not supported: this is not an open proxy", rid)
+        headers_in = request.headers
+        if "Upgrade" in headers_in and "upgrade" in _connection_listed(headers_in):
+            proto = headers_in["Upgrade"].lower()
+            if "websocket" in proto:
+                return self.error(request, 501, "not_supported",
+                                  "WebSocket upgrade is not supported on egress listeners", rid)
+        limits = up.limits
+        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > limits.max_header_bytes:
+            return self.error(request, 431, "headers_too_large",
+                              f"request headers exceed max_header_bytes ({limits.max_header_bytes} bytes)", rid)
+        cl = request.content_length
+        max_body = limits.max_request_body
+        if max_body is not None and cl is not None and cl > max_body:
+            return self.error(request, 413, "request_too_large",
+                              f"request body of {cl} bytes exceeds max_request_body ({max_body} bytes)", rid)
+
+        route = up.match(method, request.path)
+        # Upstream headers: the client's, minus hop-by-hop and what we set ourselves.
+        listed = _connection_listed(headers_in)
+        out = CIMultiDict()
+        for k, v in headers_in.items():
+            lk = k.lower()
+            if lk in _REQ_DROP or lk in listed:
+                continue
+            out.add(k, v)
+        peer = request.remote or ""
+        xff = headers_in.get("X-Forwarded-For")
+        out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+        out["X-Forwarded-Proto"] = "http"
+        out["X-Request-Id"] = rid
+        for k, v in up.request_headers.items():
+            out[k] = v
+        if cl is not None:
+            out["Content-Length"] = str(cl)
+
+        # Body: kept in memory when small enough to replay, streamed otherwise.
+        body, replayable = None, True
+        if cl != 0 and (cl is not None or request.body_exists):
+            if headers_in.get("Expect", "").lower() == "100-continue":
+                request.writer.write(_CONTINUE) if hasattr(request.writer, "write") else None
+            keep = route.retry.max_replay_body if route.retry.attempts > 1 else 0
+            content = request.content
+            idle = route.timeouts.idle
+            if cl is not None and cl <= keep:
+                body = await content.readexactly(cl) if cl else b""
+            elif cl is None:
+                chunks, n = [], 0
+                while n <= keep:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    n += len(chunk)
+                    if max_body is not None and n > max_body:
+                        return self.error(request, 413, "request_too_large",
+                                          f"request body exceeds max_request_body ({max_body} bytes)", rid)
+                else:
+                    body, replayable = _stream_body(chunks, content, max_body, idle, n), False
+                if replayable:
+                    body = b"".join(chunks)
+            else:
+                body, replayable = _stream_body([], content, None, idle, 0), False
+
+        preq = ProxyRequest(method, raw_path if raw_path != "*" else "*", request.path, out, headers_in, body,
+                            replayable, rid, route.name, up.pick(), route.idempotent(method, headers_in))
+        counters = up.counters
+        counters.in_flight += 1
+        counters.budget.active += 1
+        up.metrics.in_flight.inc()
+        started = time.monotonic()
+        resp: ProxyResponse | None = None
+        try:
+            resp = await route.chain(preq)
+            track = resp.target.name if resp.target is not None else preq.target.name
+            if resp.outcome == "upstream":
+                up.metrics.duration(track, time.monotonic() - started)
+            status, sent = await self.respond(request, up, route, preq, resp, rid)
+            up.metrics.request(track, route.name, status, resp.outcome)
+            if self.app.access_log:
+                log.info("access", upstream=self.name, request_id=rid, method=method, path=request.path,
+                         status=resp.status, outcome=resp.outcome, track=track, route=route.name,
+                         duration_ms=round((time.monotonic() - started) * 1000, 2),
+                         fallback=resp.source, reason=resp.reason.value if resp.reason else None)
+            return sent
+        finally:
+            if resp is not None:
+                resp.release()
+            counters.in_flight -= 1
+            counters.budget.active -= 1
+            up.metrics.in_flight.dec()
+
+    async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest, resp: ProxyResponse,
+                      rid: str) -> tuple[str, web.StreamResponse]:
+        f = resp.failure
+        if resp.stream is None and resp.body is None:
+            # An error the proxy produced (no fallback could serve it).
+            headers = {"X-Request-Id": rid}
+            if f.retry_after is not None:
+                headers["Retry-After"] = str(max(1, math.ceil(f.retry_after)))
+            if resp.reason is not None:
+                headers["X-Fallback-Reason"] = resp.reason.value
+            if f.error_type in ("upstream_reset", "connect_failure", "timeout", "connect_timeout", "tls_error"):
+                log.warning("upstream_failed", upstream=self.name, track=preq.target.name, request_id=rid,
+                            error=f.error_type, message=f.message, attempts=preq.attempts)
+            r = web.Response(status=resp.status, body=error_body(resp.status, f.error_type, f.message, self.name, rid),
+                             content_type="application/json", headers=headers)
+            await r.prepare(request)
+            await r.write_eof()
+            return str(resp.status), r
+        headers = CIMultiDict()
+        listed = _connection_listed(resp.headers)
+        for k, v in resp.headers.items():
+            lk = k.lower()
+            if lk not in _RESP_DROP and lk not in listed:
+                headers.add(k, v)
+        headers["X-Request-Id"] = rid
+        sr = web.StreamResponse(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers)
+        head = request.method == "HEAD"
+        if resp.stream is None:
+            body = resp.body
+            sr.content_length = len(body)
+            await sr.prepare(request)
+            if not head:
+                await sr.write(body)
+            await sr.write_eof()
+            return str(resp.status), sr
+        cr = resp.stream
+        cl = cr.headers.get("Content-Length")
+        no_body = head or resp.status in (204, 304) or resp.status < 200
+        if cl is not None and cl.isdigit():
+            sr.content_length = int(cl)
+        await sr.prepare(request)
+        if no_body:
+            await sr.write_eof()
+            return str(resp.status), sr
+        capture = resp.capture
+        keep = route.fallback.max_body if capture is not None else -1
+        buf: list[bytes] | None = [] if capture is not None else None
+        size = 0
+        try:
+            async for chunk in cr.content.iter_any():
+                await sr.write(chunk)
+                if buf is not None:
+                    size += len(chunk)
+                    if size > keep:
+                        buf = None
+                    else:
+                        buf.append(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are out: nothing can be retried or replaced. Abort the client connection so it
+            # sees a truncated answer, not a complete-looking one, and count the failure.
+            preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+            log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name, request_id=rid,
+                        error=type(exc).__name__, bytes_sent=size)
+            if request.transport is not None:
+                request.transport.abort()
+            return "reset", sr
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return "client_closed", sr
+        if buf is not None and capture is not None:
+            capture(b"".join(buf))
+        await sr.write_eof()
+        return str(resp.status), sr

@@ -1,0 +1,1 @@
+"""Observability: metrics (defined once, in metrics.py) and JSON logs."""

@@ -1,0 +1,164 @@
+"""Every Prometheus collector the proxy exports, defined once, here.
+
+Per-upstream children are created when the runtime is built (`UpstreamMetrics`), so the request path
+only calls `inc()`/`observe()` on objects it already holds. No label takes an unbounded value: `status`
+is an HTTP status code or a fixed word, `route` a configured name or `default`, `name`/`track` come
+from config.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy import __version__
+
+disable_created_metrics()  # *_created series double the scrape size and no rule here reads them
+
+
+class _Histogram:
+    """One histogram series with its own buckets: `observe` is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class PerSeriesHistogram(Collector):
+    """A histogram family whose buckets are chosen per series (LLM calls need minutes, a DB gateway
+    milliseconds); prometheus-client fixes buckets per family and walks them in Python."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._series: dict[tuple[str, ...], _Histogram] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str, buckets: tuple[float, ...]) -> _Histogram:
+        h = self._series.get(values)
+        if h is None or h.bounds != tuple(buckets):
+            h = self._series[values] = _Histogram(tuple(buckets))
+        return h
+
+    def remove(self, *values: str) -> None:
+        self._series.pop(values, None)
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, h in list(self._series.items()):
+            acc, buckets = 0, []
+            for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
+                acc += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+            fam.add_metric(list(values), buckets, h.sum)
+        yield fam
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        r = registry
+        self.registry = registry
+        self.build_info = Gauge("build_info", "Version of the running resilience-proxy.", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.requests = Counter(
+            "upstream_requests",
+            "Requests answered per upstream, track and route. outcome: upstream (the upstream's answer), "
+            "fallback (served by the fallback), rejected (an error produced by the proxy), shed (load shedding).",
+            ["name", "track", "route", "status", "outcome"], registry=r,
+        )
+        self.duration = PerSeriesHistogram(
+            "upstream_request_duration_seconds",
+            "Time from request to response headers per upstream and track (upstream answers only).",
+            ("name", "track"), r,
+        )
+        self.in_flight = Gauge("upstream_in_flight", "Requests in flight per upstream.", ["name"], registry=r)
+        self.breaker_state = Gauge(
+            "circuit_breaker_state",
+            "Breaker state per upstream track: 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed.",
+            ["name", "track"], registry=r,
+        )
+        self.breaker_opened = Counter(
+            "circuit_breaker_opened", "Times the breaker opened (automatic or forced).", ["name", "track"], registry=r
+        )
+        self.retries = Counter("upstream_retries", "Retries sent, by the reason of the failed attempt.",
+                               ["name", "reason"], registry=r)
+        self.budget_exhausted = Counter(
+            "upstream_retry_budget_exhausted", "Retries not sent because the retry budget was spent.", ["name"], registry=r
+        )
+        self.shed = Counter("upstream_shed", "Requests shed at the entrance (max_in_flight/max_pending).",
+                            ["name"], registry=r)
+        self.fallbacks = Counter(
+            "fallback_responses", "Responses served by a fallback. source: cache|stale|static|degraded.",
+            ["name", "source", "reason"], registry=r,
+        )
+        self.cache_entries = Gauge("fallback_cache_entries", "Entries in the fallback cache.", ["name"], registry=r)
+        self.cache_bytes = Gauge("fallback_cache_bytes", "Bytes held by the fallback cache.", ["name"], registry=r)
+        self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
+        self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
+
+    def set_config_hash(self, digest: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(digest).set(1)
+
+
+METRICS = Metrics()
+
+
+class UpstreamMetrics:
+    """The children one upstream uses, created at build time. Status children are cached per code on
+    first use: the set of codes is bounded (100-599) and each costs one `labels()` call once."""
+
+    __slots__ = ("name", "m", "buckets", "in_flight", "_req", "_dur", "shed", "budget_exhausted",
+                 "cache_entries", "cache_bytes", "_retries", "_fallbacks")
+
+    def __init__(self, name: str, tracks: Iterable[str], buckets: tuple[float, ...], m: Metrics = METRICS) -> None:
+        self.name, self.m, self.buckets = name, m, buckets
+        self.in_flight = m.in_flight.labels(name)
+        self.shed = m.shed.labels(name)
+        self.budget_exhausted = m.budget_exhausted.labels(name)
+        self.cache_entries = m.cache_entries.labels(name)
+        self.cache_bytes = m.cache_bytes.labels(name)
+        self._req: dict[tuple[str, str, str, str], object] = {}
+        self._dur = {t: m.duration.labels(name, t, buckets=buckets) for t in tracks}
+        self._retries: dict[str, object] = {}
+        self._fallbacks: dict[tuple[str, str], object] = {}
+
+    def request(self, track: str, route: str, status: str, outcome: str) -> None:
+        key = (track, route, status, outcome)
+        c = self._req.get(key)
+        if c is None:
+            c = self._req[key] = self.m.requests.labels(self.name, track, route, status, outcome)
+        c.inc()
+
+    def duration(self, track: str, seconds: float) -> None:
+        h = self._dur.get(track)
+        if h is None:
+            h = self._dur[track] = self.m.duration.labels(self.name, track, buckets=self.buckets)
+        h.observe(seconds)
+
+    def retry(self, reason: str) -> None:
+        c = self._retries.get(reason)
+        if c is None:
+            c = self._retries[reason] = self.m.retries.labels(self.name, reason)
+        c.inc()
+
+    def fallback(self, source: str, reason: str) -> None:
+        key = (source, reason)
+        c = self._fallbacks.get(key)
+        if c is None:
+            c = self._fallbacks[key] = self.m.fallbacks.labels(self.name, source, reason)
+        c.inc()

@@ -1,0 +1,269 @@
+"""Circuit breaker, one per upstream target (track): policy + state.
+
+pybreaker keeps the state machine (closed → open → half-open → closed, success_threshold, listeners);
+this module adds what it lacks for asyncio (see shared/NOTES.md): admission is decided before the
+await and the outcome recorded after it, the open → half-open move runs on the injected clock (pybreaker
+reads the wall clock, so its own reset is pushed out of reach), half-open admits at most
+`half_open_max_calls` probes, `mode: ratio` opens on a failure ratio over a sliding window, slow calls can
+count, and an operator can force the state. Open means no upstream I/O at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import pybreaker
+
+from proxy.clock import Clock
+from proxy.obs import log
+from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.settings.spec import BreakerSpec
+
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+GAUGE = {"closed": 0, "open": 1, "half_open": 2, "forced_open": 3, "forced_closed": 4}
+_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+_NEVER = 10**9  # pybreaker's own wall-clock reset: out of reach, our clock decides
+
+
+class _Trip(Exception):
+    """Raised into pybreaker to record one failure."""
+
+
+def _ok() -> None:
+    return None
+
+
+def _fail() -> None:
+    raise _Trip()
+
+
+class _Window:
+    """Outcomes in the last `window` seconds, in one-second buckets: O(1) per record."""
+
+    __slots__ = ("window", "buckets")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.buckets: collections.deque[list] = collections.deque()  # [second, total, failures, slow]
+
+    def add(self, now: float, failed: bool, slow: bool) -> None:
+        sec = math.floor(now)
+        b = self.buckets
+        if not b or b[-1][0] != sec:
+            b.append([sec, 0, 0, 0])
+        last = b[-1]
+        last[1] += 1
+        last[2] += failed
+        last[3] += slow
+        horizon = now - self.window
+        while b and b[0][0] + 1 <= horizon:
+            b.popleft()
+
+    def totals(self) -> tuple[int, int, int]:
+        n = f = s = 0
+        for _, t, fl, sl in self.buckets:
+            n += t
+            f += fl
+            s += sl
+        return n, f, s
+
+    def clear(self) -> None:
+        self.buckets.clear()
+
+
+class BreakerState:
+    """Survives reloads while (upstream, track, url, breaker spec) is unchanged."""
+
+    def __init__(self, upstream: str, track: str, spec: BreakerSpec, clock: Clock, metrics=None) -> None:
+        self.upstream, self.track, self.spec, self.clock = upstream, track, spec, clock
+        consecutive = spec.mode == "consecutive"
+        self.cb = pybreaker.CircuitBreaker(
+            fail_max=spec.fail_max if consecutive else _NEVER,
+            reset_timeout=_NEVER,
+            success_threshold=spec.success_threshold,
+            name=f"{upstream}/{track}",
+            throw_new_error_on_trip=False,
+        )
+        self.cb.add_listener(_Listener(self))
+        self.window = _Window(spec.ratio.window) if (not consecutive or spec.slow_call.duration) else None
+        self.forced: str | None = None        # "open" | "closed" | None (automatic)
+        self.opened_at: float | None = None
+        self.probes = 0
+        self.opened_total = 0
+        self.last_failure: str | None = None
+        self._gauge = self._opened = None
+        if metrics is not None:
+            self._gauge = metrics.breaker_state.labels(upstream, track)
+            self._opened = metrics.breaker_opened.labels(upstream, track)
+            self._gauge.set(0)
+
+    # -- reading -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """closed | open | half_open | forced_open | forced_closed, after applying the reset timeout."""
+        if self.forced:
+            return f"forced_{self.forced}"
+        s = self.cb.current_state
+        if s == OPEN and self._reset_due():
+            return "half_open"
+        return _NAMES[s]
+
+    @property
+    def is_open(self) -> bool:
+        return self.forced == "open" or (self.forced is None and self.cb.current_state == OPEN
+                                         and not self._reset_due())
+
+    def retry_after(self) -> float:
+        if self.forced == "open" or self.opened_at is None:
+            return self.spec.reset_timeout
+        return max(1.0, self.opened_at + self.spec.reset_timeout - self.clock.monotonic())
+
+    def _reset_due(self) -> bool:
+        return self.opened_at is not None and self.clock.monotonic() >= self.opened_at + self.spec.reset_timeout
+
+    # -- the call protocol ---------------------------------------------------------------------------
+    def admit(self) -> bool:
+        """May one attempt go upstream now? A True must be paired with record() or cancel()."""
+        if self.forced is not None:
+            return self.forced == "closed"
+        s = self.cb.current_state
+        if s == CLOSED:
+            return True
+        if s == OPEN:
+            if not self._reset_due():
+                return False
+            self.cb.half_open()
+        if self.probes >= self.spec.half_open_max_calls:
+            return False
+        self.probes += 1
+        return True
+
+    def _end_probe(self, was_half_open: bool) -> None:
+        if was_half_open and self.probes:
+            self.probes -= 1
+
+    def cancel(self) -> None:
+        """The attempt ended without an outcome (cancelled, shed): free its half-open slot."""
+        self._end_probe(self.cb.current_state == HALF_OPEN)
+
+    def record(self, verdict: Verdict, duration: float, failure: Failure | None = None) -> None:
+        if self.forced is not None:
+            return
+        half_open = self.cb.current_state == HALF_OPEN
+        self._end_probe(half_open)
+        if verdict is Verdict.RETRYABLE or verdict is Verdict.REJECTED:
+            return  # a rate limit or our own rejection is not an outage
+        failed = verdict is Verdict.FAILURE
+        slow_limit = self.spec.slow_call.duration
+        slow = slow_limit is not None and duration > slow_limit
+        if failed:
+            self.last_failure = failure.message if failure else "failure"
+        if half_open:  # a probe decides alone
+            self._call(_fail if failed or slow else _ok)
+            return
+        if self.window is not None:
+            self.window.add(self.clock.monotonic(), failed, slow)
+            if self._window_trips():
+                self.trip()
+                return
+        if self.spec.mode == "consecutive":
+            self._call(_fail if failed else _ok)
+
+    def _window_trips(self) -> bool:
+        n, f, s = self.window.totals()
+        ratio = self.spec.ratio
+        if n < ratio.min_requests:
+            return False
+        if self.spec.mode == "ratio" and f / n >= ratio.failure_ratio:
+            return True
+        return self.spec.slow_call.duration is not None and s / n >= self.spec.slow_call.ratio
+
+    def _call(self, fn) -> None:
+        try:
+            self.cb.call(fn)
+        except (_Trip, pybreaker.CircuitBreakerError):
+            pass
+
+    def trip(self) -> None:
+        """Open now (ratio or slow-call rule); pybreaker notifies the listener."""
+        self.cb.open()
+
+    # -- operator control ----------------------------------------------------------------------------
+    def force(self, mode: str) -> None:
+        """mode: open | closed | auto."""
+        prev = self.state
+        self.forced = None if mode == "auto" else mode
+        if mode == "auto":
+            self.cb.close()
+            self.opened_at = None
+            self.probes = 0
+            if self.window is not None:
+                self.window.clear()
+        elif mode == "open":
+            self.opened_total += 1
+            if self._opened is not None:
+                self._opened.inc()
+        if self._gauge is not None:
+            self._gauge.set(GAUGE[self.state])
+        log.warning("breaker_forced", upstream=self.upstream, track=self.track, state=self.state, previous=prev)
+
+    def _on_state(self, old: str, new: str) -> None:
+        if new == OPEN:
+            self.opened_at = self.clock.monotonic()
+            self.opened_total += 1
+            self.probes = 0
+            if self._opened is not None:
+                self._opened.inc()
+        elif new == CLOSED:
+            self.opened_at = None
+            self.probes = 0
+            if self.window is not None:
+                self.window.clear()
+        if self._gauge is not None:
+            self._gauge.set(GAUGE[_NAMES[new]])
+        fields = dict(upstream=self.upstream, track=self.track, state=_NAMES[new], previous=_NAMES.get(old, old),
+                      failures=self.cb.fail_counter)
+        if new == OPEN:
+            log.warning("breaker_opened", reason=self.last_failure, reset_timeout=self.spec.reset_timeout, **fields)
+        else:
+            log.info("breaker_" + ("closed" if new == CLOSED else "half_open"), **fields)
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, state: BreakerState) -> None:
+        self.state = state
+
+    def state_change(self, cb, old_state, new_state) -> None:
+        self.state._on_state(old_state.name if old_state else CLOSED, new_state.name)
+
+
+def open_response(breaker: BreakerState) -> ProxyResponse:
+    f = Failure("circuit_breaker_open", Reason.CIRCUIT_BREAKER_OPEN, 503, "circuit_breaker_open",
+                f"circuit breaker for track '{breaker.track}' is open"
+                + (f" (last failure: {breaker.last_failure})" if breaker.last_failure else ""),
+                retry_after=breaker.retry_after())
+    return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
+
+
+class Breaker:
+    """The policy. Reads the request's target breaker: one chain serves every track of an upstream."""
+
+    __slots__ = ("clock",)
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        br: BreakerState = req.target.breaker
+        if not br.admit():
+            return open_response(br)
+        start = self.clock.monotonic()
+        try:
+            resp = await call_next(req)
+        except BaseException:
+            br.cancel()
+            raise
+        resp.elapsed = elapsed = self.clock.monotonic() - start
+        br.record(resp.verdict, elapsed, resp.failure)
+        return resp

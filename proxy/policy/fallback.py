@@ -1,0 +1,183 @@
+"""Fallback: the outermost policy. The cache answers only when the upstream path failed, never instead
+of calling it.
+
+On failure it serves, in order: an entry younger than cache_ttl (`X-Fallback: cache`), one younger than
+stale_ttl (`stale`), the static response (`static`), else the error. Stored: 2xx answers to the
+configured methods, within max_body, without `Cache-Control: no-store|private` or `Set-Cookie`, to
+requests without `Authorization`/`Cookie` unless those are listed in `vary` (then they are in the key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from cachetools import TTLCache
+from multidict import CIMultiDict
+
+from proxy.clock import Clock
+from proxy.obs import log
+from proxy.policy.base import Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.settings.spec import FallbackSpec
+
+# Headers that describe one transfer, not the stored representation.
+_NOT_STORED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "date",
+                         "x-request-id", "set-cookie", "age"})
+_PRIVATE = ("authorization", "cookie")
+
+
+class Entry:
+    __slots__ = ("status", "headers", "body", "stored_at", "size")
+
+    def __init__(self, status: int, headers: tuple[tuple[str, str], ...], body: bytes, stored_at: float) -> None:
+        self.status, self.headers, self.body, self.stored_at = status, headers, body, stored_at
+        self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + 64
+
+
+class _Cache(TTLCache):
+    """TTLCache bounded by bytes (maxsize, via getsizeof) and by entry count."""
+
+    def __init__(self, entries: int, max_bytes: int, ttl: float, timer) -> None:
+        super().__init__(maxsize=max(1, max_bytes), ttl=ttl, timer=timer, getsizeof=lambda e: e.size)
+        self.max_entries = entries
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self:
+            while len(self) >= self.max_entries and len(self):
+                self.popitem()
+        super().__setitem__(key, value)
+
+
+class FallbackCache:
+    """Per (upstream, fallback spec); survives reloads that leave both unchanged."""
+
+    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
+        self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
+        self.cache = _Cache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic)
+        self.episode: str | None = None   # the reason of the fallback episode in progress, for logs
+        self.served_in_episode = 0
+
+    def __len__(self) -> int:
+        self.cache.expire()
+        return len(self.cache)
+
+    @property
+    def bytes(self) -> int:
+        return self.cache.currsize
+
+    def _gauges(self) -> None:
+        self.metrics.cache_entries.set(len(self.cache))
+        self.metrics.cache_bytes.set(self.cache.currsize)
+
+    def store(self, key: bytes, status: int, headers, body: bytes) -> None:
+        if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:
+            return
+        kept = tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_STORED)
+        entry = Entry(status, kept, body, self.clock.monotonic())
+        if entry.size > self.cache.maxsize:
+            return
+        self.cache[key] = entry
+        self._gauges()
+
+    def get(self, key: bytes) -> Entry | None:
+        e = self.cache.get(key)
+        return e
+
+    def clear(self) -> int:
+        n = len(self.cache)
+        self.cache.clear()
+        self._gauges()
+        return n
+
+
+def cache_key(req: ProxyRequest, vary: tuple[str, ...]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(req.method.encode())
+    h.update(b"\0")
+    h.update(req.path_qs.encode("utf-8", "surrogateescape"))
+    for name in vary:
+        h.update(b"\0")
+        for v in req.client_headers.getall(name, ()):
+            h.update(v.encode("utf-8", "surrogateescape"))
+            h.update(b"\1")
+    return h.digest()
+
+
+def storable(resp: ProxyResponse) -> bool:
+    if not 200 <= resp.status < 300 or resp.headers is None:
+        return False
+    if "Set-Cookie" in resp.headers:
+        return False
+    cc = resp.headers.get("Cache-Control", "").lower()
+    return "no-store" not in cc and "private" not in cc
+
+
+class Fallback:
+    __slots__ = ("spec", "cache", "metrics", "clock", "methods", "vary", "private_ok", "static")
+
+    def __init__(self, spec: FallbackSpec, cache: FallbackCache, clock: Clock, metrics) -> None:
+        self.spec, self.cache, self.clock, self.metrics = spec, cache, clock, metrics
+        self.methods = frozenset(spec.methods)
+        self.vary = spec.vary
+        self.private_ok = frozenset(h for h in _PRIVATE if h in spec.vary)
+        self.static = spec.static
+
+    def _key(self, req: ProxyRequest) -> bytes | None:
+        if req.method not in self.methods or self.spec.cache_entries == 0:
+            return None
+        ch = req.client_headers
+        for h in _PRIVATE:
+            if h in ch and h not in self.private_ok:
+                return None  # a per-user answer must never be served to someone else
+        return cache_key(req, self.vary)
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        key = self._key(req)
+        resp = await call_next(req)
+        if resp.verdict is Verdict.SUCCESS:
+            if self.cache.episode is not None:
+                self._end_episode()
+            if key is not None and storable(resp):
+                if resp.body is not None and resp.stream is None:
+                    self.cache.store(key, resp.status, resp.headers, resp.body)
+                else:
+                    status, headers, store = resp.status, resp.headers, self.cache.store
+                    resp.capture = lambda body: store(key, status, headers, body)
+            return resp
+        reason = resp.reason or Reason.UPSTREAM_ERROR
+        served = self.serve(key, reason)
+        if served is None:
+            return resp
+        resp.release()
+        return served
+
+    def serve(self, key: bytes | None, reason: Reason) -> ProxyResponse | None:
+        entry = self.cache.get(key) if key is not None else None
+        if entry is not None:
+            source = "cache" if self.clock.monotonic() - entry.stored_at < self.spec.cache_ttl else "stale"
+            out = ProxyResponse(entry.status, CIMultiDict(entry.headers), entry.body, outcome="fallback")
+            out.headers["Age"] = str(int(self.clock.monotonic() - entry.stored_at))
+        elif self.static is not None:
+            source = "static"
+            st = self.static
+            out = ProxyResponse(st.status, CIMultiDict(st.headers), st.body.encode(), outcome="fallback")
+            out.headers["Content-Type"] = st.content_type
+        else:
+            return None
+        out.source, out.reason = source, reason
+        out.headers["X-Fallback"] = source
+        out.headers["X-Fallback-Reason"] = reason.value
+        self.metrics.fallback(source, reason.value)
+        self._count_episode(reason)
+        return out
+
+    def _count_episode(self, reason: Reason) -> None:
+        c = self.cache
+        if c.episode is None:
+            c.episode, c.served_in_episode = reason.value, 0
+            log.warning("fallback_started", upstream=c.upstream, reason=reason.value)
+        c.served_in_episode += 1
+
+    def _end_episode(self) -> None:
+        c = self.cache
+        log.info("fallback_ended", upstream=c.upstream, reason=c.episode, served=c.served_in_episode)
+        c.episode = None

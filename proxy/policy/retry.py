@@ -1,0 +1,121 @@
+"""Retry with exponential backoff, full jitter, a retry budget and Retry-After.
+
+Sits under the total timeout and over the breaker. The n-th retry waits `uniform(0, min(backoff_max,
+backoff_base * 2**(n-1)))` seconds. A retry is sent only when all of these hold:
+- the failed attempt's kind (connect-failure, reset, timeout, or its status) is listed in `on`, or it is
+  a 429 whose Retry-After fits (below);
+- the request can be replayed (its body was kept: <= max_replay_body) and is idempotent, carries an
+  Idempotency-Key, or `non_idempotent: true` — except a connect failure, where nothing reached the upstream;
+- the budget allows it: retries in flight <= max(budget_ratio * requests in flight, budget_min);
+- the target's breaker is not open, and the wait fits in what is left of the total timeout.
+A 429/503 Retry-After is waited for when it is <= backoff_max and fits; otherwise the answer stands.
+"""
+
+from __future__ import annotations
+
+import random
+from email.utils import parsedate_to_datetime
+
+from proxy.clock import Clock
+from proxy.policy.base import Handler, ProxyRequest, ProxyResponse, Verdict
+from proxy.settings.spec import RetrySpec
+
+
+class RetryBudget:
+    """Per upstream; survives reloads. `active` is kept by the listener (requests in flight)."""
+
+    __slots__ = ("ratio", "minimum", "active", "retries", "exhausted")
+
+    def __init__(self, ratio: float, minimum: int) -> None:
+        self.ratio, self.minimum = ratio, minimum
+        self.active = 0
+        self.retries = 0
+        self.exhausted = 0
+
+    @property
+    def limit(self) -> int:
+        return max(int(self.ratio * self.active), self.minimum)
+
+    def try_acquire(self) -> bool:
+        if self.retries >= max(int(self.ratio * self.active), self.minimum):
+            self.exhausted += 1
+            return False
+        self.retries += 1
+        return True
+
+    def release(self) -> None:
+        self.retries -= 1
+
+
+def parse_retry_after(value: str | None, now_wall: float | None = None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        import time
+        when = parsedate_to_datetime(value).timestamp()
+        return max(0.0, when - (now_wall if now_wall is not None else time.time()))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class Retry:
+    __slots__ = ("spec", "budget", "clock", "metrics", "conditions", "rand")
+
+    def __init__(self, spec: RetrySpec, budget: RetryBudget, clock: Clock, metrics, rand=random.random) -> None:
+        self.spec, self.budget, self.clock, self.metrics, self.rand = spec, budget, clock, metrics, rand
+        self.conditions = frozenset(spec.on) | frozenset(
+            f"{c[0]}{i:02d}" for c in spec.on if c.endswith("xx") for i in range(100))
+
+    def backoff(self, retry_number: int) -> float:
+        cap = min(self.spec.backoff_max, self.spec.backoff_base * (2 ** (retry_number - 1)))
+        return self.rand() * cap
+
+    def _delay(self, req: ProxyRequest, resp: ProxyResponse, retry_number: int) -> float | None:
+        """Seconds to wait before the next attempt, or None when this answer must stand."""
+        f = resp.failure
+        kind = f.kind if f is not None else str(resp.status)
+        listed = kind in self.conditions
+        if not listed and resp.status != 429:
+            return None
+        if kind != "connect-failure" and not req.idempotent:
+            return None
+        delay = self.backoff(retry_number)
+        if resp.status in (429, 503) and resp.headers is not None:
+            ra = parse_retry_after(resp.headers.get("Retry-After"))
+            if ra is not None:
+                if ra > self.spec.backoff_max:
+                    return None
+                delay = ra
+            elif resp.status == 429:
+                return None  # a rate limit without a stated wait: retrying now only adds load
+        if req.deadline is not None and self.clock.monotonic() + delay >= req.deadline:
+            return None
+        return delay
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        resp = await call_next(req)
+        if resp.verdict is Verdict.SUCCESS or not req.replayable:
+            return resp
+        attempts = self.spec.attempts
+        n = 1
+        while n < attempts and (resp.verdict is Verdict.FAILURE or resp.verdict is Verdict.RETRYABLE):
+            delay = self._delay(req, resp, n)
+            if delay is None or req.target.breaker.is_open:
+                return resp
+            if not self.budget.try_acquire():
+                self.metrics.budget_exhausted.inc()
+                return resp
+            reason = resp.failure.kind if resp.failure else str(resp.status)
+            self.metrics.retry(reason)
+            resp.release()
+            try:
+                if delay > 0:
+                    await self.clock.sleep(delay)
+                n += 1
+                resp = await call_next(req)
+            finally:
+                self.budget.release()
+        return resp

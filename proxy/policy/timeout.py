@@ -1,0 +1,52 @@
+"""Total and attempt timeouts: both bound the wait for response headers.
+
+Total wraps retry (all tries and backoff); attempt wraps one try under the breaker. Body streaming after
+the headers is bounded by the idle timeout in the listener instead. A fired timeout is a Failure value,
+and the in-flight upstream call is cancelled, which releases its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.clock import Clock
+from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.settings.units import format_duration
+
+
+def timeout_response(which: str, seconds: float) -> ProxyResponse:
+    f = Failure("timeout", Reason.TIMEOUT, 504, "timeout",
+                f"{which} timeout ({format_duration(seconds)}) expired before the upstream answered")
+    return ProxyResponse(504, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
+
+
+class TotalTimeout:
+    __slots__ = ("seconds", "clock")
+
+    def __init__(self, seconds: float, clock: Clock) -> None:
+        self.seconds, self.clock = seconds, clock
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        seconds = self.seconds
+        if req.extra and "timeout" in req.extra:  # a per-request override, already capped by config
+            seconds = min(seconds, req.extra["timeout"])
+        req.deadline = self.clock.monotonic() + seconds
+        try:
+            async with asyncio.timeout(seconds):
+                return await call_next(req)
+        except TimeoutError:
+            return timeout_response("total", seconds)
+
+
+class AttemptTimeout:
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        try:
+            async with asyncio.timeout(self.seconds):
+                return await call_next(req)
+        except TimeoutError:
+            return timeout_response("attempt", self.seconds)

@@ -1,0 +1,115 @@
+"""The runtime: an immutable snapshot built from one config load, swapped in with one assignment.
+
+listener → route (track choice) → policy chain → upstream pool. Each request reads `app.runtime` once
+at entry and uses that snapshot to the end, so a reload never changes a request half way. Chains are
+folded here, once per load; state (breakers, caches, pools, budgets) comes from the StateStore and
+survives when the spec it depends on did not change.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from itertools import accumulate
+
+from multidict import CIMultiDict
+
+from proxy.clock import Clock
+from proxy.obs.metrics import METRICS, UpstreamMetrics
+from proxy.policy.base import Handler, build_chain
+from proxy.policy.breaker import Breaker
+from proxy.policy.classify import Classify
+from proxy.policy.fallback import Fallback
+from proxy.policy.retry import Retry
+from proxy.policy.shed import Shed
+from proxy.policy.timeout import AttemptTimeout, TotalTimeout
+from proxy.settings.loader import Loaded
+from proxy.settings.spec import (
+    IDEMPOTENT_METHODS,
+    FallbackSpec,
+    RetrySpec,
+    RouteSpec,
+    TimeoutsSpec,
+    UpstreamSpec,
+    status_matcher,
+)
+from proxy.upstream.http import HttpTerminal
+from proxy.upstream.state import StateStore, TargetState
+
+
+class RouteRuntime:
+    __slots__ = ("name", "methods", "prefix", "chain", "timeouts", "retry", "fallback", "cache")
+
+    def __init__(self, name: str, route: RouteSpec | None, timeouts: TimeoutsSpec, retry: RetrySpec,
+                 fallback: FallbackSpec, chain: Handler, cache) -> None:
+        self.name = name
+        self.methods = frozenset(route.match.methods) if route and route.match.methods else None
+        self.prefix = route.match.path_prefix if route else "/"
+        self.timeouts, self.retry, self.fallback = timeouts, retry, fallback
+        self.chain, self.cache = chain, cache
+
+    def idempotent(self, method: str, headers) -> bool:
+        return method in IDEMPOTENT_METHODS or self.retry.non_idempotent or "Idempotency-Key" in headers
+
+
+class UpstreamRuntime:
+    def __init__(self, name: str, spec: UpstreamSpec, store: StateStore, clock: Clock, metrics=METRICS) -> None:
+        self.name, self.spec = name, spec
+        self.metrics = UpstreamMetrics(name, [t.name for t in spec.targets], spec.metrics.buckets, metrics)
+        self.counters = store.counters_for(name, spec)
+        self.targets = [TargetState(t, store.breaker(name, spec, t), store.http_pool(spec, t)) for t in spec.targets]
+        self.by_name = {t.name: t for t in self.targets}
+        weighted = [t for t in self.targets if t.weight > 0]
+        self._weighted = weighted
+        self._cum = list(accumulate(t.weight for t in weighted))
+        self.request_headers = CIMultiDict(spec.request_headers)
+        self.limits = spec.limits
+        self.routes: list[RouteRuntime] = []
+        terminal = HttpTerminal()
+        classify = Classify(status_matcher(spec.breaker.failure_statuses))
+        breaker = Breaker(clock)
+        for route in (*spec.routes, None):
+            timeouts, retry, fallback = spec.route_sections(route)
+            cache = store.cache(name, fallback, self.metrics)
+            policies = [
+                Fallback(fallback, cache, clock, self.metrics),
+                Shed(self.counters, spec.limits.max_in_flight, self.metrics.shed),
+                TotalTimeout(timeouts.total, clock),
+                Retry(retry, self.counters.budget, clock, self.metrics) if retry.attempts > 1 else None,
+                breaker,
+                classify,
+                AttemptTimeout(timeouts.attempt),
+            ]
+            rr = RouteRuntime(route.name if route else "default", route, timeouts, retry, fallback,
+                              build_chain(policies, terminal), cache)
+            self.routes.append(rr)
+        self.default_route = self.routes[-1]
+
+    def match(self, method: str, path: str) -> RouteRuntime:
+        for r in self.routes:
+            if (r.methods is None or method in r.methods) and path.startswith(r.prefix):
+                return r
+        return self.default_route
+
+    def pick(self, rand=random.random) -> TargetState:
+        """Weighted choice; a track whose breaker is open hands its share to the healthy ones."""
+        weighted = self._weighted
+        if len(weighted) == 1:
+            t = weighted[0]
+        else:
+            t = weighted[bisect_right(self._cum, rand() * self._cum[-1])]
+        if t.breaker.is_open:
+            for other in weighted:
+                if not other.breaker.is_open:
+                    return other
+        return t
+
+
+class Runtime:
+    def __init__(self, loaded: Loaded, store: StateStore, clock: Clock) -> None:
+        self.loaded = loaded
+        self.settings = loaded.settings
+        self.digest = loaded.digest
+        store.begin()
+        self.upstreams = {name: UpstreamRuntime(name, spec, store, clock)
+                          for name, spec in loaded.settings.upstreams.items()}

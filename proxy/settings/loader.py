@@ -1,0 +1,219 @@
+"""Config loading: YAML file + `PROXY_*` environment overrides + `${env:}`/`${file:}` references → Settings.
+
+Runs off the hot path (startup, reload). Errors come back as `field.path: reason` lines, all at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proxy.settings.spec import (
+    AdminSpec,
+    LogSpec,
+    ReloadSpec,
+    ShutdownSpec,
+    UpstreamSpec,
+    parse_listen,
+)
+
+DEFAULT_PATH = "/etc/resilience-proxy/config.yaml"
+_REF = re.compile(r"\$\{(env|file):([^}]+)\}")
+# Header names whose literal values are credentials: shown redacted in /admin/config.
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PROXY_", env_nested_delimiter="__", extra="forbid", frozen=True, case_sensitive=False
+    )
+
+    admin: AdminSpec = AdminSpec()
+    shutdown: ShutdownSpec = ShutdownSpec()
+    log: LogSpec = LogSpec()
+    reload: ReloadSpec = ReloadSpec()
+    upstreams: dict[str, UpstreamSpec] = {}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # Environment wins over the file, as an operator expects from `kubectl set env`.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> Settings:
+        seen: dict[int, str] = {parse_listen(self.admin.listen)[1]: "admin.listen"}
+        for name, up in self.upstreams.items():
+            if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", name):
+                raise ValueError(f"upstreams: {name!r}: names are lowercase letters, digits, '-' and '_'")
+            port = parse_listen(up.listen)[1]
+            if port in seen:
+                raise ValueError(f"upstreams.{name}.listen: port {port} is already used by {seen[port]}")
+            seen[port] = f"upstreams.{name}.listen"
+        return self
+
+
+class ConfigError(Exception):
+    """An invalid config: `errors` holds one `path: reason` line per problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    raw: dict[str, Any]              # the YAML as written (references unresolved), for /admin/config
+    warnings: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()      # files referenced by ${file:...}: their content is polled
+    digest: str = ""                 # hash of the config and referenced files: a change triggers reload
+    sensitive: frozenset[str] = field(default_factory=frozenset)  # resolved secret values, never to be logged
+
+
+def _messages(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        kind, ctx = err["type"], err.get("ctx") or {}
+        if kind == "extra_forbidden":
+            reason = "unknown key"
+        elif kind == "missing":
+            reason = "required"
+        elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+            reason = f"must be {op} {next(iter(ctx.values()))}"
+        elif kind == "value_error":
+            reason = str(ctx.get("error", err["msg"]))
+        else:
+            reason = err["msg"][0].lower() + err["msg"][1:]
+        # A model validator's message may already name its own sub-path ("targets: ...").
+        if ": " in reason and kind == "value_error" and not reason.startswith(("invalid", "must")):
+            sub, _, rest = reason.partition(": ")
+            if re.match(r"^[\w.-]+$", sub):
+                loc, reason = f"{loc}.{sub}" if loc else sub, rest
+        out.append(f"{loc or '<root>'}: {reason}")
+    return out
+
+
+def _resolve(node: Any, path: str, errors: list[str], files: set[str], secrets: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve(v, f"{path}.{k}" if path else str(k), errors, files, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, f"{path}[{i}]", errors, files, secrets) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def sub(m: re.Match[str]) -> str:
+        kind, ref = m.group(1), m.group(2).strip()
+        if kind == "env":
+            if ref not in os.environ:
+                errors.append(f"{path}: environment variable {ref} is not set")
+                return ""
+            value = os.environ[ref]
+        else:
+            files.add(ref)
+            try:
+                with open(ref, encoding="utf-8") as f:
+                    value = f.read().rstrip()  # Secret files often end in a newline
+            except OSError as exc:
+                errors.append(f"{path}: cannot read {ref}: {exc.strerror or exc}")
+                return ""
+        if value:
+            secrets.add(value)
+        return value
+
+    return _REF.sub(sub, node)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"<file>: {path}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"<file>: {path}: {exc.strerror or exc}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"<file>: {path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"<root>: {path}: must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def load(path: str, *, strict_refs: bool = True) -> Loaded:
+    """Load and validate. Unresolved references are errors when `strict_refs`, else warnings."""
+    raw = read_yaml(path)
+    ref_errors: list[str] = []
+    files: set[str] = set()
+    secrets: set[str] = set()
+    resolved = _resolve(raw, "", ref_errors, files, secrets)
+    if ref_errors and strict_refs:
+        raise ConfigError(ref_errors)
+    try:
+        settings = Settings(**resolved)
+    except ValidationError as exc:
+        raise ConfigError(_messages(exc) + (ref_errors if strict_refs else [])) from None
+    except ValueError as exc:  # pydantic-settings raises plain errors for unparsable env values
+        raise ConfigError([f"<env>: {exc}"]) from None
+    return Loaded(settings, raw, tuple(ref_errors), tuple(sorted(files)), digest(path, files), frozenset(secrets))
+
+
+def digest(path: str, files: set[str] | tuple[str, ...]) -> str:
+    """Content hash of the config and every referenced file (a ConfigMap/Secret swap changes it)."""
+    h = hashlib.sha256()
+    for p in (path, *sorted(files)):
+        h.update(p.encode())
+        try:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            h.update(b"\0missing")
+    h.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("PROXY_"))).encode())
+    return h.hexdigest()[:16]
+
+
+def redacted(loaded: Loaded) -> dict[str, Any]:
+    """The effective config for /admin/config: resolved defaults, with every secret replaced."""
+    data = loaded.settings.model_dump(mode="json")
+    for name, up in data.get("upstreams", {}).items():
+        raw_headers = ((loaded.raw.get("upstreams") or {}).get(name) or {}).get("request_headers") or {}
+        for key in list(up.get("request_headers", {})):
+            template = raw_headers.get(key)
+            if isinstance(template, str) and "${" in template:
+                up["request_headers"][key] = template  # the reference, not its value
+            elif key.lower() in SENSITIVE_HEADERS:
+                up["request_headers"][key] = "<redacted>"
+        for t in up.get("targets", []):
+            t["url"] = redact_url(t["url"])
+    return _scrub(data, loaded.sensitive)
+
+
+def redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "<redacted>@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{path}"
+
+
+def _scrub(node: Any, secrets: frozenset[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _scrub(v, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_scrub(v, secrets) for v in node]
+    if isinstance(node, str):
+        for s in secrets:
+            if len(s) >= 4 and s in node:
+                node = node.replace(s, "<redacted>")
+    return node

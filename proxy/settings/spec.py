@@ -1,0 +1,333 @@
+"""Frozen config specs: the validated shape of `config.yaml`.
+
+Spec (this module) → Policy (proxy/policy) → State (proxy/upstream). Specs are immutable and hashable by
+value, so the runtime can tell which upstream state survives a reload by comparing them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.settings.units import Duration, Size
+
+NAME = r"^[a-z0-9]([a-z0-9_-]{0,62})$"
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout"})
+_STATUS_PATTERN = re.compile(r"^[1-5](\d\d|xx)$")
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"must be host:port, got {value!r}")
+    host = host.strip("[]")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1..65535, got {port}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def status_matcher(patterns: tuple[str, ...]) -> frozenset[int]:
+    """Expand `5xx`/`503` patterns into the set of status codes they name (built once per load)."""
+    codes: set[int] = set()
+    for p in patterns:
+        if p.endswith("xx"):
+            base = int(p[0]) * 100
+            codes.update(range(base, base + 100))
+        else:
+            codes.add(int(p))
+    return frozenset(codes)
+
+
+def _check_statuses(values: tuple[str, ...]) -> tuple[str, ...]:
+    for v in values:
+        if not _STATUS_PATTERN.match(v):
+            raise ValueError(f"{v!r} is not a status code or class such as 503 or 5xx")
+    return values
+
+
+def _as_str_tuple(v: object) -> object:
+    if isinstance(v, list | tuple):
+        return tuple(str(x) for x in v)
+    return v
+
+
+class TLSSpec(Spec):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSSpec:
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+
+class TargetSpec(Spec):
+    name: str = Field(pattern=NAME)
+    url: str
+    weight: int = Field(default=100, ge=0, le=100)
+    tls: TLSSpec = TLSSpec()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme not in ("http", "https", "redis", "rediss") or not rest.split("/")[0]:
+            raise ValueError(f"must be an absolute http(s):// or redis(s):// URL, got {v!r}")
+        return v
+
+
+class TimeoutsSpec(Spec):
+    connect: Duration = Field(default=5.0, gt=0)
+    attempt: Duration = Field(default=10.0, gt=0)
+    total: Duration = Field(default=30.0, gt=0)
+    idle: Duration = Field(default=60.0, gt=0)
+
+
+class PoolSpec(Spec):
+    max_connections: int = Field(default=100, ge=1)
+    idle_timeout: Duration = Field(default=30.0, gt=0)
+    max_lifetime: Duration = Field(default=300.0, gt=0)
+
+
+class LimitsSpec(Spec):
+    max_header_bytes: Size = Field(default=16 * 1024, ge=256)
+    max_request_body: Size | None = None
+    max_in_flight: int = Field(default=1000, ge=1)
+    max_pending: int = Field(default=100, ge=0)
+    pending_timeout: Duration = Field(default=1.0, ge=0)
+
+
+class RetrySpec(Spec):
+    attempts: int = Field(default=3, ge=1, le=10)
+    backoff_base: Duration = Field(default=0.1, ge=0)
+    backoff_max: Duration = Field(default=2.0, ge=0)
+    on: tuple[str, ...] = ("connect-failure", "reset", "timeout", "502", "503", "504")
+    non_idempotent: bool = False
+    max_replay_body: Size = 1024 * 1024
+    budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    budget_min: int = Field(default=3, ge=0)
+
+    _coerce_on = field_validator("on", mode="before")(_as_str_tuple)
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for x in v:
+            if x not in RETRY_CONDITIONS and not _STATUS_PATTERN.match(x):
+                raise ValueError(f"{x!r} is not connect-failure, reset, timeout or a status such as 503 or 5xx")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> RetrySpec:
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must be >= backoff_base")
+        return self
+
+
+class RatioSpec(Spec):
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    window: Duration = Field(default=30.0, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+
+
+class SlowCallSpec(Spec):
+    duration: Duration | None = None
+    ratio: float = Field(default=1.0, gt=0, le=1)
+
+
+class BreakerSpec(Spec):
+    mode: Literal["consecutive", "ratio"] = "consecutive"
+    fail_max: int = Field(default=5, ge=1)
+    reset_timeout: Duration = Field(default=60.0, gt=0)
+    success_threshold: int = Field(default=1, ge=1)
+    half_open_max_calls: int = Field(default=1, ge=1)
+    failure_statuses: tuple[str, ...] = ("5xx",)
+    ratio: RatioSpec = RatioSpec()
+    slow_call: SlowCallSpec = SlowCallSpec()
+
+    _coerce = field_validator("failure_statuses", mode="before")(_as_str_tuple)
+
+    @field_validator("failure_statuses")
+    @classmethod
+    def _statuses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_statuses(v)
+
+
+class StaticResponseSpec(Spec):
+    status: int = Field(default=200, ge=200, le=599)
+    content_type: str = "application/json"
+    body: str = ""
+    headers: dict[str, str] = {}
+
+
+class FallbackSpec(Spec):
+    methods: tuple[str, ...] = ("GET", "HEAD")
+    cache_entries: int = Field(default=1000, ge=0)
+    cache_bytes: Size = 64 * 1024 * 1024
+    cache_ttl: Duration = 60.0
+    stale_ttl: Duration = 3600.0
+    max_body: Size = 1024 * 1024
+    vary: tuple[str, ...] = ()
+    static: StaticResponseSpec | None = None
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v: object) -> object:
+        if isinstance(v, list | tuple):
+            v = tuple(str(m).upper() for m in v)
+            bad = [m for m in v if m not in _HTTP_METHODS]
+            if bad:
+                raise ValueError(f"unknown HTTP method(s): {', '.join(bad)}")
+        return v
+
+    @field_validator("vary", mode="before")
+    @classmethod
+    def _vary(cls, v: object) -> object:
+        return tuple(str(h).lower() for h in v) if isinstance(v, list | tuple) else v
+
+    @model_validator(mode="after")
+    def _ttls(self) -> FallbackSpec:
+        if self.stale_ttl < self.cache_ttl:
+            raise ValueError("stale_ttl must be >= cache_ttl")
+        return self
+
+
+class RouteMatchSpec(Spec):
+    methods: tuple[str, ...] | None = None
+    path_prefix: str = Field(default="/", pattern=r"^/")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return tuple(str(m).upper() for m in v) if isinstance(v, list | tuple) else v
+
+
+class RouteSpec(Spec):
+    """Overrides for matching requests; a section given here is merged over the upstream's."""
+
+    name: str = Field(pattern=NAME)
+    match: RouteMatchSpec = RouteMatchSpec()
+    timeouts: dict | None = None
+    retry: dict | None = None
+    fallback: dict | None = None
+
+
+class MetricsSpec(Spec):
+    buckets: tuple[float, ...] = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    @field_validator("buckets")
+    @classmethod
+    def _sorted(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or list(v) != sorted(set(v)):
+            raise ValueError("must be a non-empty, strictly increasing list of seconds")
+        return v
+
+
+class UpstreamSpec(Spec):
+    protocol: Literal["http", "openai", "redis"] = "http"
+    listen: str
+    targets: tuple[TargetSpec, ...] = Field(min_length=1)
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    pool: PoolSpec = PoolSpec()
+    limits: LimitsSpec = LimitsSpec()
+    request_headers: dict[str, str] = {}
+    retry: RetrySpec = RetrySpec()
+    breaker: BreakerSpec = BreakerSpec()
+    fallback: FallbackSpec = FallbackSpec()
+    routes: tuple[RouteSpec, ...] = ()
+    metrics: MetricsSpec = MetricsSpec()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, _ = parse_listen(v)
+        if not is_loopback(host):
+            raise ValueError(f"egress listeners must bind a loopback address (127.0.0.1, ::1), got {host!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamSpec:
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError("targets: names must be unique")
+        if sum(t.weight for t in self.targets) == 0:
+            raise ValueError("targets: at least one target needs a weight above 0")
+        schemes = ("redis", "rediss") if self.protocol == "redis" else ("http", "https")
+        for t in self.targets:
+            if t.url.split("://")[0] not in schemes:
+                raise ValueError(f"targets: {t.name}: protocol {self.protocol} needs a {' or '.join(schemes)} URL")
+        routes = [r.name for r in self.routes]
+        if "default" in routes or len(set(routes)) != len(routes):
+            raise ValueError("routes: names must be unique and not 'default'")
+        for r in self.routes:
+            self.route_sections(r)  # surfaces a bad override at load time, not on the first request
+        return self
+
+    def route_sections(self, route: RouteSpec | None) -> tuple[TimeoutsSpec, RetrySpec, FallbackSpec]:
+        """The effective timeouts/retry/fallback for a route: its sections merged over the upstream's."""
+        if route is None:
+            return self.timeouts, self.retry, self.fallback
+        out = []
+        for key, cls in (("timeouts", TimeoutsSpec), ("retry", RetrySpec), ("fallback", FallbackSpec)):
+            base = getattr(self, key)
+            override = getattr(route, key)
+            if override is None:
+                out.append(base)
+            else:
+                merged = {**base.model_dump(exclude_unset=False), **override}
+                try:
+                    out.append(cls.model_validate(merged))
+                except Exception as exc:
+                    raise ValueError(f"routes: {route.name}.{key}: {exc}") from None
+        return out[0], out[1], out[2]
+
+
+class AdminSpec(Spec):
+    listen: str = "0.0.0.0:9901"
+    token_file: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+
+class ShutdownSpec(Spec):
+    drain_timeout: Duration = Field(default=20.0, ge=0)
+    quiet_period: Duration = Field(default=2.0, ge=0)
+
+
+class LogSpec(Spec):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = False
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+
+class ReloadSpec(Spec):
+    interval: Duration = Field(default=5.0, gt=0)

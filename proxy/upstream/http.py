@@ -1,0 +1,86 @@
+"""The innermost step of the HTTP chain: one attempt against the request's target over its pool.
+
+Every expected failure becomes a Failure value (connect error and TLS verification → 502, reset → 502,
+connect or read timeout → 504, no connection slot → 503 shed), so the policies above read one shape.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from yarl import URL
+
+from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.settings.units import format_duration
+from proxy.upstream.pool import Overloaded
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def shed_response(message: str) -> ProxyResponse:
+    f = Failure("overloaded", Reason.OVERLOADED, 503, "overloaded", message, retry_after=1.0)
+    return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="shed", body=None)
+
+
+def failure_response(exc: BaseException, pool, target_name: str) -> ProxyResponse:
+    where = f"target '{target_name}'"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
+                    f"TLS certificate verification failed for {where}: {exc.certificate_error}")
+    elif isinstance(exc, aiohttp.ClientSSLError):
+        f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
+                    f"TLS handshake with {where} failed: {exc.os_error}")
+    elif isinstance(exc, aiohttp.ConnectionTimeoutError):
+        f = Failure("connect-failure", Reason.TIMEOUT, 504, "connect_timeout",
+                    f"connect timeout ({format_duration(pool.connect_timeout)}) to {where}")
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "connect_failure",
+                    f"cannot connect to {where} ({exc.host}:{exc.port}): {exc.os_error.strerror or exc.os_error}")
+    elif isinstance(exc, aiohttp.ServerTimeoutError):
+        f = Failure("timeout", Reason.TIMEOUT, 504, "timeout",
+                    f"idle timeout ({format_duration(pool.idle_timeout)}) waiting for {where}")
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
+        f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
+                    f"{where} closed or reset the connection before answering")
+    elif isinstance(exc, BodyTooLarge):
+        f = Failure("bad_request", Reason.UPSTREAM_ERROR, 413, "request_too_large", str(exc))
+        return ProxyResponse(413, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
+    else:
+        f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_error",
+                    f"invalid answer from {where}: {type(exc).__name__}")
+    return ProxyResponse(f.status, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
+
+
+class HttpTerminal:
+    """Built once per config load; the target comes with each request."""
+
+    __slots__ = ()
+
+    async def __call__(self, req: ProxyRequest) -> ProxyResponse:
+        target = req.target
+        pool = target.pool
+        try:
+            await pool.acquire()
+        except Overloaded as exc:
+            return shed_response(str(exc))
+        gen = pool.session()
+        req.attempts += 1
+        try:
+            cr = await gen.session.request(
+                req.method, URL(target.base + req.path_qs, encoded=True), headers=req.headers,
+                data=req.body, allow_redirects=False, server_hostname=pool.server_hostname,
+            )
+        except BaseException as exc:
+            pool.done(gen)
+            pool.release()
+            if isinstance(exc, aiohttp.ClientError | BodyTooLarge | OSError | ValueError):
+                return failure_response(exc, pool, target.name)
+            raise
+
+        def release() -> None:
+            cr.release()
+            pool.done(gen)
+            pool.release()
+
+        return ProxyResponse(cr.status, cr.headers, None, stream=cr, release=release)

@@ -1,0 +1,143 @@
+"""HTTP connection pool per target: one aiohttp ClientSession per (url, TLS, pool spec), kept for the
+process's life and across reloads.
+
+Concurrency is bounded here rather than inside aiohttp's connector so the proxy can see, and shed,
+what would otherwise queue invisibly: at most `max_connections` requests hold a connection, at most
+`max_pending` wait for one, for at most `pending_timeout`. Connections are retired after
+`max_lifetime` by rotating to a fresh session (the old one closes once its last response is released),
+so traffic rebalances across the pods behind a ClusterIP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+
+import aiohttp
+
+from proxy.clock import Clock
+from proxy.settings.spec import LimitsSpec, PoolSpec, TargetSpec, TimeoutsSpec
+
+
+def ssl_context(target: TargetSpec) -> ssl.SSLContext | None:
+    if not target.url.startswith(("https://", "rediss://")):
+        return None
+    ctx = ssl.create_default_context(cafile=target.tls.ca_file)  # system store when ca_file is None
+    if target.tls.cert_file:
+        ctx.load_cert_chain(target.tls.cert_file, target.tls.key_file)
+    return ctx
+
+
+class _Generation:
+    __slots__ = ("session", "created", "users", "retired")
+
+    def __init__(self, session: aiohttp.ClientSession, created: float) -> None:
+        self.session, self.created = session, created
+        self.users = 0
+        self.retired = False
+
+
+class Overloaded(Exception):
+    """No connection slot within max_pending/pending_timeout."""
+
+
+class HttpPool:
+    def __init__(self, target: TargetSpec, pool: PoolSpec, timeouts: TimeoutsSpec, limits: LimitsSpec,
+                 clock: Clock) -> None:
+        self.target, self.spec, self.clock = target, pool, clock
+        self.ssl = ssl_context(target)
+        self.server_hostname = target.tls.server_name
+        self.connect_timeout = timeouts.connect
+        self.idle_timeout = timeouts.idle
+        self.max_pending, self.pending_timeout = limits.max_pending, limits.pending_timeout
+        self.max_connections = pool.max_connections
+        self.busy = 0                     # requests holding a connection slot
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._gen: _Generation | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiters)
+
+    def _new_generation(self) -> _Generation:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # bounded by our own slots
+            keepalive_timeout=self.spec.idle_timeout,
+            ssl=self.ssl if self.ssl is not None else True,
+            enable_cleanup_closed=False,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,      # compressed bodies pass through untouched
+            trust_env=True,             # HTTPS_PROXY / NO_PROXY for egress
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
+                                          connect=self.connect_timeout, sock_read=self.idle_timeout),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            read_bufsize=2**16,
+            max_line_size=65536, max_field_size=65536,
+        )
+        return _Generation(session, self.clock.monotonic())
+
+    def session(self) -> _Generation:
+        """The current generation, rotated when older than max_lifetime. Caller must `done(gen)`."""
+        gen = self._gen
+        if gen is None or self.clock.monotonic() - gen.created >= self.spec.max_lifetime:
+            if gen is not None:
+                gen.retired = True
+                if gen.users == 0:
+                    self._close(gen)
+            gen = self._gen = self._new_generation()
+        gen.users += 1
+        return gen
+
+    def done(self, gen: _Generation) -> None:
+        gen.users -= 1
+        if gen.retired and gen.users == 0:
+            self._close(gen)
+
+    def _close(self, gen: _Generation) -> None:
+        t = asyncio.get_running_loop().create_task(gen.session.close())
+        self._closing.add(t)
+        t.add_done_callback(self._closing.discard)
+
+    async def acquire(self) -> None:
+        """Take a connection slot or raise Overloaded."""
+        if self.busy < self.max_connections and not self._waiters:
+            self.busy += 1
+            return
+        if len(self._waiters) >= self.max_pending:
+            raise Overloaded(f"{self.max_pending} requests already wait for a connection")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.pending_timeout):
+                await fut
+        except TimeoutError:
+            raise Overloaded(f"no connection free within pending_timeout ({self.pending_timeout:g}s)") from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # we were handed the slot as we were cancelled: pass it on
+            raise
+        finally:
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over directly: busy stays the same
+                return
+        self.busy -= 1
+
+    async def close(self) -> None:
+        if self._gen is not None:
+            await self._gen.session.close()
+            self._gen = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
