@@ -75,6 +75,11 @@ async def _serve(path, loaded, ready_hook=None) -> int:
     app = ProxyApp(path)
     try:
         await app.start(loaded)
+    except ConfigError as exc:
+        print(f"{path}: invalid config, not starting:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except StartupError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

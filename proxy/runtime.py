@@ -9,6 +9,7 @@ survives when the spec it depends on did not change.
 from __future__ import annotations
 
 import random
+import ssl
 from bisect import bisect_right
 from itertools import accumulate
 
@@ -23,7 +24,7 @@ from proxy.policy.fallback import Fallback
 from proxy.policy.retry import Retry
 from proxy.policy.shed import Shed
 from proxy.policy.timeout import AttemptTimeout, TotalTimeout
-from proxy.settings.loader import Loaded
+from proxy.settings.loader import ConfigError, Loaded
 from proxy.settings.spec import (
     IDEMPOTENT_METHODS,
     FallbackSpec,
@@ -57,7 +58,14 @@ class UpstreamRuntime:
         self.name, self.spec = name, spec
         self.metrics = UpstreamMetrics(name, [t.name for t in spec.targets], spec.metrics.buckets, metrics)
         self.counters = store.counters_for(name, spec)
-        self.targets = [TargetState(t, store.breaker(name, spec, t), store.http_pool(spec, t)) for t in spec.targets]
+        self.targets = []
+        for i, t in enumerate(spec.targets):
+            try:
+                pool = store.http_pool(spec, t)
+            except (OSError, ssl.SSLError) as exc:  # unreadable CA, certificate or key
+                raise ConfigError([f"upstreams.{name}.targets[{i}].tls: {getattr(exc, 'strerror', None) or exc}"
+                                   + (f": {exc.filename}" if getattr(exc, "filename", None) else "")]) from None
+            self.targets.append(TargetState(t, store.breaker(name, spec, t), pool))
         self.by_name = {t.name: t for t in self.targets}
         weighted = [t for t in self.targets if t.weight > 0]
         self._weighted = weighted

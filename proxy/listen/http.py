@@ -130,7 +130,7 @@ class HttpListener:
         body, replayable = None, True
         if cl != 0 and (cl is not None or request.body_exists):
             if headers_in.get("Expect", "").lower() == "100-continue":
-                request.writer.write(_CONTINUE) if hasattr(request.writer, "write") else None
+                await request.writer.write(_CONTINUE)
             keep = route.retry.max_replay_body if route.retry.attempts > 1 else 0
             content = request.content
             idle = route.timeouts.idle

@@ -1,0 +1,107 @@
+"""Shared fixtures: real aiohttp upstreams, an in-process proxy on free loopback ports, metric reads."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from proxy.app import ProxyApp
+from proxy.settings import load
+
+_names = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(metric_name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric_name, labels) or 0.0
+
+
+class Upstream:
+    """A real aiohttp server whose answer is a swappable coroutine; it records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.behaviour: Callable | None = None
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append({"method": request.method, "path_qs": request.raw_path, "headers": request.headers,
+                              "body": body})
+        if self.behaviour is not None:
+            return await self.behaviour(request)
+        return web.json_response({"path": request.raw_path, "n": len(self.requests)})
+
+    def app(self) -> web.Application:
+        a = web.Application(client_max_size=1024**3)
+        a.router.add_route("*", "/{tail:.*}", self._handle)
+        return a
+
+    @property
+    def hits(self) -> int:
+        return len(self.requests)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server) -> Upstream:
+    u = Upstream()
+    server = await aiohttp_server(u.app())
+    u.url = f"http://127.0.0.1:{server.port}"
+    return u
+
+
+def upstream_config(url: str, **sections: Any) -> tuple[str, dict]:
+    """A one-upstream config on free ports; returns (upstream name, config dict)."""
+    name = f"u{next(_names)}"
+    up: dict[str, Any] = {"protocol": "http", "listen": f"127.0.0.1:{free_port()}",
+                          "targets": [{"name": "stable", "url": url}]}
+    up.update(sections)
+    return name, {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "upstreams": {name: up}}
+
+
+class Running:
+    def __init__(self, app: ProxyApp, name: str | None) -> None:
+        self.app, self.name = app, name
+
+    @property
+    def url(self) -> str:
+        spec = self.app.runtime.settings.upstreams[self.name]
+        return f"http://{spec.listen}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://{self.app.runtime.settings.admin.listen}"
+
+    @property
+    def upstream(self):
+        return self.app.runtime.upstreams[self.name]
+
+
+@pytest.fixture
+async def start_proxy(tmp_path):
+    apps: list[ProxyApp] = []
+
+    async def _start(config: dict, name: str | None = None, clock=None) -> Running:
+        path = tmp_path / f"config-{len(apps)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        kwargs = {"clock": clock} if clock is not None else {}
+        app = ProxyApp(str(path), **kwargs)
+        await app.start(load(str(path)))
+        apps.append(app)
+        return Running(app, name or next(iter(config.get("upstreams", {})), None))
+
+    yield _start
+    for a in apps:
+        await a.close()

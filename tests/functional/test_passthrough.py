@@ -1,0 +1,280 @@
+"""Pass-through fidelity against a real aiohttp upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+import psutil
+import pytest
+from aiohttp import web
+
+from tests.conftest import metric, upstream_config
+
+
+async def test_methods_query_and_body_pass_unchanged(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            async with s.request(method, p.url + "/a%2Fb/c?x=%20y&y=a+b&flag&x=2", data=b"payload" if method != "GET" else None) as r:
+                assert r.status == 200
+                await r.read()
+    assert [r["method"] for r in upstream.requests] == ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    assert {r["path_qs"] for r in upstream.requests} == {"/a%2Fb/c?x=%20y&y=a+b&flag&x=2"}
+    assert upstream.requests[1]["body"] == b"payload"
+
+
+async def test_headers_hop_by_hop_stripped_and_configured_headers_replace(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url, request_headers={"Authorization": "Bearer proxy-key", "X-Team": "core"})
+    p = await start_proxy(cfg)
+
+    async def answer(request):
+        return web.Response(text="ok", headers={"X-Up": "1", "Keep-Alive": "timeout=5", "Connection": "keep-alive"})
+
+    upstream.behaviour = answer
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/h", headers={
+            "Authorization": "Bearer app-placeholder", "X-Custom": "v", "Keep-Alive": "300", "TE": "trailers",
+            "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "secret", "Proxy-Authorization": "Basic x",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=1",
+            "X-Forwarded-For": "10.0.0.1",
+        }) as r:
+            assert r.status == 200
+            assert r.headers["X-Up"] == "1"
+            assert "Keep-Alive" not in r.headers
+            rid = r.headers["X-Request-Id"]
+            assert len(rid) >= 16
+    h = upstream.requests[0]["headers"]
+    assert h.getall("Authorization") == ["Bearer proxy-key"]
+    assert h["X-Team"] == "core" and h["X-Custom"] == "v"
+    for gone in ("Keep-Alive", "TE", "X-Drop-Me", "Proxy-Authorization"):
+        assert gone not in h, gone
+    assert h["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert h["tracestate"] == "a=1"
+    assert h["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert h["X-Forwarded-Proto"] == "http"
+    assert h["Host"] == upstream.url.removeprefix("http://")
+    assert h["X-Request-Id"] == rid
+
+
+async def test_request_id_kept_when_given(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/", headers={"X-Request-Id": "abc-123"}) as r:
+            assert r.headers["X-Request-Id"] == "abc-123"
+    assert upstream.requests[0]["headers"]["X-Request-Id"] == "abc-123"
+
+
+@pytest.mark.parametrize("status", [200, 201, 204, 301, 304, 400, 404, 418, 500, 503])
+async def test_statuses_pass_through(upstream, start_proxy, status):
+    name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 100})
+
+    async def answer(request):
+        if status in (204, 304):
+            return web.Response(status=status)
+        return web.Response(status=status, text=f"s{status}", headers={"Location": "/x"} if status == 301 else None)
+
+    upstream.behaviour = answer
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/s", allow_redirects=False) as r:
+            assert r.status == status
+            body = await r.read()
+            assert body == (b"" if status in (204, 304) else f"s{status}".encode())
+            if status == 301:
+                assert r.headers["Location"] == "/x"
+    assert metric("upstream_requests_total", name=name, track="stable", route="default", status=str(status),
+                  outcome="upstream") == 1
+
+
+async def test_head_has_length_but_no_body(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+
+    async def answer(request):
+        return web.Response(body=b"x" * 1234)
+
+    upstream.behaviour = answer
+    p = await start_proxy(cfg)
+    reader, writer = await asyncio.open_connection(*p.url.removeprefix("http://").split(":"))
+    writer.write(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /h HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Length: 1234" in head
+    # the next bytes belong to the pipelined GET, proving the HEAD answer carried no body
+    second = await reader.readuntil(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 200")
+    assert len(await reader.readexactly(1234)) == 1234
+    writer.close()
+
+
+async def test_expect_100_continue(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    reader, writer = await asyncio.open_connection(*p.url.removeprefix("http://").split(":"))
+    writer.write(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert final.startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert upstream.requests[0]["body"] == b"hello"
+    assert "Expect" not in upstream.requests[0]["headers"]
+
+
+async def test_chunked_both_ways(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+
+    async def answer(request):
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(5):
+            await resp.write(f"part{i};".encode())
+        await resp.write_eof()
+        return resp
+
+    upstream.behaviour = answer
+    p = await start_proxy(cfg)
+
+    async def gen():
+        for i in range(3):
+            yield f"c{i}".encode()
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/chunk", data=gen()) as r:
+            assert r.headers.get("Transfer-Encoding") == "chunked"
+            assert await r.read() == b"part0;part1;part2;part3;part4;"
+    assert upstream.requests[0]["body"] == b"c0c1c2"
+
+
+async def test_100mb_streamed_both_ways_with_flat_memory(start_proxy, aiohttp_server):
+    size = 100 * 1024 * 1024
+    chunk = b"z" * (256 * 1024)
+    received = {"n": 0}
+
+    async def sink(request):
+        async for data in request.content.iter_any():
+            received["n"] += len(data)
+        return web.json_response({"n": received["n"]})
+
+    async def source(request):
+        resp = web.StreamResponse()
+        resp.content_length = size
+        await resp.prepare(request)
+        for _ in range(size // len(chunk)):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application(client_max_size=2 * size)
+    app.router.add_post("/up", sink)
+    app.router.add_get("/down", source)
+    server = await aiohttp_server(app)
+    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}")
+    p = await start_proxy(cfg)
+    proc = psutil.Process(os.getpid())
+    base = proc.memory_info().rss
+
+    async def body():
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    peak = base
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/up", data=body(), headers={"Content-Length": str(size)}) as r:
+            assert (await r.json())["n"] == size
+        peak = max(peak, proc.memory_info().rss)
+        got = 0
+        async with s.get(p.url + "/down") as r:
+            async for data in r.content.iter_any():
+                got += len(data)
+                if got % (8 * len(chunk)) < len(data):
+                    peak = max(peak, proc.memory_info().rss)
+        assert got == size
+    # client, proxy and upstream share this process: flat means far below the 200 MB that moved
+    assert peak - base < 40 * 1024 * 1024, (peak - base) / 1e6
+
+
+async def test_limits_431_and_413_forward_nothing(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url, limits={"max_header_bytes": "1KiB", "max_request_body": "1KiB"})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/", headers={"X-Big": "a" * 2000}) as r:
+            assert r.status == 431
+            err = (await r.json())["error"]
+            assert err["type"] == "headers_too_large" and err["upstream"] == name and err["request_id"]
+        async with s.post(p.url + "/", data=b"a" * 2000) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["type"] == "request_too_large"
+
+        async def gen():
+            for _ in range(4):
+                yield b"b" * 600
+
+        async with s.post(p.url + "/", data=gen()) as r:
+            assert r.status == 413
+    assert upstream.hits == 0
+
+
+async def test_unsupported_requests_refused(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    host, port = p.url.removeprefix("http://").split(":")
+
+    async def raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        return head
+
+    assert (await raw(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")).startswith(b"HTTP/1.1 405")
+    assert (await raw(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")).startswith(b"HTTP/1.1 400")
+    ws = (b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert (await raw(ws)).startswith(b"HTTP/1.1 501")
+    assert (await raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")).split(b" ")[1] == b"400"  # no HTTP/2
+    assert upstream.hits == 0
+
+
+async def test_connect_failure_is_502_with_json_error(start_proxy):
+    from tests.conftest import free_port
+
+    name, cfg = upstream_config(f"http://127.0.0.1:{free_port()}", retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/x", headers={"X-Request-Id": "rid-1"}) as r:
+            assert r.status == 502
+            err = (await r.json())["error"]
+            assert err["type"] == "connect_failure"
+            assert err["upstream"] == name and err["request_id"] == "rid-1"
+            assert "cannot connect" in err["message"]
+
+
+async def test_metrics_and_admin_endpoints(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(p.url + "/m") as r:
+                await r.read()
+        async with s.get(p.admin + "/metrics") as r:
+            text = await r.text()
+        assert f'upstream_requests_total{{name="{name}",outcome="upstream",route="default",status="200",track="stable"}} 3.0' in text
+        assert f'upstream_request_duration_seconds_count{{name="{name}",track="stable"}} 3.0' in text
+        assert 'build_info{version="' in text
+        async with s.get(p.admin + "/health/live") as r:
+            assert r.status == 200
+        async with s.get(p.admin + "/health/ready") as r:
+            assert r.status == 200
+        async with s.get(p.admin + "/admin/upstreams") as r:
+            data = await r.json()
+            assert data[name]["targets"]["stable"]["breaker"]["state"] == "closed"
+            assert data[name]["targets"]["stable"]["pool"]["max_connections"] == 100

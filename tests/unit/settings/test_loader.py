@@ -1,0 +1,205 @@
+"""Config: every documented key round-trips, env overrides, units, errors with full field paths, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from proxy.cli import main
+from proxy.settings import ConfigError, load, redacted
+from proxy.settings.units import parse_duration, parse_size
+
+FULL = {
+    "admin": {"listen": "0.0.0.0:9901", "token_file": "/tmp/token"},
+    "shutdown": {"drain_timeout": "20s", "quiet_period": "2s"},
+    "log": {"level": "debug", "access": True},
+    "reload": {"interval": "5s"},
+    "upstreams": {
+        "database": {
+            "protocol": "http",
+            "listen": "127.0.0.1:9002",
+            "targets": [{"name": "stable", "url": "https://db:8443", "weight": 90,
+                         "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem", "server_name": "db.svc"}},
+                        {"name": "canary", "url": "http://db2:8080", "weight": 10}],
+            "timeouts": {"connect": "250ms", "attempt": "10s", "total": "1m", "idle": "1h"},
+            "pool": {"max_connections": 50, "idle_timeout": "30s", "max_lifetime": "5m"},
+            "limits": {"max_header_bytes": "16KiB", "max_request_body": "1MiB", "max_in_flight": 10,
+                       "max_pending": 5, "pending_timeout": "1s"},
+            "request_headers": {"X-Team": "core"},
+            "retry": {"attempts": 2, "backoff_base": "100ms", "backoff_max": "2s", "on": ["reset", "503"],
+                      "non_idempotent": True, "max_replay_body": "512KiB", "budget_ratio": 0.3, "budget_min": 4},
+            "breaker": {"mode": "ratio", "fail_max": 3, "reset_timeout": "30s", "success_threshold": 2,
+                        "half_open_max_calls": 2, "failure_statuses": ["5xx", 429],
+                        "ratio": {"failure_ratio": 0.4, "window": "10s", "min_requests": 10},
+                        "slow_call": {"duration": "2s", "ratio": 0.5}},
+            "fallback": {"methods": ["GET"], "cache_entries": 10, "cache_bytes": "1MiB", "cache_ttl": "1m",
+                         "stale_ttl": "1h", "max_body": "64KiB", "vary": ["Accept"],
+                         "static": {"status": 200, "content_type": "application/json", "body": "{}", "headers": {"X-A": "b"}}},
+            "routes": [{"name": "reports", "match": {"methods": ["GET"], "path_prefix": "/reports"},
+                        "timeouts": {"total": "2m"}, "retry": {"attempts": 1}}],
+            "metrics": {"buckets": [0.1, 1, 10]},
+        }
+    },
+}
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def errors_of(tmp_path, data) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        load(write(tmp_path, data))
+    return ei.value.errors
+
+
+def test_every_documented_key_round_trips(tmp_path):
+    s = load(write(tmp_path, FULL)).settings
+    up = s.upstreams["database"]
+    assert s.admin.token_file == "/tmp/token" and s.log.level == "debug" and s.log.access
+    assert s.shutdown.drain_timeout == 20 and s.shutdown.quiet_period == 2 and s.reload.interval == 5
+    assert [t.weight for t in up.targets] == [90, 10]
+    assert up.targets[0].tls.server_name == "db.svc"
+    assert (up.timeouts.connect, up.timeouts.total, up.timeouts.idle) == (0.25, 60, 3600)
+    assert (up.pool.max_connections, up.pool.max_lifetime) == (50, 300)
+    assert (up.limits.max_header_bytes, up.limits.max_request_body) == (16384, 1048576)
+    assert (up.limits.max_in_flight, up.limits.max_pending, up.limits.pending_timeout) == (10, 5, 1)
+    assert up.retry.on == ("reset", "503") and up.retry.max_replay_body == 512 * 1024 and up.retry.budget_min == 4
+    assert up.breaker.mode == "ratio" and up.breaker.failure_statuses == ("5xx", "429")
+    assert up.breaker.ratio.min_requests == 10 and up.breaker.slow_call.duration == 2
+    assert up.fallback.vary == ("accept",) and up.fallback.static.headers == {"X-A": "b"}
+    timeouts, retry, fallback = up.route_sections(up.routes[0])
+    assert timeouts.total == 120 and timeouts.attempt == 10 and retry.attempts == 1 and retry.budget_min == 4
+    assert up.metrics.buckets == (0.1, 1, 10)
+    # the effective config re-validates to the same settings
+    again = load(write(tmp_path, {**redacted(load(write(tmp_path, FULL))), "admin": FULL["admin"]})).settings
+    assert again.upstreams["database"] == up
+
+
+def test_defaults(tmp_path):
+    s = load(write(tmp_path, {"upstreams": {"db": {"listen": "127.0.0.1:9002",
+                                                     "targets": [{"name": "stable", "url": "http://x"}]}}})).settings
+    up = s.upstreams["db"]
+    assert s.admin.listen == "0.0.0.0:9901" and s.shutdown.drain_timeout == 20
+    assert (up.timeouts.connect, up.timeouts.attempt, up.timeouts.total, up.timeouts.idle) == (5, 10, 30, 60)
+    assert up.retry.attempts == 3 and up.retry.budget_ratio == 0.2 and up.breaker.fail_max == 5
+    assert up.fallback.methods == ("GET", "HEAD") and up.fallback.cache_ttl == 60
+
+
+def test_env_overrides_nested_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROXY_UPSTREAMS__DATABASE__BREAKER__FAIL_MAX", "10")
+    monkeypatch.setenv("PROXY_LOG__LEVEL", "warning")
+    s = load(write(tmp_path, FULL)).settings
+    assert s.upstreams["database"].breaker.fail_max == 10
+    assert s.upstreams["database"].breaker.reset_timeout == 30  # the rest of the section stays
+    assert s.log.level == "warning"
+
+
+def test_env_override_is_validated(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROXY_UPSTREAMS__DATABASE__RETRY__ATTEMPTS", "0")
+    assert "upstreams.database.retry.attempts: must be >= 1" in errors_of(tmp_path, FULL)
+
+
+@pytest.mark.parametrize("text,seconds", [("250ms", 0.25), ("5s", 5), ("1m", 60), ("1h", 3600), (3, 3.0), ("1.5s", 1.5)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text,n", [("512KiB", 524288), ("1MiB", 1048576), (100, 100), ("2GiB", 2 * 1024**3)])
+def test_sizes(text, n):
+    assert parse_size(text) == n
+
+
+def test_errors_name_full_paths_all_at_once(tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(FULL))
+    up = bad["upstreams"]["database"]
+    up["retry"]["attempts"] = 0
+    up["timeouts"]["connect"] = "5 parsecs"
+    up["pool"]["max_connections"] = "many"
+    up["limits"]["max_request_body"] = "1 lot"
+    up["surprise"] = True
+    up["breaker"]["mode"] = "sometimes"
+    errs = errors_of(tmp_path, bad)
+    joined = "\n".join(errs)
+    assert "upstreams.database.retry.attempts: must be >= 1" in errs
+    assert "upstreams.database.timeouts.connect: invalid duration '5 parsecs'" in joined
+    assert "upstreams.database.pool.max_connections:" in joined
+    assert "upstreams.database.limits.max_request_body: invalid size '1 lot'" in joined
+    assert "upstreams.database.surprise: unknown key" in errs
+    assert "upstreams.database.breaker.mode:" in joined
+    assert len(errs) == 6
+
+
+def test_semantic_errors(tmp_path):
+    base = {"listen": "127.0.0.1:9002", "targets": [{"name": "stable", "url": "http://x"}]}
+    assert any("loopback" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "listen": "0.0.0.0:9002"}}}))
+    assert any("already used" in e for e in errors_of(tmp_path, {"upstreams": {"db": base, "db2": base}}))
+    dup = {**base, "targets": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]}
+    assert any("unique" in e for e in errors_of(tmp_path, {"upstreams": {"db": dup}}))
+    assert any("URL" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "targets": [{"name": "a", "url": "db:80"}]}}}))
+    assert any("stale_ttl" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "fallback": {"cache_ttl": "2h"}}}}))
+    assert any("retry.on" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "retry": {"on": ["sometimes"]}}}}))
+    errs = errors_of(tmp_path, {"upstreams": {"db": {**base, "routes": [{"name": "r", "retry": {"attempts": 99}}]}}})
+    assert any(e.startswith("upstreams.db.routes") and "r.retry" in e for e in errs), errs
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    errs = errors_of(tmp_path, "upstreams: [unclosed")
+    assert "invalid YAML" in errs[0] and "line" in errs[0]
+    with pytest.raises(ConfigError, match="no such file"):
+        load(str(tmp_path / "nope.yaml"))
+
+
+def test_references_resolve_strip_and_fail_clearly(tmp_path, monkeypatch):
+    key = tmp_path / "key"
+    key.write_text("sk-secret-value\n")
+    monkeypatch.setenv("TEAM", "core")
+    data = {"upstreams": {"db": {"listen": "127.0.0.1:9002", "targets": [{"name": "stable", "url": "http://x"}],
+                                 "request_headers": {"Authorization": f"Bearer ${{file:{key}}}", "X-Team": "${env:TEAM}"}}}}
+    loaded = load(write(tmp_path, data))
+    assert loaded.settings.upstreams["db"].request_headers == {"Authorization": "Bearer sk-secret-value", "X-Team": "core"}
+    assert str(key) in loaded.files
+    shown = str(redacted(loaded))
+    assert "sk-secret-value" not in shown and f"${{file:{key}}}" in shown
+    data["upstreams"]["db"]["request_headers"] = {"A": "${env:NOT_SET_ANYWHERE}", "B": "${file:/no/such/file}"}
+    errs = errors_of(tmp_path, data)
+    assert "upstreams.db.request_headers.A: environment variable NOT_SET_ANYWHERE is not set" in errs
+    assert any(e.startswith("upstreams.db.request_headers.B: cannot read /no/such/file") for e in errs)
+
+
+def test_literal_secrets_redacted_in_admin_config(tmp_path):
+    data = {"upstreams": {"db": {"listen": "127.0.0.1:9002", "targets": [{"name": "stable", "url": "http://u:pw123@x"}],
+                                 "request_headers": {"Authorization": "Bearer literal-key"}}}}
+    shown = str(redacted(load(write(tmp_path, data))))
+    assert "literal-key" not in shown and "pw123" not in shown
+
+
+def test_check_config_exit_codes(tmp_path, capsys):
+    good = write(tmp_path, FULL)
+    assert main(["check-config", good]) == 0
+    assert "database" in capsys.readouterr().out
+    bad = yaml.safe_load(yaml.safe_dump(FULL))
+    bad["upstreams"]["database"]["retry"]["attempts"] = 0
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    assert main(["check-config", str(p)]) == 1
+    assert "upstreams.database.retry.attempts: must be >= 1" in capsys.readouterr().err
+    refs = yaml.safe_load(yaml.safe_dump(FULL))
+    refs["upstreams"]["database"]["request_headers"] = {"X": "${env:NOT_SET_ANYWHERE}"}
+    p.write_text(yaml.safe_dump(refs))
+    assert main(["check-config", str(p)]) == 0
+    assert "warning: upstreams.database.request_headers.X" in capsys.readouterr().out
+    assert main(["check-config", "--strict", str(p)]) == 1
+    assert main(["run", "--config", str(p)]) == 1
+
+
+def test_usage_error_exit_code():
+    r = subprocess.run([sys.executable, "-m", "proxy", "frobnicate"], capture_output=True)
+    assert r.returncode == 2
+    r = subprocess.run([sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "resilience-proxy" in r.stdout
