@@ -1,0 +1,130 @@
+"""BreakerState on a ManualClock: consecutive and ratio modes, half-open gate, slow calls, forced states."""
+
+from __future__ import annotations
+
+from proxy.clock import ManualClock
+from proxy.obs.metrics import METRICS
+from proxy.policy.base import Verdict
+from proxy.policy.breaker import BreakerState
+from proxy.settings.spec import BreakerSpec
+from tests.conftest import metric
+
+F, S = Verdict.FAILURE, Verdict.SUCCESS
+
+
+def make(name="b", **spec):
+    clock = ManualClock()
+    return BreakerState(name, "stable", BreakerSpec(**spec), clock, METRICS), clock
+
+
+def run(b, verdict, duration=0.01):
+    assert b.admit()
+    b.record(verdict, duration)
+
+
+def test_consecutive_resets_on_success():
+    b, _ = make(fail_max=3)
+    for v in (F, F, S, F, F):
+        run(b, v)
+    assert b.state == "closed"
+    run(b, F)
+    assert b.state == "open" and not b.admit()
+
+
+def test_half_open_admits_at_most_max_calls_and_success_threshold():
+    b, clock = make("bh", fail_max=1, reset_timeout=10, half_open_max_calls=2, success_threshold=2)
+    run(b, F)
+    assert not b.admit()
+    clock.advance(9.9)
+    assert not b.admit()
+    clock.advance(0.1)
+    assert b.admit() and b.admit() and not b.admit()  # two probes in flight, the third is refused
+    b.record(S, 0.01)
+    assert b.state == "half_open"
+    b.record(S, 0.01)
+    assert b.state == "closed"
+    assert metric("circuit_breaker_state", name="bh", track="stable") == 0
+    assert metric("circuit_breaker_opened_total", name="bh", track="stable") == 1
+
+
+def test_half_open_failure_reopens_and_restarts_the_timer():
+    b, clock = make(fail_max=1, reset_timeout=10)
+    run(b, F)
+    clock.advance(10)
+    run(b, F)
+    assert b.state == "open"
+    clock.advance(5)
+    assert not b.admit()
+    clock.advance(5)
+    assert b.admit()
+
+
+def test_cancelled_probe_frees_its_slot():
+    b, clock = make(fail_max=1, reset_timeout=1)
+    run(b, F)
+    clock.advance(1)
+    assert b.admit() and not b.admit()
+    b.cancel()
+    assert b.admit()
+
+
+def test_ratio_mode_ignores_a_steady_low_error_rate_and_trips_on_a_burst():
+    b, clock = make(mode="ratio", ratio={"failure_ratio": 0.5, "window": 30, "min_requests": 20})
+    for i in range(1000):  # 2% errors at high volume
+        run(b, F if i % 50 == 0 else S)
+        clock.advance(0.01)
+    assert b.state == "closed"
+    clock.advance(31)  # the window moves past the quiet traffic
+    for _ in range(10):
+        run(b, S)
+    for _ in range(10):
+        run(b, F)
+    assert b.state == "open"
+
+
+def test_ratio_mode_waits_for_min_requests():
+    b, _ = make(mode="ratio", ratio={"failure_ratio": 0.5, "window": 30, "min_requests": 20})
+    for _ in range(19):
+        run(b, F)
+    assert b.state == "closed"
+    run(b, F)
+    assert b.state == "open"
+
+
+def test_consecutive_mode_trips_on_the_same_burst_without_ratio():
+    b, _ = make(fail_max=5)
+    for i in range(1000):
+        run(b, F if i % 50 == 0 else S)
+    assert b.state == "closed"
+
+
+def test_slow_calls_count_when_their_ratio_is_reached():
+    b, _ = make(slow_call={"duration": 1.0, "ratio": 0.5}, ratio={"min_requests": 4, "window": 30})
+    run(b, S, 2.0)
+    run(b, S, 0.1)
+    run(b, S, 0.1)
+    assert b.state == "closed"
+    run(b, S, 2.0)  # 2 of 4 slow = 0.5
+    assert b.state == "open"
+
+
+def test_forced_states():
+    b, _ = make("bf", fail_max=1)
+    b.force("open")
+    assert not b.admit() and b.state == "forced_open"
+    assert metric("circuit_breaker_state", name="bf", track="stable") == 3
+    b.force("closed")
+    for _ in range(5):
+        run(b, F)  # forced closed: failures do not open it
+    assert b.state == "forced_closed"
+    b.force("auto")
+    assert b.state == "closed"
+    run(b, F)
+    assert b.state == "open"
+
+
+def test_retryable_and_rejected_do_not_count():
+    b, _ = make(fail_max=1)
+    run(b, Verdict.RETRYABLE)
+    run(b, Verdict.REJECTED)
+    assert b.state == "closed"
