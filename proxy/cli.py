@@ -43,7 +43,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, up in s.upstreams.items():
         tracks = ", ".join(f"{t.name}={t.weight}" for t in up.targets)
         b, r, t = up.breaker, up.retry, up.timeouts
-        print(f"  {name:<10}{up.protocol:<7}{up.listen:<18}→ {tracks}")
+        print(f"  {name:<11} {up.protocol:<7}{up.listen:<18}→ {tracks}")
         print(f"            timeouts connect={t.connect:g}s attempt={t.attempt:g}s total={t.total:g}s idle={t.idle:g}s;"
               f" retry attempts={r.attempts} budget={r.budget_ratio:g}/min {r.budget_min};"
               f" breaker {b.mode} fail_max={b.fail_max} reset={b.reset_timeout:g}s;"

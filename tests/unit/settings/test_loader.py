@@ -203,3 +203,12 @@ def test_usage_error_exit_code():
     assert r.returncode == 2
     r = subprocess.run([sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "resilience-proxy" in r.stdout
+
+
+@pytest.mark.parametrize("shipped", ["config/proxy.yaml", "config/demo.yaml"])
+def test_shipped_configs_are_valid(shipped):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    loaded = load(os.path.join(root, shipped), strict_refs=False)
+    assert loaded.settings.upstreams
