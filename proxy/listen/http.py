@@ -30,6 +30,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
 _RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUFFER_MAX = 64 * 1024  # answers up to this size are read whole and sent in one write
 
 
 def new_request_id(given: str | None) -> str:
@@ -167,7 +168,10 @@ class HttpListener:
             track = resp.target.name if resp.target is not None else preq.target.name
             if resp.outcome == "upstream":
                 up.metrics.duration(track, time.monotonic() - started)
-            status, sent = await self.respond(request, up, route, preq, resp, rid)
+            try:
+                status, sent = await self.respond(request, up, route, preq, resp, rid)
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                status, sent = "client_closed", web.Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
             if self.app.access_log:
                 log.info("access", upstream=self.name, request_id=rid, method=method, path=request.path,
@@ -181,6 +185,15 @@ class HttpListener:
             counters.in_flight -= 1
             counters.budget.active -= 1
             up.metrics.in_flight.dec()
+
+    async def _failed_before_headers(self, request, preq: ProxyRequest, rid: str, exc: BaseException):
+        preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+        log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name, request_id=rid,
+                    error=type(exc).__name__, bytes_sent=0)
+        status = 504 if isinstance(exc, TimeoutError) else 502
+        r = self.error(request, status, "upstream_reset" if status == 502 else "timeout",
+                       f"target '{preq.target.name}' failed while sending its answer ({type(exc).__name__})", rid)
+        return str(status), r
 
     async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest, resp: ProxyResponse,
                       rid: str) -> tuple[str, web.StreamResponse]:
@@ -207,17 +220,28 @@ class HttpListener:
             if lk not in _RESP_DROP and lk not in listed:
                 headers.add(k, v)
         headers["X-Request-Id"] = rid
-        sr = web.StreamResponse(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers)
         head = request.method == "HEAD"
-        if resp.stream is None:
-            body = resp.body
-            sr.content_length = len(body)
-            await sr.prepare(request)
-            if not head:
-                await sr.write(body)
-            await sr.write_eof()
-            return str(resp.status), sr
+        no_body = head or resp.status in (204, 304) or resp.status < 200
         cr = resp.stream
+        if cr is not None and not no_body:
+            cl = cr.headers.get("Content-Length")
+            if cl is not None and cl.isdigit() and int(cl) <= _BUFFER_MAX:
+                # Small answer: read it whole and send headers and body in one write. A failure here
+                # is still before anything reached the client, so it gets a clean 502.
+                try:
+                    resp.body = await cr.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    return await self._failed_before_headers(request, preq, rid, exc)
+                cr = None
+                if resp.capture is not None:
+                    resp.capture(resp.body)
+        if cr is None:
+            r = web.Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
+                             body=None if no_body and not head else resp.body)
+            await r.prepare(request)
+            await r.write_eof()
+            return str(resp.status), r
+        sr = web.StreamResponse(status=resp.status, reason=cr.reason, headers=headers)
         cl = cr.headers.get("Content-Length")
         no_body = head or resp.status in (204, 304) or resp.status < 200
         if cl is not None and cl.isdigit():

@@ -70,6 +70,7 @@ class HttpTerminal:
             cr = await gen.session.request(
                 req.method, URL(target.base + req.path_qs, encoded=True), headers=req.headers,
                 data=req.body, allow_redirects=False, server_hostname=pool.server_hostname,
+                proxy=pool.proxy, proxy_auth=pool.proxy_auth,
             )
         except BaseException as exc:
             pool.done(gen)

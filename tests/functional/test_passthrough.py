@@ -278,3 +278,29 @@ async def test_metrics_and_admin_endpoints(upstream, start_proxy):
             data = await r.json()
             assert data[name]["targets"]["stable"]["breaker"]["state"] == "closed"
             assert data[name]["targets"]["stable"]["pool"]["max_connections"] == 100
+
+
+async def test_response_headers_are_not_invented(start_proxy):
+    """A raw upstream (no framework adding headers): its exact headers and body arrive. aiohttp's server
+    labels a body without Content-Type as application/octet-stream, which RFC 9110 §8.3 makes equivalent."""
+
+    async def raw_upstream(reader, writer):
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Exact: yes\r\n\r\nabc")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(raw_upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    name, cfg = upstream_config(f"http://127.0.0.1:{port}")
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/") as r:
+            assert await r.read() == b"abc"
+            assert r.headers["X-Exact"] == "yes"
+            assert r.headers.get("Content-Type", "application/octet-stream") == "application/octet-stream"
+    server.close()
