@@ -5,7 +5,7 @@ not do (CONNECT, absolute-form targets, WebSocket upgrades, oversized headers/bo
 forwarded, prepares the upstream request (hop-by-hop headers removed, X-Forwarded-*, X-Request-Id,
 configured headers), runs the route's chain, and streams the answer back. Once response headers have
 gone out nothing can be retried or replaced: a later upstream failure aborts the client connection and
-counts against the target's breaker.
+counts against the target's breaker. The openai listener subclasses this and overrides the hooks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.obs import log
-from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
+from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.upstream.http import BodyTooLarge
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -31,15 +31,16 @@ _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
 _RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_MAX = 64 * 1024  # answers up to this size are read whole and sent in one write
+_NETWORK_ERRORS = ("upstream_reset", "connect_failure", "timeout", "connect_timeout", "tls_error")
 
 
 def new_request_id(given: str | None) -> str:
-    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
     return uuid.uuid4().hex
 
 
-def _connection_listed(headers) -> frozenset[str]:
+def connection_listed(headers) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
@@ -49,6 +50,14 @@ def _connection_listed(headers) -> frozenset[str]:
 def error_body(status: int, error_type: str, message: str, upstream: str, request_id: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message, "upstream": upstream,
                                  "request_id": request_id, "status": status}}).encode()
+
+
+class Refused(Exception):
+    """A request answered by the listener itself, before the chain (4xx)."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.message = status, error_type, message
 
 
 async def _stream_body(prefix: list[bytes], content, limit: int | None, idle: float,
@@ -69,54 +78,69 @@ async def _stream_body(prefix: list[bytes], content, limit: int | None, idle: fl
 class HttpListener:
     """An aiohttp low-level server handler bound to one upstream name; reads the runtime per request."""
 
+    drop_headers = _REQ_DROP
+
     def __init__(self, app, name: str) -> None:
         self.app, self.name = app, name
 
-    def error(self, request: web.BaseRequest, status: int, error_type: str, message: str, rid: str,
-              headers: dict | None = None) -> web.Response:
+    # -- hooks the openai listener overrides -----------------------------------------------------------
+    def error(self, status: int, error_type: str, message: str, rid: str, headers: dict | None = None) -> web.Response:
         return web.Response(status=status, body=error_body(status, error_type, message, self.name, rid),
                             content_type="application/json", headers={"X-Request-Id": rid, **(headers or {})})
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        up = self.app.runtime.upstreams.get(self.name)
-        rid = new_request_id(request.headers.get("X-Request-Id"))
-        if up is None:
-            return self.error(request, 503, "unavailable", "upstream removed by a config reload", rid)
+    async def read_body(self, request: web.BaseRequest, route, cl: int | None, max_body: int | None):
+        """→ (body, replayable). Kept in memory when small enough to replay, streamed otherwise."""
+        if cl == 0 or (cl is None and not request.body_exists):
+            return None, True
+        keep = route.retry.max_replay_body if route.retry.attempts > 1 else 0
+        content = request.content
+        if cl is not None:
+            if cl <= keep:
+                return await content.readexactly(cl), True
+            return _stream_body([], content, None, route.timeouts.idle, 0), False
+        chunks, n = [], 0
+        while n <= keep:
+            chunk = await content.readany()
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+            n += len(chunk)
+            if max_body is not None and n > max_body:
+                raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
+        return _stream_body(chunks, content, max_body, route.timeouts.idle, n), False
+
+    async def prepare(self, request: web.BaseRequest, up, route, preq: ProxyRequest):
+        """→ the chain to run. May raise Refused, or return a ready web.Response."""
+        return route.chain
+
+    # -- the request -----------------------------------------------------------------------------------
+    def refuse(self, request: web.BaseRequest, up) -> None:
         method = request.method
         if method == "CONNECT":
-            return self.error(request, 405, "not_supported", "CONNECT is not supported: this is not a forward proxy", rid)
-        raw_path = request.raw_path
-        if not raw_path.startswith("/"):
-            if raw_path == "*" and method == "OPTIONS":
-                raw_path = "*"
-            else:
-                return self.error(request, 400, "not_supported",
-                                  "absolute-form request targets are not supported: this is not an open proxy", rid)
-        headers_in = request.headers
-        if "Upgrade" in headers_in and "upgrade" in _connection_listed(headers_in):
-            proto = headers_in["Upgrade"].lower()
-            if "websocket" in proto:
-                return self.error(request, 501, "not_supported",
-                                  "WebSocket upgrade is not supported on egress listeners", rid)
+            raise Refused(405, "not_supported", "CONNECT is not supported: this is not a forward proxy")
+        if not request.raw_path.startswith("/") and not (request.raw_path == "*" and method == "OPTIONS"):
+            raise Refused(400, "not_supported", "absolute-form request targets are not supported: this is not an open proxy")
+        headers = request.headers
+        if "Upgrade" in headers and "upgrade" in connection_listed(headers) and "websocket" in headers["Upgrade"].lower():
+            raise Refused(501, "not_supported", "WebSocket upgrade is not supported on egress listeners")
         limits = up.limits
         if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > limits.max_header_bytes:
-            return self.error(request, 431, "headers_too_large",
-                              f"request headers exceed max_header_bytes ({limits.max_header_bytes} bytes)", rid)
+            raise Refused(431, "headers_too_large",
+                          f"request headers exceed max_header_bytes ({limits.max_header_bytes} bytes)")
         cl = request.content_length
-        max_body = limits.max_request_body
-        if max_body is not None and cl is not None and cl > max_body:
-            return self.error(request, 413, "request_too_large",
-                              f"request body of {cl} bytes exceeds max_request_body ({max_body} bytes)", rid)
+        if limits.max_request_body is not None and cl is not None and cl > limits.max_request_body:
+            raise Refused(413, "request_too_large",
+                          f"request body of {cl} bytes exceeds max_request_body ({limits.max_request_body} bytes)")
 
-        route = up.match(method, request.path)
-        # Upstream headers: the client's, minus hop-by-hop and what we set ourselves.
-        listed = _connection_listed(headers_in)
+    def upstream_headers(self, request: web.BaseRequest, up, rid: str) -> CIMultiDict:
+        headers_in = request.headers
+        listed = connection_listed(headers_in)
+        drop = self.drop_headers
         out = CIMultiDict()
         for k, v in headers_in.items():
             lk = k.lower()
-            if lk in _REQ_DROP or lk in listed:
-                continue
-            out.add(k, v)
+            if lk not in drop and lk not in listed:
+                out.add(k, v)
         peer = request.remote or ""
         xff = headers_in.get("X-Forwarded-For")
         out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
@@ -124,39 +148,36 @@ class HttpListener:
         out["X-Request-Id"] = rid
         for k, v in up.request_headers.items():
             out[k] = v
-        if cl is not None:
-            out["Content-Length"] = str(cl)
+        return out
 
-        # Body: kept in memory when small enough to replay, streamed otherwise.
-        body, replayable = None, True
-        if cl != 0 and (cl is not None or request.body_exists):
-            if headers_in.get("Expect", "").lower() == "100-continue":
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        up = self.app.runtime.upstreams.get(self.name)
+        rid = new_request_id(request.headers.get("X-Request-Id"))
+        if up is None:
+            return self.error(503, "unavailable", "upstream removed by a config reload", rid)
+        route = None
+        try:
+            self.refuse(request, up)
+            route = up.match(request.method, request.path)
+            out = self.upstream_headers(request, up, rid)
+            cl = request.content_length
+            if cl is not None:
+                out["Content-Length"] = str(cl)
+            if cl != 0 and request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
-            keep = route.retry.max_replay_body if route.retry.attempts > 1 else 0
-            content = request.content
-            idle = route.timeouts.idle
-            if cl is not None and cl <= keep:
-                body = await content.readexactly(cl) if cl else b""
-            elif cl is None:
-                chunks, n = [], 0
-                while n <= keep:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    n += len(chunk)
-                    if max_body is not None and n > max_body:
-                        return self.error(request, 413, "request_too_large",
-                                          f"request body exceeds max_request_body ({max_body} bytes)", rid)
-                else:
-                    body, replayable = _stream_body(chunks, content, max_body, idle, n), False
-                if replayable:
-                    body = b"".join(chunks)
-            else:
-                body, replayable = _stream_body([], content, None, idle, 0), False
+            body, replayable = await self.read_body(request, route, cl, up.limits.max_request_body)
+            preq = ProxyRequest(request.method, request.raw_path, request.path, out, request.headers, body,
+                                replayable, rid, route.name, up.pick(), route.idempotent(request.method, request.headers))
+            chain = await self.prepare(request, up, route, preq)
+        except Refused as r:
+            if route is not None:
+                up.metrics.request(up.targets[0].name, route.name, str(r.status), "rejected")
+            return self.error(r.status, r.error_type, r.message, rid)
+        if isinstance(chain, web.StreamResponse):
+            return chain
+        return await self.run(request, up, route, preq, chain)
 
-        preq = ProxyRequest(method, raw_path if raw_path != "*" else "*", request.path, out, headers_in, body,
-                            replayable, rid, route.name, up.pick(), route.idempotent(method, headers_in))
+    async def run(self, request: web.BaseRequest, up, route, preq: ProxyRequest, chain) -> web.StreamResponse:
         counters = up.counters
         counters.in_flight += 1
         counters.budget.active += 1
@@ -164,19 +185,19 @@ class HttpListener:
         started = time.monotonic()
         resp: ProxyResponse | None = None
         try:
-            resp = await route.chain(preq)
+            resp = await chain(preq)
             track = resp.target.name if resp.target is not None else preq.target.name
             if resp.outcome == "upstream":
                 up.metrics.duration(track, time.monotonic() - started)
             try:
-                status, sent = await self.respond(request, up, route, preq, resp, rid)
+                status, sent = await self.respond(request, up, route, preq, resp)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 status, sent = "client_closed", web.Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
             if self.app.access_log:
-                log.info("access", upstream=self.name, request_id=rid, method=method, path=request.path,
-                         status=resp.status, outcome=resp.outcome, track=track, route=route.name,
-                         duration_ms=round((time.monotonic() - started) * 1000, 2),
+                log.info("access", upstream=self.name, request_id=preq.request_id, method=preq.method,
+                         path=preq.path, status=status, outcome=resp.outcome, track=track, route=route.name,
+                         duration_ms=round((time.monotonic() - started) * 1000, 2), attempts=preq.attempts,
                          fallback=resp.source, reason=resp.reason.value if resp.reason else None)
             return sent
         finally:
@@ -186,40 +207,37 @@ class HttpListener:
             counters.budget.active -= 1
             up.metrics.in_flight.dec()
 
-    async def _failed_before_headers(self, request, preq: ProxyRequest, rid: str, exc: BaseException):
-        preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
-        log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name, request_id=rid,
-                    error=type(exc).__name__, bytes_sent=0)
-        status = 504 if isinstance(exc, TimeoutError) else 502
-        r = self.error(request, status, "upstream_reset" if status == 502 else "timeout",
-                       f"target '{preq.target.name}' failed while sending its answer ({type(exc).__name__})", rid)
-        return str(status), r
+    # -- the answer ------------------------------------------------------------------------------------
+    def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> web.Response:
+        f: Failure = resp.failure
+        headers = {}
+        if f.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(f.retry_after)))
+        if resp.reason is not None:
+            headers["X-Fallback-Reason"] = resp.reason.value
+        if f.error_type in _NETWORK_ERRORS:
+            log.warning("upstream_failed", upstream=self.name, track=preq.target.name, request_id=preq.request_id,
+                        error=f.error_type, message=f.message, attempts=preq.attempts)
+        return self.error(resp.status, f.error_type, f.message, preq.request_id, headers)
 
-    async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest, resp: ProxyResponse,
-                      rid: str) -> tuple[str, web.StreamResponse]:
-        f = resp.failure
-        if resp.stream is None and resp.body is None:
-            # An error the proxy produced (no fallback could serve it).
-            headers = {"X-Request-Id": rid}
-            if f.retry_after is not None:
-                headers["Retry-After"] = str(max(1, math.ceil(f.retry_after)))
-            if resp.reason is not None:
-                headers["X-Fallback-Reason"] = resp.reason.value
-            if f.error_type in ("upstream_reset", "connect_failure", "timeout", "connect_timeout", "tls_error"):
-                log.warning("upstream_failed", upstream=self.name, track=preq.target.name, request_id=rid,
-                            error=f.error_type, message=f.message, attempts=preq.attempts)
-            r = web.Response(status=resp.status, body=error_body(resp.status, f.error_type, f.message, self.name, rid),
-                             content_type="application/json", headers=headers)
-            await r.prepare(request)
-            await r.write_eof()
-            return str(resp.status), r
+    def response_headers(self, resp: ProxyResponse, rid: str) -> CIMultiDict:
         headers = CIMultiDict()
-        listed = _connection_listed(resp.headers)
+        listed = connection_listed(resp.headers)
         for k, v in resp.headers.items():
             lk = k.lower()
             if lk not in _RESP_DROP and lk not in listed:
                 headers.add(k, v)
         headers["X-Request-Id"] = rid
+        return headers
+
+    async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest,
+                      resp: ProxyResponse) -> tuple[str, web.StreamResponse]:
+        if resp.stream is None and resp.body is None:
+            r = self.error_response(preq, resp)  # an error the proxy produced; no fallback could serve it
+            await r.prepare(request)
+            await r.write_eof()
+            return str(resp.status), r
+        headers = self.response_headers(resp, preq.request_id)
         head = request.method == "HEAD"
         no_body = head or resp.status in (204, 304) or resp.status < 200
         cr = resp.stream
@@ -231,7 +249,7 @@ class HttpListener:
                 try:
                     resp.body = await cr.read()
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    return await self._failed_before_headers(request, preq, rid, exc)
+                    return self._failed_before_headers(preq, exc)
                 cr = None
                 if resp.capture is not None:
                     resp.capture(resp.body)
@@ -243,7 +261,6 @@ class HttpListener:
             return str(resp.status), r
         sr = web.StreamResponse(status=resp.status, reason=cr.reason, headers=headers)
         cl = cr.headers.get("Content-Length")
-        no_body = head or resp.status in (204, 304) or resp.status < 200
         if cl is not None and cl.isdigit():
             sr.content_length = int(cl)
         await sr.prepare(request)
@@ -264,17 +281,31 @@ class HttpListener:
                     else:
                         buf.append(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are out: nothing can be retried or replaced. Abort the client connection so it
-            # sees a truncated answer, not a complete-looking one, and count the failure.
-            preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
-            log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name, request_id=rid,
-                        error=type(exc).__name__, bytes_sent=size)
-            if request.transport is not None:
-                request.transport.abort()
+            if isinstance(exc, aiohttp.ClientConnectionResetError):
+                raise  # our client went away, not the upstream
+            self._failed_after_headers(request, preq, exc, size)
             return "reset", sr
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            return "client_closed", sr
         if buf is not None and capture is not None:
             capture(b"".join(buf))
         await sr.write_eof()
         return str(resp.status), sr
+
+    def _failed_after_headers(self, request: web.BaseRequest, preq: ProxyRequest, exc: BaseException,
+                              sent: int) -> None:
+        """Headers are out: nothing can be retried or replaced. Abort the client connection so it sees
+        a truncated answer, not a complete-looking one, and count the failure."""
+        preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+        log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
+                    request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
+        if request.transport is not None:
+            request.transport.abort()
+
+    def _failed_before_headers(self, preq: ProxyRequest, exc: BaseException) -> tuple[str, web.Response]:
+        preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+        log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
+                    request_id=preq.request_id, error=type(exc).__name__, bytes_sent=0)
+        status = 504 if isinstance(exc, TimeoutError) else 502
+        r = self.error(status, "upstream_reset" if status == 502 else "timeout",
+                       f"target '{preq.target.name}' failed while sending its answer ({type(exc).__name__})",
+                       preq.request_id)
+        return str(status), r

@@ -68,6 +68,9 @@ class PerSeriesHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
+LLM_FIRST_BYTE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         r = registry
@@ -107,6 +110,13 @@ class Metrics:
         )
         self.cache_entries = Gauge("fallback_cache_entries", "Entries in the fallback cache.", ["name"], registry=r)
         self.cache_bytes = Gauge("fallback_cache_bytes", "Bytes held by the fallback cache.", ["name"], registry=r)
+        self.llm_first_byte = PerSeriesHistogram(
+            "llm_stream_first_byte_seconds",
+            "Streaming LLM calls: request sent → first event, per model (configured names, else `other`).",
+            ("name", "model"), r,
+        )
+        self.llm_tokens = Counter("llm_tokens", "Tokens reported in `usage`, kind: prompt|completion.",
+                                  ["name", "model", "kind"], registry=r)
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 
@@ -123,7 +133,7 @@ class UpstreamMetrics:
     first use: the set of codes is bounded (100-599) and each costs one `labels()` call once."""
 
     __slots__ = ("name", "m", "buckets", "in_flight", "_req", "_dur", "shed", "budget_exhausted",
-                 "cache_entries", "cache_bytes", "_retries", "_fallbacks")
+                 "cache_entries", "cache_bytes", "_retries", "_fallbacks", "_models", "_first_byte", "_tokens")
 
     def __init__(self, name: str, tracks: Iterable[str], buckets: tuple[float, ...], m: Metrics = METRICS) -> None:
         self.name, self.m, self.buckets = name, m, buckets
@@ -136,6 +146,31 @@ class UpstreamMetrics:
         self._dur = {t: m.duration.labels(name, t, buckets=buckets) for t in tracks}
         self._retries: dict[str, object] = {}
         self._fallbacks: dict[tuple[str, str], object] = {}
+        self._models: frozenset[str] = frozenset()
+        self._first_byte: dict[str, _Histogram] = {}
+        self._tokens: dict[tuple[str, str], object] = {}
+
+    def llm_models(self, models: Iterable[str]) -> None:
+        """Models that get their own label value; created at build time with `other`."""
+        self._models = frozenset(models)
+        for model in (*self._models, "other"):
+            self._first_byte[model] = self.m.llm_first_byte.labels(self.name, model, buckets=LLM_FIRST_BYTE_BUCKETS)
+            for kind in ("prompt", "completion"):
+                self._tokens[(model, kind)] = self.m.llm_tokens.labels(self.name, model, kind)
+
+    def model_label(self, model: object) -> str:
+        return model if isinstance(model, str) and model in self._models else "other"
+
+    def first_byte(self, model: str, seconds: float) -> None:
+        self._first_byte[model].observe(seconds)
+
+    def tokens(self, model: str, usage: object) -> None:
+        if not isinstance(usage, dict):
+            return
+        for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+            n = usage.get(key)
+            if isinstance(n, int) and n > 0:
+                self._tokens[(model, kind)].inc(n)
 
     def request(self, track: str, route: str, status: str, outcome: str) -> None:
         key = (track, route, status, outcome)

@@ -39,14 +39,17 @@ class TotalTimeout:
 
 
 class AttemptTimeout:
-    __slots__ = ("seconds",)
+    __slots__ = ("seconds", "which")
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, which: str = "attempt") -> None:
+        self.seconds, self.which = seconds, which  # which: "attempt", or "first_byte" for streams
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        seconds = self.seconds
+        if req.extra and "timeout" in req.extra:
+            seconds = min(seconds, req.extra["timeout"])
         try:
-            async with asyncio.timeout(self.seconds):
+            async with asyncio.timeout(seconds):
                 return await call_next(req)
         except TimeoutError:
-            return timeout_response("attempt", self.seconds)
+            return timeout_response(self.which, seconds)

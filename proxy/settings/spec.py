@@ -102,6 +102,7 @@ class TimeoutsSpec(Spec):
     attempt: Duration = Field(default=10.0, gt=0)
     total: Duration = Field(default=30.0, gt=0)
     idle: Duration = Field(default=60.0, gt=0)
+    first_byte: Duration = Field(default=60.0, gt=0)  # streams (openai): request sent → first event
 
 
 class PoolSpec(Spec):
@@ -244,6 +245,52 @@ class MetricsSpec(Spec):
         return v
 
 
+DEGRADED_MESSAGE = "I'm currently experiencing technical difficulties. Please try again in a moment."
+CACHE_KEY_FIELDS = (
+    "model", "models", "messages", "prompt", "input", "suffix", "temperature", "top_p", "top_k", "min_p", "top_a",
+    "max_tokens", "max_completion_tokens", "stop", "seed", "n", "best_of", "echo", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "response_format", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "reasoning",
+    "include_reasoning", "transforms", "provider", "dimensions", "encoding_format", "modalities", "prediction",
+)
+
+
+class DegradedSpec(Spec):
+    """The answer when the LLM upstream fails and nothing is cached (chat and text completions)."""
+
+    enabled: bool = True
+    message: str = DEGRADED_MESSAGE
+    status: Literal[200, 503] = 200
+
+
+class LLMSpec(Spec):
+    """`protocol: openai` only."""
+
+    cache_key_fields: tuple[str, ...] = CACHE_KEY_FIELDS
+    fallback_models: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()          # model names used as a metric label; others count as `other`
+    degraded: DegradedSpec = DegradedSpec()
+
+
+_OPENAI_DEFAULTS = {
+    "limits": {"max_request_body": 10 * 1024 * 1024},
+    "timeouts": {"attempt": 30.0, "total": 60.0, "first_byte": 30.0, "idle": 60.0},
+    "fallback": {"methods": ["POST", "GET"], "cache_ttl": 3600.0, "stale_ttl": 86400.0},
+    "metrics": {"buckets": [0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]},
+}
+
+
+def _with_defaults(data: dict, defaults: dict) -> dict:
+    out = dict(data)
+    for key, value in defaults.items():
+        given = out.get(key)
+        if isinstance(value, dict) and isinstance(given, dict):
+            out[key] = _with_defaults(given, value)
+        elif given is None and key not in out:
+            out[key] = value
+    return out
+
+
 class UpstreamSpec(Spec):
     protocol: Literal["http", "openai", "redis"] = "http"
     listen: str
@@ -257,6 +304,15 @@ class UpstreamSpec(Spec):
     fallback: FallbackSpec = FallbackSpec()
     routes: tuple[RouteSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
+    llm: LLMSpec = LLMSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_defaults(cls, data: object) -> object:
+        """Per-protocol defaults for keys the config leaves out (an LLM call runs to minutes and POSTs)."""
+        if isinstance(data, dict) and data.get("protocol") == "openai":
+            return _with_defaults(data, _OPENAI_DEFAULTS)
+        return data
 
     @field_validator("listen")
     @classmethod

@@ -1,0 +1,180 @@
+"""LLM policies for `protocol: openai`, in chain order:
+
+    LLMFallback → total timeout → ModelFailover → retry → breaker → classify → attempt timeout → FirstEvent → upstream
+
+LLMFallback keys the cache on the request's meaning (SHA-256 of the canonical JSON of the fields that
+change the answer, plus the path), stores completions (streamed ones assembled by the listener), and on
+failure serves them marked `"fallback": true`, or a degraded completion. ModelFailover retries a failed
+primary model once per `fallback_models` entry inside the same total timeout. FirstEvent makes a stream's
+attempt end at its first event, so everything before the first byte reached the client can be retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxy.llm import sse
+from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.policy.fallback import Fallback
+from proxy.settings.spec import DegradedSpec
+from proxy.upstream.http import failure_response
+
+COMPLETION_PATHS = ("/chat/completions", "/completions")
+
+
+def cache_key(path: str, body: dict[str, Any], fields: tuple[str, ...]) -> bytes:
+    picked = {k: body[k] for k in fields if k in body}
+    canonical = json.dumps({"path": path, "request": picked}, sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def is_completion(path: str) -> bool:
+    p = path.split("?", 1)[0].rstrip("/")
+    return p.endswith(COMPLETION_PATHS)
+
+
+def degraded_completion(req: ProxyRequest, spec: DegradedSpec, reason: Reason) -> dict[str, Any]:
+    body = req.extra["json"] if req.extra and "json" in req.extra else {}
+    chat = req.path.rstrip("/").endswith("/chat/completions")
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": spec.message}
+    else:
+        choice["text"] = spec.message
+    return {"id": f"degraded-{uuid.uuid4().hex[:24]}", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": body.get("model", "") if isinstance(body, dict) else "",
+            "choices": [choice], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "fallback": True, "fallback_reason": f"{reason.value}_no_cache"}
+
+
+_JSON = "application/json"
+
+
+class LLMFallback(Fallback):
+    __slots__ = ("degraded",)
+
+    def __init__(self, spec, cache, clock, metrics, degraded: DegradedSpec) -> None:
+        super().__init__(spec, cache, clock, metrics)
+        self.degraded = degraded
+
+    def _key(self, req: ProxyRequest) -> bytes | None:
+        extra = req.extra
+        if extra is not None and "key" in extra:
+            return extra["key"] if req.method in self.methods else None
+        return super()._key(req)
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        key = self._key(req)
+        resp = await call_next(req)
+        if resp.verdict is Verdict.SUCCESS:
+            if self.cache.episode is not None:
+                self._end_episode()
+            no_store = req.extra is not None and req.extra.get("cache") == "no-store"
+            if key is not None and not no_store and resp.status == 200:
+                store, headers = self.cache.store, CIMultiDict({"Content-Type": _JSON})
+                resp.capture = lambda body: store(key, 200, headers, body)
+            return resp
+        reason = resp.reason or Reason.UPSTREAM_ERROR
+        served = self.serve(key, reason, req)
+        if served is None:
+            return resp
+        resp.release()
+        return served
+
+    def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
+        out = super().serve(key, reason)
+        if out is not None:
+            if out.source in ("cache", "stale") and out.body:
+                try:
+                    doc = json.loads(out.body)
+                except ValueError:
+                    return out
+                if isinstance(doc, dict):
+                    doc["fallback"], doc["fallback_reason"] = True, reason.value
+                    out.body = json.dumps(doc).encode()
+            return out
+        if (req is None or not self.degraded.enabled or reason is Reason.RATE_LIMITED
+                or not is_completion(req.path) or req.method != "POST"):
+            return None
+        doc = degraded_completion(req, self.degraded, reason)
+        out = ProxyResponse(self.degraded.status, CIMultiDict({"Content-Type": _JSON}), json.dumps(doc).encode(),
+                            outcome="fallback")
+        out.source, out.reason = "degraded", reason
+        out.headers["X-Fallback"] = "degraded"
+        out.headers["X-Fallback-Reason"] = f"{reason.value}_no_cache"
+        self.metrics.fallback("degraded", reason.value)
+        self._count_episode(reason)
+        return out
+
+
+class ModelFailover:
+    """When the primary model's attempts end in 5xx or a timeout, try each fallback model once."""
+
+    __slots__ = ("models",)
+
+    def __init__(self, models: tuple[str, ...]) -> None:
+        self.models = models
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        resp = await call_next(req)
+        extra = req.extra
+        if resp.verdict is not Verdict.FAILURE or extra is None or not isinstance(extra.get("json"), dict):
+            return resp
+        original = extra["json"]
+        for model in self.models:
+            if req.target.breaker.is_open or resp.reason is Reason.CIRCUIT_BREAKER_OPEN:
+                return resp  # every model goes to the same target: straight to the cache
+            if model == original.get("model"):
+                continue
+            resp.release()
+            req.body = json.dumps({**original, "model": model}, separators=(",", ":")).encode()
+            req.headers["Content-Length"] = str(len(req.body))
+            resp = await call_next(req)
+            if resp.verdict is Verdict.SUCCESS:
+                extra["model_fallback"] = model
+                return resp
+            if resp.verdict is not Verdict.FAILURE:
+                return resp
+        return resp
+
+
+class FirstEvent:
+    """Terminal wrapper for streams: the attempt is done when the first bytes of the body arrived."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Handler) -> None:
+        self.inner = inner
+
+    async def __call__(self, req: ProxyRequest) -> ProxyResponse:
+        resp = await self.inner(req)
+        cr = resp.stream
+        if cr is None or resp.status != 200:
+            return resp
+        try:
+            first = await cr.content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            resp.release()
+            return failure_response(exc, req.target.pool, req.target.name)
+        except BaseException:
+            resp.release()
+            raise
+        if not first:
+            resp.release()
+            f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
+                        f"target '{req.target.name}' closed the stream before the first event")
+            return ProxyResponse(502, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
+        req.extra["first_chunk"] = first
+        return resp
+
+
+def error_event(message: str, error_type: str, code: int | str) -> bytes:
+    return sse.event({"error": {"message": message, "type": error_type, "code": code}})
