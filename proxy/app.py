@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
+from proxy.listen.openai import OpenAIListener
 from proxy.obs import log
 from proxy.obs.metrics import METRICS, Metrics
 from proxy.runtime import Runtime
@@ -104,7 +105,8 @@ class ProxyApp:
                     continue
                 host, port = parse_listen(up.spec.listen)
                 max_field = max(8190, up.spec.limits.max_header_bytes + 1024)
-                ws = web.Server(HttpListener(self, name).handle, access_log=None,
+                listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
+                ws = web.Server(listener.handle, access_log=None,
                                 max_line_size=max_field, max_field_size=max_field, handler_cancellation=True)
                 try:
                     server = await loop.create_server(ws, host, port, reuse_address=True, backlog=1024)

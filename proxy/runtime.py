@@ -16,6 +16,7 @@ from itertools import accumulate
 from multidict import CIMultiDict
 
 from proxy.clock import Clock
+from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover
 from proxy.obs.metrics import METRICS, UpstreamMetrics
 from proxy.policy.base import Handler, build_chain
 from proxy.policy.breaker import Breaker
@@ -39,7 +40,7 @@ from proxy.upstream.state import StateStore, TargetState
 
 
 class RouteRuntime:
-    __slots__ = ("name", "methods", "prefix", "chain", "timeouts", "retry", "fallback", "cache")
+    __slots__ = ("name", "methods", "prefix", "chain", "stream_chain", "timeouts", "retry", "fallback", "cache")
 
     def __init__(self, name: str, route: RouteSpec | None, timeouts: TimeoutsSpec, retry: RetrySpec,
                  fallback: FallbackSpec, chain: Handler, cache) -> None:
@@ -48,6 +49,7 @@ class RouteRuntime:
         self.prefix = route.match.path_prefix if route else "/"
         self.timeouts, self.retry, self.fallback = timeouts, retry, fallback
         self.chain, self.cache = chain, cache
+        self.stream_chain: Handler | None = None
 
     def idempotent(self, method: str, headers) -> bool:
         return method in IDEMPOTENT_METHODS or self.retry.non_idempotent or "Idempotency-Key" in headers
@@ -76,20 +78,29 @@ class UpstreamRuntime:
         terminal = HttpTerminal()
         classify = Classify(status_matcher(spec.breaker.failure_statuses))
         breaker = Breaker(clock)
+        llm = spec.protocol == "openai"
+        if llm:
+            self.metrics.llm_models((*spec.llm.models, *spec.llm.fallback_models))
         for route in (*spec.routes, None):
             timeouts, retry, fallback = spec.route_sections(route)
             cache = store.cache(name, fallback, self.metrics)
-            policies = [
-                Fallback(fallback, cache, clock, self.metrics),
-                Shed(self.counters, spec.limits.max_in_flight, self.metrics.shed),
-                TotalTimeout(timeouts.total, clock),
-                Retry(retry, self.counters.budget, clock, self.metrics) if retry.attempts > 1 else None,
-                breaker,
-                classify,
-                AttemptTimeout(timeouts.attempt),
-            ]
+            if llm:
+                fb = LLMFallback(fallback, cache, clock, self.metrics, spec.llm.degraded)
+                failover = ModelFailover(spec.llm.fallback_models) if spec.llm.fallback_models else None
+            else:
+                fb, failover = Fallback(fallback, cache, clock, self.metrics), None
+            shed = Shed(self.counters, spec.limits.max_in_flight, self.metrics.shed)
+            retrying = Retry(retry, self.counters.budget, clock, self.metrics) if retry.attempts > 1 else None
+            policies = [fb, shed, TotalTimeout(timeouts.total, clock), failover, retrying, breaker, classify,
+                        AttemptTimeout(timeouts.attempt)]
             rr = RouteRuntime(route.name if route else "default", route, timeouts, retry, fallback,
                               build_chain(policies, terminal), cache)
+            if llm:
+                # Streams: no total/attempt timeout (they run for minutes); the attempt ends at the
+                # first event, bounded by first_byte; after that the idle timeout guards each event.
+                rr.stream_chain = build_chain(
+                    [fb, shed, failover, retrying, breaker, classify,
+                     AttemptTimeout(timeouts.first_byte, "first_byte")], FirstEvent(terminal))
             self.routes.append(rr)
         self.default_route = self.routes[-1]
 

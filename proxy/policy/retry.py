@@ -5,7 +5,8 @@ backoff_base * 2**(n-1)))` seconds. A retry is sent only when all of these hold:
 - the failed attempt's kind (connect-failure, reset, timeout, or its status) is listed in `on`, or it is
   a 429 whose Retry-After fits (below);
 - the request can be replayed (its body was kept: <= max_replay_body) and is idempotent, carries an
-  Idempotency-Key, or `non_idempotent: true` — except a connect failure, where nothing reached the upstream;
+  Idempotency-Key, or `non_idempotent: true` — except a connect failure or a 429, which the upstream
+  provably did not act on;
 - the budget allows it: retries in flight <= max(budget_ratio * requests in flight, budget_min);
 - the target's breaker is not open, and the wait fits in what is left of the total timeout.
 A 429/503 Retry-After is waited for when it is <= backoff_max and fits; otherwise the answer stands.
@@ -19,6 +20,10 @@ from email.utils import parsedate_to_datetime
 from proxy.clock import Clock
 from proxy.policy.base import Handler, ProxyRequest, ProxyResponse, Verdict
 from proxy.settings.spec import RetrySpec
+
+
+# Attempts the upstream provably did not act on: retried even for non-idempotent requests.
+_NOTHING_DONE = frozenset({"connect-failure", "429"})
 
 
 class RetryBudget:
@@ -61,6 +66,23 @@ def parse_retry_after(value: str | None, now_wall: float | None = None) -> float
         return None
 
 
+def parse_ratelimit_reset(value: str | None, now_wall: float | None = None) -> float | None:
+    """OpenRouter-style `X-RateLimit-Reset`: an epoch timestamp in ms (or s), or seconds to wait."""
+    if not value:
+        return None
+    try:
+        v = float(value.strip())
+    except ValueError:
+        return None
+    import time
+    now = now_wall if now_wall is not None else time.time()
+    if v > 1e12:
+        return max(0.0, v / 1000 - now)
+    if v > 1e9:
+        return max(0.0, v - now)
+    return max(0.0, v)
+
+
 class Retry:
     __slots__ = ("spec", "budget", "clock", "metrics", "conditions", "rand")
 
@@ -80,11 +102,13 @@ class Retry:
         listed = kind in self.conditions
         if not listed and resp.status != 429:
             return None
-        if kind != "connect-failure" and not req.idempotent:
+        if not req.idempotent and kind not in _NOTHING_DONE:
             return None
         delay = self.backoff(retry_number)
         if resp.status in (429, 503) and resp.headers is not None:
             ra = parse_retry_after(resp.headers.get("Retry-After"))
+            if ra is None:
+                ra = parse_ratelimit_reset(resp.headers.get("X-RateLimit-Reset"))
             if ra is not None:
                 if ra > self.spec.backoff_max:
                     return None

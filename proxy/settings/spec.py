@@ -276,6 +276,8 @@ _OPENAI_DEFAULTS = {
     "limits": {"max_request_body": 10 * 1024 * 1024},
     "timeouts": {"attempt": 30.0, "total": 60.0, "first_byte": 30.0, "idle": 60.0},
     "fallback": {"methods": ["POST", "GET"], "cache_ttl": 3600.0, "stale_ttl": 86400.0},
+    # Completions and embeddings change nothing upstream: a POST may be retried (before the first byte).
+    "retry": {"non_idempotent": True},
     "metrics": {"buckets": [0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]},
 }
 

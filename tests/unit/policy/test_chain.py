@@ -96,6 +96,7 @@ CASES = [
     ("POST 503 not retried", [503, "ok"], "POST", {}, {}, 503, 1, []),
     ("POST connect failure is retried (nothing was sent)", ["connect", "ok"], "POST", {}, {}, 200, 2, [0.05]),
     ("POST with Idempotency-Key retried", [503, "ok"], "POST", {"Idempotency-Key": "k1"}, {}, 200, 2, [0.05]),
+    ("POST 429 with short Retry-After retried (not acted on)", ["429/1", "ok"], "POST", {}, {}, 200, 2, [1.0]),
     ("429 with short Retry-After waited for", ["429/1", "ok"], "GET", {}, {}, 200, 2, [1.0]),
     ("429 with long Retry-After passed back", ["429/5", "ok"], "GET", {}, {}, 429, 1, []),
     ("429 without Retry-After passed back", [429, "ok"], "GET", {}, {}, 429, 1, []),

@@ -1,0 +1,181 @@
+"""LLM egress listener (`protocol: openai`), e.g. OpenRouter's OpenAI-compatible API on 127.0.0.1:9001.
+
+Same data path as the HTTP listener, with what an LLM API needs: bodies must be JSON objects (400) within
+`max_request_body` (413); errors in OpenAI's shape so SDKs raise their usual exceptions; `X-Proxy-Cache`
+and `X-Proxy-Timeout` request headers; SSE answers relayed event by event as they arrive (never buffered)
+while a copy is assembled for the fallback cache; a failure mid-stream ends the client's stream with one
+error event and `data: [DONE]`; cached and degraded fallbacks replayed as SSE to streaming callers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.listen.http import _REQ_DROP, HttpListener, Refused
+from proxy.llm import sse
+from proxy.llm.policy import cache_key, error_event
+from proxy.obs import log
+from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
+from proxy.policy.fallback import cache_key as http_cache_key
+from proxy.settings.units import parse_duration
+
+CACHE_MODES = ("no-store", "only-if-cached")
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error"}
+
+
+class OpenAIListener(HttpListener):
+    drop_headers = _REQ_DROP | {"x-proxy-cache", "x-proxy-timeout"}
+
+    def error(self, status: int, error_type: str, message: str, rid: str, headers: dict | None = None) -> web.Response:
+        body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, error_type), "code": status,
+                          "param": None, "proxy_error": error_type, "upstream": self.name, "request_id": rid}}
+        return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
+                            headers={"X-Request-Id": rid, **(headers or {})})
+
+    async def read_body(self, request: web.BaseRequest, route, cl: int | None, max_body: int | None):
+        if cl == 0 or (cl is None and not request.body_exists):
+            return None, True
+        chunks, n = [], 0
+        async for chunk in request.content.iter_any():
+            n += len(chunk)
+            if max_body is not None and n > max_body:
+                raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks), True
+
+    async def prepare(self, request: web.BaseRequest, up, route, preq: ProxyRequest):
+        h = request.headers
+        extra: dict = {"t0": time.monotonic()}
+        preq.extra = extra
+        mode = h.get("X-Proxy-Cache")
+        if mode is not None:
+            mode = mode.strip().lower()
+            if mode not in CACHE_MODES:
+                raise Refused(400, "invalid_header", f"X-Proxy-Cache must be one of {', '.join(CACHE_MODES)}")
+            extra["cache"] = mode
+        wanted = h.get("X-Proxy-Timeout")
+        if wanted is not None:
+            try:
+                seconds = parse_duration(wanted.strip())
+                if not isinstance(seconds, float) or seconds <= 0:
+                    raise ValueError
+            except ValueError:
+                raise Refused(400, "invalid_header", "X-Proxy-Timeout must be a duration such as 45s or 1m") from None
+            extra["timeout"] = seconds  # policies cap it by the configured timeouts
+        stream = False
+        if request.method == "POST":
+            try:
+                doc = json.loads(preq.body or b"")
+            except (ValueError, UnicodeDecodeError):
+                raise Refused(400, "invalid_json", "request body must be JSON") from None
+            if not isinstance(doc, dict):
+                raise Refused(400, "invalid_json", f"request body must be a JSON object, got {type(doc).__name__}")
+            extra["json"] = doc
+            stream = doc.get("stream") is True
+            extra["stream"] = stream
+            extra["model"] = up.metrics.model_label(doc.get("model"))
+            extra["key"] = cache_key(preq.path, doc, up.spec.llm.cache_key_fields)
+        if mode == "only-if-cached":
+            return self._from_cache(route, preq, stream)
+        return route.stream_chain if stream else route.chain
+
+    def _from_cache(self, route, preq: ProxyRequest, stream: bool) -> web.StreamResponse:
+        key = preq.extra.get("key") or http_cache_key(preq, route.fallback.vary)
+        entry = route.cache.get(key)
+        if entry is None:
+            raise Refused(504, "cache_miss", "X-Proxy-Cache: only-if-cached and nothing is cached for this request")
+        headers = {"X-Request-Id": preq.request_id, "X-Proxy-Cache": "hit"}
+        if stream:
+            doc = json.loads(entry.body)
+            return web.Response(status=200, body=b"".join(sse.replay(doc)), headers={**headers, **_SSE_HEADERS})
+        return web.Response(status=entry.status, body=entry.body,
+                            headers={**dict(entry.headers), **headers})
+
+    async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest,
+                      resp: ProxyResponse) -> tuple[str, web.StreamResponse]:
+        extra = preq.extra
+        if extra.get("model_fallback") and resp.headers is not None:
+            if resp.stream is not None:
+                resp.headers = CIMultiDict(resp.headers)
+            resp.headers["X-Model-Fallback"] = extra["model_fallback"]
+        if extra.get("stream") and resp.body is not None and resp.outcome == "fallback" and resp.status == 200:
+            return await self._replay(request, preq, resp)
+        if extra.get("stream") and resp.stream is not None and resp.status == 200:
+            return await self._relay(request, up, preq, resp)
+        if resp.stream is not None and resp.status == 200 and "json" in extra:
+            # count the tokens of a non-streamed completion on the copy the listener keeps anyway
+            capture, model = resp.capture, extra["model"]
+
+            def counted(body: bytes) -> None:
+                try:
+                    up.metrics.tokens(model, json.loads(body).get("usage"))
+                except (ValueError, AttributeError):
+                    pass
+                if capture is not None:
+                    capture(body)
+
+            resp.capture = counted
+        return await super().respond(request, up, route, preq, resp)
+
+    async def _replay(self, request, preq: ProxyRequest, resp: ProxyResponse):
+        """A cached or degraded completion, as the SSE stream the caller asked for."""
+        doc = json.loads(resp.body)
+        markers = {k: doc.pop(k) for k in ("fallback", "fallback_reason") if k in doc}
+        headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-")}
+        r = web.Response(status=200, body=b"".join(sse.replay(doc, markers)),
+                         headers={**headers, **_SSE_HEADERS, "X-Request-Id": preq.request_id})
+        await r.prepare(request)
+        await r.write_eof()
+        return "200", r
+
+    async def _relay(self, request, up, preq: ProxyRequest, resp: ProxyResponse):
+        """Pass SSE events through as they arrive; assemble a copy for the cache and the token count."""
+        extra = preq.extra
+        model = extra.get("model", "other")
+        up.metrics.first_byte(model, time.monotonic() - extra["t0"])
+        headers = self.response_headers(resp, preq.request_id)
+        headers.popall("Content-Length", None)
+        sr = web.StreamResponse(status=200, headers=headers)
+        await sr.prepare(request)
+        parser = sse.SSEParser(max_event=up.spec.fallback.max_body)
+        asm = sse.Assembler()
+        chunk = extra.pop("first_chunk", b"")
+        sent = 0
+        try:
+            while chunk:
+                await sr.write(chunk)
+                sent += len(chunk)
+                for data in parser.feed(chunk):
+                    asm.add(data)
+                chunk = await resp.stream.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectionResetError):
+                raise  # the app went away
+            preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+            log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
+                        request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
+            message = ("the upstream stream was interrupted" if not isinstance(exc, TimeoutError)
+                       else "no event from the upstream within the idle timeout")
+            await sr.write(error_event(message, "upstream_error", 502) + sse.DONE)
+            await sr.write_eof()
+            return "reset", sr
+        if not asm.done:
+            # the upstream closed without [DONE]: tell the client in-band, count the failure
+            preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+            await sr.write(error_event("the upstream stream ended early", "upstream_error", 502) + sse.DONE)
+            await sr.write_eof()
+            return "reset", sr
+        if asm.complete:
+            completion = asm.completion()
+            up.metrics.tokens(model, completion.get("usage"))
+            if resp.capture is not None and not parser.overflow:
+                resp.capture(json.dumps(completion).encode())
+        await sr.write_eof()
+        return "200", sr
