@@ -92,7 +92,7 @@ class UpstreamRuntime:
             shed = Shed(self.counters, spec.limits.max_in_flight, self.metrics.shed)
             retrying = Retry(retry, self.counters.budget, clock, self.metrics) if retry.attempts > 1 else None
             policies = [fb, shed, TotalTimeout(timeouts.total, clock), failover, retrying, breaker, classify,
-                        AttemptTimeout(timeouts.attempt)]
+                        AttemptTimeout(timeouts.attempt, clock)]
             rr = RouteRuntime(route.name if route else "default", route, timeouts, retry, fallback,
                               build_chain(policies, terminal), cache)
             if llm:
@@ -100,7 +100,7 @@ class UpstreamRuntime:
                 # first event, bounded by first_byte; after that the idle timeout guards each event.
                 rr.stream_chain = build_chain(
                     [fb, shed, failover, retrying, breaker, classify,
-                     AttemptTimeout(timeouts.first_byte, "first_byte")], FirstEvent(terminal))
+                     AttemptTimeout(timeouts.first_byte, clock, "first_byte")], FirstEvent(terminal))
             self.routes.append(rr)
         self.default_route = self.routes[-1]
 

@@ -60,19 +60,43 @@ class Refused(Exception):
         self.status, self.error_type, self.message = status, error_type, message
 
 
-async def _stream_body(prefix: list[bytes], content, limit: int | None, idle: float,
-                       seen: int) -> AsyncIterator[bytes]:
-    for chunk in prefix:
-        yield chunk
-    while True:
+class StreamedBody:
+    """A request body forwarded as it arrives (too large to keep for a replay). Each read is bounded by
+    the idle timeout; going over max_request_body stops it and marks it, so the terminal answers 413."""
+
+    def __init__(self, prefix: list[bytes], content, limit: int | None, idle: float, seen: int) -> None:
+        self.prefix, self.content, self.limit, self.idle, self.seen = prefix, content, limit, idle, seen
+        self.too_large = False
+
+    async def __aiter__(self):
+        for chunk in self.prefix:
+            yield chunk
+        content, limit = self.content, self.limit
+        while True:
+            async with asyncio.timeout(self.idle):
+                chunk = await content.readany()
+            if not chunk:
+                return
+            self.seen += len(chunk)
+            if limit is not None and self.seen > limit:
+                self.too_large = True
+                raise BodyTooLarge(f"request body exceeds max_request_body ({limit} bytes)")
+            yield chunk
+
+
+async def _read_exactly(content, n: int, idle: float) -> bytes:
+    """A body of known length, each read bounded by the idle timeout."""
+    if n < 65536:
+        return await content.readexactly(n)
+    parts, got = [], 0
+    while got < n:
         async with asyncio.timeout(idle):
-            chunk = await content.readany()
+            chunk = await content.read(min(n - got, 1 << 20))
         if not chunk:
-            return
-        seen += len(chunk)
-        if limit is not None and seen > limit:
-            raise BodyTooLarge(f"request body exceeds max_request_body ({limit} bytes)")
-        yield chunk
+            raise asyncio.IncompleteReadError(b"".join(parts), n)
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 class HttpListener:
@@ -94,20 +118,23 @@ class HttpListener:
             return None, True
         keep = route.retry.max_replay_body if route.retry.attempts > 1 else 0
         content = request.content
+        idle = route.timeouts.idle
         if cl is not None:
             if cl <= keep:
-                return await content.readexactly(cl), True
-            return _stream_body([], content, None, route.timeouts.idle, 0), False
+                async with asyncio.timeout(idle if cl < 65536 else None):
+                    return await _read_exactly(content, cl, idle), True
+            return StreamedBody([], content, None, idle, 0), False
         chunks, n = [], 0
         while n <= keep:
-            chunk = await content.readany()
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
             if not chunk:
                 return b"".join(chunks), True
             chunks.append(chunk)
             n += len(chunk)
             if max_body is not None and n > max_body:
                 raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
-        return _stream_body(chunks, content, max_body, route.timeouts.idle, n), False
+        return StreamedBody(chunks, content, max_body, idle, n), False
 
     async def prepare(self, request: web.BaseRequest, up, route, preq: ProxyRequest):
         """→ the chain to run. May raise Refused, or return a ready web.Response."""
@@ -118,7 +145,9 @@ class HttpListener:
         method = request.method
         if method == "CONNECT":
             raise Refused(405, "not_supported", "CONNECT is not supported: this is not a forward proxy")
-        if not request.raw_path.startswith("/") and not (request.raw_path == "*" and method == "OPTIONS"):
+        if request.raw_path == "*":
+            raise Refused(400, "not_supported", "OPTIONS * (asterisk-form) is not forwarded")
+        if not request.raw_path.startswith("/"):
             raise Refused(400, "not_supported", "absolute-form request targets are not supported: this is not an open proxy")
         headers = request.headers
         if "Upgrade" in headers and "upgrade" in connection_listed(headers) and "websocket" in headers["Upgrade"].lower():
@@ -155,6 +184,22 @@ class HttpListener:
         rid = new_request_id(request.headers.get("X-Request-Id"))
         if up is None:
             return self.error(503, "unavailable", "upstream removed by a config reload", rid)
+        # In flight from the first byte: the drain waits for uploads too, and the budget sees them.
+        counters = up.counters
+        counters.in_flight += 1
+        counters.budget.active += 1
+        up.metrics.in_flight.inc()
+        try:
+            return await self._handle(request, up, rid)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionResetError):
+            # the app stalled or went away mid-upload: nothing was forwarded
+            return self.error(408, "request_timeout", "the request body did not arrive within the idle timeout", rid)
+        finally:
+            counters.in_flight -= 1
+            counters.budget.active -= 1
+            up.metrics.in_flight.dec()
+
+    async def _handle(self, request: web.BaseRequest, up, rid: str) -> web.StreamResponse:
         route = None
         try:
             self.refuse(request, up)
@@ -178,10 +223,6 @@ class HttpListener:
         return await self.run(request, up, route, preq, chain)
 
     async def run(self, request: web.BaseRequest, up, route, preq: ProxyRequest, chain) -> web.StreamResponse:
-        counters = up.counters
-        counters.in_flight += 1
-        counters.budget.active += 1
-        up.metrics.in_flight.inc()
         started = time.monotonic()
         resp: ProxyResponse | None = None
         try:
@@ -191,6 +232,7 @@ class HttpListener:
                 up.metrics.duration(track, time.monotonic() - started)
             try:
                 status, sent = await self.respond(request, up, route, preq, resp)
+                resp.finish(Verdict.SUCCESS)  # the body is through (a failure settled it already)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 status, sent = "client_closed", web.Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
@@ -203,9 +245,6 @@ class HttpListener:
         finally:
             if resp is not None:
                 resp.release()
-            counters.in_flight -= 1
-            counters.budget.active -= 1
-            up.metrics.in_flight.dec()
 
     # -- the answer ------------------------------------------------------------------------------------
     def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> web.Response:
@@ -249,7 +288,7 @@ class HttpListener:
                 try:
                     resp.body = await cr.read()
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    return self._failed_before_headers(preq, exc)
+                    return self._failed_before_headers(preq, resp, exc)
                 cr = None
                 if resp.capture is not None:
                     resp.capture(resp.body)
@@ -283,25 +322,26 @@ class HttpListener:
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError):
                 raise  # our client went away, not the upstream
-            self._failed_after_headers(request, preq, exc, size)
+            self._failed_after_headers(request, preq, resp, exc, size)
             return "reset", sr
         if buf is not None and capture is not None:
             capture(b"".join(buf))
         await sr.write_eof()
         return str(resp.status), sr
 
-    def _failed_after_headers(self, request: web.BaseRequest, preq: ProxyRequest, exc: BaseException,
-                              sent: int) -> None:
+    def _failed_after_headers(self, request: web.BaseRequest, preq: ProxyRequest, resp: ProxyResponse,
+                              exc: BaseException, sent: int) -> None:
         """Headers are out: nothing can be retried or replaced. Abort the client connection so it sees
         a truncated answer, not a complete-looking one, and count the failure."""
-        preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+        resp.finish(Verdict.FAILURE)
         log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
                     request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
         if request.transport is not None:
             request.transport.abort()
 
-    def _failed_before_headers(self, preq: ProxyRequest, exc: BaseException) -> tuple[str, web.Response]:
-        preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+    def _failed_before_headers(self, preq: ProxyRequest, resp: ProxyResponse,
+                               exc: BaseException) -> tuple[str, web.Response]:
+        resp.finish(Verdict.FAILURE)
         log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
                     request_id=preq.request_id, error=type(exc).__name__, bytes_sent=0)
         status = 504 if isinstance(exc, TimeoutError) else 502

@@ -9,6 +9,7 @@ error event and `data: [DONE]`; cached and degraded fallbacks replayed as SSE to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -43,7 +44,12 @@ class OpenAIListener(HttpListener):
         if cl == 0 or (cl is None and not request.body_exists):
             return None, True
         chunks, n = [], 0
-        async for chunk in request.content.iter_any():
+        content = request.content
+        while True:
+            async with asyncio.timeout(route.timeouts.idle):
+                chunk = await content.readany()
+            if not chunk:
+                break
             n += len(chunk)
             if max_body is not None and n > max_body:
                 raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
@@ -158,7 +164,7 @@ class OpenAIListener(HttpListener):
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError):
                 raise  # the app went away
-            preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+            resp.finish(Verdict.FAILURE)
             log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
                         request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
             message = ("the upstream stream was interrupted" if not isinstance(exc, TimeoutError)
@@ -168,7 +174,7 @@ class OpenAIListener(HttpListener):
             return "reset", sr
         if not asm.done:
             # the upstream closed without [DONE]: tell the client in-band, count the failure
-            preq.target.breaker.record(Verdict.FAILURE, 0.0, None)
+            resp.finish(Verdict.FAILURE)
             await sr.write(error_event("the upstream stream ended early", "upstream_error", 502) + sse.DONE)
             await sr.write_eof()
             return "reset", sr

@@ -48,7 +48,7 @@ class Failure:
 
 class ProxyRequest:
     __slots__ = ("method", "path_qs", "path", "headers", "client_headers", "body", "replayable",
-                 "request_id", "route", "target", "idempotent", "deadline", "attempts", "extra")
+                 "request_id", "route", "target", "idempotent", "deadline", "total", "attempts", "extra")
 
     def __init__(self, method: str, path_qs: str, path: str, headers: CIMultiDict,
                  client_headers: Any, body: bytes | AsyncIterator[bytes] | None, replayable: bool,
@@ -60,13 +60,14 @@ class ProxyRequest:
         self.request_id, self.route, self.target = request_id, route, target
         self.idempotent = idempotent
         self.deadline: float | None = None      # set by the total timeout; retry reads it
+        self.total = 0.0                        # the total timeout in force, for its error message
         self.attempts = 0
         self.extra: dict[str, Any] | None = None
 
 
 class ProxyResponse:
     __slots__ = ("status", "headers", "body", "stream", "verdict", "failure", "outcome", "source",
-                 "reason", "capture", "elapsed", "target", "_release")
+                 "reason", "capture", "elapsed", "target", "settle", "_release")
 
     def __init__(self, status: int, headers: CIMultiDict | None = None, body: bytes | None = b"",
                  stream: Any = None, verdict: Verdict = Verdict.SUCCESS, failure: Failure | None = None,
@@ -78,10 +79,19 @@ class ProxyResponse:
         self.capture: Callable[[bytes], None] | None = None   # set by fallback: store the body once streamed
         self.elapsed = 0.0
         self.target: Any = None
+        self.settle: Callable[[Verdict | None], None] | None = None  # the breaker's deferred verdict
         self._release = release
+
+    def finish(self, verdict: Verdict | None) -> None:
+        """The body is done (SUCCESS), failed (FAILURE) or was abandoned (None): settle the breaker."""
+        s, self.settle = self.settle, None
+        if s is not None:
+            s(verdict)
 
     def release(self) -> None:
         """Give the upstream connection back (or drop it). Safe to call more than once."""
+        if self.settle is not None:
+            self.finish(None)
         r, self._release = self._release, None
         if r is not None:
             r()

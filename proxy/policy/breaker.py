@@ -11,6 +11,7 @@ count, and an operator can force the state. Open means no upstream I/O at all.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 
 import pybreaker
@@ -90,6 +91,7 @@ class BreakerState:
         self.forced: str | None = None        # "open" | "closed" | None (automatic)
         self.opened_at: float | None = None
         self.probes = 0
+        self.episode = 0      # half-open episodes so far: a probe's token
         self.opened_total = 0
         self.last_failure: str | None = None
         self._gauge = self._opened = None
@@ -123,45 +125,58 @@ class BreakerState:
         return self.opened_at is not None and self.clock.monotonic() >= self.opened_at + self.spec.reset_timeout
 
     # -- the call protocol ---------------------------------------------------------------------------
-    def admit(self) -> bool:
-        """May one attempt go upstream now? A True must be paired with record() or cancel()."""
+    def admit(self) -> int | None:
+        """May one attempt go upstream now? None: no. Otherwise a token for record()/cancel(): 0 for a
+        normal call, or the half-open episode number for a probe (so a stale probe frees nothing)."""
         if self.forced is not None:
-            return self.forced == "closed"
+            return 0 if self.forced == "closed" else None
         s = self.cb.current_state
         if s == CLOSED:
-            return True
+            return 0
         if s == OPEN:
             if not self._reset_due():
-                return False
+                return None
             self.cb.half_open()
         if self.probes >= self.spec.half_open_max_calls:
-            return False
+            return None
         self.probes += 1
-        return True
+        return self.episode
 
-    def _end_probe(self, was_half_open: bool) -> None:
-        if was_half_open and self.probes:
+    def cancel(self, token: int) -> None:
+        """The attempt ended without an outcome (cancelled, client gone): free its probe slot."""
+        if token and token == self.episode and self.probes:
             self.probes -= 1
 
-    def cancel(self) -> None:
-        """The attempt ended without an outcome (cancelled, shed): free its half-open slot."""
-        self._end_probe(self.cb.current_state == HALF_OPEN)
+    def settle(self, token: int, duration: float, verdict: Verdict | None) -> None:
+        """The deferred verdict of an answer whose body has finished (or failed, or was abandoned)."""
+        if verdict is None:
+            self.cancel(token)
+        else:
+            self.record(token, verdict, duration)
 
-    def record(self, verdict: Verdict, duration: float, failure: Failure | None = None) -> None:
+    def record(self, token: int, verdict: Verdict, duration: float, failure: Failure | None = None) -> None:
+        probe = bool(token)
+        if probe:
+            if token != self.episode:
+                return  # a probe from an earlier half-open episode: its verdict is stale
+            if self.probes:
+                self.probes -= 1
         if self.forced is not None:
             return
-        half_open = self.cb.current_state == HALF_OPEN
-        self._end_probe(half_open)
         if verdict is Verdict.RETRYABLE or verdict is Verdict.REJECTED:
             return  # a rate limit or our own rejection is not an outage
+        state = self.cb.current_state
         failed = verdict is Verdict.FAILURE
         slow_limit = self.spec.slow_call.duration
         slow = slow_limit is not None and duration > slow_limit
         if failed:
             self.last_failure = failure.message if failure else "failure"
-        if half_open:  # a probe decides alone
-            self._call(_fail if failed or slow else _ok)
+        if state == HALF_OPEN:
+            if probe:  # only probes decide
+                self._call(_fail if failed or slow else _ok)
             return
+        if state == OPEN:
+            return  # a call admitted before the breaker opened: it changes nothing now
         if self.window is not None:
             self.window.add(self.clock.monotonic(), failed, slow)
             if self._window_trips():
@@ -209,6 +224,9 @@ class BreakerState:
         log.warning("breaker_forced", upstream=self.upstream, track=self.track, state=self.state, previous=prev)
 
     def _on_state(self, old: str, new: str) -> None:
+        if new == HALF_OPEN:
+            self.episode += 1
+            self.probes = 0
         if new == OPEN:
             self.opened_at = self.clock.monotonic()
             self.opened_total += 1
@@ -247,7 +265,11 @@ def open_response(breaker: BreakerState) -> ProxyResponse:
 
 
 class Breaker:
-    """The policy. Reads the request's target breaker: one chain serves every track of an upstream."""
+    """The policy. Reads the request's target breaker: one chain serves every track of an upstream.
+
+    A success whose body is still to be streamed is not recorded at the headers: its verdict waits for
+    the end of the body (`resp.finish`), so a failure after the headers counts, and a half-open probe
+    holds its slot until it is really done."""
 
     __slots__ = ("clock",)
 
@@ -256,14 +278,18 @@ class Breaker:
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         br: BreakerState = req.target.breaker
-        if not br.admit():
+        token = br.admit()
+        if token is None:
             return open_response(br)
         start = self.clock.monotonic()
         try:
             resp = await call_next(req)
         except BaseException:
-            br.cancel()
+            br.cancel(token)
             raise
         resp.elapsed = elapsed = self.clock.monotonic() - start
-        br.record(resp.verdict, elapsed, resp.failure)
+        if resp.verdict is Verdict.SUCCESS and resp.stream is not None:
+            resp.settle = functools.partial(br.settle, token, elapsed)
+        else:
+            br.record(token, resp.verdict, elapsed, resp.failure)
         return resp

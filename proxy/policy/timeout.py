@@ -31,6 +31,7 @@ class TotalTimeout:
         if req.extra and "timeout" in req.extra:  # a per-request override, already capped by config
             seconds = min(seconds, req.extra["timeout"])
         req.deadline = self.clock.monotonic() + seconds
+        req.total = seconds
         try:
             async with asyncio.timeout(seconds):
                 return await call_next(req)
@@ -38,18 +39,28 @@ class TotalTimeout:
             return timeout_response("total", seconds)
 
 
-class AttemptTimeout:
-    __slots__ = ("seconds", "which")
+# An attempt ends this much before the total deadline, so that it is the attempt timeout, under the
+# breaker, that fires and counts, not the total timeout cancelling an attempt that then counts nothing.
+_INSIDE_TOTAL = 0.005
 
-    def __init__(self, seconds: float, which: str = "attempt") -> None:
-        self.seconds, self.which = seconds, which  # which: "attempt", or "first_byte" for streams
+
+class AttemptTimeout:
+    __slots__ = ("seconds", "which", "clock")
+
+    def __init__(self, seconds: float, clock: Clock, which: str = "attempt") -> None:
+        self.seconds, self.clock, self.which = seconds, clock, which  # which: attempt | first_byte
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         seconds = self.seconds
+        which = self.which
         if req.extra and "timeout" in req.extra:
             seconds = min(seconds, req.extra["timeout"])
+        if req.deadline is not None:
+            left = req.deadline - self.clock.monotonic() - _INSIDE_TOTAL
+            if left < seconds:
+                seconds, which = max(left, 0.0), "total"
         try:
             async with asyncio.timeout(seconds):
                 return await call_next(req)
         except TimeoutError:
-            return timeout_response(self.which, seconds)
+            return timeout_response(which, self.seconds if which != "total" else req.total)

@@ -46,6 +46,9 @@ def failure_response(exc: BaseException, pool, target_name: str) -> ProxyRespons
     elif isinstance(exc, BodyTooLarge):
         f = Failure("bad_request", Reason.UPSTREAM_ERROR, 413, "request_too_large", str(exc))
         return ProxyResponse(413, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
+    elif isinstance(exc, ValueError):  # a request aiohttp cannot send (e.g. an invalid target): the client's fault
+        f = Failure("bad_request", Reason.UPSTREAM_ERROR, 400, "bad_request", f"request cannot be forwarded: {exc}")
+        return ProxyResponse(400, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
     else:
         f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_error",
                     f"invalid answer from {where}: {type(exc).__name__}")
@@ -75,6 +78,8 @@ class HttpTerminal:
         except BaseException as exc:
             pool.done(gen)
             pool.release()
+            if getattr(req.body, "too_large", False):
+                exc = BodyTooLarge(f"request body exceeds max_request_body ({req.body.limit} bytes)")
             if isinstance(exc, aiohttp.ClientError | BodyTooLarge | OSError | ValueError):
                 return failure_response(exc, pool, target.name)
             raise

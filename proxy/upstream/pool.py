@@ -129,6 +129,8 @@ class HttpPool:
             async with asyncio.timeout(self.pending_timeout):
                 await fut
         except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return  # handed a slot in the same tick the wait expired: keep it
             raise Overloaded(f"no connection free within pending_timeout ({self.pending_timeout:g}s)") from None
         except BaseException:
             if fut.done() and not fut.cancelled():

@@ -74,7 +74,7 @@ def make_chain(outcomes, clock=None, retry=None, breaker=None, fallback=None, in
         Retry(rspec, budget, clock, metrics, rand=lambda: 0.5),
         Breaker(clock),
         Classify(status_matcher(bspec.failure_statuses)),
-        AttemptTimeout(10),
+        AttemptTimeout(10, clock),
     ], script)
     return chain, script, clock, br, budget, cache
 
