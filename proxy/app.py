@@ -51,21 +51,31 @@ class ProxyApp:
         self._admin_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
+        self._failed_digest: str | None = None  # a broken config is reported once, not every poll
+        self._admin_site: web.TCPSite | None = None
+
+    def _secrets_of(self, loaded: Loaded) -> frozenset[str]:
+        # Old and new values both: a log line about the switch may still carry the rotated-out one.
+        old = self.runtime.loaded.sensitive if self.runtime is not None else frozenset()
+        return loaded.sensitive | old
 
     # -- start / stop ----------------------------------------------------------------------------------
     async def start(self, loaded: Loaded) -> None:
         log.set_secrets(loaded.sensitive)
-        runtime = Runtime(loaded, self.store, self.clock)
-        await self._bind(runtime)
+        try:
+            runtime = Runtime(loaded, self.store, self.clock)
+            await self._bind(runtime)
+        except BaseException:
+            self.store.abort()
+            raise
         self._swap(runtime)
-        admin_host, admin_port = parse_listen(loaded.settings.admin.listen)
         self._admin_runner = web.AppRunner(Admin(self).routes(), access_log=None, handle_signals=False)
         await self._admin_runner.setup()
         try:
-            await web.TCPSite(self._admin_runner, admin_host, admin_port, reuse_address=True).start()
-        except OSError as exc:
+            await self._bind_admin(loaded.settings.admin.listen)
+        except StartupError:
             await self.close()
-            raise StartupError(f"admin.listen {admin_host}:{admin_port}: {exc.strerror or exc}") from None
+            raise
         self.started = True
         self._spawn(self._watch())
         log.info("started", upstreams=sorted(runtime.upstreams), admin=loaded.settings.admin.listen,
@@ -76,11 +86,26 @@ class ProxyApp:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
+    async def _bind_admin(self, listen: str) -> None:
+        host, port = parse_listen(listen)
+        site = web.TCPSite(self._admin_runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"admin.listen {host}:{port}: {exc.strerror or exc}") from None
+        old, self._admin_site = getattr(self, "_admin_site", None), site
+        if old is not None:
+            await old.stop()
+
     def _swap(self, runtime: Runtime) -> None:
+        """The one assignment that switches every new request to the new config."""
         old = self.runtime
-        closing = self.store.prune()  # state the new runtime did not ask for
+        closing = self.store.commit()  # staged state goes live; what the new runtime dropped goes
+        for up in runtime.upstreams.values():
+            up.metrics.activate()
         self.runtime = runtime
         self.access_log = runtime.settings.log.access
+        log.set_level(runtime.settings.log.level)
         self.metrics.set_config_hash(runtime.digest)
         if old is not None:
             self._spawn(self._close_after_drain(closing))
@@ -104,7 +129,12 @@ class ProxyApp:
                 if current is not None and current.key == key:
                     continue
                 host, port = parse_listen(up.spec.listen)
-                max_field = max(8190, up.spec.limits.max_header_bytes + 1024)
+                for other_name, other in list(self._bound.items()):
+                    # the same address, held by a listener this runtime replaces: hand it over
+                    if other.key[0] == up.spec.listen and (other_name != name or other.key != key):
+                        other.server.close()
+                # Parser limits well above max_header_bytes, so an oversized header gets our JSON 431.
+                max_field = max(65536, 4 * up.spec.limits.max_header_bytes)
                 listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
                 ws = web.Server(listener.handle, access_log=None,
                                 max_line_size=max_field, max_field_size=max_field, handler_cancellation=True)
@@ -143,17 +173,23 @@ class ProxyApp:
 
     # -- reload ----------------------------------------------------------------------------------------
     async def reload(self, reason: str) -> tuple[bool, str]:
+        """Build → validate → bind → swap. Anything failing leaves the running config serving."""
+        attempted = digest(self.config_path, self.runtime.loaded.files)
         try:
             loaded = load(self.config_path)
             runtime = Runtime(loaded, self.store, self.clock)
             await self._bind(runtime)
+            if loaded.settings.admin.listen != self.runtime.settings.admin.listen:
+                await self._bind_admin(loaded.settings.admin.listen)
         except (ConfigError, StartupError) as exc:
+            self.store.abort()
             errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
             self.last_reload_error = errors
+            self._failed_digest = attempted
             self.metrics.reloads.labels("failure").inc()
-            log.error("reload_failed", reason=reason, errors=errors)
+            log.error("reload_failed", reason=reason, errors=errors, kept_config_hash=self.runtime.digest)
             return False, "; ".join(errors)
-        log.set_secrets(loaded.sensitive)
+        log.set_secrets(self._secrets_of(loaded))
         self._swap(runtime)
         self.last_reload_error = None
         self.metrics.reloads.labels("success").inc()
@@ -169,7 +205,7 @@ class ProxyApp:
                 current = digest(self.config_path, self.runtime.loaded.files)
             except Exception:  # never let the watcher die
                 continue
-            if current != self.runtime.digest:
+            if current != self.runtime.digest and current != self._failed_digest:
                 await self.reload("file_changed")
 
     # -- shutdown --------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class Admin:
                 "version": __version__, "uptime_seconds": round(time.monotonic() - self.started, 1),
                 "config_hash": self.app.runtime.digest}
         if self.app.last_reload_error:
-            body["last_reload_error"] = self.app.last_reload_error
+            body["last_reload_failed"] = True  # details (which may quote values) only under /admin/config
         return web.json_response(body, status=200 if ok else 503)
 
     # -- /admin ----------------------------------------------------------------------------------------

@@ -62,25 +62,38 @@ class Refused(Exception):
 
 class StreamedBody:
     """A request body forwarded as it arrives (too large to keep for a replay). Each read is bounded by
-    the idle timeout; going over max_request_body stops it and marks it, so the terminal answers 413."""
+    the idle timeout. When the client is at fault (over max_request_body, stalled, gone) the body says
+    so in `client_error`, and the terminal answers 413/408 instead of blaming the upstream."""
 
     def __init__(self, prefix: list[bytes], content, limit: int | None, idle: float, seen: int) -> None:
         self.prefix, self.content, self.limit, self.idle, self.seen = prefix, content, limit, idle, seen
-        self.too_large = False
+        self.client_error: tuple[int, str, str] | None = None
+        self.done = False
 
     async def __aiter__(self):
         for chunk in self.prefix:
             yield chunk
         content, limit = self.content, self.limit
         while True:
-            async with asyncio.timeout(self.idle):
-                chunk = await content.readany()
+            try:
+                async with asyncio.timeout(self.idle):
+                    chunk = await content.readany()
+            except TimeoutError:
+                self.client_error = (408, "request_timeout", "the request body stalled past the idle timeout")
+                raise
+            except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.IncompleteReadError):
+                self.client_error = (400, "client_closed", "the client closed the connection mid-body")
+                raise
             if not chunk:
+                if content.exception() is not None or not content.is_eof():
+                    self.client_error = (400, "client_closed", "the client closed the connection mid-body")
+                    raise ConnectionResetError("client went away")
+                self.done = True
                 return
             self.seen += len(chunk)
             if limit is not None and self.seen > limit:
-                self.too_large = True
-                raise BodyTooLarge(f"request body exceeds max_request_body ({limit} bytes)")
+                self.client_error = (413, "request_too_large", f"request body exceeds max_request_body ({limit} bytes)")
+                raise BodyTooLarge(self.client_error[2])
             yield chunk
 
 
@@ -252,7 +265,7 @@ class HttpListener:
         headers = {}
         if f.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(f.retry_after)))
-        if resp.reason is not None:
+        if resp.reason is not None and f.kind != "bad_request":
             headers["X-Fallback-Reason"] = resp.reason.value
         if f.error_type in _NETWORK_ERRORS:
             log.warning("upstream_failed", upstream=self.name, track=preq.target.name, request_id=preq.request_id,

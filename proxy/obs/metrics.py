@@ -46,10 +46,17 @@ class PerSeriesHistogram(Collector):
             registry.register(self)
 
     def labels(self, *values: str, buckets: tuple[float, ...]) -> _Histogram:
+        """The series for these labels. With other buckets than the live one, a new series is returned
+        detached; `install` makes it live (at the swap of a reload), so a failed build changes nothing."""
         h = self._series.get(values)
-        if h is None or h.bounds != tuple(buckets):
+        if h is None:
             h = self._series[values] = _Histogram(tuple(buckets))
+        elif h.bounds != tuple(buckets):
+            h = _Histogram(tuple(buckets))
         return h
+
+    def install(self, values: tuple[str, ...], h: _Histogram) -> None:
+        self._series[values] = h
 
     def remove(self, *values: str) -> None:
         self._series.pop(values, None)
@@ -149,6 +156,13 @@ class UpstreamMetrics:
         self._models: frozenset[str] = frozenset()
         self._first_byte: dict[str, _Histogram] = {}
         self._tokens: dict[tuple[str, str], object] = {}
+
+    def activate(self) -> None:
+        """This upstream's build went live: its histogram series replace the previous ones."""
+        for track, h in self._dur.items():
+            self.m.duration.install((self.name, track), h)
+        for model, h in self._first_byte.items():
+            self.m.llm_first_byte.install((self.name, model), h)
 
     def llm_models(self, models: Iterable[str]) -> None:
         """Models that get their own label value; created at build time with `other`."""

@@ -98,7 +98,11 @@ class BreakerState:
         if metrics is not None:
             self._gauge = metrics.breaker_state.labels(upstream, track)
             self._opened = metrics.breaker_opened.labels(upstream, track)
-            self._gauge.set(0)
+
+    def activate(self) -> None:
+        """Made live by a config load: the gauge now speaks for this breaker."""
+        if self._gauge is not None:
+            self._gauge.set(GAUGE[self.state])
 
     # -- reading -------------------------------------------------------------------------------------
     @property

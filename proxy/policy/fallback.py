@@ -55,6 +55,7 @@ class FallbackCache:
         self.cache = _Cache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic)
         self.episode: str | None = None   # the reason of the fallback episode in progress, for logs
         self.served_in_episode = 0
+        self.group: list[FallbackCache] = [self]  # every cache of this upstream, set at commit
 
     def __len__(self) -> int:
         self.cache.expire()
@@ -65,8 +66,8 @@ class FallbackCache:
         return self.cache.currsize
 
     def _gauges(self) -> None:
-        self.metrics.cache_entries.set(len(self.cache))
-        self.metrics.cache_bytes.set(self.cache.currsize)
+        self.metrics.cache_entries.set(sum(len(c.cache) for c in self.group))
+        self.metrics.cache_bytes.set(sum(c.cache.currsize for c in self.group))
 
     def store(self, key: bytes, status: int, headers, body: bytes) -> None:
         if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:

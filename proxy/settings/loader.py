@@ -27,7 +27,7 @@ from proxy.settings.spec import (
 DEFAULT_PATH = "/etc/resilience-proxy/config.yaml"
 _REF = re.compile(r"\$\{(env|file):([^}]+)\}")
 # Header names whose literal values are credentials: shown redacted in /admin/config.
-SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
+_SENSITIVE = re.compile(r"auth|token|key|secret|passw|cookie|session|signature|credential", re.I)
 
 
 class Settings(BaseSettings):
@@ -163,9 +163,9 @@ def load(path: str, *, strict_refs: bool = True) -> Loaded:
     try:
         settings = Settings(**resolved)
     except ValidationError as exc:
-        raise ConfigError(_messages(exc) + (ref_errors if strict_refs else [])) from None
+        raise ConfigError(_scrub(_messages(exc), frozenset(secrets)) + (ref_errors if strict_refs else [])) from None
     except ValueError as exc:  # pydantic-settings raises plain errors for unparsable env values
-        raise ConfigError([f"<env>: {exc}"]) from None
+        raise ConfigError(_scrub([f"<env>: {exc}"], frozenset(secrets))) from None
     return Loaded(settings, raw, tuple(ref_errors), tuple(sorted(files)), digest(path, files), frozenset(secrets))
 
 
@@ -192,7 +192,7 @@ def redacted(loaded: Loaded) -> dict[str, Any]:
             template = raw_headers.get(key)
             if isinstance(template, str) and "${" in template:
                 up["request_headers"][key] = template  # the reference, not its value
-            elif key.lower() in SENSITIVE_HEADERS:
+            elif _SENSITIVE.search(key):
                 up["request_headers"][key] = "<redacted>"
         for t in up.get("targets", []):
             t["url"] = redact_url(t["url"])
@@ -200,11 +200,15 @@ def redacted(loaded: Loaded) -> dict[str, Any]:
 
 
 def redact_url(url: str) -> str:
+    """User info and query values out of a URL (either may carry a credential)."""
     scheme, sep, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
     if "@" in netloc:
         netloc = "<redacted>@" + netloc.rpartition("@")[2]
-    return f"{scheme}{sep}{netloc}{slash}{path}"
+    path, q, query = path.partition("?")
+    if q:
+        query = "&".join(f"{p.partition('=')[0]}=<redacted>" if "=" in p else p for p in query.split("&"))
+    return f"{scheme}{sep}{netloc}{slash}{path}{q}{query}"
 
 
 def _scrub(node: Any, secrets: frozenset[str]) -> Any:

@@ -6,6 +6,8 @@ connect or read timeout → 504, no connection slot → 503 shed), so the polici
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from yarl import URL
 
@@ -21,6 +23,12 @@ class BodyTooLarge(Exception):
 def shed_response(message: str) -> ProxyResponse:
     f = Failure("overloaded", Reason.OVERLOADED, 503, "overloaded", message, retry_after=1.0)
     return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="shed", body=None)
+
+
+def client_fault(status: int, error_type: str, message: str) -> ProxyResponse:
+    """The client broke its own request (body too large, stalled, gone): not the upstream's failure."""
+    f = Failure("bad_request", Reason.UPSTREAM_ERROR, status, error_type, message)
+    return ProxyResponse(status, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
 
 
 def failure_response(exc: BaseException, pool, target_name: str) -> ProxyResponse:
@@ -43,9 +51,6 @@ def failure_response(exc: BaseException, pool, target_name: str) -> ProxyRespons
     elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
         f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
                     f"{where} closed or reset the connection before answering")
-    elif isinstance(exc, BodyTooLarge):
-        f = Failure("bad_request", Reason.UPSTREAM_ERROR, 413, "request_too_large", str(exc))
-        return ProxyResponse(413, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
     elif isinstance(exc, ValueError):  # a request aiohttp cannot send (e.g. an invalid target): the client's fault
         f = Failure("bad_request", Reason.UPSTREAM_ERROR, 400, "bad_request", f"request cannot be forwarded: {exc}")
         return ProxyResponse(400, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
@@ -78,9 +83,14 @@ class HttpTerminal:
         except BaseException as exc:
             pool.done(gen)
             pool.release()
-            if getattr(req.body, "too_large", False):
-                exc = BodyTooLarge(f"request body exceeds max_request_body ({req.body.limit} bytes)")
-            if isinstance(exc, aiohttp.ClientError | BodyTooLarge | OSError | ValueError):
+            client_error = getattr(req.body, "client_error", None)
+            if (client_error is None and isinstance(exc, TimeoutError) and req.body is not None
+                    and not getattr(req.body, "done", True)):
+                # aiohttp's read timer ran out while the app was still (not) sending its body
+                client_error = (408, "request_timeout", "the request body stalled past the idle timeout")
+            if client_error is not None and not isinstance(exc, asyncio.CancelledError):
+                return client_fault(*client_error)
+            if isinstance(exc, aiohttp.ClientError | OSError | ValueError):
                 return failure_response(exc, pool, target.name)
             raise
 

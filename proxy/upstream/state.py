@@ -45,60 +45,80 @@ class Counters:
 
 
 class StateStore:
+    """Builds are side-effect free: state a build creates is staged, and only `commit()` (at the swap)
+    makes it live, updates gauges and budgets, and prunes what the new runtime no longer uses. A
+    failed reload calls `abort()` and the running process is exactly as it was."""
+
     def __init__(self, clock: Clock, metrics) -> None:
         self.clock, self.metrics = clock, metrics
-        self.breakers: dict[tuple, BreakerState] = {}
-        self.pools: dict[tuple, Any] = {}
-        self.caches: dict[tuple, FallbackCache] = {}
-        self.counters: dict[str, Counters] = {}
+        self.live: dict[tuple, Any] = {}          # breakers, pools, caches, counters by key
+        self._staged: dict[tuple, Any] = {}
         self._used: set[tuple] = set()
+        self._budgets: list[tuple[RetryBudget, float, int]] = []
+        self._cache_groups: dict[str, list[FallbackCache]] = {}
 
     def begin(self) -> None:
-        self._used = set()
+        self._used, self._staged, self._budgets = set(), {}, []
+
+    def _get(self, key: tuple, make):
+        self._used.add(key)
+        obj = self.live.get(key)
+        if obj is None:
+            obj = self._staged.get(key)
+            if obj is None:
+                obj = self._staged[key] = make()
+        return obj
 
     def breaker(self, upstream: str, up: UpstreamSpec, target: TargetSpec) -> BreakerState:
         key = ("breaker", upstream, target.name, target.url, _k(up.breaker))
-        self._used.add(key)
-        b = self.breakers.get(key)
-        if b is None:
-            b = self.breakers[key] = BreakerState(upstream, target.name, up.breaker, self.clock, self.metrics)
-        return b
+        return self._get(key, lambda: BreakerState(upstream, target.name, up.breaker, self.clock, self.metrics))
 
     def http_pool(self, up: UpstreamSpec, target: TargetSpec) -> HttpPool:
         key = ("pool", target.url, _k(target.tls), _k(up.pool), up.timeouts.connect, up.timeouts.idle,
                up.limits.max_pending, up.limits.pending_timeout)
-        self._used.add(key)
-        p = self.pools.get(key)
-        if p is None:
-            p = self.pools[key] = HttpPool(target, up.pool, up.timeouts, up.limits, self.clock)
-        return p
+        return self._get(key, lambda: HttpPool(target, up.pool, up.timeouts, up.limits, self.clock))
 
     def cache(self, upstream: str, spec, upstream_metrics) -> FallbackCache:
         key = ("cache", upstream, _k(spec))
-        self._used.add(key)
-        c = self.caches.get(key)
-        if c is None:
-            c = self.caches[key] = FallbackCache(upstream, spec, self.clock, upstream_metrics)
-        return c
+        return self._get(key, lambda: FallbackCache(upstream, spec, self.clock, upstream_metrics))
 
     def counters_for(self, upstream: str, up: UpstreamSpec) -> Counters:
-        c = self.counters.get(upstream)
-        if c is None:
-            c = self.counters[upstream] = Counters(RetryBudget(up.retry.budget_ratio, up.retry.budget_min))
-        else:
-            c.budget.ratio, c.budget.minimum = up.retry.budget_ratio, up.retry.budget_min
+        c = self._get(("counters", upstream),
+                      lambda: Counters(RetryBudget(up.retry.budget_ratio, up.retry.budget_min)))
+        self._budgets.append((c.budget, up.retry.budget_ratio, up.retry.budget_min))
         return c
 
-    def prune(self) -> list:
-        """Drop state the latest build did not ask for; returns pools to close once drained."""
+    def commit(self) -> list:
+        """Make the latest build's state live; returns the pools it dropped, to close once drained."""
+        self.live.update(self._staged)
+        for budget, ratio, minimum in self._budgets:
+            budget.ratio, budget.minimum = ratio, minimum
         closing = []
-        for store in (self.breakers, self.caches):
-            for key in [k for k in store if k not in self._used]:
-                del store[key]
-        for key in [k for k in self.pools if k not in self._used]:
-            closing.append(self.pools.pop(key))
+        for key in [k for k in self.live if k not in self._used]:
+            obj = self.live.pop(key)
+            if key[0] == "pool":
+                closing.append(obj)
+        groups: dict[str, list[FallbackCache]] = {}
+        for key, obj in self.live.items():
+            if key[0] == "cache":
+                groups.setdefault(key[1], []).append(obj)
+        for name, group in groups.items():
+            for c in group:
+                c.group = group  # the cache gauges sum over an upstream's caches (one per route spec)
+        for obj in self._staged.values():
+            if isinstance(obj, BreakerState):
+                obj.activate()
+        self._staged = {}
         return closing
 
+    def abort(self) -> None:
+        self._staged, self._budgets = {}, []
+
+    @property
+    def pools(self) -> list:
+        return [v for k, v in self.live.items() if k[0] == "pool"]
+
     async def close(self) -> None:
-        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
-        self.pools.clear()
+        await asyncio.gather(*(p.close() for p in self.pools), return_exceptions=True)
+        for k in [k for k in self.live if k[0] == "pool"]:
+            del self.live[k]

@@ -142,6 +142,22 @@ async def test_port_in_use_exits_3_naming_the_address(slow_upstream, tmp_path):
     assert f"127.0.0.1:{port}" in proc.stderr.read().decode()
 
 
+async def test_admin_port_in_use_exits_3(slow_upstream, tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    name, cfg = upstream_config(slow_upstream)
+    cfg["admin"]["listen"] = f"127.0.0.1:{busy.getsockname()[1]}"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = spawn(str(path))
+    rc = await asyncio.to_thread(proc.wait, 15)
+    busy.close()
+    assert rc == 3 and "admin.listen" in proc.stderr.read().decode()
+
+
 async def test_invalid_config_exits_1_with_paths(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("upstreams:\n  db:\n    listen: 127.0.0.1:1\n    targets: []\n")
@@ -188,13 +204,26 @@ async def test_secret_file_rotation_is_picked_up_and_never_logged(tmp_path, aioh
                 await asyncio.sleep(0.1)
             async with s.get(f"http://{cfg['admin']['listen']}/admin/config") as r:
                 shown = await r.text()
+            # a broken config that would quote the secret in its error message
+            bad = yaml.safe_load(yaml.safe_dump(cfg))
+            bad["upstreams"][name]["targets"][0]["url"] = f"${{file:{secret_dir / 'key'}}}"
+            path.write_text(yaml.safe_dump(bad))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                async with s.get(f"http://{cfg['admin']['listen']}/health") as r:
+                    if (await r.json()).get("last_reload_failed"):
+                        break
+                await asyncio.sleep(0.1)
+            async with s.get(f"http://{cfg['admin']['listen']}/admin/config") as r:
+                shown += await r.text()
         assert seen[0] == "Bearer sk-first-secret" and seen[-1] == "Bearer sk-second-secret"
         assert "sk-first" not in shown and "sk-second" not in shown
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.to_thread(proc.wait, 5)
     logs = proc.stdout.read().decode() + proc.stderr.read().decode()
-    assert '"event":"reloaded"' in logs
+    assert '"event":"reloaded"' in logs and '"event":"reload_failed"' in logs
+    assert logs.count('"event":"reload_failed"') == 1  # reported once, not on every poll
     assert "sk-first-secret" not in logs and "sk-second-secret" not in logs
 
 

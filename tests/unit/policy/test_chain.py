@@ -3,6 +3,8 @@ attempts, sleeps and breaker states. Time is a ManualClock: nothing here sleeps.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from multidict import CIMultiDict
 
@@ -192,13 +194,15 @@ async def test_fallback_never_serves_instead_of_calling():
 
 
 async def test_private_requests_neither_stored_nor_served():
-    chain, script, clock, br, *_ = make_chain(["ok", 503, 503], retry={"attempts": 1}, breaker={"fail_max": 100})
+    chain, script, clock, br, *_ = make_chain(["ok", 503, "ok", 503], retry={"attempts": 1}, breaker={"fail_max": 100})
     await chain(request(br, headers={"Authorization": "Bearer user-a"}))
     resp = await chain(request(br))
     assert resp.status == 503  # nothing stored from the private request
-    await chain(request(br))
+    await chain(request(br))  # a public answer is stored now
     resp = await chain(request(br, headers={"Cookie": "s=1"}))
-    assert "X-Fallback" not in (resp.headers or {})
+    assert resp.status == 503 and script.calls == 4  # ... but never served to a request with a Cookie
+    script.outcomes = [503]
+    assert (await chain(request(br))).headers["X-Fallback"] == "cache"  # the public request still gets it
 
 
 async def test_vary_puts_authorization_in_the_key():
@@ -214,3 +218,71 @@ async def test_shed_when_over_max_in_flight():
     resp = await chain(request(br))
     assert resp.status == 503 and resp.outcome == "shed" and resp.reason is Reason.OVERLOADED
     assert script.calls == 0
+
+
+def test_retry_after_forms():
+    from proxy.policy.retry import parse_ratelimit_reset, parse_retry_after
+
+    assert parse_retry_after("7") == 7
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now_wall=1445412480.0) == 10
+    assert parse_retry_after("soon") is None and parse_retry_after("") is None
+    assert parse_ratelimit_reset("1700000005000", now_wall=1700000000.0) == 5  # epoch ms (OpenRouter)
+    assert parse_ratelimit_reset("1700000003", now_wall=1700000000.0) == 3    # epoch s
+    assert parse_ratelimit_reset("2") == 2                                       # seconds
+
+
+def test_cache_bounded_by_bytes_and_entries():
+    from proxy.policy.fallback import FallbackCache
+
+    clock = ManualClock()
+    metrics = UpstreamMetrics("bounded", ["stable"], (1.0,))
+    cache = FallbackCache("bounded", FallbackSpec(cache_entries=3, cache_bytes=1000), clock, metrics)
+    for i in range(5):
+        cache.store(bytes([i]), 200, CIMultiDict(), b"x" * 100)
+    assert len(cache) == 3 and cache.get(bytes([0])) is None and cache.get(bytes([4])) is not None
+    cache.store(b"big", 200, CIMultiDict(), b"y" * 600)
+    assert cache.bytes <= 1000 and cache.get(b"big") is not None
+    cache.store(b"huge", 200, CIMultiDict(), b"z" * 5000)  # larger than the whole cache: not stored
+    assert cache.get(b"huge") is None and cache.get(b"big") is not None
+    clock.advance(3601)
+    assert len(cache) == 0  # past stale_ttl
+
+
+def test_pick_follows_weights_and_avoids_open_tracks():
+    from proxy.runtime import UpstreamRuntime
+    from proxy.settings.spec import UpstreamSpec
+    from proxy.upstream.state import StateStore
+
+    spec = UpstreamSpec(listen="127.0.0.1:1", targets=[{"name": "stable", "url": "http://a", "weight": 80},
+                                                      {"name": "canary", "url": "http://b", "weight": 20}])
+    store = StateStore(ManualClock(), None)
+    store.begin()
+    up = UpstreamRuntime(f"pick{next(_n)}", spec, store, ManualClock())
+    draws = [i / 1000 for i in range(1000)]
+    picks = [up.pick(rand=lambda d=d: d).name for d in draws]
+    assert picks.count("canary") == 200 and picks.count("stable") == 800
+    up.by_name["canary"].breaker.force("open")
+    assert {up.pick(rand=lambda d=d: d).name for d in draws} == {"stable"}
+    up.by_name["stable"].breaker.force("open")  # both open: the choice stands (the breaker answers)
+    assert up.pick(rand=lambda: 0.95).name == "canary"
+
+
+async def test_pool_retires_connections_after_max_lifetime():
+    from proxy.settings.spec import LimitsSpec, PoolSpec, TargetSpec, TimeoutsSpec
+    from proxy.upstream.pool import HttpPool
+
+    clock = ManualClock()
+    pool = HttpPool(TargetSpec(name="t", url="http://127.0.0.1:1"), PoolSpec(max_lifetime=60), TimeoutsSpec(),
+                    LimitsSpec(), clock)
+    g1 = pool.session()
+    clock.advance(30)
+    assert pool.session() is g1
+    pool.done(g1)
+    clock.advance(31)
+    g2 = pool.session()
+    assert g2 is not g1 and g1.retired and not g1.session.closed  # still one user on the old one
+    pool.done(g1)
+    await asyncio.sleep(0.01)
+    assert g1.session.closed  # closed once its last response was released
+    pool.done(g2)
+    await pool.close()

@@ -1,0 +1,75 @@
+"""Hot reload: build → validate → swap; a bad config changes nothing; state survives when its spec did."""
+
+from __future__ import annotations
+
+import aiohttp
+import yaml
+
+from tests.conftest import free_port, metric, upstream_config
+
+
+async def reload_with(p, cfg) -> tuple[int, dict]:
+    with open(p.app.config_path, "w") as f:
+        f.write(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.admin + "/admin/reload", headers={"Authorization": "Bearer tok-reload"}) as r:
+            return r.status, await r.json()
+
+
+async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, tmp_path):
+    token = tmp_path / "t"
+    token.write_text("tok-reload")
+    name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
+    cfg["admin"]["token_file"] = str(token)
+    p = await start_proxy(cfg)
+    p.upstream.targets[0].breaker.force("open")
+    assert metric("circuit_breaker_state", name=name, track="stable") == 3
+    before = p.app.runtime
+    bad = yaml.safe_load(yaml.safe_dump(cfg))
+    bad["upstreams"][name]["breaker"]["fail_max"] = 7  # a new breaker would be built for this spec ...
+    bad["upstreams"][name]["retry"]["budget_ratio"] = 0.9
+    bad["upstreams"][name]["timeouts"] = {"connect": "forever"}  # ... but the config is invalid
+    status, body = await reload_with(p, bad)
+    assert status == 422 and "upstreams." + name + ".timeouts.connect" in body["message"]
+    assert p.app.runtime is before
+    assert metric("circuit_breaker_state", name=name, track="stable") == 3  # the live gauge untouched
+    assert p.upstream.counters.budget.ratio == 0.2
+    assert metric("config_reload_total", result="failure") >= 1
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/x") as r:
+            assert r.status == 503  # still the old config, breaker still forced open
+        async with s.get(p.admin + "/health") as r:
+            h = await r.json()
+            assert h["last_reload_failed"] is True and "last_reload_error" not in h
+
+
+async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(upstream, start_proxy, tmp_path):
+    token = tmp_path / "t"
+    token.write_text("tok-reload")
+    name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
+    cfg["admin"]["token_file"] = str(token)
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/warm") as r:
+            assert r.status == 200
+    breaker = p.upstream.targets[0].breaker
+    breaker.force("open")
+    old_url = p.url
+    moved = yaml.safe_load(yaml.safe_dump(cfg))
+    moved["upstreams"][name]["listen"] = f"127.0.0.1:{free_port()}"
+    moved["upstreams"][name]["request_headers"] = {"X-Reloaded": "yes"}
+    status, body = await reload_with(p, moved)
+    assert status == 200 and body["reloaded"] is True
+    assert p.upstream.targets[0].breaker is breaker  # same spec: same breaker, still open
+    async with aiohttp.ClientSession() as s:
+        breaker.force("auto")
+        async with s.get(p.url + "/after") as r:
+            assert r.status == 200
+        assert upstream.requests[-1]["headers"]["X-Reloaded"] == "yes"
+        try:
+            async with s.get(old_url + "/old") as r:
+                closed = False
+        except aiohttp.ClientConnectionError:
+            closed = True
+        assert closed, "the old listener must stop accepting"
+    assert metric("config_reload_total", result="success") >= 1
