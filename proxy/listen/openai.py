@@ -26,6 +26,14 @@ from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
 
 CACHE_MODES = ("no-store", "only-if-cached")
+_MAX_PENDING = 1 << 20  # an "event" that never ends is forwarded anyway past this size
+
+
+def _last_boundary(buf: bytes) -> int:
+    """End of the last complete SSE event in `buf` (0 if none), so a cut stream never leaves a
+    half event in front of the error event."""
+    return max(buf.rfind(b"\n\n") + 2 if b"\n\n" in buf else 0,
+               buf.rfind(b"\r\n\r\n") + 4 if b"\r\n\r\n" in buf else 0)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error"}
@@ -154,13 +162,21 @@ class OpenAIListener(HttpListener):
         asm = sse.Assembler()
         chunk = extra.pop("first_chunk", b"")
         sent = 0
+        pending = b""  # the tail of an event still arriving: only whole events are forwarded
         try:
             while chunk:
-                await sr.write(chunk)
-                sent += len(chunk)
                 for data in parser.feed(chunk):
                     asm.add(data)
+                pending += chunk
+                cut = _last_boundary(pending)
+                if cut or len(pending) > _MAX_PENDING:
+                    cut = cut or len(pending)
+                    await sr.write(pending[:cut])
+                    sent += cut
+                    pending = pending[cut:]
                 chunk = await resp.stream.content.readany()
+            if pending:
+                await sr.write(pending)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError):
                 raise  # the app went away

@@ -1,0 +1,104 @@
+"""SSE codec, sans-IO: framing under any chunking, assembly of streamed chunks, replay round-trips."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.llm import sse
+from proxy.llm.policy import cache_key
+
+
+def chunks_of(text: str, n: int, tool: bool = False) -> bytes:
+    out = b""
+    pieces = [text[i:i + n] for i in range(0, len(text), n)]
+    for i, p in enumerate(pieces):
+        delta = {"role": "assistant", "content": p} if i == 0 else {"content": p}
+        out += sse.event({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+    if tool:
+        for part in ('{"ci', 'ty": "Paris"}'):
+            out += sse.event({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                              "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                                              "function": {"name": "weather", "arguments": part}}]},
+                                           "finish_reason": None}]})
+    out += sse.event({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                      "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if tool else "stop"}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    return out + sse.DONE
+
+
+def assemble(stream: bytes, cuts: list[int]) -> sse.Assembler:
+    parser, asm = sse.SSEParser(), sse.Assembler()
+    prev = 0
+    for c in sorted(set(cuts)) + [len(stream)]:
+        for data in parser.feed(stream[prev:c]):
+            asm.add(data)
+        prev = c
+    return asm
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=1, max_size=200), size=st.integers(1, 20), cuts=st.lists(st.integers(0, 4000), max_size=30),
+       tool=st.booleans())
+def test_assembly_is_independent_of_chunking(text, size, cuts, tool):
+    stream = chunks_of(text, size, tool)
+    asm = assemble(stream, [c % (len(stream) + 1) for c in cuts])
+    assert asm.complete
+    done = asm.completion()
+    msg = done["choices"][0]["message"]
+    assert msg["content"] == text
+    assert done["usage"]["total_tokens"] == 7
+    if tool:
+        assert msg["tool_calls"] == [{"id": "call_1", "type": "function",
+                                      "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]
+        assert done["choices"][0]["finish_reason"] == "tool_calls"
+    # replaying the completion and assembling it again gives the same completion
+    again = assemble(b"".join(sse.replay(done, {"fallback": True})), [])
+    assert again.completion() == done
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_parser_never_raises_on_garbage(data):
+    parser, asm = sse.SSEParser(max_event=512), sse.Assembler()
+    for d in parser.feed(data):
+        asm.add(d)
+    assert isinstance(asm.complete, bool)
+
+
+def test_crlf_events_and_multiline_data():
+    parser = sse.SSEParser()
+    assert parser.feed(b"data: a\r\ndata: b\r\n\r\n: comment\n\nevent: x\ndata: c\n\n") == ["a\nb", "c"]
+
+
+def test_truncated_or_error_streams_are_not_complete():
+    stream = chunks_of("hello", 2)
+    assert not assemble(stream[: len(stream) - 20], []).complete
+    asm = assemble(stream[:40] + sse.event({"error": {"message": "x"}}) + sse.DONE, [])
+    assert not asm.complete
+
+
+def test_cache_key_canonical_and_field_selected():
+    fields = ("model", "messages", "temperature")
+    a = cache_key("/api/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                               "temperature": 0.2, "stream": True, "user": "u1"}, fields)
+    b = cache_key("/api/v1/chat/completions", {"temperature": 0.2, "user": "u2",
+                                               "messages": [{"content": "hi", "role": "user"}], "model": "m"}, fields)
+    c = cache_key("/api/v1/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                          "temperature": 0.2}, fields)
+    d = cache_key("/api/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                               "temperature": 0.3}, fields)
+    assert a == b and a != c and a != d and len(a) == 32
+
+
+def test_replay_text_completion():
+    done = {"id": "t", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": "abc" * 50, "finish_reason": "length"}]}
+    events = sse.replay(done)
+    assert events[-1] == sse.DONE
+    again = assemble(b"".join(events), [])
+    assert again.completion()["choices"][0]["text"] == "abc" * 50
+    assert json.loads(events[0][6:])["object"] == "text_completion"
