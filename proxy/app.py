@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
 from proxy.listen.openai import OpenAIListener
+from proxy.redis.listener import RedisClientProtocol
 from proxy.obs import log
 from proxy.obs.metrics import METRICS, Metrics
 from proxy.runtime import Runtime
@@ -135,11 +137,15 @@ class ProxyApp:
                         other.server.close()
                 # Parser limits well above max_header_bytes, so an oversized header gets our JSON 431.
                 max_field = max(65536, 4 * up.spec.limits.max_header_bytes)
-                listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
-                ws = web.Server(listener.handle, access_log=None,
-                                max_line_size=max_field, max_field_size=max_field, handler_cancellation=True)
+                if up.spec.protocol == "redis":
+                    ws = None
+                    factory = functools.partial(RedisClientProtocol, self, name)
+                else:
+                    listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
+                    factory = ws = web.Server(listener.handle, access_log=None, max_line_size=max_field,
+                                              max_field_size=max_field, handler_cancellation=True)
                 try:
-                    server = await loop.create_server(ws, host, port, reuse_address=True, backlog=1024)
+                    server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
                 except OSError as exc:
                     raise StartupError(f"upstreams.{name}.listen {host}:{port}: {exc.strerror or exc}") from None
                 opened[name] = _Bound(key, server, ws)
@@ -157,14 +163,16 @@ class ProxyApp:
         b.server.close()
         if timeout is None:
             timeout = self.runtime.settings.shutdown.drain_timeout if self.runtime else 5.0
-        await b.web_server.shutdown(timeout)
+        if b.web_server is not None:
+            await b.web_server.shutdown(timeout)
 
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
         for b in self._bound.values():
             b.server.close()
-        await asyncio.gather(*(b.web_server.shutdown(1.0) for b in self._bound.values()), return_exceptions=True)
+        await asyncio.gather(*(b.web_server.shutdown(1.0) for b in self._bound.values() if b.web_server is not None),
+                             return_exceptions=True)
         self._bound.clear()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

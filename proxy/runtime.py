@@ -17,6 +17,8 @@ from multidict import CIMultiDict
 
 from proxy.clock import Clock
 from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover
+from proxy.redis import commands as redis_commands
+from proxy.redis.upstream import RedisTarget
 from proxy.obs.metrics import METRICS, UpstreamMetrics
 from proxy.policy.base import Handler, build_chain
 from proxy.policy.breaker import Breaker
@@ -61,12 +63,19 @@ class UpstreamRuntime:
         self.metrics = UpstreamMetrics(name, [t.name for t in spec.targets], spec.metrics.buckets, metrics)
         self.counters = store.counters_for(name, spec)
         self.targets = []
+        self.redis_targets = {}
         for i, t in enumerate(spec.targets):
             try:
-                pool = store.http_pool(spec, t)
+                if spec.protocol == "redis":
+                    self.redis_targets[t.name] = RedisTarget(t)
+                    pool = None
+                else:
+                    pool = store.http_pool(spec, t)
             except (OSError, ssl.SSLError) as exc:  # unreadable CA, certificate or key
                 raise ConfigError([f"upstreams.{name}.targets[{i}].tls: {getattr(exc, 'strerror', None) or exc}"
                                    + (f": {exc.filename}" if getattr(exc, "filename", None) else "")]) from None
+            except ValueError as exc:
+                raise ConfigError([f"upstreams.{name}.targets[{i}].url: {exc}"]) from None
             self.targets.append(TargetState(t, store.breaker(name, spec, t), pool))
         self.by_name = {t.name: t for t in self.targets}
         weighted = [t for t in self.targets if t.weight > 0]
@@ -75,6 +84,10 @@ class UpstreamRuntime:
         self.request_headers = CIMultiDict(spec.request_headers)
         self.limits = spec.limits
         self.routes: list[RouteRuntime] = []
+        self.cache = None
+        if spec.protocol == "redis":
+            self._build_redis(name, spec, store, clock)
+            return
         terminal = HttpTerminal()
         classify = Classify(status_matcher(spec.breaker.failure_statuses))
         breaker = Breaker(clock)
@@ -103,6 +116,37 @@ class UpstreamRuntime:
                      AttemptTimeout(timeouts.first_byte, clock, "first_byte")], FirstEvent(terminal))
             self.routes.append(rr)
         self.default_route = self.routes[-1]
+
+    def _build_redis(self, name: str, spec: UpstreamSpec, store: StateStore, clock: Clock) -> None:
+        self.cache = store.redis_cache(name, spec.fallback, self.metrics)
+        self.connections = 0
+        self.client_password = None
+        if spec.client_auth.password_file:
+            try:
+                with open(spec.client_auth.password_file, "rb") as f:
+                    self.client_password = f.read().strip()
+            except OSError as exc:
+                raise ConfigError([f"upstreams.{name}.client_auth.password_file: cannot read "
+                                   f"{spec.client_auth.password_file}: {exc.strerror}"]) from None
+        m = self.metrics.m
+        self._counts = {}
+        for t in self.targets:
+            for cls in (*redis_commands.CLASSES, "admin"):
+                for status, outcome in (("ok", "upstream"), ("error", "upstream"), ("ok", "fallback"),
+                                        ("error", "rejected"), ("timeout", "rejected")):
+                    self._counts[(t.name, cls, status, outcome)] = (
+                        m.requests.labels(name, t.name, "default", status, outcome),
+                        m.redis_commands.labels(name, cls, outcome))
+
+    def count(self, track: str, cls: str, status: str, outcome: str) -> None:
+        a, b = self._counts[(track, cls, status, outcome)]
+        a.inc()
+        b.inc()
+
+    def caches(self) -> list:
+        if self.cache is not None:
+            return [self.cache]
+        return list({id(r.cache): r.cache for r in self.routes}.values())
 
     def match(self, method: str, path: str) -> RouteRuntime:
         for r in self.routes:

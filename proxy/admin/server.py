@@ -120,9 +120,14 @@ class Admin:
                     "url": _safe_url(t.spec.url), "weight": t.weight,
                     "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
                                 "last_failure": b.last_failure},
-                    "pool": {"busy": t.pool.busy, "pending": t.pool.pending, "max_connections": t.pool.max_connections},
                 }
+                if t.pool is not None:
+                    targets[t.name]["pool"] = {"busy": t.pool.busy, "pending": t.pool.pending,
+                                               "max_connections": t.pool.max_connections}
             caches = {r.name: {"entries": len(r.cache), "bytes": r.cache.bytes} for r in up.routes}
+            if up.cache is not None:
+                caches = {"default": {"entries": len(up.cache), "bytes": up.cache.bytes},
+                          "client_connections": up.connections}
             out[name] = {"protocol": up.spec.protocol, "listen": up.spec.listen, "in_flight": c.in_flight,
                          "retries_in_flight": c.budget.retries, "retry_budget": c.budget.limit,
                          "retry_budget_exhausted": c.budget.exhausted, "targets": targets, "cache": caches}
@@ -152,7 +157,7 @@ class Admin:
 
     async def purge(self, request: web.Request) -> web.Response:
         up = self._upstream(request)
-        removed = sum(c.clear() for c in {id(r.cache): r.cache for r in up.routes}.values())
+        removed = sum(c.clear() for c in up.caches())
         log.info("cache_purged", upstream=up.name, entries=removed)
         return web.json_response({"upstream": up.name, "removed": removed})
 

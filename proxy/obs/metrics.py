@@ -124,6 +124,9 @@ class Metrics:
         )
         self.llm_tokens = Counter("llm_tokens", "Tokens reported in `usage`, kind: prompt|completion.",
                                   ["name", "model", "kind"], registry=r)
+        self.redis_commands = Counter(
+            "redis_commands", "Redis commands by class (read|write|blocking|transaction|tunnel|admin) and outcome.",
+            ["name", "command_class", "outcome"], registry=r)
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 

@@ -282,6 +282,19 @@ _OPENAI_DEFAULTS = {
 }
 
 
+_REDIS_DEFAULTS = {
+    "timeouts": {"connect": 1.0, "attempt": 1.0, "total": 3.0},
+    "retry": {"backoff_base": 0.01, "backoff_max": 0.2},
+    "metrics": {"buckets": [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0]},
+}
+
+
+class ClientAuthSpec(Spec):
+    """`protocol: redis`: when set, clients must AUTH with this password (compared in constant time)."""
+
+    password_file: str | None = None
+
+
 def _with_defaults(data: dict, defaults: dict) -> dict:
     out = dict(data)
     for key, value in defaults.items():
@@ -307,13 +320,17 @@ class UpstreamSpec(Spec):
     routes: tuple[RouteSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
     llm: LLMSpec = LLMSpec()
+    client_auth: ClientAuthSpec = ClientAuthSpec()
 
     @model_validator(mode="before")
     @classmethod
     def _protocol_defaults(cls, data: object) -> object:
-        """Per-protocol defaults for keys the config leaves out (an LLM call runs to minutes and POSTs)."""
+        """Per-protocol defaults for keys the config leaves out (an LLM call runs to minutes and POSTs;
+        a Redis command takes a millisecond)."""
         if isinstance(data, dict) and data.get("protocol") == "openai":
             return _with_defaults(data, _OPENAI_DEFAULTS)
+        if isinstance(data, dict) and data.get("protocol") == "redis":
+            return _with_defaults(data, _REDIS_DEFAULTS)
         return data
 
     @field_validator("listen")

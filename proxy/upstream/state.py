@@ -82,6 +82,12 @@ class StateStore:
         key = ("cache", upstream, _k(spec))
         return self._get(key, lambda: FallbackCache(upstream, spec, self.clock, upstream_metrics))
 
+    def redis_cache(self, upstream: str, spec, upstream_metrics):
+        from proxy.redis.cache import RedisCache
+
+        key = ("rcache", upstream, _k(spec))
+        return self._get(key, lambda: RedisCache(upstream, spec, self.clock, upstream_metrics))
+
     def counters_for(self, upstream: str, up: UpstreamSpec) -> Counters:
         c = self._get(("counters", upstream),
                       lambda: Counters(RetryBudget(up.retry.budget_ratio, up.retry.budget_min)))

@@ -1,0 +1,103 @@
+"""Stale-read fallback for Redis: the last successful reply per (db, protocol version, full command),
+bounded by entries and bytes (cachetools), with an index from key to cached commands so a write drops
+exactly the reads it affects. Answers only when the upstream failed or the breaker is open."""
+
+from __future__ import annotations
+
+from cachetools import TTLCache
+
+from proxy.clock import Clock
+from proxy.settings.spec import FallbackSpec
+
+
+class _Bounded(TTLCache):
+    def __init__(self, entries: int, max_bytes: int, ttl: float, timer, on_evict) -> None:
+        super().__init__(maxsize=max(1, max_bytes), ttl=ttl, timer=timer, getsizeof=lambda v: len(v[1]) + len(v[0]) + 64)
+        self.max_entries, self.on_evict = entries, on_evict
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self:
+            while len(self) >= self.max_entries and len(self):
+                self.popitem()
+        super().__setitem__(key, value)
+
+    def popitem(self):
+        key, value = super().popitem()
+        self.on_evict(key)
+        return key, value
+
+
+class RedisCache:
+    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
+        self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
+        self.index: dict[tuple[int, bytes], set[tuple]] = {}   # (db, key) → cache keys
+        self.by_db: dict[int, set[tuple]] = {}
+        self.cache = _Bounded(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic, self._forget)
+        self.group = [self]
+
+    def __len__(self) -> int:
+        self.cache.expire()
+        return len(self.cache)
+
+    @property
+    def bytes(self) -> int:
+        return self.cache.currsize
+
+    def _forget(self, ckey: tuple) -> None:
+        db = ckey[0]
+        s = self.by_db.get(db)
+        if s is not None:
+            s.discard(ckey)
+        for k in ckey[3]:
+            ix = self.index.get((db, k))
+            if ix is not None:
+                ix.discard(ckey)
+                if not ix:
+                    del self.index[(db, k)]
+
+    def store(self, db: int, proto: int, raw_command: bytes, keys: list[bytes], reply: bytes) -> None:
+        if self.spec.cache_entries == 0 or len(reply) > self.spec.max_body:
+            return
+        ckey = (db, proto, raw_command, tuple(keys))
+        self.cache[ckey] = (raw_command, reply, self.clock.monotonic())
+        self.by_db.setdefault(db, set()).add(ckey)
+        for k in keys:
+            self.index.setdefault((db, k), set()).add(ckey)
+        self._gauges()
+
+    def get(self, db: int, proto: int, raw_command: bytes, keys: list[bytes]) -> tuple[bytes, str] | None:
+        hit = self.cache.get((db, proto, raw_command, tuple(keys)))
+        if hit is None:
+            return None
+        age = self.clock.monotonic() - hit[2]
+        return hit[1], "cache" if age < self.spec.cache_ttl else "stale"
+
+    def invalidate(self, db: int, keys: list[bytes]) -> None:
+        for k in keys:
+            for ckey in list(self.index.get((db, k), ())):
+                self.cache.pop(ckey, None)
+                self._forget(ckey)
+        # keyless reads (DBSIZE, KEYS, SCAN) of this db are affected by any write
+        for ckey in [c for c in self.by_db.get(db, ()) if not c[3]]:
+            self.cache.pop(ckey, None)
+            self._forget(ckey)
+        self._gauges()
+
+    def clear_db(self, db: int | None) -> None:
+        for ckey in list(self.cache.keys()):
+            if db is None or ckey[0] == db:
+                self.cache.pop(ckey, None)
+                self._forget(ckey)
+        self._gauges()
+
+    def clear(self) -> int:
+        n = len(self.cache)
+        self.cache.clear()
+        self.index.clear()
+        self.by_db.clear()
+        self._gauges()
+        return n
+
+    def _gauges(self) -> None:
+        self.metrics.cache_entries.set(len(self.cache))
+        self.metrics.cache_bytes.set(self.cache.currsize)

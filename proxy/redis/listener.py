@@ -1,0 +1,353 @@
+"""Redis egress listener (`protocol: redis`), e.g. 127.0.0.1:6380 → redis://redis:6379/0.
+
+listener (this, one asyncio protocol per client connection) → track chosen when the connection opens →
+per command: breaker → upstream connection (lazy, one per client connection) → reply in order.
+Replies go back in command order through a queue of slots, whatever order they are resolved in
+(an upstream reply, a retried read, a cached read, an error). Reads are retried on connect failure,
+reset or timeout within the retry budget, and answered from the stale-read cache when the upstream
+fails or the breaker is open; everything else fails fast with `-UNAVAILABLE ...`. Nothing is queued
+behind an open breaker or silently dropped. HELLO, AUTH, SELECT, QUIT and RESET are answered here, so a
+client connects (and reads its cached values) even while Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import random
+
+from proxy.obs import log
+from proxy.policy.base import Verdict
+from proxy.redis import codec, commands
+from proxy.redis.upstream import Pending, UpstreamConnection
+
+_MAX_PENDING_SLOTS = 10_000  # past this many unanswered commands the client's reads are paused
+_REASON_FOR = {"connect-failure": "upstream_error", "reset": "upstream_error", "timeout": "timeout",
+               "closed": "upstream_error"}
+
+
+class Slot:
+    __slots__ = ("reply",)
+
+    def __init__(self) -> None:
+        self.reply: bytes | None = None
+
+
+class Command:
+    __slots__ = ("slot", "name", "args", "raw", "cls", "keys", "attempt", "token", "target", "db", "proto",
+                 "started")
+
+    def __init__(self, slot, name, args, raw, cls, keys, db, proto) -> None:
+        self.slot, self.name, self.args, self.raw, self.cls, self.keys = slot, name, args, raw, cls, keys
+        self.db, self.proto = db, proto
+        self.attempt = 0
+        self.token = 0
+        self.target = None
+        self.started = 0.0
+
+
+class RedisClientProtocol(asyncio.Protocol):
+    def __init__(self, app, name: str) -> None:
+        self.app, self.name = app, name
+        self.transport: asyncio.Transport | None = None
+        self.slots: collections.deque[Slot] = collections.deque()
+        self.db: int | None = None
+        self.proto = 2
+        self.client_name: bytes | None = None
+        self.authenticated = False
+        self.in_multi = False
+        self.tunnel = False
+        self.conn: UpstreamConnection | None = None
+        self.closing = False
+        self.paused = False
+
+    # -- connection ----------------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        up = self.app.runtime.upstreams.get(self.name)
+        self.up = up
+        self.target = up.pick()  # a connection keeps its track
+        self.limit = up.limits.max_request_body or codec.MAX_BULK
+        self.parser = codec.RequestParser(max_bulk=self.limit)
+        self.authenticated = up.client_password is None
+        self.counters = up.counters
+        up.connections += 1
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.up.connections -= 1
+        self.counters.in_flight -= len(self.slots)
+        self.slots.clear()
+        self._drop_upstream()
+
+    # -- input ---------------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.conn is not None and not self.conn.failed:
+                self.conn.send(data, None)
+            return
+        try:
+            cmds = self.parser.feed(data)
+        except codec.ProtocolError as exc:
+            # The stream cannot be resynchronised: say why and close (replies still owed are abandoned).
+            log.warning("redis_protocol_error", upstream=self.name, error=str(exc))
+            self.transport.write(codec.error(f"ERR Protocol error: {exc}"))
+            self.transport.close()
+            self.closing = True
+            self._drop_upstream()
+            return
+        for args in cmds:
+            if self.closing or self.tunnel:
+                break
+            self.dispatch(args)
+        if len(self.slots) > _MAX_PENDING_SLOTS and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def dispatch(self, args: list[bytes]) -> None:
+        name = args[0].upper()
+        up = self.up
+        if not self.authenticated and name not in (b"AUTH", b"HELLO", b"QUIT"):
+            self._reply_now(codec.error("NOAUTH Authentication required."))
+            return
+        if name in commands.LOCAL:
+            self._local(name, args)
+            return
+        cls = commands.classify(name)
+        if name == b"MULTI":
+            self.in_multi = True
+        elif name in (b"EXEC", b"DISCARD"):
+            self.in_multi = False
+        elif self.in_multi:
+            cls = "transaction"
+        if cls == "tunnel":
+            self._enter_tunnel(args)
+            return
+        keys = commands.keys_of(name, args) if cls in ("read", "write") else None
+        db = self.db if self.db is not None else self._target_db()
+        if cls == "write" and up.cache is not None:
+            if name in (b"FLUSHALL",):
+                up.cache.clear_db(None)
+            elif keys is None or name in commands.DB_WIDE:
+                up.cache.clear_db(db)
+            else:
+                up.cache.invalidate(db, keys)
+        slot = Slot()
+        self.slots.append(slot)
+        self.counters.in_flight += 1
+        cmd = Command(slot, name, args, codec.encode_command(args), cls, keys or [], db, self.proto)
+        self.forward(cmd)
+
+    def _target_db(self) -> int:
+        return self.up.redis_targets[self.target.name].db
+
+    # -- forwarding ----------------------------------------------------------------------------------
+    def forward(self, cmd: Command) -> None:
+        up = self.up
+        target = self.target
+        if self.closing:
+            return
+        token = target.breaker.admit()
+        if token is None:
+            self._unavailable(cmd, "circuit_breaker_open")
+            return
+        cmd.token, cmd.target = token, target
+        conn = self.conn
+        if conn is None or conn.failed:
+            conn = self.conn = UpstreamConnection(
+                up.redis_targets[target.name], self.proto, self.db, self.client_name, up.spec.timeouts.connect,
+                self._push, self._raw)
+        timeout = None if cmd.cls == "blocking" else up.spec.timeouts.attempt
+        cmd.started = self.app.clock.monotonic()
+        conn.send(cmd.raw, Pending(cmd.raw, lambda raw, kind, c=cmd: self._replied(c, raw, kind),
+                                   lambda kind, c=cmd: self._failed(c, kind), timeout))
+
+    def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
+        up = self.up
+        elapsed = self.app.clock.monotonic() - cmd.started
+        cmd.target.breaker.record(cmd.token, Verdict.SUCCESS, elapsed)  # a Redis error reply is an answer
+        up.metrics.duration(cmd.target.name, elapsed)
+        status = "error" if kind == "error" else "ok"
+        up.count(cmd.target.name, cmd.cls, status, "upstream")
+        if kind == "ok" and cmd.cls == "read" and up.cache is not None:
+            up.cache.store(cmd.db, cmd.proto, cmd.raw, cmd.keys, raw)
+        elif cmd.cls == "write" and up.cache is not None and cmd.keys:
+            up.cache.invalidate(cmd.db, cmd.keys)  # a read that raced the write must not survive it
+        self._resolve(cmd.slot, raw)
+
+    def _failed(self, cmd: Command, kind: str) -> None:
+        up = self.up
+        elapsed = self.app.clock.monotonic() - cmd.started
+        cmd.target.breaker.record(cmd.token, Verdict.FAILURE, elapsed)
+        if self.closing:
+            return
+        if cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open:
+            budget = up.counters.budget
+            if budget.try_acquire():
+                cmd.attempt += 1
+                up.metrics.retry(kind)
+                delay = random.random() * min(up.spec.retry.backoff_max,
+                                              up.spec.retry.backoff_base * 2 ** (cmd.attempt - 1))
+
+                def again(c=cmd) -> None:
+                    budget.release()
+                    self.forward(c)
+
+                asyncio.get_running_loop().call_later(delay, again)
+                return
+            up.metrics.budget_exhausted.inc()
+        self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
+
+    def _unavailable(self, cmd: Command, reason: str, status: str = "error") -> None:
+        """The upstream cannot answer: a cached read, or a clear error. Never queued, never dropped."""
+        up = self.up
+        track = self.target.name
+        if cmd.cls == "read" and up.cache is not None:
+            hit = up.cache.get(cmd.db, cmd.proto, cmd.raw, cmd.keys)
+            if hit is not None:
+                reply, source = hit
+                up.metrics.fallback(source, reason)
+                up.count(track, cmd.cls, "ok", "fallback")
+                self._resolve(cmd.slot, reply)
+                return
+        up.count(track, cmd.cls, status, "rejected")
+        self._resolve(cmd.slot, codec.error(f"UNAVAILABLE redis upstream '{self.name}' is unavailable ({reason})"))
+
+    # -- local commands ------------------------------------------------------------------------------
+    def _local(self, name: bytes, args: list[bytes]) -> None:
+        if name == b"QUIT":
+            self._reply_now(codec.OK)
+            self._close_after_flush()
+        elif name == b"AUTH":
+            self._auth(args[1:])
+        elif name == b"HELLO":
+            self._hello(args[1:])
+        elif name == b"SELECT":
+            if len(args) != 2 or not args[1].isdigit():
+                self._reply_now(codec.error("ERR value is not an integer or out of range"))
+                return
+            self.db = int(args[1])
+            if self.conn is not None and not self.conn.failed:
+                # let Redis validate it on the live connection; a new connection replays it
+                slot = Slot()
+                self.slots.append(slot)
+                self.counters.in_flight += 1
+                self.conn.send(codec.encode_command(args),
+                               Pending(b"", lambda raw, kind, s=slot: self._resolve(s, raw),
+                                       lambda kind, s=slot: self._resolve(s, codec.OK), self.up.spec.timeouts.attempt))
+            else:
+                self._reply_now(codec.OK)
+        elif name == b"RESET":
+            self._drop_upstream()
+            self.db, self.proto, self.client_name, self.in_multi = None, 2, None, False
+            self.authenticated = self.up.client_password is None
+            self._reply_now(b"+RESET\r\n")
+
+    def _auth(self, creds: list[bytes]) -> bool:
+        want = self.up.client_password
+        if want is None:
+            self.authenticated = True
+            self._reply_now(codec.OK)
+            return True
+        given = creds[-1] if creds else b""
+        if len(creds) in (1, 2) and hmac.compare_digest(given, want):
+            self.authenticated = True
+            self._reply_now(codec.OK)
+            return True
+        self._reply_now(codec.error("WRONGPASS invalid username-password pair or user is disabled."))
+        return False
+
+    def _hello(self, args: list[bytes]) -> None:
+        proto = self.proto
+        rest = args
+        if rest:
+            if not rest[0].isdigit() or int(rest[0]) not in (2, 3):
+                self._reply_now(codec.error("NOPROTO unsupported protocol version"))
+                return
+            proto, rest = int(rest[0]), rest[1:]
+        i = 0
+        while i < len(rest):
+            opt = rest[i].upper()
+            if opt == b"AUTH" and i + 2 < len(rest):
+                if self.up.client_password is not None and not hmac.compare_digest(rest[i + 2], self.up.client_password):
+                    self._reply_now(codec.error("WRONGPASS invalid username-password pair or user is disabled."))
+                    return
+                self.authenticated = True
+                i += 3
+            elif opt == b"SETNAME" and i + 1 < len(rest):
+                self.client_name = rest[i + 1]
+                i += 2
+            else:
+                self._reply_now(codec.error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+                return
+        if not self.authenticated:
+            self._reply_now(codec.error("NOAUTH HELLO must be called with the client already authenticated"))
+            return
+        if proto != self.proto:
+            self._drop_upstream()  # the upstream connection speaks the old protocol
+            self.proto = proto
+        self._reply_now(codec.hello_reply(proto, conn_id=id(self) & 0xFFFF))
+
+    def _drop_upstream(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # -- pub/sub, MONITOR -----------------------------------------------------------------------------
+    def _enter_tunnel(self, args: list[bytes]) -> None:
+        """From here on replies are not one per command: bytes flow raw both ways on this connection."""
+        up = self.up
+        token = self.target.breaker.admit()
+        if token is None:
+            self._reply_now(codec.error(f"UNAVAILABLE redis upstream '{self.name}' is unavailable (circuit_breaker_open)"))
+            return
+        self.target.breaker.cancel(token)
+        if self.conn is None or self.conn.failed:
+            self.conn = UpstreamConnection(up.redis_targets[self.target.name], self.proto, self.db, self.client_name,
+                                           up.spec.timeouts.connect, self._push, self._raw)
+        self.tunnel = True
+        self.conn.tunnel = True
+        up.count(self.target.name, "tunnel", "ok", "upstream")
+        self.conn.send(codec.encode_command(args), None)
+
+    def _raw(self, data: bytes) -> None:
+        if not self.slots and self.transport is not None:
+            self.transport.write(data)
+
+    def _push(self, raw: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(raw)
+
+    # -- output in command order ---------------------------------------------------------------------
+    def _reply_now(self, data: bytes) -> None:
+        slot = Slot()
+        slot.reply = data
+        self.slots.append(slot)
+        self.counters.in_flight += 1
+        self._flush()
+
+    def _resolve(self, slot: Slot, data: bytes) -> None:
+        slot.reply = data
+        if self.slots and self.slots[0] is slot:
+            self._flush()
+
+    def _flush(self) -> None:
+        slots = self.slots
+        out = []
+        while slots and slots[0].reply is not None:
+            out.append(slots.popleft().reply)
+        self.counters.in_flight -= len(out)
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self.paused and len(slots) < _MAX_PENDING_SLOTS // 2:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.closing and not slots and self.transport is not None:
+            self.transport.close()
+
+    def _close_after_flush(self) -> None:
+        """QUIT: answer what is owed, then close."""
+        self.closing = True
+        if not self.slots and self.transport is not None:
+            self.transport.close()

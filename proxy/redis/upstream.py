@@ -1,0 +1,178 @@
+"""One upstream Redis connection, owned by one client connection (opened lazily, replaced after a
+failure). Commands are written as they come (pipelining kept) and replies matched to them in order.
+
+The connection opens with what the app would have sent itself, from the target URL and the client's
+state: `HELLO <proto> [AUTH user pass]` (or `AUTH` for RESP2), `SELECT db`, `CLIENT SETNAME`. Only the
+command at the head of the queue has a timer: pipelined commands behind it are not yet being worked on.
+A timed-out command closes the connection; every command still on it then fails with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
+
+from proxy.redis.codec import ProtocolError, ReplyFramer, encode_command
+from proxy.upstream.pool import ssl_context
+
+
+class RedisTarget:
+    """What the target URL says, parsed once per config load."""
+
+    def __init__(self, spec) -> None:
+        u = urlsplit(spec.url)
+        self.host, self.port = u.hostname or "localhost", u.port or 6379
+        self.username = unquote(u.username) if u.username else None
+        self.password = unquote(u.password) if u.password else None
+        path = (u.path or "/").strip("/")
+        self.db = int(path) if path.isdigit() else 0
+        self.ssl = ssl_context(spec)
+        self.server_hostname = spec.tls.server_name or (self.host if self.ssl else None)
+
+
+class Pending:
+    __slots__ = ("on_reply", "on_failure", "timeout", "raw")
+
+    def __init__(self, raw: bytes, on_reply: Callable, on_failure: Callable, timeout: float | None) -> None:
+        self.raw, self.on_reply, self.on_failure, self.timeout = raw, on_reply, on_failure, timeout
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, target: RedisTarget, proto: int, db: int, name: bytes | None, connect_timeout: float,
+                 on_push: Callable[[bytes], None], on_raw: Callable[[bytes], None]) -> None:
+        self.target, self.proto, self.db, self.client_name = target, proto, db, name
+        self.connect_timeout = connect_timeout
+        self.on_push, self.on_raw = on_push, on_raw
+        self.transport: asyncio.Transport | None = None
+        self.framer = ReplyFramer()
+        self.pending: collections.deque[Pending] = collections.deque()
+        self.backlog: list[bytes] = []      # written before the connection is up
+        self.failed: str | None = None      # "connect-failure" | "reset" | "timeout"
+        self.tunnel = False                 # pub/sub or MONITOR: bytes flow raw from now on
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._setup = 0
+        self.connecting = self._loop.create_task(self._connect())
+
+    # -- connect -----------------------------------------------------------------------------------------
+    async def _connect(self) -> None:
+        t = self.target
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._loop.create_connection(lambda: self, t.host, t.port, ssl=t.ssl,
+                                                   server_hostname=t.server_hostname)
+        except (OSError, TimeoutError) as exc:
+            self._fail("connect-failure", exc)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        t = self.target
+        setup: list[list[bytes]] = []
+        if self.proto == 3:
+            hello = [b"HELLO", b"3"]
+            if t.password is not None:
+                hello += [b"AUTH", (t.username or "default").encode(), t.password.encode()]
+            setup.append(hello)
+        elif t.password is not None:
+            setup.append([b"AUTH", t.username.encode(), t.password.encode()] if t.username
+                         else [b"AUTH", t.password.encode()])
+        db = self.db if self.db is not None else t.db
+        if db:
+            setup.append([b"SELECT", str(db).encode()])
+        if self.client_name:
+            setup.append([b"CLIENT", b"SETNAME", self.client_name])
+        self._setup = len(setup)
+        head = [Pending(b"", self._setup_reply, lambda kind: None, self.connect_timeout) for _ in setup]
+        self.pending.extendleft(reversed(head))
+        transport.write(b"".join(encode_command(c) for c in setup) + b"".join(self.backlog))
+        self.backlog = []
+        self._arm()
+
+    def _setup_reply(self, raw: bytes, kind: str) -> None:
+        self._setup -= 1
+        if kind == "error":
+            # wrong password, unknown db: the target is unusable as configured
+            self._fail("connect-failure", ConnectionError(raw[1:].strip().decode(errors="replace")))
+
+    # -- send --------------------------------------------------------------------------------------------
+    def send(self, raw: bytes, pending: Pending | None) -> None:
+        if self.failed:
+            if pending is not None:
+                pending.on_failure(self.failed)
+            return
+        if pending is not None:
+            self.pending.append(pending)
+        if self.transport is None:
+            self.backlog.append(raw)
+        else:
+            self.transport.write(raw)
+        if pending is not None and len(self.pending) == 1:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.pending and self.pending[0].timeout is not None and self.transport is not None:
+            self._timer = self._loop.call_later(self.pending[0].timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail("timeout", TimeoutError("command timeout"))
+
+    # -- receive -----------------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel and not self.pending:
+            self.on_raw(data)
+            return
+        try:
+            frames = self.framer.feed(data)
+        except ProtocolError as exc:
+            self._fail("reset", exc)
+            return
+        for raw, kind in frames:
+            if kind == "push" and self.proto == 3:
+                self.on_push(raw)
+                continue
+            if not self.pending:
+                if self.tunnel:
+                    self.on_raw(raw)
+                continue  # a reply nobody waits for (after a failure): drop it
+            p = self.pending.popleft()
+            p.on_reply(raw, kind)
+            if self.failed:
+                return
+        if self.tunnel and not self.pending and self.framer.buf:
+            rest = bytes(self.framer.buf)
+            self.framer.buf.clear()
+            self.on_raw(rest)
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+        if not self.failed:
+            self._fail("reset", exc)
+
+    def _fail(self, kind: str, exc: BaseException | None) -> None:
+        if self.failed:
+            return
+        self.failed = kind
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+        pending, self.pending = self.pending, collections.deque()
+        for p in pending:
+            p.on_failure(kind)
+
+    def close(self) -> None:
+        self.failed = self.failed or "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        if not self.connecting.done():
+            self.connecting.cancel()
