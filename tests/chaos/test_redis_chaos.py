@@ -1,0 +1,143 @@
+"""Redis down, slow or cut, through a real toxiproxy server and a counting TCP relay."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from tests.chaos.conftest import add_toxic
+from tests.conftest import metric, upstream_config
+
+
+class CountingRelay:
+    """A TCP relay that counts every connection it is offered; when down it accepts and drops them."""
+
+    def __init__(self, port: int) -> None:
+        self.target_port, self.accepted, self.down = port, 0, False
+        self.live: set = set()
+
+    def cut(self) -> None:
+        """Down from now on, and every relayed connection reset."""
+        self.down = True
+        for w in list(self.live):
+            w.transport.abort()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _client(self, reader, writer):
+        self.accepted += 1
+        if self.down:
+            writer.transport.abort()
+            return
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.live.add(writer)
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        try:
+            await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.live.discard(writer)
+
+
+async def test_redis_down_reads_from_cache_writes_fail_fast_no_connection_attempts(redis_server, start_proxy):
+    relay = await CountingRelay(int(redis_server.rsplit(":", 1)[1])).start()
+    name, cfg = upstream_config(f"redis://127.0.0.1:{relay.port}/0", protocol="redis",
+                                breaker={"fail_max": 2, "reset_timeout": "700ms"}, retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    c = aredis.Redis(port=port, protocol=3, retry=None, socket_timeout=5)
+    await c.set("warm", "v1")
+    assert await c.get("warm") == b"v1"
+    assert await c.hgetall("hw") == {}
+    relay.cut()
+    await c.connection_pool.disconnect()  # the app reconnects: HELLO is answered by the proxy
+    for _ in range(3):
+        with pytest.raises(redis.ResponseError, match="UNAVAILABLE"):
+            await c.get("never-read")
+    assert p.upstream.targets[0].breaker.state == "open"
+    attempts = relay.accepted
+    assert await c.get("warm") == b"v1"           # the last known value
+    assert await c.hgetall("hw") == {}
+    with pytest.raises(redis.ResponseError, match=rf"UNAVAILABLE redis upstream '{name}' is unavailable \(circuit_breaker_open\)"):
+        await c.set("warm", "v2")
+    with pytest.raises(redis.ResponseError, match="circuit_breaker_open"):
+        await c.get("cold")
+    assert relay.accepted == attempts  # open: no upstream connection attempt at all
+    assert metric("fallback_responses_total", name=name, source="cache", reason="circuit_breaker_open") >= 1
+    relay.down = False
+    await asyncio.sleep(0.8)
+    assert await c.set("warm", "v3")
+    assert await c.get("warm") == b"v3"          # healed, and the cache follows later writes
+    assert p.upstream.targets[0].breaker.state == "closed"
+    relay.down = True
+    await c.connection_pool.disconnect()
+    assert await c.get("warm") == b"v3"
+    await c.aclose()
+    relay.server.close()
+
+
+async def test_slow_redis_pipelined_commands_get_errors_not_other_replies(redis_server, start_proxy, toxic_link):
+    proxy, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
+                                retry={"attempts": 1}, breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    c = aredis.Redis(port=port, protocol=2, retry=None, socket_timeout=5)
+    for i in range(5):
+        await c.set(f"k{i}", f"v{i}")
+    await c.get("k0")  # cached
+    add_toxic(proxy, "latency", latency=1000)
+    t0 = time.monotonic()
+    pipe = c.pipeline(transaction=False)
+    for i in range(5):
+        pipe.get(f"k{i}")
+    res = await pipe.execute(raise_on_error=False)
+    assert time.monotonic() - t0 < 1.5
+    assert res[0] == b"v0"  # the timed-out read answered from the cache
+    for r in res[1:]:
+        assert isinstance(r, redis.ResponseError) and "UNAVAILABLE" in str(r), res
+    for t in list(proxy.toxics()):
+        proxy.destroy_toxic(t)
+    assert await c.get("k3") == b"v3"  # a new upstream connection, replies in step again
+    await c.aclose()
+
+
+async def test_reads_retried_on_reset_within_budget_writes_never(redis_server, start_proxy):
+    relay = await CountingRelay(int(redis_server.rsplit(":", 1)[1])).start()
+    name, cfg = upstream_config(f"redis://127.0.0.1:{relay.port}/0", protocol="redis", retry={"attempts": 3},
+                                breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    c = aredis.Redis(port=port, protocol=2, retry=None)
+    await c.set("r", "1")
+    relay.cut()
+    await asyncio.sleep(0.05)
+    before = relay.accepted
+    p.upstream.targets[0].breaker.force("closed")  # keep the breaker out of this test
+    with pytest.raises(redis.ResponseError, match="UNAVAILABLE"):
+        await c.set("r", "2")  # writes are never retried: one connection attempt
+    assert relay.accepted - before == 1
+    with pytest.raises(redis.ResponseError, match="UNAVAILABLE"):
+        await c.get("r")  # nothing cached for it (only written so far): an error after 3 attempts
+    assert relay.accepted - before == 4  # the read was tried 3 times
+    assert metric("upstream_retries_total", name=name, reason="reset") == 2
+    await c.aclose()
+    relay.server.close()

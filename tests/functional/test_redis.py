@@ -1,0 +1,191 @@
+"""`protocol: redis` with a real redis-server and the real redis-py client (RESP2 and its default RESP3)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import psutil
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from tests.conftest import metric, upstream_config
+
+
+def redis_config(url, **sections):
+    return upstream_config(url, protocol="redis", **sections)
+
+
+@pytest.fixture
+async def rp(redis_server, start_proxy):
+    name, cfg = redis_config(redis_server + "/0")
+    p = await start_proxy(cfg)
+    p.port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    p.direct_port = int(redis_server.rsplit(":", 1)[1])
+    return p
+
+
+def clients(p, proto):
+    kw = dict(protocol=proto, retry=None, socket_timeout=5)
+    return aredis.Redis(port=p.port, **kw), aredis.Redis(port=p.direct_port, **kw)
+
+
+@pytest.mark.parametrize("proto", [2, 3])
+async def test_same_replies_as_direct(rp, proto):
+    via, direct = clients(rp, proto)
+    await direct.flushall()
+    for c in (via, direct):
+        prefix = f"{'via' if c is via else 'dir'}{proto}"
+        await c.set(f"{prefix}:s", "v")
+        await c.hset(f"{prefix}:h", mapping={"a": "1", "b": "2"})
+        await c.rpush(f"{prefix}:l", "x", "y", "z")
+        await c.sadd(f"{prefix}:set", "m1", "m2")
+        await c.zadd(f"{prefix}:z", {"a": 1, "b": 2})
+
+    async def observe(c, prefix):
+        return [await c.get(f"{prefix}:s"), await c.mget(f"{prefix}:s", f"{prefix}:none"), await c.hgetall(f"{prefix}:h"),
+                await c.lrange(f"{prefix}:l", 0, -1), sorted(await c.smembers(f"{prefix}:set")),
+                await c.zrange(f"{prefix}:z", 0, -1, withscores=True), await c.ttl(f"{prefix}:s"),
+                await c.type(f"{prefix}:h"), await c.exists(f"{prefix}:s", f"{prefix}:none"),
+                await c.strlen(f"{prefix}:s"), await c.ping()]
+
+    assert await observe(via, f"via{proto}") == await observe(direct, f"dir{proto}")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        await via.lpush(f"via{proto}:s", "x")
+    await via.aclose()
+    await direct.aclose()
+
+
+@pytest.mark.parametrize("proto", [2, 3])
+async def test_pipeline_transaction_watch_select_blpop(rp, proto):
+    via, _ = clients(rp, proto)
+    pipe = via.pipeline(transaction=False)
+    for i in range(1000):
+        pipe.set(f"p{proto}:{i}", i)
+    for i in range(1000):
+        pipe.get(f"p{proto}:{i}")
+    res = await pipe.execute()
+    assert res[:1000] == [True] * 1000 and res[1000:] == [str(i).encode() for i in range(1000)]
+    async with via.pipeline(transaction=True) as tx:
+        tx.incr(f"c{proto}")
+        tx.incr(f"c{proto}")
+        assert await tx.execute() == [1, 2]
+    # WATCH: a change by another client aborts the transaction
+    other = aredis.Redis(port=rp.port, protocol=proto)
+    async with via.pipeline(transaction=True) as tx:
+        await tx.watch(f"w{proto}")
+        await other.set(f"w{proto}", "changed")
+        tx.multi()
+        tx.set(f"w{proto}", "mine")
+        with pytest.raises(redis.WatchError):
+            await tx.execute()
+    sel = aredis.Redis(port=rp.port, protocol=proto, db=5)
+    await sel.set("only-in-5", "x")
+    assert await sel.get("only-in-5") == b"x" and await via.get("only-in-5") is None
+    t0 = time.monotonic()
+    assert await via.blpop(f"empty{proto}", timeout=1) is None
+    assert time.monotonic() - t0 >= 0.9  # the blocking command kept its own timeout
+    for c in (via, other, sel):
+        await c.aclose()
+
+
+async def test_pubsub_both_protocols(rp):
+    for proto in (2, 3):
+        sub, _ = clients(rp, proto)
+        ps = sub.pubsub()
+        await ps.subscribe(f"ch{proto}")
+        assert (await ps.get_message(timeout=2))["type"] == "subscribe"
+        pub, _ = clients(rp, proto)
+        await pub.publish(f"ch{proto}", "hello")
+        msg = None
+        for _ in range(20):
+            msg = await ps.get_message(timeout=0.5)
+            if msg:
+                break
+        assert msg["data"] == b"hello"
+        await ps.aclose()
+        await sub.aclose()
+        await pub.aclose()
+
+
+async def test_ten_mb_value_round_trips(rp):
+    via, _ = clients(rp, 3)
+    big = os.urandom(10 * 1024 * 1024)
+    await via.set("big", big)
+    assert await via.get("big") == big
+    await via.aclose()
+
+
+async def test_malformed_resp_gets_an_error_and_closed_others_carry_on(rp):
+    via, _ = clients(rp, 2)
+    await via.set("still", "here")
+    proc = psutil.Process(os.getpid())
+    base = proc.memory_info().rss
+    for bad in (b"*1\r\n$10000000000\r\n", b"*1\r\n$-5\r\nxx\r\n", b"*2\r\n$3\r\nGETxx\r\n\r\n",
+                b"*1\r\n:5\r\n", b"*abc\r\n", b"\x00\xff" * 100 + b"\r\n*1\r\n$x\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+        writer.write(bad)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(1000), 5)
+        rest = await asyncio.wait_for(reader.read(1000), 5)  # then EOF: the connection is closed
+        writer.close()
+        assert b"-ERR" in data and rest == b"", (bad, data)
+    assert proc.memory_info().rss - base < 20 * 1024 * 1024
+    assert await via.get("still") == b"here"
+    await via.aclose()
+
+
+async def test_client_auth_required_when_configured(redis_server, start_proxy, tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("app-secret\n")
+    name, cfg = redis_config(redis_server, client_auth={"password_file": str(pw)})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    anon = aredis.Redis(port=port, protocol=2)
+    with pytest.raises(redis.AuthenticationError):
+        await anon.get("x")
+    wrong = aredis.Redis(port=port, protocol=3, password="nope")
+    with pytest.raises(redis.AuthenticationError):
+        await wrong.ping()
+    ok = aredis.Redis(port=port, protocol=3, password="app-secret")
+    assert await ok.ping()
+    for c in (anon, wrong, ok):
+        await c.aclose()
+
+
+async def test_upstream_password_from_the_url(start_proxy, tmp_path):
+    import shutil
+    import subprocess
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--save", "", "--requirepass", "s3cr3t"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        secret = tmp_path / "redis-pass"
+        secret.write_text("s3cr3t")
+        name, cfg = redis_config(f"redis://:${{file:{secret}}}@127.0.0.1:{port}/2")
+        p = await start_proxy(cfg)
+        lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+        for proto in (2, 3):
+            c = aredis.Redis(port=lport, protocol=proto, password="anything")  # the app's AUTH is answered locally
+            await c.set("k", "v")
+            assert await c.get("k") == b"v"
+            await c.aclose()
+        direct = aredis.Redis(port=port, password="s3cr3t", db=2)
+        assert await direct.get("k") == b"v"  # the URL's db
+        await direct.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    assert metric("redis_commands_total", name=name, command_class="write", outcome="upstream") >= 2

@@ -1,0 +1,107 @@
+"""RESP codec, sans-IO: round trips under any chunking, limits, and fuzzing (hypothesis, bounded)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.redis import commands
+from proxy.redis.codec import ProtocolError, ReplyFramer, RequestParser, encode_command, hello_reply
+
+args_st = st.lists(st.binary(max_size=50), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(args_st, min_size=1, max_size=20), st.lists(st.integers(0, 5000), max_size=20))
+def test_requests_round_trip_under_any_chunking(cmds, cuts):
+    data = b"".join(encode_command(c) for c in cmds)
+    parser, got, prev = RequestParser(), [], 0
+    for c in sorted({x % (len(data) + 1) for x in cuts}) + [len(data)]:
+        got += parser.feed(data[prev:c])
+        prev = c
+    assert got == cmds
+
+
+def _reply(draw, depth=0):
+    kind = draw(st.sampled_from("+-:$_,#*%~>" if depth < 3 else "+-:$_,#"))
+    if kind in "+-":
+        return kind.encode() + draw(st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))) + b"\r\n"
+    if kind == ":":
+        return b":%d\r\n" % draw(st.integers(-10**12, 10**12))
+    if kind == "$":
+        v = draw(st.binary(max_size=40))
+        return b"$%d\r\n%s\r\n" % (len(v), v)
+    if kind == "_":
+        return b"_\r\n"
+    if kind == ",":
+        return b",1.5\r\n"
+    if kind == "#":
+        return b"#t\r\n"
+    n = draw(st.integers(0, 4))
+    mult = 2 if kind == "%" else 1
+    return kind.encode() + b"%d\r\n" % n + b"".join(_reply(draw, depth + 1) for _ in range(n * mult))
+
+
+@st.composite
+def replies(draw):
+    return [_reply(draw) for _ in range(draw(st.integers(1, 10)))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(replies(), st.lists(st.integers(0, 5000), max_size=20))
+def test_replies_framed_exactly_under_any_chunking(frames, cuts):
+    data = b"".join(frames)
+    framer, got, prev = ReplyFramer(), [], 0
+    for c in sorted({x % (len(data) + 1) for x in cuts}) + [len(data)]:
+        got += framer.feed(data[prev:c])
+        prev = c
+    assert [raw for raw, _ in got] == frames
+    assert [k for _, k in got] == ["error" if f[:1] == b"-" else "push" if f[:1] == b">" else "ok" for f in frames]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_never_crashes_or_hangs(data):
+    for make in (RequestParser, ReplyFramer):
+        try:
+            make().feed(data)
+        except ProtocolError:
+            pass
+
+
+@pytest.mark.parametrize("bad", [
+    b"*1\r\n$10000000000\r\n",          # a declared 10 GB bulk
+    b"*1\r\n$-5\r\nabc\r\n",            # negative length
+    b"*1\r\n$abc\r\n",                  # not a number
+    b"*2\r\n$3\r\nGETxx",               # bulk not terminated by CRLF
+    b"*99999999999\r\n",                # absurd multibulk
+    b"*1\r\n:12\r\n",                   # not a bulk string in a request
+])
+def test_malformed_requests_raise(bad):
+    with pytest.raises(ProtocolError):
+        RequestParser().feed(bad + b"\r\n" * 3)
+
+
+def test_inline_commands_and_limits():
+    assert RequestParser().feed(b"PING\r\nSET a  b\n") == [[b"PING"], [b"SET", b"a", b"b"]]
+    with pytest.raises(ProtocolError):
+        RequestParser().feed(b"A" * 70000)
+    p = RequestParser(max_bulk=10)
+    with pytest.raises(ProtocolError):
+        p.feed(b"*1\r\n$11\r\n")
+
+
+def test_attribute_and_hello():
+    raw = b"|1\r\n+ttl\r\n:3\r\n-ERR no\r\n"
+    assert ReplyFramer().feed(raw) == [(raw, "error")]
+    assert hello_reply(3).startswith(b"%7\r\n") and hello_reply(2).startswith(b"*14\r\n")
+
+
+def test_command_table():
+    assert commands.classify(b"GET") == "read" and commands.classify(b"SET") == "write"
+    assert commands.classify(b"BLPOP") == "blocking" and commands.classify(b"SUBSCRIBE") == "tunnel"
+    assert commands.classify(b"NOSUCHCOMMAND") == "write"
+    assert commands.keys_of(b"MSET", [b"MSET", b"a", b"1", b"b", b"2"]) == [b"a", b"b"]
+    assert commands.keys_of(b"DEL", [b"DEL", b"a", b"b"]) == [b"a", b"b"]
+    assert commands.keys_of(b"FOO", [b"FOO", b"a"]) is None
