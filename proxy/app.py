@@ -15,6 +15,7 @@ import signal
 
 from aiohttp import web
 
+from proxy.admin.probes import health_samples
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
@@ -26,6 +27,7 @@ from proxy.runtime import Runtime
 from proxy.settings import ConfigError, Loaded, load
 from proxy.settings.loader import digest
 from proxy.settings.spec import parse_listen
+from proxy.upstream.health import AppHealth
 from proxy.upstream.state import StateStore
 
 
@@ -55,6 +57,10 @@ class ProxyApp:
         self._stopped = asyncio.Event()
         self._failed_digest: str | None = None  # a broken config is reported once, not every poll
         self._admin_site: web.TCPSite | None = None
+        self.app_health: AppHealth | None = None
+        self.loop_lag = 0.0
+        self.checks_done = False   # the first round of active upstream checks has finished
+        self._health_source = functools.partial(health_samples, self)
 
     def _secrets_of(self, loaded: Loaded) -> frozenset[str]:
         # Old and new values both: a log line about the switch may still carry the rotated-out one.
@@ -79,9 +85,35 @@ class ProxyApp:
             await self.close()
             raise
         self.started = True
+        self.metrics.upstream_health.sources.append(self._health_source)
         self._spawn(self._watch())
+        self._spawn(self._watch_loop_lag())
+        self._spawn(self._first_checks())
         log.info("started", upstreams=sorted(runtime.upstreams), admin=loaded.settings.admin.listen,
                  config_hash=runtime.digest)
+
+    async def _first_checks(self) -> None:
+        """/health/startup waits for the first round of upstream checks (each bounded by its timeout)."""
+        await asyncio.gather(*(h.first_round.wait() for h in self.store.healths()))
+        self.checks_done = True
+        log.info("first_checks_done", checks=sum(1 for h in self.store.healths() if h.active))
+
+    async def _watch_loop_lag(self) -> None:
+        """Event-loop lag, measured the simple way: how late a 250 ms sleep wakes up."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.25)
+            self.loop_lag = max(0.0, loop.time() - t - 0.25)
+
+    def _sync_app_health(self, runtime: Runtime) -> None:
+        spec = runtime.settings.app
+        if self.app_health is not None and self.app_health.spec == spec:
+            return
+        if self.app_health is not None:
+            self.app_health.stop()
+        self.app_health = AppHealth(spec)
+        self.app_health.start()
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -106,6 +138,8 @@ class ProxyApp:
         for up in runtime.upstreams.values():
             up.metrics.activate()
         self.runtime = runtime
+        self.store.current = runtime
+        self._sync_app_health(runtime)
         self.access_log = runtime.settings.log.access
         log.set_level(runtime.settings.log.level)
         self.metrics.set_config_hash(runtime.digest)
@@ -167,6 +201,10 @@ class ProxyApp:
             await b.web_server.shutdown(timeout)
 
     async def close(self) -> None:
+        if self._health_source in self.metrics.upstream_health.sources:
+            self.metrics.upstream_health.sources.remove(self._health_source)
+        if self.app_health is not None:
+            self.app_health.stop()
         for t in list(self._tasks):
             t.cancel()
         for b in self._bound.values():

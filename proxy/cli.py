@@ -95,6 +95,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.config))
 
 
+def cmd_wait_ready(args: argparse.Namespace) -> int:
+    from proxy.settings.units import parse_duration
+    from proxy.status import wait_ready
+
+    return wait_ready(args.admin, float(parse_duration(args.timeout)))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from proxy.status import status
+
+    return status(args.admin, args.token_file, args.watch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resilience-proxy", description="A resilience sidecar for an app's dependencies.")
     p.add_argument("--version", action="version", version=f"resilience-proxy {__version__}")
@@ -109,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the proxy against built-in local upstreams")
     d.add_argument("--config", default=None, help="demo config (default: the packaged demo.yaml)")
     d.set_defaults(func=cmd_demo)
+    from proxy.status import DEFAULT_ADMIN
+
+    w = sub.add_parser("wait-ready", help="exit 0 once the sidecar has started (/health/startup), for app start gating")
+    w.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin URL (default {DEFAULT_ADMIN})")
+    w.add_argument("--timeout", default="60s")
+    w.set_defaults(func=cmd_wait_ready)
+    st = sub.add_parser("status", help="a table per upstream and track: breaker, rates, errors, p99, fallbacks")
+    st.add_argument("--admin", default=DEFAULT_ADMIN)
+    st.add_argument("--token-file", default=None)
+    st.add_argument("--watch", action="store_true", help="refresh every second")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -8,6 +8,7 @@ survives when the spec it depends on did not change.
 
 from __future__ import annotations
 
+import functools
 import random
 import ssl
 from bisect import bisect_right
@@ -39,6 +40,12 @@ from proxy.settings.spec import (
 )
 from proxy.upstream.http import HttpTerminal
 from proxy.upstream.state import StateStore, TargetState
+
+
+def _current_headers(store: StateStore, name: str):
+    """The request headers of the running config (the health check follows a rotated key)."""
+    up = store.current.upstreams.get(name) if store.current is not None else None
+    return up.request_headers if up is not None else {}
 
 
 class RouteRuntime:
@@ -76,7 +83,9 @@ class UpstreamRuntime:
                                    + (f": {exc.filename}" if getattr(exc, "filename", None) else "")]) from None
             except ValueError as exc:
                 raise ConfigError([f"upstreams.{name}.targets[{i}].url: {exc}"]) from None
-            self.targets.append(TargetState(t, store.breaker(name, spec, t), pool))
+            health = store.health(name, spec, t, pool, self.redis_targets.get(t.name),
+                                  functools.partial(_current_headers, store, name))
+            self.targets.append(TargetState(t, store.breaker(name, spec, t), pool, health))
         self.by_name = {t.name: t for t in self.targets}
         weighted = [t for t in self.targets if t.weight > 0]
         self._weighted = weighted

@@ -15,6 +15,7 @@ WORDS = ["Hello", " from", " the", " fake", " model", ",", " one", " chunk", " a
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.model_requests: list[dict] = []
         self.chunks = 10
         self.delay = 0.0                  # seconds between stream chunks
         self.fail_models: set[str] = set()  # these models answer 500
@@ -101,5 +102,6 @@ class FakeOpenAI:
                                   "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]})
 
     async def models(self, request: web.Request) -> web.Response:
-        self._record(request, None)
+        # the proxy's active health check lands here too: kept apart from the completions
+        self.model_requests.append({"auth": request.headers.getall("Authorization", [])})
         return web.json_response({"data": [{"id": "fake/model-a"}, {"id": "fake/model-b"}]})

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hmac
 import time
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
+from proxy.admin.probes import readiness
 from proxy.obs import log
 from proxy.settings import redacted
 from proxy.settings.spec import is_loopback, parse_listen
@@ -33,6 +35,7 @@ class Admin:
         a.router.add_get("/health/ready", self.ready)
         a.router.add_get("/health/startup", self.startup)
         a.router.add_get("/health", self.health)
+        a.router.add_get("/app-health/{kind:live|ready}", self.app_health)
         a.router.add_get("/admin/upstreams", self.upstreams)
         a.router.add_get("/admin/config", self.config)
         a.router.add_post("/admin/upstreams/{name}/breaker", self.breaker)
@@ -74,32 +77,48 @@ class Admin:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def live(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    def _ready(self) -> tuple[bool, str]:
-        if self.app.draining:
-            return False, "shutting_down"
-        if not self.app.started:
-            return False, "starting"
-        return True, "ready"
+        """The process and its event loop answer. Never depends on upstreams or the app."""
+        lag = self.app.loop_lag
+        limit = self.app.runtime.settings.liveness.max_loop_lag
+        ok = lag <= limit
+        return web.json_response({"status": "alive" if ok else "event_loop_stalled", "loop_lag_seconds": round(lag, 4),
+                                  "max_loop_lag_seconds": limit}, status=200 if ok else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
-        ok, status = self._ready()
-        return web.json_response({"status": "ready" if ok else "not_ready", "ready": ok, "reason": status},
-                                 status=200 if ok else 503)
+        ok, body = readiness(self.app)
+        return web.json_response(body, status=200 if ok else 503)
 
     async def startup(self, request: web.Request) -> web.Response:
-        ok = self.app.started
-        return web.json_response({"started": ok}, status=200 if ok else 503)
+        """The sidecar alone (config loaded, listeners bound, first checks done), never the app: the
+        app's start may be gated on this."""
+        ok = self.app.started and self.app.checks_done
+        return web.json_response({"started": ok, "listeners_bound": self.app.started,
+                                  "first_checks_done": self.app.checks_done}, status=200 if ok else 503)
 
     async def health(self, request: web.Request) -> web.Response:
-        ok, status = self._ready()
-        body = {"status": "ready" if ok else "not_ready", "ready": ok, "live": True, "reason": status,
-                "version": __version__, "uptime_seconds": round(time.monotonic() - self.started, 1),
-                "config_hash": self.app.runtime.digest}
+        ok, body = readiness(self.app)
+        live = self.app.loop_lag <= self.app.runtime.settings.liveness.max_loop_lag
+        body.update({"live": live, "version": __version__,
+                     "uptime_seconds": round(time.monotonic() - self.started, 1), "config_hash": self.app.runtime.digest})
         if self.app.last_reload_error:
-            body["last_reload_failed"] = True  # details (which may quote values) only under /admin/config
-        return web.json_response(body, status=200 if ok else 503)
+            body["last_reload_error"] = self.app.last_reload_error  # field paths and reasons; secrets scrubbed
+        return web.json_response(body, status=200 if ok and live else 503)
+
+    async def app_health(self, request: web.Request) -> web.Response:
+        """The app's own probe endpoint, proxied, so its probes can point at the sidecar's port without
+        coupling the sidecar's liveness to the app."""
+        spec = self.app.runtime.settings.app
+        url = spec.live_url if request.match_info["kind"] == "live" else spec.ready_url
+        if not url:
+            return web.json_response({"error": f"app.{request.match_info['kind']}_url is not configured"}, status=404)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=spec.timeout)) as s:
+                async with s.get(url) as r:
+                    body = await r.read()
+                    return web.Response(status=r.status, body=body,
+                                        content_type=r.content_type or "application/octet-stream")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return web.json_response({"error": f"app did not answer: {type(exc).__name__}"}, status=503)
 
     # -- /admin ----------------------------------------------------------------------------------------
     def _upstream(self, request: web.Request):

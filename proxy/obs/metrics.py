@@ -78,6 +78,30 @@ class PerSeriesHistogram(Collector):
 LLM_FIRST_BYTE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
+class CallbackGauge(Collector):
+    """A gauge family whose samples are read from live state at scrape time (nothing to keep in step)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.sources: list = []  # one per running app (tests run several in one process)
+        if registry is not None:
+            registry.register(self)
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        fam = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for source in list(self.sources):
+            for *labels, value in source():
+                fam.add_metric(labels, value)
+        yield fam
+
+    def describe(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         r = registry
@@ -127,6 +151,9 @@ class Metrics:
         self.redis_commands = Counter(
             "redis_commands", "Redis commands by class (read|write|blocking|transaction|tunnel|admin) and outcome.",
             ["name", "command_class", "outcome"], registry=r)
+        self.upstream_health = CallbackGauge(
+            "upstream_health", "1 when the track can take traffic (active checks passing or none, breaker not "
+            "open), else 0.", ("name", "track"), r)
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.settings.spec import (
     AdminSpec,
+    AppSpec,
+    LivenessSpec,
     LogSpec,
     ReloadSpec,
     ShutdownSpec,
@@ -39,6 +41,8 @@ class Settings(BaseSettings):
     shutdown: ShutdownSpec = ShutdownSpec()
     log: LogSpec = LogSpec()
     reload: ReloadSpec = ReloadSpec()
+    app: AppSpec = AppSpec()
+    liveness: LivenessSpec = LivenessSpec()
     upstreams: dict[str, UpstreamSpec] = {}
 
     @classmethod

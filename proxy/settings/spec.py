@@ -273,6 +273,7 @@ class LLMSpec(Spec):
 
 
 _OPENAI_DEFAULTS = {
+    "health": {"path": "/api/v1/models"},
     "limits": {"max_request_body": 10 * 1024 * 1024},
     "timeouts": {"attempt": 30.0, "total": 60.0, "first_byte": 30.0, "idle": 60.0},
     "fallback": {"methods": ["POST", "GET"], "cache_ttl": 3600.0, "stale_ttl": 86400.0},
@@ -306,6 +307,18 @@ def _with_defaults(data: dict, defaults: dict) -> dict:
     return out
 
 
+class HealthSpec(Spec):
+    """Active checks per target, run in the background; probes read their last result."""
+
+    enabled: bool = True
+    path: str | None = Field(default=None, pattern=r"^/")  # http: none = passive only; openai: /api/v1/models
+    interval: Duration = Field(default=10.0, gt=0)
+    timeout: Duration = Field(default=2.0, gt=0)
+    healthy_threshold: int = Field(default=1, ge=1)
+    unhealthy_threshold: int = Field(default=3, ge=1)
+    critical: bool = False
+
+
 class UpstreamSpec(Spec):
     protocol: Literal["http", "openai", "redis"] = "http"
     listen: str
@@ -321,6 +334,7 @@ class UpstreamSpec(Spec):
     metrics: MetricsSpec = MetricsSpec()
     llm: LLMSpec = LLMSpec()
     client_auth: ClientAuthSpec = ClientAuthSpec()
+    health: HealthSpec = HealthSpec()
 
     @model_validator(mode="before")
     @classmethod
@@ -406,3 +420,23 @@ class LogSpec(Spec):
 
 class ReloadSpec(Spec):
     interval: Duration = Field(default=5.0, gt=0)
+
+
+class AppSpec(Spec):
+    """The app next to the sidecar: its own probe endpoints, checked in the background."""
+
+    ready_url: str | None = None
+    live_url: str | None = None
+    interval: Duration = Field(default=5.0, gt=0)
+    timeout: Duration = Field(default=2.0, gt=0)
+
+    @field_validator("ready_url", "live_url")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s):// URL, got {v!r}")
+        return v
+
+
+class LivenessSpec(Spec):
+    max_loop_lag: Duration = Field(default=2.0, gt=0)  # /health/live turns 503 when the event loop lags more

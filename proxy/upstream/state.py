@@ -26,12 +26,12 @@ def _k(spec) -> str:
 class TargetState:
     """One target (track) as the request path sees it. Rebuilt per load, pointing at surviving state."""
 
-    __slots__ = ("name", "spec", "base", "weight", "breaker", "pool")
+    __slots__ = ("name", "spec", "base", "weight", "breaker", "pool", "health")
 
-    def __init__(self, spec: TargetSpec, breaker: BreakerState, pool: Any) -> None:
+    def __init__(self, spec: TargetSpec, breaker: BreakerState, pool: Any, health: Any = None) -> None:
         self.name, self.spec, self.weight = spec.name, spec, spec.weight
         self.base = spec.url.rstrip("/")
-        self.breaker, self.pool = breaker, pool
+        self.breaker, self.pool, self.health = breaker, pool, health
 
 
 class Counters:
@@ -56,6 +56,7 @@ class StateStore:
         self._used: set[tuple] = set()
         self._budgets: list[tuple[RetryBudget, float, int]] = []
         self._cache_groups: dict[str, list[FallbackCache]] = {}
+        self.current = None   # the live Runtime, set by the app at each swap
 
     def begin(self) -> None:
         self._used, self._staged, self._budgets = set(), {}, []
@@ -82,6 +83,13 @@ class StateStore:
         key = ("cache", upstream, _k(spec))
         return self._get(key, lambda: FallbackCache(upstream, spec, self.clock, upstream_metrics))
 
+    def health(self, upstream: str, up: UpstreamSpec, target: TargetSpec, pool, redis_target, headers):
+        from proxy.upstream.health import TargetHealth
+
+        key = ("health", upstream, target.name, target.url, up.protocol, _k(up.health))
+        return self._get(key, lambda: TargetHealth(upstream, target, up.health, up.protocol, pool, redis_target,
+                                                   headers))
+
     def redis_cache(self, upstream: str, spec, upstream_metrics):
         from proxy.redis.cache import RedisCache
 
@@ -104,6 +112,8 @@ class StateStore:
             obj = self.live.pop(key)
             if key[0] == "pool":
                 closing.append(obj)
+            elif key[0] == "health":
+                obj.stop()
         groups: dict[str, list[FallbackCache]] = {}
         for key, obj in self.live.items():
             if key[0] == "cache":
@@ -111,9 +121,11 @@ class StateStore:
         for name, group in groups.items():
             for c in group:
                 c.group = group  # the cache gauges sum over an upstream's caches (one per route spec)
-        for obj in self._staged.values():
+        for key, obj in self._staged.items():
             if isinstance(obj, BreakerState):
                 obj.activate()
+            elif key[0] == "health":
+                obj.start()
         self._staged = {}
         return closing
 
@@ -124,7 +136,12 @@ class StateStore:
     def pools(self) -> list:
         return [v for k, v in self.live.items() if k[0] == "pool"]
 
+    def healths(self) -> list:
+        return [v for k, v in self.live.items() if k[0] == "health"]
+
     async def close(self) -> None:
+        for h in self.healths():
+            h.stop()
         await asyncio.gather(*(p.close() for p in self.pools), return_exceptions=True)
         for k in [k for k in self.live if k[0] == "pool"]:
             del self.live[k]

@@ -211,7 +211,7 @@ async def test_secret_file_rotation_is_picked_up_and_never_logged(tmp_path, aioh
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 async with s.get(f"http://{cfg['admin']['listen']}/health") as r:
-                    if (await r.json()).get("last_reload_failed"):
+                    if (await r.json()).get("last_reload_error"):
                         break
                 await asyncio.sleep(0.1)
             async with s.get(f"http://{cfg['admin']['listen']}/admin/config") as r:

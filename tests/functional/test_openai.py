@@ -77,7 +77,8 @@ async def test_key_injected_placeholder_never_forwarded(fake, start_proxy, tmp_p
     p = await start_proxy(cfg)
     await client(p).chat.completions.create(model="m", messages=MSG)
     await client(p).models.list()
-    assert all(r["auth"] == ["Bearer sk-or-real-secret-key"] for r in fake.requests)
+    assert all(r["auth"] == ["Bearer sk-or-real-secret-key"] for r in fake.requests + fake.model_requests)
+    assert len(fake.requests) == 1 and fake.model_requests  # the health check carries the key too
     async with aiohttp.ClientSession() as s:
         async with s.get(p.admin + "/admin/config") as r:
             assert "sk-or-real-secret-key" not in await r.text()
