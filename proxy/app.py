@@ -19,6 +19,7 @@ from proxy.admin.probes import health_samples
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
+from proxy.listen.inbound import InboundListener
 from proxy.listen.openai import OpenAIListener
 from proxy.redis.listener import RedisClientProtocol
 from proxy.obs import log
@@ -58,6 +59,8 @@ class ProxyApp:
         self._failed_digest: str | None = None  # a broken config is reported once, not every poll
         self._admin_site: web.TCPSite | None = None
         self.app_health: AppHealth | None = None
+        self.inbound = InboundListener(self)
+        self._inbound_bound: _Bound | None = None
         self.loop_lag = 0.0
         self.checks_done = False   # the first round of active upstream checks has finished
         self._health_source = functools.partial(health_samples, self)
@@ -136,7 +139,7 @@ class ProxyApp:
         old = self.runtime
         closing = self.store.commit()  # staged state goes live; what the new runtime dropped goes
         for up in runtime.upstreams.values():
-            up.metrics.activate()
+            up.activate()
         self.runtime = runtime
         self.store.current = runtime
         self._sync_app_health(runtime)
@@ -187,11 +190,35 @@ class ProxyApp:
             for b in opened.values():
                 b.server.close()
             raise
+        await self._bind_inbound(runtime)
         stale = [b for n, b in self._bound.items() if n not in runtime.upstreams or n in opened]
         self._bound = {n: b for n, b in self._bound.items() if n in runtime.upstreams and n not in opened}
         self._bound.update(opened)
         for b in stale:
             self._spawn(self._close_listener(b))
+
+    async def _bind_inbound(self, runtime: Runtime) -> None:
+        spec = runtime.settings.inbound
+        listen = spec.listen if spec is not None else None
+        current = self._inbound_bound
+        if current is not None and current.key == listen:
+            return
+        if listen is not None:
+            host, port = parse_listen(listen)
+            if current is not None and current.key == listen:
+                return
+            if current is not None and parse_listen(current.key)[1] == port:
+                current.server.close()
+            ws = web.Server(self.inbound.handle, access_log=None, max_line_size=65536, max_field_size=65536)
+            try:
+                server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True, backlog=1024)
+            except OSError as exc:
+                raise StartupError(f"inbound.listen {host}:{port}: {exc.strerror or exc}") from None
+            self._inbound_bound = _Bound(listen, server, ws)
+        else:
+            self._inbound_bound = None
+        if current is not None:
+            self._spawn(self._close_listener(current))
 
     async def _close_listener(self, b: _Bound, timeout: float | None = None) -> None:
         b.server.close()
@@ -207,10 +234,13 @@ class ProxyApp:
             self.app_health.stop()
         for t in list(self._tasks):
             t.cancel()
-        for b in self._bound.values():
+        bound = list(self._bound.values()) + ([self._inbound_bound] if self._inbound_bound else [])
+        for b in bound:
             b.server.close()
-        await asyncio.gather(*(b.web_server.shutdown(1.0) for b in self._bound.values() if b.web_server is not None),
+        await asyncio.gather(*(b.web_server.shutdown(1.0) for b in bound if b.web_server is not None),
                              return_exceptions=True)
+        self._inbound_bound = None
+        await self.inbound.close()
         self._bound.clear()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

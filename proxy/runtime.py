@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import random
 import ssl
-from bisect import bisect_right
-from itertools import accumulate
 
 from multidict import CIMultiDict
 
@@ -20,6 +18,7 @@ from proxy.clock import Clock
 from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover
 from proxy.redis import commands as redis_commands
 from proxy.redis.upstream import RedisTarget
+from proxy.route.tracks import TrackChooser
 from proxy.obs.metrics import METRICS, UpstreamMetrics
 from proxy.policy.base import Handler, build_chain
 from proxy.policy.breaker import Breaker
@@ -85,11 +84,13 @@ class UpstreamRuntime:
                 raise ConfigError([f"upstreams.{name}.targets[{i}].url: {exc}"]) from None
             health = store.health(name, spec, t, pool, self.redis_targets.get(t.name),
                                   functools.partial(_current_headers, store, name))
-            self.targets.append(TargetState(t, store.breaker(name, spec, t), pool, health))
+            canary = store.canary(name, spec, t) if i > 0 else None
+            self.targets.append(TargetState(t, store.breaker(name, spec, t), pool, health, canary))
         self.by_name = {t.name: t for t in self.targets}
-        weighted = [t for t in self.targets if t.weight > 0]
-        self._weighted = weighted
-        self._cum = list(accumulate(t.weight for t in weighted))
+        self.store = store
+        self.configured_weights = {t.name: t.weight for t in self.targets}
+        self.track_header = spec.canary.track_header
+        self.refresh_tracks(publish=False)
         self.request_headers = CIMultiDict(spec.request_headers)
         self.limits = spec.limits
         self.routes: list[RouteRuntime] = []
@@ -163,18 +164,40 @@ class UpstreamRuntime:
                 return r
         return self.default_route
 
+    def effective_weights(self) -> dict[str, int]:
+        weights = dict(self.store.operator_weights(self.name, self.configured_weights) or self.configured_weights)
+        for t in self.targets:
+            if t.canary is not None and t.canary.aborted:
+                weights[t.name] = 0
+        return weights
+
+    def refresh_tracks(self, publish: bool = True) -> None:
+        """Rebuild the track chooser from the effective weights (one assignment; requests in flight keep
+        the chooser they started with)."""
+        weights = self.effective_weights()
+        self.weights = weights
+        self.chooser = TrackChooser(self.targets, weights, self.spec.canary)
+        if publish:
+            self._publish_weights()
+
+    def _publish_weights(self) -> None:
+        m = self.metrics.m
+        for t in self.targets:
+            m.canary_weight.labels(self.name, t.name).set(self.weights.get(t.name, 0))
+
+    def activate(self) -> None:
+        """This runtime went live: its series speak for the upstream now."""
+        self.refresh_tracks()  # aborts or operator weights may have changed since the build
+        self.metrics.activate()
+
     def pick(self, rand=random.random) -> TargetState:
-        """Weighted choice; a track whose breaker is open hands its share to the healthy ones."""
-        weighted = self._weighted
-        if len(weighted) == 1:
-            t = weighted[0]
-        else:
-            t = weighted[bisect_right(self._cum, rand() * self._cum[-1])]
-        if t.breaker.is_open:
-            for other in weighted:
-                if not other.breaker.is_open:
-                    return other
-        return t
+        """Weighted choice without request headers (Redis picks once per connection)."""
+        return self.chooser.choose(None, rand)[0]
+
+    def record_outcome(self, target: TargetState, error: bool, latency: float) -> None:
+        """Feed the canary watchdog; an abort takes the track out at once."""
+        if target.canary is not None and target.canary.record(error, latency):
+            self.refresh_tracks()
 
 
 class Runtime:

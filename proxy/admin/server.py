@@ -40,6 +40,7 @@ class Admin:
         a.router.add_get("/admin/config", self.config)
         a.router.add_post("/admin/upstreams/{name}/breaker", self.breaker)
         a.router.add_delete("/admin/upstreams/{name}/cache", self.purge)
+        a.router.add_post("/admin/upstreams/{name}/weights", self.set_weights)
         a.router.add_post("/admin/log-level", self.log_level)
         a.router.add_post("/admin/reload", self.reload)
         return a
@@ -136,7 +137,8 @@ class Admin:
             for t in up.targets:
                 b = t.breaker
                 targets[t.name] = {
-                    "url": _safe_url(t.spec.url), "weight": t.weight,
+                    "url": _safe_url(t.spec.url), "weight": t.weight, "effective_weight": up.weights.get(t.name, 0),
+                    "canary": t.canary.snapshot() if t.canary is not None else None,
                     "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
                                 "last_failure": b.last_failure},
                 }
@@ -173,6 +175,33 @@ class Admin:
             return _json_error(404, f"no track {track!r} on upstream {up.name!r}")
         target.breaker.force(state)
         return web.json_response({"upstream": up.name, "track": track, "state": target.breaker.state})
+
+    async def set_weights(self, request: web.Request) -> web.Response:
+        """`{"stable": 100, "canary": 0}`: a blue/green switch or a rollback by hand. Holds until the
+        configured weights change; clears an automatic abort of the tracks it names."""
+        up = self._upstream(request)
+        try:
+            data = await request.json()
+            if not isinstance(data, dict) or not data:
+                raise ValueError
+            weights = {str(k): int(v) for k, v in data.items()}
+        except (ValueError, TypeError):
+            return _json_error(400, 'body must be JSON like {"stable": 95, "canary": 5}')
+        unknown = [k for k in weights if k not in up.by_name]
+        if unknown or any(not 0 <= w <= 100 for w in weights.values()):
+            return _json_error(400, f"weights are 0..100 for tracks {sorted(up.by_name)}; unknown: {unknown}")
+        merged = {**up.configured_weights, **weights}
+        if sum(merged.values()) == 0:
+            return _json_error(400, "at least one track needs a weight above 0")
+        self.app.store.weights[up.name] = (dict(up.configured_weights), merged)
+        for name in weights:
+            c = up.by_name[name].canary
+            if c is not None and c.aborted:
+                c.aborted = None
+                c.window.clear()
+        up.refresh_tracks()
+        log.warning("weights_set", upstream=up.name, weights=merged)
+        return web.json_response({"upstream": up.name, "weights": up.weights})
 
     async def purge(self, request: web.Request) -> web.Response:
         up = self._upstream(request)

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from proxy.obs import log
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
+from proxy.route.tracks import BadOverride
 from proxy.upstream.http import BodyTooLarge
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -224,8 +225,14 @@ class HttpListener:
             if cl != 0 and request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
             body, replayable = await self.read_body(request, route, cl, up.limits.max_request_body)
+            try:
+                target, _forced = up.chooser.choose(request.headers)
+            except BadOverride as exc:
+                raise Refused(400, "bad_canary_override", str(exc)) from None
+            if up.track_header:
+                out[up.track_header] = target.name
             preq = ProxyRequest(request.method, request.raw_path, request.path, out, request.headers, body,
-                                replayable, rid, route.name, up.pick(), route.idempotent(request.method, request.headers))
+                                replayable, rid, route.name, target, route.idempotent(request.method, request.headers))
             chain = await self.prepare(request, up, route, preq)
         except Refused as r:
             if route is not None:
@@ -249,6 +256,11 @@ class HttpListener:
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 status, sent = "client_closed", web.Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
+            if preq.target.canary is not None and resp.outcome != "shed" and (
+                    resp.failure is None or resp.failure.kind != "bad_request"):
+                # the track's own result: a fallback means its upstream failed
+                error = resp.outcome == "fallback" or status[0] == "5" or status == "reset"
+                up.record_outcome(preq.target, error, time.monotonic() - started)
             if self.app.access_log:
                 log.info("access", upstream=self.name, request_id=preq.request_id, method=preq.method,
                          path=preq.path, status=status, outcome=resp.outcome, track=track, route=route.name,
@@ -272,7 +284,8 @@ class HttpListener:
                         error=f.error_type, message=f.message, attempts=preq.attempts)
         return self.error(resp.status, f.error_type, f.message, preq.request_id, headers)
 
-    def response_headers(self, resp: ProxyResponse, rid: str) -> CIMultiDict:
+    def response_headers(self, resp: ProxyResponse, rid: str, track_header: str | None = None,
+                         track: str | None = None) -> CIMultiDict:
         headers = CIMultiDict()
         listed = connection_listed(resp.headers)
         for k, v in resp.headers.items():
@@ -280,16 +293,20 @@ class HttpListener:
             if lk not in _RESP_DROP and lk not in listed:
                 headers.add(k, v)
         headers["X-Request-Id"] = rid
+        if track_header and track:
+            headers[track_header] = track
         return headers
 
     async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest,
                       resp: ProxyResponse) -> tuple[str, web.StreamResponse]:
         if resp.stream is None and resp.body is None:
             r = self.error_response(preq, resp)  # an error the proxy produced; no fallback could serve it
+            if up.track_header:
+                r.headers[up.track_header] = preq.target.name
             await r.prepare(request)
             await r.write_eof()
             return str(resp.status), r
-        headers = self.response_headers(resp, preq.request_id)
+        headers = self.response_headers(resp, preq.request_id, up.track_header, preq.target.name)
         head = request.method == "HEAD"
         no_body = head or resp.status in (204, 304) or resp.status < 200
         cr = resp.stream

@@ -154,7 +154,7 @@ class OpenAIListener(HttpListener):
         extra = preq.extra
         model = extra.get("model", "other")
         up.metrics.first_byte(model, time.monotonic() - extra["t0"])
-        headers = self.response_headers(resp, preq.request_id)
+        headers = self.response_headers(resp, preq.request_id, up.track_header, preq.target.name)
         headers.popall("Content-Length", None)
         sr = web.StreamResponse(status=200, headers=headers)
         await sr.prepare(request)

@@ -154,6 +154,15 @@ class Metrics:
         self.upstream_health = CallbackGauge(
             "upstream_health", "1 when the track can take traffic (active checks passing or none, breaker not "
             "open), else 0.", ("name", "track"), r)
+        self.canary_aborts = Counter("canary_aborts", "Canary tracks aborted by the local rollback watchdog.",
+                                     ["name", "track", "reason"], registry=r)
+        self.canary_weight = Gauge("canary_weight", "Effective weight of each track (after aborts and operator "
+                                   "overrides).", ["name", "track"], registry=r)
+        self.inbound_requests = Counter("http_requests", "The app's inbound traffic (golden metrics).",
+                                        ["method", "status", "track"], registry=r)
+        self.inbound_duration = PerSeriesHistogram("http_request_duration_seconds",
+                                                   "The app's inbound latency, request → response headers.",
+                                                   ("method", "track"), r)
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 

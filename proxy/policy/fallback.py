@@ -23,6 +23,7 @@ from proxy.settings.spec import FallbackSpec
 _NOT_STORED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "date",
                          "x-request-id", "set-cookie", "age"})
 _PRIVATE = ("authorization", "cookie")
+_EPISODE_QUIET = 1.0
 
 
 class Entry:
@@ -56,6 +57,7 @@ class FallbackCache:
         self.episode: str | None = None   # the reason of the fallback episode in progress, for logs
         self.served_in_episode = 0
         self.group: list[FallbackCache] = [self]  # every cache of this upstream, set at commit
+        self.last_served = 0.0
 
     def __len__(self) -> int:
         self.cache.expire()
@@ -173,12 +175,17 @@ class Fallback:
 
     def _count_episode(self, reason: Reason) -> None:
         c = self.cache
+        c.last_served = self.clock.monotonic()
         if c.episode is None:
             c.episode, c.served_in_episode = reason.value, 0
             log.warning("fallback_started", upstream=c.upstream, reason=reason.value)
         c.served_in_episode += 1
 
     def _end_episode(self) -> None:
+        """An episode ends at a fresh answer at least a second after the last fallback: scattered errors
+        make one episode, not a log line per request."""
         c = self.cache
+        if self.clock.monotonic() - c.last_served < _EPISODE_QUIET:
+            return
         log.info("fallback_ended", upstream=c.upstream, reason=c.episode, served=c.served_in_episode)
         c.episode = None

@@ -170,6 +170,8 @@ class RedisClientProtocol(asyncio.Protocol):
         up.metrics.duration(cmd.target.name, elapsed)
         status = "error" if kind == "error" else "ok"
         up.count(cmd.target.name, cmd.cls, status, "upstream")
+        if cmd.target.canary is not None:
+            up.record_outcome(cmd.target, False, elapsed)
         if kind == "ok" and cmd.cls == "read" and up.cache is not None:
             up.cache.store(cmd.db, cmd.proto, cmd.raw, cmd.keys, raw)
         elif cmd.cls == "write" and up.cache is not None and cmd.keys:
@@ -180,6 +182,8 @@ class RedisClientProtocol(asyncio.Protocol):
         up = self.up
         elapsed = self.app.clock.monotonic() - cmd.started
         cmd.target.breaker.record(cmd.token, Verdict.FAILURE, elapsed)
+        if cmd.target.canary is not None:
+            up.record_outcome(cmd.target, True, elapsed)
         if self.closing:
             return
         if cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open:

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from proxy.settings.spec import (
     AdminSpec,
     AppSpec,
+    InboundSpec,
     LivenessSpec,
     LogSpec,
     ReloadSpec,
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     reload: ReloadSpec = ReloadSpec()
     app: AppSpec = AppSpec()
     liveness: LivenessSpec = LivenessSpec()
+    inbound: InboundSpec | None = None
     upstreams: dict[str, UpstreamSpec] = {}
 
     @classmethod
@@ -53,6 +55,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _unique_ports(self) -> Settings:
         seen: dict[int, str] = {parse_listen(self.admin.listen)[1]: "admin.listen"}
+        if self.inbound is not None:
+            port = parse_listen(self.inbound.listen)[1]
+            if port in seen:
+                raise ValueError(f"inbound.listen: port {port} is already used by admin.listen")
+            seen[port] = "inbound.listen"
         for name, up in self.upstreams.items():
             if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", name):
                 raise ValueError(f"upstreams: {name!r}: names are lowercase letters, digits, '-' and '_'")

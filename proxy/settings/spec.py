@@ -319,6 +319,25 @@ class HealthSpec(Spec):
     critical: bool = False
 
 
+class RollbackSpec(Spec):
+    """Local automated rollback of a canary track (any track but the first)."""
+
+    enabled: bool = True
+    window: Duration = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=100, ge=1)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    min_success_rate: float = Field(default=0.99, ge=0, le=1)
+    max_p99: Duration = Field(default=5.0, gt=0)
+
+
+class CanarySpec(Spec):
+    override_header: str | None = "X-Canary"     # always | never | <track name>
+    sticky_header: str | None = "X-User-Id"
+    sticky_cookie: str | None = None
+    track_header: str | None = "X-Canary-Track"  # the chosen track, sent upstream and back to the client
+    rollback: RollbackSpec = RollbackSpec()
+
+
 class UpstreamSpec(Spec):
     protocol: Literal["http", "openai", "redis"] = "http"
     listen: str
@@ -335,6 +354,7 @@ class UpstreamSpec(Spec):
     llm: LLMSpec = LLMSpec()
     client_auth: ClientAuthSpec = ClientAuthSpec()
     health: HealthSpec = HealthSpec()
+    canary: CanarySpec = CanarySpec()
 
     @model_validator(mode="before")
     @classmethod
@@ -436,6 +456,31 @@ class AppSpec(Spec):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s):// URL, got {v!r}")
         return v
+
+
+class InboundSpec(Spec):
+    """A reverse proxy in front of the app's own port that records the golden metrics of its traffic."""
+
+    listen: str = "0.0.0.0:8080"
+    app_url: str = "http://127.0.0.1:8000"
+    track: str = Field(default="stable", pattern=r"^[A-Za-z0-9._-]{1,63}$")  # e.g. ${env:ROLLOUT_TRACK}
+    max_header_bytes: Size = Field(default=16 * 1024, ge=256)
+    max_request_body: Size | None = None
+    idle_timeout: Duration = Field(default=300.0, gt=0)
+    buckets: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @field_validator("app_url")
+    @classmethod
+    def _app(cls, v: str) -> str:
+        if not v.startswith("http://"):
+            raise ValueError(f"must be an http:// URL of the app's port, got {v!r}")
+        return v.rstrip("/")
 
 
 class LivenessSpec(Spec):

@@ -26,12 +26,14 @@ def _k(spec) -> str:
 class TargetState:
     """One target (track) as the request path sees it. Rebuilt per load, pointing at surviving state."""
 
-    __slots__ = ("name", "spec", "base", "weight", "breaker", "pool", "health")
+    __slots__ = ("name", "spec", "base", "weight", "breaker", "pool", "health", "canary")
 
-    def __init__(self, spec: TargetSpec, breaker: BreakerState, pool: Any, health: Any = None) -> None:
+    def __init__(self, spec: TargetSpec, breaker: BreakerState, pool: Any, health: Any = None,
+                 canary: Any = None) -> None:
         self.name, self.spec, self.weight = spec.name, spec, spec.weight
         self.base = spec.url.rstrip("/")
         self.breaker, self.pool, self.health = breaker, pool, health
+        self.canary = canary  # rollback watchdog state, for every track but the first
 
 
 class Counters:
@@ -57,9 +59,11 @@ class StateStore:
         self._budgets: list[tuple[RetryBudget, float, int]] = []
         self._cache_groups: dict[str, list[FallbackCache]] = {}
         self.current = None   # the live Runtime, set by the app at each swap
+        self._reconfigure: list = []
+        self.weights: dict[str, tuple[dict[str, int], dict[str, int]]] = {}  # upstream → (configured, operator)
 
     def begin(self) -> None:
-        self._used, self._staged, self._budgets = set(), {}, []
+        self._used, self._staged, self._budgets, self._reconfigure = set(), {}, [], []
 
     def _get(self, key: tuple, make):
         self._used.add(key)
@@ -90,6 +94,22 @@ class StateStore:
         return self._get(key, lambda: TargetHealth(upstream, target, up.health, up.protocol, pool, redis_target,
                                                    headers))
 
+    def canary(self, upstream: str, up: UpstreamSpec, target: TargetSpec):
+        from proxy.route.rollback import CanaryState
+
+        key = ("canary", upstream, target.name)  # not keyed by spec: an abort holds across reloads
+        state = self._get(key, lambda: CanaryState(upstream, target.name, up.canary.rollback, self.clock, self.metrics,
+                                                   (target.weight, target.url)))
+        self._reconfigure.append((state, up.canary.rollback, (target.weight, target.url)))
+        return state
+
+    def operator_weights(self, upstream: str, configured: dict[str, int]) -> dict[str, int] | None:
+        """Weights set through the admin API, while the configured weights are the ones they overrode."""
+        entry = self.weights.get(upstream)
+        if entry is None or entry[0] != configured:
+            return None
+        return entry[1]
+
     def redis_cache(self, upstream: str, spec, upstream_metrics):
         from proxy.redis.cache import RedisCache
 
@@ -107,6 +127,8 @@ class StateStore:
         self.live.update(self._staged)
         for budget, ratio, minimum in self._budgets:
             budget.ratio, budget.minimum = ratio, minimum
+        for state, spec, configured in self._reconfigure:
+            state.reconfigure(spec, configured)
         closing = []
         for key in [k for k in self.live if k not in self._used]:
             obj = self.live.pop(key)
@@ -130,7 +152,7 @@ class StateStore:
         return closing
 
     def abort(self) -> None:
-        self._staged, self._budgets = {}, []
+        self._staged, self._budgets, self._reconfigure = {}, [], []
 
     @property
     def pools(self) -> list:
