@@ -108,6 +108,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status(args.admin, args.token_file, args.watch)
 
 
+def _inject_options(args: argparse.Namespace):
+    from proxy.k8s.sidecar import Options
+
+    kw = {"native": not args.classic, "app_env": args.app_env, "app_probes": args.app_probes}
+    if args.image:
+        kw["image"] = args.image
+    return Options(**kw)
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from proxy.k8s.inject import main as inject_main
+
+    return inject_main(args.file, _inject_options(args))
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from proxy.k8s.webhook import serve
+    from proxy.obs import log
+    from proxy.settings.spec import parse_listen
+
+    log.configure("info")
+    host, port = parse_listen(args.listen)
+    _install_uvloop()
+    try:
+        return asyncio.run(serve(host, port, args.tls_cert, args.tls_key, _inject_options(args)))
+    except OSError as exc:
+        print(f"cannot start the webhook: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _add_inject_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classic", action="store_true", help="a classic sidecar container (clusters before 1.29)")
+    p.add_argument("--image", default=None, help="the sidecar image")
+    p.add_argument("--app-env", action="store_true", help="point the app at the local listeners (env)")
+    p.add_argument("--app-probes", action="store_true", help="point the app's probes at /app-health/*")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resilience-proxy", description="A resilience sidecar for an app's dependencies.")
     p.add_argument("--version", action="version", version=f"resilience-proxy {__version__}")
@@ -133,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--token-file", default=None)
     st.add_argument("--watch", action="store_true", help="refresh every second")
     st.set_defaults(func=cmd_status)
+    i = sub.add_parser("inject", help="add the sidecar to Kubernetes YAML (stdin or -f)")
+    i.add_argument("-f", "--file", default="-", help="a YAML file, or - for stdin (default)")
+    _add_inject_flags(i)
+    i.set_defaults(func=cmd_inject)
+    wh = sub.add_parser("webhook", help="serve the mutating admission webhook over TLS")
+    wh.add_argument("--tls-cert", required=True)
+    wh.add_argument("--tls-key", required=True)
+    wh.add_argument("--listen", default="0.0.0.0:8443")
+    _add_inject_flags(wh)
+    wh.set_defaults(func=cmd_webhook)
     return p
 
 

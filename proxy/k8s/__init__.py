@@ -1,0 +1,1 @@
+"""Kubernetes integration: the injector (CLI and admission webhook). Not on the data path."""
