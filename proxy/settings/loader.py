@@ -29,6 +29,9 @@ from proxy.settings.spec import (
 
 DEFAULT_PATH = "/etc/resilience-proxy/config.yaml"
 _REF = re.compile(r"\$\{(env|file):([^}]+)\}")
+# Stands in for an unresolved reference when check-config only warns about it (a plain word, so the rest
+# of the value still validates).
+_UNRESOLVED = "unresolved"
 # Header names whose literal values are credentials: shown redacted in /admin/config.
 _SENSITIVE = re.compile(r"auth|token|key|secret|passw|cookie|session|signature|credential", re.I)
 
@@ -126,7 +129,7 @@ def _resolve(node: Any, path: str, errors: list[str], files: set[str], secrets: 
         if kind == "env":
             if ref not in os.environ:
                 errors.append(f"{path}: environment variable {ref} is not set")
-                return ""
+                return _UNRESOLVED
             value = os.environ[ref]
         else:
             files.add(ref)
@@ -135,7 +138,7 @@ def _resolve(node: Any, path: str, errors: list[str], files: set[str], secrets: 
                     value = f.read().rstrip()  # Secret files often end in a newline
             except OSError as exc:
                 errors.append(f"{path}: cannot read {ref}: {exc.strerror or exc}")
-                return ""
+                return _UNRESOLVED
         if value:
             secrets.add(value)
         return value
