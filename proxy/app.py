@@ -15,7 +15,7 @@ import signal
 
 from aiohttp import web
 
-from proxy.admin.probes import health_samples
+from proxy.admin.probes import cache_samples, health_samples, in_flight_samples
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
@@ -63,7 +63,12 @@ class ProxyApp:
         self._inbound_bound: _Bound | None = None
         self.loop_lag = 0.0
         self.checks_done = False   # the first round of active upstream checks has finished
-        self._health_source = functools.partial(health_samples, self)
+        self._sources = [
+            (self.metrics.upstream_health, functools.partial(health_samples, self)),
+            (self.metrics.in_flight, functools.partial(in_flight_samples, self)),
+            (self.metrics.cache_entries, functools.partial(cache_samples, self, "entries")),
+            (self.metrics.cache_bytes, functools.partial(cache_samples, self, "bytes")),
+        ]
 
     def _secrets_of(self, loaded: Loaded) -> frozenset[str]:
         # Old and new values both: a log line about the switch may still carry the rotated-out one.
@@ -88,7 +93,8 @@ class ProxyApp:
             await self.close()
             raise
         self.started = True
-        self.metrics.upstream_health.sources.append(self._health_source)
+        for family, source in self._sources:
+            family.sources.append(source)
         self._spawn(self._watch())
         self._spawn(self._watch_loop_lag())
         self._spawn(self._first_checks())
@@ -228,8 +234,9 @@ class ProxyApp:
             await b.web_server.shutdown(timeout)
 
     async def close(self) -> None:
-        if self._health_source in self.metrics.upstream_health.sources:
-            self.metrics.upstream_health.sources.remove(self._health_source)
+        for family, source in self._sources:
+            if source in family.sources:
+                family.sources.remove(source)
         if self.app_health is not None:
             self.app_health.stop()
         for t in list(self._tasks):

@@ -86,3 +86,20 @@ def health_samples(app):
     for name, up in rt.upstreams.items():
         for t in up.targets:
             yield name, t.name, 0.0 if _target_down(t) else 1.0
+
+
+def in_flight_samples(app):
+    rt = app.runtime
+    if rt is None:
+        return
+    for name, up in rt.upstreams.items():
+        yield name, float(up.counters.in_flight)
+
+
+def cache_samples(app, attr: str):
+    rt = app.runtime
+    if rt is None:
+        return
+    for name, up in rt.upstreams.items():
+        caches = up.caches()
+        yield name, float(sum(len(c) if attr == "entries" else c.bytes for c in caches))

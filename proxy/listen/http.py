@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.obs import log
+from proxy.upstream.h1 import UpstreamClosed
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
 from proxy.upstream.http import BodyTooLarge
@@ -38,7 +39,7 @@ _NETWORK_ERRORS = ("upstream_reset", "connect_failure", "timeout", "connect_time
 def new_request_id(given: str | None) -> str:
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as a uuid4, without building a UUID object
 
 
 def connection_listed(headers) -> frozenset[str]:
@@ -202,7 +203,6 @@ class HttpListener:
         counters = up.counters
         counters.in_flight += 1
         counters.budget.active += 1
-        up.metrics.in_flight.inc()
         try:
             return await self._handle(request, up, rid)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionResetError):
@@ -211,7 +211,6 @@ class HttpListener:
         finally:
             counters.in_flight -= 1
             counters.budget.active -= 1
-            up.metrics.in_flight.dec()
 
     async def _handle(self, request: web.BaseRequest, up, rid: str) -> web.StreamResponse:
         route = None
@@ -317,7 +316,7 @@ class HttpListener:
                 # is still before anything reached the client, so it gets a clean 502.
                 try:
                     resp.body = await cr.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
                     return self._failed_before_headers(preq, resp, exc)
                 cr = None
                 if resp.capture is not None:
@@ -349,7 +348,7 @@ class HttpListener:
                         buf = None
                     else:
                         buf.append(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError):
                 raise  # our client went away, not the upstream
             self._failed_after_headers(request, preq, resp, exc, size)

@@ -21,6 +21,7 @@ from proxy.listen.http import _REQ_DROP, HttpListener, Refused
 from proxy.llm import sse
 from proxy.llm.policy import cache_key, error_event
 from proxy.obs import log
+from proxy.upstream.h1 import UpstreamClosed
 from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
@@ -177,7 +178,7 @@ class OpenAIListener(HttpListener):
                 chunk = await resp.stream.content.readany()
             if pending:
                 await sr.write(pending)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError):
                 raise  # the app went away
             resp.finish(Verdict.FAILURE)

@@ -119,7 +119,8 @@ class Metrics:
             "Time from request to response headers per upstream and track (upstream answers only).",
             ("name", "track"), r,
         )
-        self.in_flight = Gauge("upstream_in_flight", "Requests in flight per upstream.", ["name"], registry=r)
+        # Read from live state at scrape time: nothing on the request path keeps them in step.
+        self.in_flight = CallbackGauge("upstream_in_flight", "Requests in flight per upstream.", ("name",), r)
         self.breaker_state = Gauge(
             "circuit_breaker_state",
             "Breaker state per upstream track: 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed.",
@@ -139,8 +140,8 @@ class Metrics:
             "fallback_responses", "Responses served by a fallback. source: cache|stale|static|degraded.",
             ["name", "source", "reason"], registry=r,
         )
-        self.cache_entries = Gauge("fallback_cache_entries", "Entries in the fallback cache.", ["name"], registry=r)
-        self.cache_bytes = Gauge("fallback_cache_bytes", "Bytes held by the fallback cache.", ["name"], registry=r)
+        self.cache_entries = CallbackGauge("fallback_cache_entries", "Entries in the fallback cache.", ("name",), r)
+        self.cache_bytes = CallbackGauge("fallback_cache_bytes", "Bytes held by the fallback cache.", ("name",), r)
         self.llm_first_byte = PerSeriesHistogram(
             "llm_stream_first_byte_seconds",
             "Streaming LLM calls: request sent → first event, per model (configured names, else `other`).",
@@ -178,16 +179,13 @@ class UpstreamMetrics:
     """The children one upstream uses, created at build time. Status children are cached per code on
     first use: the set of codes is bounded (100-599) and each costs one `labels()` call once."""
 
-    __slots__ = ("name", "m", "buckets", "in_flight", "_req", "_dur", "shed", "budget_exhausted",
-                 "cache_entries", "cache_bytes", "_retries", "_fallbacks", "_models", "_first_byte", "_tokens")
+    __slots__ = ("name", "m", "buckets", "_req", "_dur", "shed", "budget_exhausted",
+                 "_retries", "_fallbacks", "_models", "_first_byte", "_tokens")
 
     def __init__(self, name: str, tracks: Iterable[str], buckets: tuple[float, ...], m: Metrics = METRICS) -> None:
         self.name, self.m, self.buckets = name, m, buckets
-        self.in_flight = m.in_flight.labels(name)
         self.shed = m.shed.labels(name)
         self.budget_exhausted = m.budget_exhausted.labels(name)
-        self.cache_entries = m.cache_entries.labels(name)
-        self.cache_bytes = m.cache_bytes.labels(name)
         self._req: dict[tuple[str, str, str, str], object] = {}
         self._dur = {t: m.duration.labels(name, t, buckets=buckets) for t in tracks}
         self._retries: dict[str, object] = {}

@@ -187,6 +187,8 @@ class BreakerState:
                 self.trip()
                 return
         if self.spec.mode == "consecutive":
+            if not failed and self.cb._state_storage.counter == 0:
+                return  # a success on a clean record changes nothing: skip pybreaker's lock and listeners
             self._call(_fail if failed else _ok)
 
     def _window_trips(self) -> bool:

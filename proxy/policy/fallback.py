@@ -56,7 +56,6 @@ class FallbackCache:
         self.cache = _Cache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic)
         self.episode: str | None = None   # the reason of the fallback episode in progress, for logs
         self.served_in_episode = 0
-        self.group: list[FallbackCache] = [self]  # every cache of this upstream, set at commit
         self.last_served = 0.0
 
     def __len__(self) -> int:
@@ -67,9 +66,6 @@ class FallbackCache:
     def bytes(self) -> int:
         return self.cache.currsize
 
-    def _gauges(self) -> None:
-        self.metrics.cache_entries.set(sum(len(c.cache) for c in self.group))
-        self.metrics.cache_bytes.set(sum(c.cache.currsize for c in self.group))
 
     def store(self, key: bytes, status: int, headers, body: bytes) -> None:
         if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:
@@ -79,7 +75,6 @@ class FallbackCache:
         if entry.size > self.cache.maxsize:
             return
         self.cache[key] = entry
-        self._gauges()
 
     def get(self, key: bytes) -> Entry | None:
         e = self.cache.get(key)
@@ -88,7 +83,6 @@ class FallbackCache:
     def clear(self) -> int:
         n = len(self.cache)
         self.cache.clear()
-        self._gauges()
         return n
 
 

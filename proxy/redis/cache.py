@@ -33,7 +33,6 @@ class RedisCache:
         self.index: dict[tuple[int, bytes], set[tuple]] = {}   # (db, key) → cache keys
         self.by_db: dict[int, set[tuple]] = {}
         self.cache = _Bounded(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic, self._forget)
-        self.group = [self]
 
     def __len__(self) -> int:
         self.cache.expire()
@@ -63,7 +62,6 @@ class RedisCache:
         self.by_db.setdefault(db, set()).add(ckey)
         for k in keys:
             self.index.setdefault((db, k), set()).add(ckey)
-        self._gauges()
 
     def get(self, db: int, proto: int, raw_command: bytes, keys: list[bytes]) -> tuple[bytes, str] | None:
         hit = self.cache.get((db, proto, raw_command, tuple(keys)))
@@ -81,23 +79,17 @@ class RedisCache:
         for ckey in [c for c in self.by_db.get(db, ()) if not c[3]]:
             self.cache.pop(ckey, None)
             self._forget(ckey)
-        self._gauges()
 
     def clear_db(self, db: int | None) -> None:
         for ckey in list(self.cache.keys()):
             if db is None or ckey[0] == db:
                 self.cache.pop(ckey, None)
                 self._forget(ckey)
-        self._gauges()
 
     def clear(self) -> int:
         n = len(self.cache)
         self.cache.clear()
         self.index.clear()
         self.by_db.clear()
-        self._gauges()
         return n
 
-    def _gauges(self) -> None:
-        self.metrics.cache_entries.set(len(self.cache))
-        self.metrics.cache_bytes.set(self.cache.currsize)

@@ -367,6 +367,16 @@ class UpstreamSpec(Spec):
             return _with_defaults(data, _REDIS_DEFAULTS)
         return data
 
+    @field_validator("request_headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", k):
+                raise ValueError(f"{k!r} is not a valid header name")
+            if "\r" in val or "\n" in val or "\0" in val:
+                raise ValueError(f"the value of {k} contains a line break")
+        return v
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:

@@ -7,13 +7,17 @@ connect or read timeout → 504, no connection slot → 503 shed), so the polici
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import aiohttp
 from yarl import URL
 
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.settings.units import format_duration
-from proxy.upstream.pool import Overloaded
+from proxy.upstream.h1 import UpstreamClosed
+from proxy.upstream.pool import ConnectFailed, Overloaded
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class BodyTooLarge(Exception):
@@ -33,7 +37,24 @@ def client_fault(status: int, error_type: str, message: str) -> ProxyResponse:
 
 def failure_response(exc: BaseException, pool, target_name: str) -> ProxyResponse:
     where = f"target '{target_name}'"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, ConnectFailed):
+        inner = exc.exc
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
+                        f"TLS certificate verification failed for {where}: certificate verify failed: {inner.verify_message or inner}")
+        elif isinstance(inner, ssl.SSLError):
+            f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error", f"TLS handshake with {where} failed: {inner}")
+        elif isinstance(inner, TimeoutError):
+            f = Failure("connect-failure", Reason.TIMEOUT, 504, "connect_timeout",
+                        f"connect timeout ({format_duration(pool.connect_timeout)}) to {where}")
+        else:
+            f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "connect_failure",
+                        f"cannot connect to {where} ({pool.host}:{pool.port}): {getattr(inner, 'strerror', None) or inner}")
+    elif isinstance(exc, UpstreamClosed):
+        f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
+                    f"{where} closed or reset the connection before answering" if "invalid" not in str(exc)
+                    else f"{exc} ({where})")
+    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
         f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
                     f"TLS certificate verification failed for {where}: {exc.certificate_error}")
     elif isinstance(exc, aiohttp.ClientSSLError):
@@ -72,8 +93,11 @@ class HttpTerminal:
             await pool.acquire()
         except Overloaded as exc:
             return shed_response(str(exc))
-        gen = pool.session()
         req.attempts += 1
+        body = req.body
+        if pool.fast and req.method != "HEAD" and (body is None or body.__class__ is bytes):
+            return await self._lean(req, pool, body)
+        gen = pool.session()
         try:
             cr = await gen.session.request(
                 req.method, URL(target.base + req.path_qs, encoded=True), headers=req.headers,
@@ -100,3 +124,37 @@ class HttpTerminal:
             pool.release()
 
         return ProxyResponse(cr.status, cr.headers, None, stream=cr, release=release)
+
+    async def _lean(self, req: ProxyRequest, pool, body: bytes | None) -> ProxyResponse:
+        """The lean client: the request as one write, the answer parsed by llhttp."""
+        head = [f"{req.method} {pool.path_prefix}{req.path_qs} HTTP/1.1\r\nHost: {pool.host_header}\r\n"]
+        headers = req.headers
+        for k, v in headers.items():
+            head.append(f"{k}: {v}\r\n")
+        if body is not None and "Content-Length" not in headers:
+            head.append(f"Content-Length: {len(body)}\r\n")
+        elif body is None and req.method in _BODY_METHODS and "Content-Length" not in headers:
+            head.append("Content-Length: 0\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("utf-8", "surrogateescape")
+        if body:
+            data += body
+        try:
+            conn = pool.h1_get()
+            if conn is None:
+                conn = await pool.h1_connect()
+            try:
+                r = await conn.request(data)
+            except UpstreamClosed:
+                if not (conn.reused and not conn.got_bytes and req.idempotent):
+                    raise
+                # a kept-alive connection the upstream had already closed: nothing was processed
+                conn = await pool.h1_connect()
+                r = await conn.request(data)
+        except (ConnectFailed, UpstreamClosed, OSError) as exc:
+            pool.release()
+            return failure_response(exc, pool, req.target.name)
+        except BaseException:
+            pool.release()
+            raise
+        return ProxyResponse(r.status, r.headers, None, stream=r, release=r.release)

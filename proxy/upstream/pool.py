@@ -15,6 +15,7 @@ import collections
 import ssl
 
 import aiohttp
+from yarl import URL
 
 from proxy.clock import Clock
 from proxy.settings.spec import LimitsSpec, PoolSpec, TargetSpec, TimeoutsSpec
@@ -50,6 +51,14 @@ class _Generation:
         self.retired = False
 
 
+class ConnectFailed(Exception):
+    """Opening a connection failed (refused, unreachable, TLS, timeout): nothing reached the upstream."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
 class Overloaded(Exception):
     """No connection slot within max_pending/pending_timeout."""
 
@@ -69,6 +78,13 @@ class HttpPool:
         self._gen: _Generation | None = None
         self._closing: set[asyncio.Task] = set()
         self.proxy, self.proxy_auth = egress_proxy(target.url)
+        u = URL(target.url)
+        self.host, self.port = u.host, u.port
+        default = 443 if u.scheme == "https" else 80
+        self.host_header = u.host if u.port == default else f"{u.host}:{u.port}"
+        self.path_prefix = u.path.rstrip("/")
+        self.fast = self.proxy is None  # the lean client (proxy/upstream/h1.py) unless an egress proxy is set
+        self._idle_conns: list = []
 
     @property
     def pending(self) -> int:
@@ -150,7 +166,48 @@ class HttpPool:
                 return
         self.busy -= 1
 
+    # -- the lean HTTP/1.1 client's connections ----------------------------------------------------------
+    async def h1_connect(self):
+        from proxy.upstream.h1 import Connection
+
+        loop = asyncio.get_running_loop()
+        now = self.clock.monotonic()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: Connection(self, now), self.host, self.port, ssl=self.ssl,
+                    server_hostname=(self.server_hostname or self.host) if self.ssl else None)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectFailed(exc) from None
+        return conn
+
+    def h1_get(self):
+        now = self.clock.monotonic()
+        idle = self._idle_conns
+        while idle:
+            c = idle.pop()
+            if c.closed or now - c.last_used > self.spec.idle_timeout or now - c.created > self.spec.max_lifetime:
+                c.close()
+                continue
+            c.reused = True
+            return c
+        return None
+
+    def h1_idle(self, conn) -> None:
+        now = self.clock.monotonic()
+        if now - conn.created >= self.spec.max_lifetime or len(self._idle_conns) >= self.max_connections:
+            conn.close()  # retired: new connections rebalance across the pods behind a ClusterIP
+            return
+        conn.last_used = now
+        self._idle_conns.append(conn)
+
+    def h1_done(self) -> None:
+        self.release()
+
     async def close(self) -> None:
+        for c in self._idle_conns:
+            c.close()
+        self._idle_conns.clear()
         if self._gen is not None:
             await self._gen.session.close()
             self._gen = None

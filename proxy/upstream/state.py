@@ -57,7 +57,6 @@ class StateStore:
         self._staged: dict[tuple, Any] = {}
         self._used: set[tuple] = set()
         self._budgets: list[tuple[RetryBudget, float, int]] = []
-        self._cache_groups: dict[str, list[FallbackCache]] = {}
         self.current = None   # the live Runtime, set by the app at each swap
         self._reconfigure: list = []
         self.weights: dict[str, tuple[dict[str, int], dict[str, int]]] = {}  # upstream → (configured, operator)
@@ -136,13 +135,6 @@ class StateStore:
                 closing.append(obj)
             elif key[0] == "health":
                 obj.stop()
-        groups: dict[str, list[FallbackCache]] = {}
-        for key, obj in self.live.items():
-            if key[0] == "cache":
-                groups.setdefault(key[1], []).append(obj)
-        for name, group in groups.items():
-            for c in group:
-                c.group = group  # the cache gauges sum over an upstream's caches (one per route spec)
         for key, obj in self._staged.items():
             if isinstance(obj, BreakerState):
                 obj.activate()
