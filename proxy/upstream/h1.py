@@ -104,6 +104,7 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._body: Body | None = None
         self._done = False
+        self._keep_alive = False
         self.last_used = created
 
     # -- transport ---------------------------------------------------------------------------------
@@ -166,6 +167,7 @@ class Connection(asyncio.Protocol):
             self._reason = ""
             return
         self._body = Body(self, self.pool.idle_timeout)
+        self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message completes
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(Response(status, self._reason, self._headers, self._body, self))
@@ -198,7 +200,7 @@ class Connection(asyncio.Protocol):
 
     def finished(self, complete: bool) -> None:
         """The response was released: back to the pool when it can carry another request."""
-        if complete and self._done and not self.closed and self.parser.should_keep_alive():
+        if complete and self._done and not self.closed and self._keep_alive:
             self.pool.h1_idle(self)
         else:
             self.close()
