@@ -27,78 +27,82 @@ def _int(buf: bytes | bytearray, start: int, end: int) -> int:
 
 
 class RequestParser:
-    """Client → proxy. `feed(data)` returns complete commands; partial input is kept."""
+    """Client → proxy. `feed(data)` returns complete commands; partial input is kept, and parsing resumes
+    where it stopped (a large command arriving in many reads is parsed once, not once per read)."""
 
     def __init__(self, max_bulk: int = MAX_BULK, max_buffer: int | None = None) -> None:
         self.buf = bytearray()
         self.max_bulk = max_bulk
         self.max_buffer = max_buffer if max_buffer is not None else max_bulk + 64 * 1024
+        self._args: list[bytes] | None = None  # the command being read
+        self._left = 0                         # arguments still to read
+        self._pos = 0                          # where to resume
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         buf = self.buf
         buf += data
         out: list[list[bytes]] = []
-        pos = 0
         n = len(buf)
+        pos = self._pos
         while pos < n:
-            if buf[pos] == 0x2A:  # '*'
-                cmd, end = self._array(buf, pos, n)
-            else:
-                cmd, end = self._inline(buf, pos, n)
-            if end < 0:
+            if self._args is None:
+                if buf[pos] != 0x2A:  # not '*': an inline command
+                    eol = buf.find(b"\n", pos, min(n, pos + MAX_INLINE))
+                    if eol < 0:
+                        if n - pos >= MAX_INLINE:
+                            raise ProtocolError("too big inline request")
+                        break
+                    line = bytes(buf[pos:eol]).rstrip(b"\r").split()
+                    pos = eol + 1
+                    if line:
+                        out.append(line)
+                    continue
+                eol = buf.find(b"\r\n", pos, min(n, pos + 32))
+                if eol < 0:
+                    if n - pos >= 32:
+                        raise ProtocolError("invalid multibulk length")
+                    break
+                count = _int(buf, pos + 1, eol)
+                if count > MAX_ARGS:
+                    raise ProtocolError("invalid multibulk length")
+                pos = eol + 2
+                if count <= 0:
+                    continue
+                self._args, self._left = [], count
+            # arguments of the current command
+            while self._left:
+                if pos >= n:
+                    break
+                if buf[pos] != 0x24:  # '$'
+                    raise ProtocolError(f"expected '$', got {chr(buf[pos])!r}")
+                eol = buf.find(b"\r\n", pos, min(n, pos + 32))
+                if eol < 0:
+                    if n - pos >= 32:
+                        raise ProtocolError("invalid bulk length")
+                    break
+                size = _int(buf, pos + 1, eol)
+                if size < 0 or size > self.max_bulk:
+                    raise ProtocolError("invalid bulk length")
+                start = eol + 2
+                if start + size + 2 > n:
+                    break
+                if buf[start + size:start + size + 2] != b"\r\n":
+                    raise ProtocolError("bulk string not terminated by CRLF")
+                self._args.append(bytes(buf[start:start + size]))
+                self._left -= 1
+                pos = start + size + 2
+            if self._left:
                 break
-            pos = end
-            if cmd:
-                out.append(cmd)
-        if pos:
-            del buf[:pos]
+            out.append(self._args)
+            self._args = None
+        # drop what is consumed: the unfinished command's bytes stay (its parsed arguments are kept)
+        keep_from = pos if self._args is None else pos
+        if keep_from:
+            del buf[:keep_from]
+        self._pos = 0
         if len(buf) > self.max_buffer:
             raise ProtocolError("request too large")
         return out
-
-    def _array(self, buf, pos: int, n: int):
-        eol = buf.find(b"\r\n", pos, min(n, pos + 32))
-        if eol < 0:
-            if n - pos >= 32:
-                raise ProtocolError("invalid multibulk length")
-            return None, -1
-        count = _int(buf, pos + 1, eol)
-        if count > MAX_ARGS:
-            raise ProtocolError("invalid multibulk length")
-        if count <= 0:
-            return [], eol + 2
-        p = eol + 2
-        args = []
-        for _ in range(count):
-            if p >= n:
-                return None, -1
-            if buf[p] != 0x24:  # '$'
-                raise ProtocolError(f"expected '$', got {chr(buf[p])!r}")
-            eol = buf.find(b"\r\n", p, min(n, p + 32))
-            if eol < 0:
-                if n - p >= 32:
-                    raise ProtocolError("invalid bulk length")
-                return None, -1
-            size = _int(buf, p + 1, eol)
-            if size < 0 or size > self.max_bulk:
-                raise ProtocolError("invalid bulk length")
-            start = eol + 2
-            if start + size + 2 > n:
-                return None, -1
-            if buf[start + size:start + size + 2] != b"\r\n":
-                raise ProtocolError("bulk string not terminated by CRLF")
-            args.append(bytes(buf[start:start + size]))
-            p = start + size + 2
-        return args, p
-
-    def _inline(self, buf, pos: int, n: int):
-        eol = buf.find(b"\n", pos, min(n, pos + MAX_INLINE))
-        if eol < 0:
-            if n - pos >= MAX_INLINE:
-                raise ProtocolError("too big inline request")
-            return None, -1
-        line = bytes(buf[pos:eol]).rstrip(b"\r")
-        return line.split(), eol + 1
 
 
 def encode_command(args: list[bytes]) -> bytes:
@@ -108,90 +112,94 @@ def encode_command(args: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-# Reply types: simple ones end at the first CRLF; aggregates hold N children (maps and attributes 2N).
+# Reply types: simple ones end at the first CRLF; aggregates hold N children (maps 2N).
 _LINE = frozenset(b"+-:_,#(")
 _BLOB = frozenset(b"$!=")
-_AGG = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2, ord("|"): 2}
+_AGG = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2}
 
 
 class ReplyFramer:
     """Upstream → proxy. `feed(data)` returns whole replies as (raw bytes, kind) with kind one of
     "ok", "error" (`-` or `!`), "push" (RESP3 `>`, out of band). An attribute (`|`) is kept with the
-    reply it precedes."""
+    reply it precedes. Scanning resumes where it stopped, so a large aggregate arriving in many reads
+    costs one pass."""
 
     def __init__(self, max_bulk: int = MAX_BULK) -> None:
         self.buf = bytearray()
         self.max_bulk = max_bulk
-        self._need = 0  # bytes the buffer must hold before a frame can be complete
+        self._pos = 0          # scan position
+        self._stack: list[int] = []  # elements still owed by each open aggregate
+        self._extra = 0        # top-level elements still owed after attributes
+        self._kind: str | None = None
 
     def feed(self, data: bytes) -> list[tuple[bytes, str]]:
         buf = self.buf
         buf += data
-        if len(buf) < self._need:
-            return []
         out = []
-        pos = 0
-        n = len(buf)
-        while pos < n:
-            end = self._frame(buf, pos, n, 0)
-            if end < 0:
-                break
-            t = buf[pos]
-            if t == 0x7C:  # '|' attribute: the kind is that of the reply it annotates
-                t = buf[self._attribute_end(buf, pos, n)]
-            kind = "error" if t in (0x2D, 0x21) else "push" if t == 0x3E else "ok"
-            out.append((bytes(buf[pos:end]), kind))
-            pos = end
-        if pos:
-            del buf[:pos]
-            self._need = 0
+        while self._advance():
+            out.append((bytes(buf[:self._pos]), self._kind or "ok"))
+            del buf[:self._pos]
+            self._pos, self._kind = 0, None
         return out
 
-    def _attribute_end(self, buf, pos: int, n: int, depth: int = 0) -> int:
-        eol = buf.find(b"\r\n", pos)
-        p = eol + 2
-        for _ in range(max(_int(buf, pos + 1, eol), 0) * 2):
-            p = self._frame(buf, p, n, depth + 1)
-            if p < 0:
-                return -1
-        return p
-
-    def _frame(self, buf, pos: int, n: int, depth: int) -> int:
-        """End offset of the frame at pos, or -1 if incomplete."""
-        if depth > MAX_DEPTH:
-            raise ProtocolError("reply nested too deep")
-        if pos >= n:
-            return -1
-        t = buf[pos]
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return -1
-        if t in _LINE:
-            return eol + 2
-        if t in _BLOB:
-            size = _int(buf, pos + 1, eol)
-            if size < 0:
-                return eol + 2  # $-1: null bulk (RESP2)
-            if size > self.max_bulk:
-                raise ProtocolError("reply bulk too large")
-            end = eol + 2 + size + 2
-            if end > n:
-                self._need = end
-                return -1
-            return end
-        mult = _AGG.get(t)
-        if mult is None:
-            raise ProtocolError(f"unknown reply type {chr(t)!r}")
-        count = _int(buf, pos + 1, eol)
-        p = eol + 2
-        if t == 0x7C:  # attribute, then the reply it belongs to
-            p = self._attribute_end(buf, pos, n, depth)
-            return -1 if p < 0 else self._frame(buf, p, n, depth + 1)
-        for _ in range(max(count, 0) * mult):
-            p = self._frame(buf, p, n, depth + 1)
-            if p < 0:
-                return -1
-        return p
+    def _advance(self) -> bool:
+        """Scan on; True when a whole top-level reply ends at self._pos."""
+        buf, n, stack = self.buf, len(self.buf), self._stack
+        while True:
+            pos = self._pos
+            if pos >= n:
+                return False
+            t = buf[pos]
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                if n - pos > 64 * 1024:
+                    raise ProtocolError("reply header too long")
+                return False
+            if not stack and self._kind is None and t != 0x7C:
+                self._kind = "error" if t in (0x2D, 0x21) else "push" if t == 0x3E else "ok"
+            if t in _LINE:
+                end = eol + 2
+            elif t in _BLOB:
+                size = _int(buf, pos + 1, eol)
+                if size < 0:
+                    end = eol + 2  # $-1: null bulk (RESP2)
+                else:
+                    if size > self.max_bulk:
+                        raise ProtocolError("reply bulk too large")
+                    end = eol + 2 + size + 2
+                    if end > n:
+                        return False
+            elif t in _AGG or t == 0x7C:
+                count = _int(buf, pos + 1, eol)
+                self._pos = eol + 2
+                if t == 0x7C:  # an attribute: 2N elements, then the reply it annotates (not an element)
+                    if stack:
+                        stack[-1] += 1
+                    else:
+                        self._extra += 1
+                    count *= 2
+                else:
+                    count = max(count, 0) * _AGG[t]
+                if count > 0:
+                    if len(stack) >= MAX_DEPTH:
+                        raise ProtocolError("reply nested too deep")
+                    stack.append(count)
+                    continue
+                end = self._pos
+            else:
+                raise ProtocolError(f"unknown reply type {chr(t)!r}")
+            self._pos = end
+            # one element done: close every aggregate it completes
+            while stack:
+                stack[-1] -= 1
+                if stack[-1]:
+                    break
+                stack.pop()
+            else:
+                if self._extra:
+                    self._extra -= 1
+                    continue
+                return True
 
 
 def error(message: str) -> bytes:

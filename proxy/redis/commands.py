@@ -15,6 +15,7 @@ READS: dict[bytes, str] = {c: "first" for c in (
     b"XRANGE", b"XREVRANGE", b"XLEN", b"SUBSTR", b"EXPIRETIME", b"PEXPIRETIME", b"OBJECT", b"DUMP",
     b"JSON.GET", b"LCS",
 )}
+READS.update({b"HSCAN": "first", b"SSCAN": "first", b"ZSCAN": "first"})
 READS.update({b"MGET": "all", b"EXISTS": "all", b"SINTER": "all", b"SUNION": "all", b"SDIFF": "all",
               b"TOUCH": "all"})
 # Reads that name no key: cached per (db, command) and invalidated only by db-wide changes.
@@ -27,7 +28,8 @@ WRITES: dict[bytes, str] = {c: "first" for c in (
     b"LPUSHX", b"RPUSHX", b"LPOP", b"RPOP", b"LSET", b"LREM", b"LTRIM", b"LINSERT", b"SADD", b"SREM",
     b"SPOP", b"ZADD", b"ZREM", b"ZINCRBY", b"ZPOPMIN", b"ZPOPMAX", b"ZREMRANGEBYSCORE", b"ZREMRANGEBYRANK",
     b"ZREMRANGEBYLEX", b"SETBIT", b"BITFIELD", b"PFADD", b"GEOADD", b"XADD", b"XDEL", b"XTRIM",
-    b"JSON.SET", b"JSON.DEL", b"RESTORE",
+    b"JSON.SET", b"JSON.DEL", b"RESTORE", b"XACK", b"XCLAIM", b"XAUTOCLAIM", b"XGROUP", b"XSETID",
+    b"HEXPIRE", b"HPEXPIRE", b"HPERSIST",
 )}
 WRITES.update({b"DEL": "all", b"UNLINK": "all", b"MSET": "pairs", b"MSETNX": "pairs", b"PFMERGE": "all",
                b"SMOVE": "first2", b"LMOVE": "first2", b"RPOPLPUSH": "first2", b"COPY": "first2",
@@ -62,7 +64,8 @@ def classify(name: bytes) -> str:
         return "tunnel"
     if name in WRITES or name in DB_WIDE:
         return "write"
-    if name in (b"PING", b"ECHO", b"TIME", b"INFO", b"CLIENT", b"CONFIG", b"COMMAND", b"MEMORY", b"LATENCY",
+    if name in (b"PUBLISH", b"SPUBLISH", b"PUBSUB", b"UNSUBSCRIBE", b"PUNSUBSCRIBE", b"SUNSUBSCRIBE",
+                b"PING", b"ECHO", b"TIME", b"INFO", b"CLIENT", b"CONFIG", b"COMMAND", b"MEMORY", b"LATENCY",
                 b"SLOWLOG", b"ROLE", b"LASTSAVE", b"DEBUG", b"SCRIPT", b"FUNCTION", b"CLUSTER", b"READONLY",
                 b"READWRITE", b"ACL", b"OBJECT"):
         return "admin"

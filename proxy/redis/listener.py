@@ -61,13 +61,16 @@ class RedisClientProtocol(asyncio.Protocol):
         self.conn: UpstreamConnection | None = None
         self.closing = False
         self.paused = False
+        self.write_paused = False
+        self.watching = False
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         up = self.app.runtime.upstreams.get(self.name)
         self.up = up
-        self.target = up.pick()  # a connection keeps its track
+        self.target = up.pick()  # a connection keeps its track between commands (see _refresh)
+        self.up_target = up.redis_targets.get(self.target.name)
         self.limit = up.limits.max_request_body or codec.MAX_BULK
         self.parser = codec.RequestParser(max_bulk=self.limit)
         self.authenticated = up.client_password is None
@@ -79,7 +82,9 @@ class RedisClientProtocol(asyncio.Protocol):
         self.up.connections -= 1
         self.counters.in_flight -= len(self.slots)
         self.slots.clear()
-        self._drop_upstream()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     # -- input ---------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -95,18 +100,43 @@ class RedisClientProtocol(asyncio.Protocol):
             self.transport.write(codec.error(f"ERR Protocol error: {exc}"))
             self.transport.close()
             self.closing = True
-            self._drop_upstream()
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
             return
-        for args in cmds:
-            if self.closing or self.tunnel:
+        for i, args in enumerate(cmds):
+            if self.closing:
+                break
+            if self.tunnel:
+                # commands that came in the same read after SUBSCRIBE/MONITOR, and any partial bytes
+                rest = b"".join(codec.encode_command(a) for a in cmds[i:]) + bytes(self.parser.buf)
+                self.parser.buf.clear()
+                if self.conn is not None and rest:
+                    self.conn.send(rest, None)
                 break
             self.dispatch(args)
         if len(self.slots) > _MAX_PENDING_SLOTS and not self.paused:
             self.paused = True
             self.transport.pause_reading()
 
+    def _refresh(self) -> None:
+        """Between commands: follow a reload, a blue/green switch or a canary abort (a long-lived pooled
+        client connection must not stay pinned to the config or track it started with)."""
+        up = self.app.runtime.upstreams.get(self.name)
+        if up is None:
+            return
+        if up is not self.up or up.weights.get(self.target.name, 0) == 0:
+            self.up = up
+            target = up.pick()
+            if target.name != self.target.name or up.redis_targets.get(target.name) is not self.up_target:
+                self.target = target
+                self._drop_upstream()
+            self.up_target = up.redis_targets.get(self.target.name)
+
     def dispatch(self, args: list[bytes]) -> None:
         name = args[0].upper()
+        if not self.slots and not self.in_multi and not self.watching:
+            self._refresh()
         up = self.up
         if not self.authenticated and name not in (b"AUTH", b"HELLO", b"QUIT"):
             self._reply_now(codec.error("NOAUTH Authentication required."))
@@ -115,24 +145,29 @@ class RedisClientProtocol(asyncio.Protocol):
             self._local(name, args)
             return
         cls = commands.classify(name)
-        if name == b"MULTI":
-            self.in_multi = True
-        elif name in (b"EXEC", b"DISCARD"):
-            self.in_multi = False
-        elif self.in_multi:
-            cls = "transaction"
         if cls == "tunnel":
             self._enter_tunnel(args)
             return
         keys = commands.keys_of(name, args) if cls in ("read", "write") else None
         db = self.db if self.db is not None else self._target_db()
-        if cls == "write" and up.cache is not None:
+        if cls == "write" and up.cache is not None:  # inside MULTI too: the write will happen at EXEC
             if name in (b"FLUSHALL",):
                 up.cache.clear_db(None)
             elif keys is None or name in commands.DB_WIDE:
                 up.cache.clear_db(db)
             else:
                 up.cache.invalidate(db, keys)
+        if name == b"MULTI":
+            self.in_multi = True
+        elif name in (b"EXEC", b"DISCARD"):
+            self.in_multi = False
+            self.watching = False
+        elif name == b"WATCH":
+            self.watching = True
+        elif name == b"UNWATCH":
+            self.watching = False
+        elif self.in_multi:
+            cls = "transaction"
         slot = Slot()
         self.slots.append(slot)
         self.counters.in_flight += 1
@@ -154,10 +189,8 @@ class RedisClientProtocol(asyncio.Protocol):
             return
         cmd.token, cmd.target = token, target
         conn = self.conn
-        if conn is None or conn.failed:
-            conn = self.conn = UpstreamConnection(
-                up.redis_targets[target.name], self.proto, self.db, self.client_name, up.spec.timeouts.connect,
-                self._push, self._raw)
+        if conn is None or conn.failed or conn.retiring:
+            conn = self.conn = self._new_upstream()
         timeout = None if cmd.cls == "blocking" else up.spec.timeouts.attempt
         cmd.started = self.app.clock.monotonic()
         conn.send(cmd.raw, Pending(cmd.raw, lambda raw, kind, c=cmd: self._replied(c, raw, kind),
@@ -181,10 +214,26 @@ class RedisClientProtocol(asyncio.Protocol):
     def _failed(self, cmd: Command, kind: str) -> None:
         up = self.up
         elapsed = self.app.clock.monotonic() - cmd.started
+        if kind in ("closed", "client-setup"):
+            cmd.target.breaker.cancel(cmd.token)  # the proxy or the client ended it: not the upstream's fault
+            if kind == "client-setup" and not self.closing:
+                err = self.conn.error if self.conn is not None else "setup failed"
+                if self.conn is not None and self.conn.setup_failed_on == b"SELECT":
+                    self.db = None  # a db that does not exist: forget it, the next command uses the URL's
+                self._resolve(cmd.slot, codec.error(f"ERR {err}"))
+            elif not self.closing:
+                self._resolve(cmd.slot, codec.error("ERR the upstream connection was reset by the proxy"))
+            return
         cmd.target.breaker.record(cmd.token, Verdict.FAILURE, elapsed)
         if cmd.target.canary is not None:
             up.record_outcome(cmd.target, True, elapsed)
         if self.closing:
+            return
+        if self.in_multi or self.watching:
+            # A transaction or WATCH lives on that connection: it is gone, and replaying it elsewhere
+            # would run commands outside it. Fail this command, then close so the client starts over.
+            self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
+            self._close_after_flush()
             return
         if cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open:
             budget = up.counters.budget
@@ -231,20 +280,28 @@ class RedisClientProtocol(asyncio.Protocol):
             if len(args) != 2 or not args[1].isdigit():
                 self._reply_now(codec.error("ERR value is not an integer or out of range"))
                 return
-            self.db = int(args[1])
-            if self.conn is not None and not self.conn.failed:
+            db = int(args[1])
+            if self.conn is not None and not self.conn.failed and not self.conn.retiring:
                 # let Redis validate it on the live connection; a new connection replays it
                 slot = Slot()
                 self.slots.append(slot)
                 self.counters.in_flight += 1
+
+                def selected(raw, kind, s=slot, db=db) -> None:
+                    if kind == "ok":
+                        self.db = db
+                    self._resolve(s, raw)
+
                 self.conn.send(codec.encode_command(args),
-                               Pending(b"", lambda raw, kind, s=slot: self._resolve(s, raw),
-                                       lambda kind, s=slot: self._resolve(s, codec.OK), self.up.spec.timeouts.attempt))
+                               Pending(b"", selected, lambda kind, s=slot: self._resolve(
+                                   s, codec.error("ERR the upstream connection failed during SELECT")),
+                                       self.up.spec.timeouts.attempt))
             else:
+                self.db = db  # validated when the next connection opens (a bad db fails only this client)
                 self._reply_now(codec.OK)
         elif name == b"RESET":
             self._drop_upstream()
-            self.db, self.proto, self.client_name, self.in_multi = None, 2, None, False
+            self.db, self.proto, self.client_name, self.in_multi, self.watching = None, 2, None, False, False
             self.authenticated = self.up.client_password is None
             self._reply_now(b"+RESET\r\n")
 
@@ -293,10 +350,30 @@ class RedisClientProtocol(asyncio.Protocol):
             self.proto = proto
         self._reply_now(codec.hello_reply(proto, conn_id=id(self) & 0xFFFF))
 
+    def _new_upstream(self) -> UpstreamConnection:
+        up = self.up
+        conn = UpstreamConnection(up.redis_targets[self.target.name], self.proto, self.db, self.client_name,
+                                  up.spec.timeouts.connect, self._push, self._raw)
+        if self.transport is not None and self.write_paused:
+            conn.paused_at_start = True
+        return conn
+
     def _drop_upstream(self) -> None:
+        """The upstream connection speaks an old state (protocol, db): answer what is sent, then close."""
         if self.conn is not None:
-            self.conn.close()
+            self.conn.retire()
             self.conn = None
+
+    # -- back-pressure: a slow client must not make the proxy buffer everything Redis sends ------------
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.conn is not None:
+            self.conn.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.conn is not None:
+            self.conn.resume()
 
     # -- pub/sub, MONITOR -----------------------------------------------------------------------------
     def _enter_tunnel(self, args: list[bytes]) -> None:
@@ -307,13 +384,18 @@ class RedisClientProtocol(asyncio.Protocol):
             self._reply_now(codec.error(f"UNAVAILABLE redis upstream '{self.name}' is unavailable (circuit_breaker_open)"))
             return
         self.target.breaker.cancel(token)
-        if self.conn is None or self.conn.failed:
-            self.conn = UpstreamConnection(up.redis_targets[self.target.name], self.proto, self.db, self.client_name,
-                                           up.spec.timeouts.connect, self._push, self._raw)
+        if self.conn is None or self.conn.failed or self.conn.retiring:
+            self.conn = self._new_upstream()
         self.tunnel = True
         self.conn.tunnel = True
+        self.conn.on_tunnel_closed = self._tunnel_closed
         up.count(self.target.name, "tunnel", "ok", "upstream")
         self.conn.send(codec.encode_command(args), None)
+
+    def _tunnel_closed(self) -> None:
+        """The upstream side of a pub/sub or MONITOR tunnel ended: the subscriber must know."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     def _raw(self, data: bytes) -> None:
         if not self.slots and self.transport is not None:

@@ -45,12 +45,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.target, self.proto, self.db, self.client_name = target, proto, db, name
         self.connect_timeout = connect_timeout
         self.on_push, self.on_raw = on_push, on_raw
+        self.on_tunnel_closed: Callable[[], None] | None = None
+        self.error: str | None = None
         self.transport: asyncio.Transport | None = None
         self.framer = ReplyFramer()
         self.pending: collections.deque[Pending] = collections.deque()
         self.backlog: list[bytes] = []      # written before the connection is up
         self.failed: str | None = None      # "connect-failure" | "reset" | "timeout"
         self.tunnel = False                 # pub/sub or MONITOR: bytes flow raw from now on
+        self.retiring = False
+        self.paused = False
+        self.setup_failed_on: bytes | None = None
+        self.paused_at_start = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._setup = 0
@@ -68,6 +74,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.paused_at_start:
+            self.pause()
         t = self.target
         setup: list[list[bytes]] = []
         if self.proto == 3:
@@ -84,17 +92,23 @@ class UpstreamConnection(asyncio.Protocol):
         if self.client_name:
             setup.append([b"CLIENT", b"SETNAME", self.client_name])
         self._setup = len(setup)
-        head = [Pending(b"", self._setup_reply, lambda kind: None, self.connect_timeout) for _ in setup]
+        head = [Pending(b"", lambda raw, kind, c=c[0]: self._setup_reply(raw, kind, c), lambda kind: None,
+                        self.connect_timeout) for c in setup]
         self.pending.extendleft(reversed(head))
         transport.write(b"".join(encode_command(c) for c in setup) + b"".join(self.backlog))
         self.backlog = []
         self._arm()
 
-    def _setup_reply(self, raw: bytes, kind: str) -> None:
+    def _setup_reply(self, raw: bytes, kind: str, command: bytes = b"") -> None:
         self._setup -= 1
         if kind == "error":
-            # wrong password, unknown db: the target is unusable as configured
-            self._fail("connect-failure", ConnectionError(raw[1:].strip().decode(errors="replace")))
+            if command in (b"SELECT", b"CLIENT"):
+                # the client's own state (a db that does not exist): its fault, not the upstream's
+                self.setup_failed_on = command
+                self._fail("client-setup", ConnectionError(raw[1:].strip().decode(errors="replace")))
+            else:
+                # a wrong password: the target is unusable as configured
+                self._fail("connect-failure", ConnectionError(raw[1:].strip().decode(errors="replace")))
 
     # -- send --------------------------------------------------------------------------------------------
     def send(self, raw: bytes, pending: Pending | None) -> None:
@@ -144,6 +158,9 @@ class UpstreamConnection(asyncio.Protocol):
             p.on_reply(raw, kind)
             if self.failed:
                 return
+            if self.retiring and not self.pending:
+                self.close()
+                return
         if self.tunnel and not self.pending and self.framer.buf:
             rest = bytes(self.framer.buf)
             self.framer.buf.clear()
@@ -154,11 +171,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = None
         if not self.failed:
             self._fail("reset", exc)
+        if self.tunnel and self.on_tunnel_closed is not None:
+            self.on_tunnel_closed()
 
     def _fail(self, kind: str, exc: BaseException | None) -> None:
         if self.failed:
             return
         self.failed = kind
+        self.error = str(exc) if exc is not None else kind
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -169,10 +189,24 @@ class UpstreamConnection(asyncio.Protocol):
             p.on_failure(kind)
 
     def close(self) -> None:
-        self.failed = self.failed or "closed"
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        """Closed by the proxy (client gone, protocol switch): every command still on it fails as
+        "closed", which the caller does not count against the upstream."""
+        self._fail("closed", None)
         if not self.connecting.done():
             self.connecting.cancel()
+
+    def retire(self) -> None:
+        """Answer what is already sent, then close (the client switched protocol or reset)."""
+        self.retiring = True
+        if not self.pending:
+            self.close()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and self.paused:
+            self.paused = False
+            self.transport.resume_reading()

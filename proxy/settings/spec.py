@@ -285,6 +285,8 @@ _OPENAI_DEFAULTS = {
 
 _REDIS_DEFAULTS = {
     "timeouts": {"connect": 1.0, "attempt": 1.0, "total": 3.0},
+    # the largest bulk string a client may send: bounded well below the sidecar's memory limit
+    "limits": {"max_request_body": 64 * 1024 * 1024},
     "retry": {"backoff_base": 0.01, "backoff_max": 0.2},
     "metrics": {"buckets": [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0]},
 }

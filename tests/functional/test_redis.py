@@ -189,3 +189,141 @@ async def test_upstream_password_from_the_url(start_proxy, tmp_path):
         proc.terminate()
         proc.wait(5)
     assert metric("redis_commands_total", name=name, command_class="write", outcome="upstream") >= 2
+
+
+async def test_client_gone_mid_command_frees_the_half_open_probe(redis_server, start_proxy):
+    name, cfg = redis_config(redis_server, breaker={"fail_max": 1, "reset_timeout": "100ms"}, retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    br = p.upstream.targets[0].breaker
+    br.trip()
+    await asyncio.sleep(0.15)
+    # a client sends a blocking probe and goes away before the answer
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"*3\r\n$5\r\nBLPOP\r\n$7\r\nnothing\r\n$1\r\n5\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    assert br.state == "half_open" and br.probes == 1
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert br.probes == 0  # the abandoned probe freed its slot
+    c = aredis.Redis(port=port, protocol=2, retry=None)
+    assert await c.ping()
+    assert br.state == "closed"
+    await c.aclose()
+
+
+async def test_hello_and_reset_behind_pipelined_commands_answer_everything(rp):
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"*3\r\n$3\r\nSET\r\n$2\r\nhk\r\n$1\r\nv\r\n*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n*2\r\n$3\r\nGET\r\n$2\r\nhk\r\n"
+                 b"*1\r\n$5\r\nRESET\r\n*2\r\n$3\r\nGET\r\n$2\r\nhk\r\n")
+    await writer.drain()
+    data = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and data.count(b"\r\n") < 20:
+        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        if not chunk:
+            break
+        data += chunk
+        if data.endswith(b"$1\r\nv\r\n") and b"+RESET" in data:
+            break
+    writer.close()
+    assert data.startswith(b"+OK\r\n%7\r\n") and b"+RESET\r\n" in data and data.endswith(b"$1\r\nv\r\n")
+
+
+async def test_two_subscribes_in_one_packet_and_tunnel_end_closes_the_client(redis_server, start_proxy, toxic_link):
+    proxy, url = toxic_link(redis_server)
+    name, cfg = redis_config(url + "/0")
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nb\r\n")
+    await writer.drain()
+    data = b""
+    while data.count(b"subscribe") < 2:
+        data += await asyncio.wait_for(reader.read(4096), 5)
+    assert b"$1\r\na\r\n" in data and b"$1\r\nb\r\n" in data
+    proxy.disable()  # the upstream side of the tunnel dies
+    rest = await asyncio.wait_for(reader.read(4096), 5)
+    assert rest == b""  # the subscriber is told: its connection is closed
+    proxy.enable()
+    writer.close()
+
+
+async def test_writes_inside_multi_invalidate_the_cache(redis_server, start_proxy, toxic_link):
+    proxy, url = toxic_link(redis_server)
+    name, cfg = redis_config(url + "/0", retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    c = aredis.Redis(port=port, protocol=3, retry=None)
+    await c.set("mk", "old")
+    assert await c.get("mk") == b"old"  # cached
+    async with c.pipeline(transaction=True) as tx:
+        tx.set("mk", "new")
+        await tx.execute()
+    proxy.disable()
+    with pytest.raises(redis.ResponseError, match="UNAVAILABLE"):
+        await c.get("mk")  # never the value from before the committed write
+    proxy.enable()
+    await c.aclose()
+
+
+async def test_a_bad_select_fails_that_client_only(rp):
+    bad = aredis.Redis(port=rp.port, protocol=2, db=999, retry=None)
+    with pytest.raises(redis.ResponseError):
+        await bad.get("x")
+    good = aredis.Redis(port=rp.port, protocol=2, retry=None)
+    for _ in range(10):
+        await good.get("x")
+    assert rp.upstream.targets[0].breaker.state == "closed"
+    for c in (bad, good):
+        await c.aclose()
+
+
+async def test_large_aggregate_replies(rp):
+    c, _ = clients(rp, 3)
+    mapping = {f"f{i}": f"v{i}" for i in range(50_000)}
+    await c.hset("bighash", mapping=mapping)
+    assert await c.hgetall("bighash") == {k.encode(): v.encode() for k, v in mapping.items()}
+    await c.aclose()
+
+
+async def test_existing_connections_follow_a_reload(redis_server, start_proxy, tmp_path):
+    import shutil
+    import subprocess
+
+    from tests.conftest import free_port
+
+    port2 = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port2), "--save", ""], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port2), 0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        name, cfg = redis_config(redis_server + "/0")
+        token = tmp_path / "t"
+        token.write_text("tok")
+        cfg["admin"]["token_file"] = str(token)
+        p = await start_proxy(cfg)
+        lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+        c = aredis.Redis(port=lport, protocol=2, retry=None, single_connection_client=True)
+        await c.set("where", "first")
+        cfg["upstreams"][name]["targets"][0]["url"] = f"redis://127.0.0.1:{port2}/0"
+        import yaml
+
+        with open(p.app.config_path, "w") as f:
+            f.write(yaml.safe_dump(cfg))
+        ok, _ = await p.app.reload("test")
+        assert ok
+        assert await c.get("where") is None  # the same client connection now talks to the new Redis
+        await c.set("where", "second")
+        direct = aredis.Redis(port=port2)
+        assert await direct.get("where") == b"second"
+        await direct.aclose()
+        await c.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(5)
