@@ -57,6 +57,7 @@ class ProxyApp:
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
         self._failed_digest: str | None = None  # a broken config is reported once, not every poll
+        self._reload_lock = asyncio.Lock()
         self._admin_site: web.TCPSite | None = None
         self.app_health: AppHealth | None = None
         self.inbound = InboundListener(self)
@@ -256,7 +257,12 @@ class ProxyApp:
 
     # -- reload ----------------------------------------------------------------------------------------
     async def reload(self, reason: str) -> tuple[bool, str]:
-        """Build → validate → bind → swap. Anything failing leaves the running config serving."""
+        """Build → validate → bind → swap. Anything failing leaves the running config serving. One at a
+        time: SIGHUP, the admin call and the file watcher may race, and a build owns the staged state."""
+        async with self._reload_lock:
+            return await self._reload(reason)
+
+    async def _reload(self, reason: str) -> tuple[bool, str]:
         attempted = digest(self.config_path, self.runtime.loaded.files)
         try:
             loaded = load(self.config_path)

@@ -31,6 +31,7 @@ class Options:
     config_map: str = "resilience-proxy-config"
     openrouter_secret: str = "openrouter-api-key"
     admin_secret: str = "resilience-proxy-admin-token"
+    redis_secret: str = "redis-password"
 
 
 def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict:
@@ -48,7 +49,9 @@ def container(opts: Options) -> dict:
         "imagePullPolicy": "IfNotPresent",
         "args": ["run", "--config", "/etc/resilience-proxy/config.yaml"],
         "ports": [{"name": "proxy-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
-        "env": [{"name": "PROXY_CONFIG", "value": "/etc/resilience-proxy/config.yaml"}],
+        "env": [{"name": "PROXY_CONFIG", "value": "/etc/resilience-proxy/config.yaml"},
+                # the inbound listener's track label (empty when the pod has no track label)
+                {"name": "ROLLOUT_TRACK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['track']"}}}],
         "startupProbe": _probe("/health/startup", 10, 30),
         "livenessProbe": _probe("/health/live", 10, 3),
         "readinessProbe": _probe("/health/ready", 5, 3),
@@ -64,6 +67,7 @@ def container(opts: Options) -> dict:
             {"name": "resilience-proxy-openrouter", "mountPath": "/var/run/secrets/openrouter", "readOnly": True},
             {"name": "resilience-proxy-admin-token", "mountPath": "/var/run/secrets/resilience-proxy/admin-token",
              "readOnly": True},
+            {"name": "resilience-proxy-redis", "mountPath": "/var/run/secrets/redis", "readOnly": True},
             {"name": "resilience-proxy-tmp", "mountPath": "/tmp"},
         ],
     }
@@ -81,6 +85,7 @@ def volumes(opts: Options) -> list[dict]:
         {"name": "resilience-proxy-config", "configMap": {"name": opts.config_map}},  # a directory, never subPath
         {"name": "resilience-proxy-openrouter", "secret": {"secretName": opts.openrouter_secret, "optional": True}},
         {"name": "resilience-proxy-admin-token", "secret": {"secretName": opts.admin_secret, "optional": True}},
+        {"name": "resilience-proxy-redis", "secret": {"secretName": opts.redis_secret, "optional": True}},
         {"name": "resilience-proxy-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import ssl
 
 from aiohttp import web
@@ -81,6 +82,27 @@ def app(opts: Options) -> web.Application:
     return a
 
 
+def _stamp(*paths: str) -> tuple:
+    return tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else 0 for p in paths)
+
+
+async def watch_certificate(ctx: ssl.SSLContext, cert: str, key: str, interval: float = 30.0) -> None:
+    """cert-manager renews the certificate in place (a Secret volume swap): load it again, so new TLS
+    handshakes use it. Without this the API server rejects the expired one and, with failurePolicy
+    Ignore, injection silently stops."""
+    seen = _stamp(cert, key)
+    while True:
+        await asyncio.sleep(interval)
+        now = _stamp(cert, key)
+        if now != seen:
+            try:
+                ctx.load_cert_chain(cert, key)
+                seen = now
+                log.info("webhook_certificate_reloaded")
+            except (OSError, ssl.SSLError) as exc:
+                log.error("webhook_certificate_reload_failed", error=str(exc))
+
+
 async def serve(host: str, port: int, cert: str, key: str, opts: Options) -> int:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
@@ -88,8 +110,10 @@ async def serve(host: str, port: int, cert: str, key: str, opts: Options) -> int
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ctx).start()
     log.info("webhook_started", listen=f"{host}:{port}")
+    watcher = asyncio.get_running_loop().create_task(watch_certificate(ctx, cert, key))
     try:
         await asyncio.Event().wait()
     finally:
+        watcher.cancel()
         await runner.cleanup()
     return 0

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from proxy.listen.http import HOP_BY_HOP, connection_listed, error_body, new_request_id
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_DROP = HOP_BY_HOP | {"host", "content-length"}
+_DROP = HOP_BY_HOP | {"content-length"}  # Host is kept: the app may route or check on it
 
 
 class InboundListener:
@@ -27,6 +27,7 @@ class InboundListener:
         self.app = app
         self.session: aiohttp.ClientSession | None = None
         self._children: dict = {}
+        self._client_fault: dict[str, tuple[int, str]] = {}  # request id → why its body failed
 
     def _session(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -75,14 +76,19 @@ class InboundListener:
             url = spec.app_url + request.raw_path
             if (request.headers.get("Upgrade", "").lower() == "websocket"
                     and "upgrade" in connection_listed(request.headers)):
-                status = "101"
                 seconds = time.monotonic() - started
-                return await self._websocket(request, url, headers)
-            body = self._body(request, spec) if (cl or request.body_exists) else None
+                resp = await self._websocket(request, url, headers)
+                status = str(resp.status)
+                return resp
+            body = self._body(request, spec, rid) if (cl or request.body_exists) else None
             try:
                 r = await self._session().request(request.method, url, headers=headers, data=body,
                                                   allow_redirects=False)
-            except (aiohttp.ClientError, OSError) as exc:
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                fault = self._client_fault.pop(rid, None)
+                if fault is not None:
+                    status = str(fault[0])  # the client's own fault (body too large, stalled): not the app's 5xx
+                    return self._error(fault[0], fault[1], "the request body was too large or stalled", rid)
                 status = "502"
                 return self._error(502, "app_unreachable", f"the app did not answer: {type(exc).__name__}", rid)
             seconds = time.monotonic() - started
@@ -92,6 +98,7 @@ class InboundListener:
             finally:
                 r.release()
         finally:
+            self._client_fault.pop(rid, None)
             self._observe(method, status, spec.track if spec else "unknown", seconds,
                           spec.buckets if spec else (1.0,))
 
@@ -111,15 +118,20 @@ class InboundListener:
         out["X-Request-Id"] = rid
         return out
 
-    async def _body(self, request, spec):
+    async def _body(self, request, spec, rid: str):
         n = 0
         while True:
-            async with asyncio.timeout(spec.idle_timeout):
-                chunk = await request.content.readany()
+            try:
+                async with asyncio.timeout(spec.idle_timeout):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                self._client_fault[rid] = (408, "request_timeout")
+                raise
             if not chunk:
                 return
             n += len(chunk)
             if spec.max_request_body is not None and n > spec.max_request_body:
+                self._client_fault[rid] = (413, "request_too_large")
                 raise aiohttp.ClientPayloadError("request body too large")
             yield chunk
 

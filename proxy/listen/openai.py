@@ -88,8 +88,8 @@ class OpenAIListener(HttpListener):
         if request.method == "POST":
             try:
                 doc = json.loads(preq.body or b"")
-            except (ValueError, UnicodeDecodeError):
-                raise Refused(400, "invalid_json", "request body must be JSON") from None
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise Refused(400, "invalid_json", "request body must be JSON (and not nested absurdly deep)") from None
             if not isinstance(doc, dict):
                 raise Refused(400, "invalid_json", f"request body must be a JSON object, got {type(doc).__name__}")
             extra["json"] = doc

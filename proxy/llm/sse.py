@@ -58,6 +58,14 @@ class Assembler:
         self.broken = False
 
     def add(self, data: str) -> None:
+        """Never raises: an odd chunk only makes the copy unusable for the cache; the stream itself
+        passes through untouched."""
+        try:
+            self._add(data)
+        except (TypeError, AttributeError, ValueError, KeyError, RecursionError):
+            self.broken = True
+
+    def _add(self, data: str) -> None:
         if data.strip() == "[DONE]":
             self.done = True
             return

@@ -26,6 +26,9 @@ class RedisTarget:
         self.host, self.port = u.hostname or "localhost", u.port or 6379
         self.username = unquote(u.username) if u.username else None
         self.password = unquote(u.password) if u.password else None
+        if spec.password_file:
+            with open(spec.password_file, encoding="utf-8") as f:  # an OSError is a config error upstream
+                self.password = f.read().rstrip("\r\n")
         path = (u.path or "/").strip("/")
         self.db = int(path) if path.isdigit() else 0
         self.ssl = ssl_context(spec)

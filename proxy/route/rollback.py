@@ -13,8 +13,8 @@ import math
 
 from proxy.obs import log
 
-# latency buckets: 1 ms · 1.25^i, up to ~2 h
-_BASE, _GROWTH, _NB = 0.001, 1.25, 72
+# latency buckets: 1 ms · 1.05^i (5% wide, so a p99 near the threshold is judged within 5%), up to ~1 h
+_BASE, _GROWTH, _NB = 0.001, 1.05, 312
 _LOG_GROWTH = math.log(_GROWTH)
 
 

@@ -194,6 +194,16 @@ def digest(path: str, files: set[str] | tuple[str, ...]) -> str:
         except OSError:
             h.update(b"\0missing")
     h.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("PROXY_"))).encode())
+    try:  # password files named by redis targets are watched like ${file:} references
+        data = yaml.safe_load(open(path, "rb")) or {}
+        for up in (data.get("upstreams") or {}).values():
+            for t in (up or {}).get("targets") or []:
+                pf = isinstance(t, dict) and t.get("password_file")
+                if pf:
+                    with open(pf, "rb") as f:
+                        h.update(f.read())
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
     return h.hexdigest()[:16]
 
 

@@ -87,6 +87,8 @@ class TargetSpec(Spec):
     url: str
     weight: int = Field(default=100, ge=0, le=100)
     tls: TLSSpec = TLSSpec()
+    # redis: the password as a file (any characters; re-read on change), instead of inside the URL
+    password_file: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -475,7 +477,7 @@ class InboundSpec(Spec):
 
     listen: str = "0.0.0.0:8080"
     app_url: str = "http://127.0.0.1:8000"
-    track: str = Field(default="stable", pattern=r"^[A-Za-z0-9._-]{1,63}$")  # e.g. ${env:ROLLOUT_TRACK}
+    track: str = Field(default="stable", pattern=r"^[A-Za-z0-9._-]{0,63}$")  # e.g. ${env:ROLLOUT_TRACK}
     max_header_bytes: Size = Field(default=16 * 1024, ge=256)
     max_request_body: Size | None = None
     idle_timeout: Duration = Field(default=300.0, gt=0)
@@ -486,6 +488,11 @@ class InboundSpec(Spec):
     def _listen(cls, v: str) -> str:
         parse_listen(v)
         return v
+
+    @field_validator("track")
+    @classmethod
+    def _track(cls, v: str) -> str:
+        return v or "default"  # a pod without the label: one bounded value, not an empty one
 
     @field_validator("app_url")
     @classmethod

@@ -177,6 +177,15 @@ async def test_upstream_password_from_the_url(start_proxy, tmp_path):
         name, cfg = redis_config(f"redis://:${{file:{secret}}}@127.0.0.1:{port}/2")
         p = await start_proxy(cfg)
         lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+        # a password with URL-hostile characters, from a file (re-read by the reload watcher)
+        pw = tmp_path / "pw"
+        pw.write_text("s3cr3t\n")
+        n2, cfg2 = redis_config(f"redis://127.0.0.1:{port}/2")
+        cfg2["upstreams"][n2]["targets"][0]["password_file"] = str(pw)
+        p2 = await start_proxy(cfg2)
+        c2 = aredis.Redis(port=int(cfg2["upstreams"][n2]["listen"].split(":")[1]), protocol=3)
+        assert await c2.ping()
+        await c2.aclose()
         for proto in (2, 3):
             c = aredis.Redis(port=lport, protocol=proto, password="anything")  # the app's AUTH is answered locally
             await c.set("k", "v")

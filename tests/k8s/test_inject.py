@@ -127,3 +127,23 @@ async def test_webhook_over_tls_matches_the_cli(tmp_path):
                 assert r.status == 400
     finally:
         await runner.cleanup()
+
+
+def test_injected_sidecar_can_run_the_shipped_config():
+    """Every ${file:} the shipped config reads is under a mount of the injected sidecar, every ${env:} is
+    set, and the ConfigMap is mounted where the sidecar's --config points."""
+    import re
+
+    cfg_text = (ROOT / "k8s/base/config.yaml").read_text()
+    out = yaml.safe_load(inject_text((GOLDEN / "pod.in.yaml").read_text(), Options()))
+    side = out["spec"]["initContainers"][0]
+    mounts = [m["mountPath"] for m in side["volumeMounts"]]
+    for path in re.findall(r"\$\{file:([^}]+)\}", cfg_text) + re.findall(r"password_file: (/\S+?)[,}\s]", cfg_text):
+        assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), path
+    env = {e["name"] for e in side["env"]}
+    for name in re.findall(r"\$\{env:([^}]+)\}", cfg_text):
+        assert name in env, name
+    config_arg = side["args"][side["args"].index("--config") + 1]
+    assert any(config_arg.startswith(m + "/") for m in mounts)
+    token_file = yaml.safe_load(cfg_text)["admin"]["token_file"]
+    assert any(token_file.startswith(m + "/") for m in mounts)

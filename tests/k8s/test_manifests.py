@@ -25,7 +25,7 @@ CRDS = {
     "PodChaos": ("chaos-mesh.org/v1alpha1", ["spec.action", "spec.mode", "spec.selector"]),
     "NetworkChaos": ("chaos-mesh.org/v1alpha1", ["spec.action", "spec.mode", "spec.selector"]),
     "StressChaos": ("chaos-mesh.org/v1alpha1", ["spec.mode", "spec.selector", "spec.stressors"]),
-    "Certificate": ("cert-manager.io/v1", ["spec.secretName", "spec.issuerRef.name", "spec.dnsNames"]),
+    "Certificate": ("cert-manager.io/v1", ["spec.secretName", "spec.issuerRef.name"]),
     "Issuer": ("cert-manager.io/v1", ["spec"]),
 }
 
