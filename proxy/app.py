@@ -299,7 +299,7 @@ class ProxyApp:
 
     # -- shutdown --------------------------------------------------------------------------------------
     def in_flight(self) -> int:
-        return sum(up.counters.in_flight for up in self.runtime.upstreams.values())
+        return sum(up.counters.in_flight for up in self.runtime.upstreams.values()) + self.inbound.in_flight
 
     async def drain(self) -> None:
         """SIGTERM: readiness turns 503 at once, listeners keep serving (the app may still be finishing

@@ -28,6 +28,7 @@ class InboundListener:
         self.session: aiohttp.ClientSession | None = None
         self._children: dict = {}
         self._client_fault: dict[str, tuple[int, str]] = {}  # request id → why its body failed
+        self.in_flight = 0  # the drain waits for the app's own requests too
 
     def _session(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -61,6 +62,7 @@ class InboundListener:
         method = request.method if request.method in _METHODS else "OTHER"
         started = time.monotonic()
         status, seconds = "000", None
+        self.in_flight += 1
         try:
             if spec is None:
                 status = "503"
@@ -98,6 +100,7 @@ class InboundListener:
             finally:
                 r.release()
         finally:
+            self.in_flight -= 1
             self._client_fault.pop(rid, None)
             self._observe(method, status, spec.track if spec else "unknown", seconds,
                           spec.buckets if spec else (1.0,))

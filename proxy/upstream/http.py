@@ -18,6 +18,7 @@ from proxy.upstream.h1 import UpstreamClosed
 from proxy.upstream.pool import ConnectFailed, Overloaded
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_SAFE_IDLE = 1.0  # a non-replayable request only reuses a connection used within the last second
 
 
 class BodyTooLarge(Exception):
@@ -140,7 +141,7 @@ class HttpTerminal:
         if body:
             data += body
         try:
-            conn = pool.h1_get()
+            conn = pool.h1_get(None if req.idempotent else _SAFE_IDLE)
             if conn is None:
                 conn = await pool.h1_connect()
             try:

@@ -181,14 +181,20 @@ class HttpPool:
             raise ConnectFailed(exc) from None
         return conn
 
-    def h1_get(self):
+    def h1_get(self, max_idle: float | None = None):
+        """A kept-alive connection, the most recently used first (LIFO). `max_idle` narrows it for a
+        request that cannot be replayed if the upstream closed the connection meanwhile (common
+        keep-alive timeouts are 2-5 s): then only a connection used within `max_idle` will do."""
         now = self.clock.monotonic()
         idle = self._idle_conns
         while idle:
-            c = idle.pop()
+            c = idle[-1]
             if c.closed or now - c.last_used > self.spec.idle_timeout or now - c.created > self.spec.max_lifetime:
-                c.close()
+                idle.pop().close()
                 continue
+            if max_idle is not None and now - c.last_used > max_idle:
+                return None  # the freshest is too old for this request (the rest are older): open a new one
+            idle.pop()
             c.reused = True
             return c
         return None

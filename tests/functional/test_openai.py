@@ -84,6 +84,10 @@ async def test_key_injected_placeholder_never_forwarded(fake, start_proxy, tmp_p
             assert "sk-or-real-secret-key" not in await r.text()
         async with s.get(p.admin + "/metrics") as r:
             assert "sk-or-real-secret-key" not in await r.text()
+    fake.fail_all = 500  # errors are logged: the key must not be in any of it
+    await client(p).chat.completions.create(model="m", messages=MSG)
+    logged = caplog.text + " ".join(str(getattr(r, "fields", "")) for r in caplog.records)
+    assert caplog.records and "sk-or-real-secret-key" not in logged
 
 
 async def test_cache_warm_then_fallback_with_marker_and_stream_replay(fake, start_proxy):
