@@ -182,7 +182,7 @@ def plots(r: dict, out: Path, stem: str) -> list[str]:
     if c and c.get("timeline"):
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
         buckets: dict[int, list] = {}
-        for t0, status, fb in c["timeline"]:
+        for t0, status, _fb in c["timeline"]:
             buckets.setdefault(int(t0 * 4), []).append(200 <= status < 300)
         xs = sorted(buckets)
         a1.plot([x / 4 for x in xs], [sum(buckets[x]) / len(buckets[x]) * 100 for x in xs])

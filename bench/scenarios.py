@@ -120,7 +120,7 @@ web.run_app(f.app(), host='127.0.0.1', port={fake_port}, print=None, access_log=
                                                         stream=True):
                     times.append(time.perf_counter())
                 res["ttfc"][name].append(times[0] - t0)
-                gaps = [b - a for a, b in zip(times, times[1:])]
+                gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
                 res["gap"][name].append(statistics.median(gaps))
     finally:
         px.stop()

@@ -21,9 +21,9 @@ from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
 from proxy.listen.inbound import InboundListener
 from proxy.listen.openai import OpenAIListener
-from proxy.redis.listener import RedisClientProtocol
 from proxy.obs import log
 from proxy.obs.metrics import METRICS, Metrics
+from proxy.redis.listener import RedisClientProtocol
 from proxy.runtime import Runtime
 from proxy.settings import ConfigError, Loaded, load
 from proxy.settings.loader import digest

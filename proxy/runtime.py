@@ -16,9 +16,6 @@ from multidict import CIMultiDict
 
 from proxy.clock import Clock
 from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover
-from proxy.redis import commands as redis_commands
-from proxy.redis.upstream import RedisTarget
-from proxy.route.tracks import TrackChooser
 from proxy.obs.metrics import METRICS, UpstreamMetrics
 from proxy.policy.base import Handler, build_chain
 from proxy.policy.breaker import Breaker
@@ -27,6 +24,9 @@ from proxy.policy.fallback import Fallback
 from proxy.policy.retry import Retry
 from proxy.policy.shed import Shed
 from proxy.policy.timeout import AttemptTimeout, TotalTimeout
+from proxy.redis import commands as redis_commands
+from proxy.redis.upstream import RedisTarget
+from proxy.route.tracks import TrackChooser
 from proxy.settings.loader import ConfigError, Loaded
 from proxy.settings.spec import (
     IDEMPOTENT_METHODS,

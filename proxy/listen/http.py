@@ -15,16 +15,15 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.obs import log
-from proxy.upstream.h1 import UpstreamClosed
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
+from proxy.upstream.h1 import UpstreamClosed
 from proxy.upstream.http import BodyTooLarge
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",

@@ -21,10 +21,10 @@ from proxy.listen.http import _REQ_DROP, HttpListener, Refused
 from proxy.llm import sse
 from proxy.llm.policy import cache_key, error_event
 from proxy.obs import log
-from proxy.upstream.h1 import UpstreamClosed
 from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
+from proxy.upstream.h1 import UpstreamClosed
 
 CACHE_MODES = ("no-store", "only-if-cached")
 _MAX_PENDING = 1 << 20  # an "event" that never ends is forwarded anyway past this size

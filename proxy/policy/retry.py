@@ -21,7 +21,6 @@ from proxy.clock import Clock
 from proxy.policy.base import Handler, ProxyRequest, ProxyResponse, Verdict
 from proxy.settings.spec import RetrySpec
 
-
 # Attempts the upstream provably did not act on: retried even for non-idempotent requests.
 _NOTHING_DONE = frozenset({"connect-failure", "429"})
 

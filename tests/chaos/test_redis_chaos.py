@@ -98,7 +98,7 @@ async def test_slow_redis_pipelined_commands_get_errors_not_other_replies(redis_
     proxy, url = toxic_link(redis_server)
     name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
                                 retry={"attempts": 1}, breaker={"fail_max": 100})
-    p = await start_proxy(cfg)
+    await start_proxy(cfg)
     port = int(cfg["upstreams"][name]["listen"].split(":")[1])
     c = aredis.Redis(port=port, protocol=2, retry=None, socket_timeout=5)
     for i in range(5):

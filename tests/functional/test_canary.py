@@ -237,7 +237,7 @@ async def test_inbound_golden_metrics_sse_and_websocket(aiohttp_server, start_pr
     name, cfg = upstream_config(f"http://127.0.0.1:{server.port}")
     track = f"canary-{free_port()}"
     cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": f"http://127.0.0.1:{server.port}", "track": track}
-    p = await start_proxy(cfg)
+    await start_proxy(cfg)
     inbound = f"http://{cfg['inbound']['listen']}"
     async with aiohttp.ClientSession() as s:
         for st, n in ((200, 9), (500, 1)):

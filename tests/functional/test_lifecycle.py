@@ -15,7 +15,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.conftest import free_port, upstream_config
+from tests.conftest import upstream_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -142,7 +142,7 @@ async def test_client_auth_required_when_configured(redis_server, start_proxy, t
     pw = tmp_path / "pw"
     pw.write_text("app-secret\n")
     name, cfg = redis_config(redis_server, client_auth={"password_file": str(pw)})
-    p = await start_proxy(cfg)
+    await start_proxy(cfg)
     port = int(cfg["upstreams"][name]["listen"].split(":")[1])
     anon = aredis.Redis(port=port, protocol=2)
     with pytest.raises(redis.AuthenticationError):
@@ -175,14 +175,14 @@ async def test_upstream_password_from_the_url(start_proxy, tmp_path):
         secret = tmp_path / "redis-pass"
         secret.write_text("s3cr3t")
         name, cfg = redis_config(f"redis://:${{file:{secret}}}@127.0.0.1:{port}/2")
-        p = await start_proxy(cfg)
+        await start_proxy(cfg)
         lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
         # a password with URL-hostile characters, from a file (re-read by the reload watcher)
         pw = tmp_path / "pw"
         pw.write_text("s3cr3t\n")
         n2, cfg2 = redis_config(f"redis://127.0.0.1:{port}/2")
         cfg2["upstreams"][n2]["targets"][0]["password_file"] = str(pw)
-        p2 = await start_proxy(cfg2)
+        await start_proxy(cfg2)
         c2 = aredis.Redis(port=int(cfg2["upstreams"][n2]["listen"].split(":")[1]), protocol=3)
         assert await c2.ping()
         await c2.aclose()
@@ -243,7 +243,7 @@ async def test_hello_and_reset_behind_pipelined_commands_answer_everything(rp):
 async def test_two_subscribes_in_one_packet_and_tunnel_end_closes_the_client(redis_server, start_proxy, toxic_link):
     proxy, url = toxic_link(redis_server)
     name, cfg = redis_config(url + "/0")
-    p = await start_proxy(cfg)
+    await start_proxy(cfg)
     port = int(cfg["upstreams"][name]["listen"].split(":")[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nb\r\n")
@@ -262,7 +262,7 @@ async def test_two_subscribes_in_one_packet_and_tunnel_end_closes_the_client(red
 async def test_writes_inside_multi_invalidate_the_cache(redis_server, start_proxy, toxic_link):
     proxy, url = toxic_link(redis_server)
     name, cfg = redis_config(url + "/0", retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
-    p = await start_proxy(cfg)
+    await start_proxy(cfg)
     port = int(cfg["upstreams"][name]["listen"].split(":")[1])
     c = aredis.Redis(port=port, protocol=3, retry=None)
     await c.set("mk", "old")

@@ -277,7 +277,7 @@ async def test_admin_reads_need_a_token_off_loopback(upstream, start_proxy, tmp_
                                                                "X-Plain": "visible"})
     port = free_port()
     cfg["admin"] = {"listen": f"0.0.0.0:{port}", "token_file": str(token)}
-    p = await start_proxy(cfg)
+    await start_proxy(cfg)
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as s:
         for path in ("/admin/upstreams", "/admin/config"):

@@ -88,7 +88,7 @@ class _M:
 def test_rollback_on_error_rate_only_after_min_requests():
     clock = ManualClock()
     s = CanaryState("u", "canary", RollbackSpec(min_requests=100), clock, _M, (5, "http://c"))
-    for i in range(99):
+    for _i in range(99):
         assert not s.record(True, 0.01)
         clock.advance(0.3)
     assert s.aborted is None  # 99 requests: below min_requests, even if all failed
