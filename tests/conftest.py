@@ -61,6 +61,17 @@ class Upstream:
 
 
 @pytest.fixture
+async def fake(aiohttp_server):
+    """A fake OpenAI-compatible upstream (tests/fakes.py) on a free port."""
+    from tests.fakes import FakeOpenAI
+
+    f = FakeOpenAI()
+    server = await aiohttp_server(f.app())
+    f.url = f"http://127.0.0.1:{server.port}"
+    return f
+
+
+@pytest.fixture
 async def upstream(aiohttp_server) -> Upstream:
     u = Upstream()
     server = await aiohttp_server(u.app())

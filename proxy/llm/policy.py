@@ -71,26 +71,15 @@ class LLMFallback(Fallback):
             return extra["key"] if req.method in self.methods else None
         return super()._key(req)
 
-    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        key = self._key(req)
-        resp = await call_next(req)
-        if resp.verdict is Verdict.SUCCESS:
-            if self.cache.episode is not None:
-                self._end_episode()
-            no_store = req.extra is not None and req.extra.get("cache") == "no-store"
-            if key is not None and not no_store and resp.status == 200:
-                store, headers = self.cache.store, CIMultiDict({"Content-Type": _JSON})
-                resp.capture = lambda body: store(key, 200, headers, body)
-            return resp
-        reason = resp.reason or Reason.UPSTREAM_ERROR
-        served = self.serve(key, reason, req)
-        if served is None:
-            return resp
-        resp.release()
-        return served
+    def _keep(self, req: ProxyRequest, resp: ProxyResponse, key: bytes) -> None:
+        """A completion is stored as JSON once the listener has it whole (streams are assembled first)."""
+        no_store = req.extra is not None and req.extra.get("cache") == "no-store"
+        if not no_store and resp.status == 200:
+            store, headers = self.cache.store, CIMultiDict({"Content-Type": _JSON})
+            resp.capture = lambda body: store(key, 200, headers, body)
 
     def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
-        out = super().serve(key, reason)
+        out = super().serve(key, reason, req)
         if out is not None:
             if out.source in ("cache", "stale") and out.body:
                 try:

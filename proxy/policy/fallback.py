@@ -34,12 +34,13 @@ class Entry:
         self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + 64
 
 
-class _Cache(TTLCache):
-    """TTLCache bounded by bytes (maxsize, via getsizeof) and by entry count."""
+class BoundedCache(TTLCache):
+    """TTLCache bounded by bytes (maxsize, via getsizeof) and by entry count; `on_evict` hears of every
+    entry that leaves by eviction or expiry (the Redis cache keeps a key index in step with it)."""
 
-    def __init__(self, entries: int, max_bytes: int, ttl: float, timer) -> None:
-        super().__init__(maxsize=max(1, max_bytes), ttl=ttl, timer=timer, getsizeof=lambda e: e.size)
-        self.max_entries = entries
+    def __init__(self, entries: int, max_bytes: int, ttl: float, timer, getsizeof, on_evict=None) -> None:
+        super().__init__(maxsize=max(1, max_bytes), ttl=ttl, timer=timer, getsizeof=getsizeof)
+        self.max_entries, self.on_evict = entries, on_evict
 
     def __setitem__(self, key, value) -> None:
         if key not in self:
@@ -47,13 +48,27 @@ class _Cache(TTLCache):
                 self.popitem()
         super().__setitem__(key, value)
 
+    def popitem(self):
+        key, value = super().popitem()
+        if self.on_evict is not None:
+            self.on_evict(key)
+        return key, value
+
+    def expire(self, time=None):
+        expired = super().expire(time)
+        if self.on_evict is not None:
+            for key, _ in expired or ():
+                self.on_evict(key)
+        return expired
+
 
 class FallbackCache:
     """Per (upstream, fallback spec); survives reloads that leave both unchanged."""
 
     def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
         self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
-        self.cache = _Cache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic)
+        self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
+                                  getsizeof=lambda e: e.size)
         self.episode: str | None = None   # the reason of the fallback episode in progress, for logs
         self.served_in_episode = 0
         self.last_served = 0.0
@@ -133,21 +148,27 @@ class Fallback:
         if resp.verdict is Verdict.SUCCESS:
             if self.cache.episode is not None:
                 self._end_episode()
-            if key is not None and storable(resp):
-                if resp.body is not None and resp.stream is None:
-                    self.cache.store(key, resp.status, resp.headers, resp.body)
-                else:
-                    status, headers, store = resp.status, resp.headers, self.cache.store
-                    resp.capture = lambda body: store(key, status, headers, body)
+            if key is not None:
+                self._keep(req, resp, key)
             return resp
         reason = resp.reason or Reason.UPSTREAM_ERROR
-        served = self.serve(key, reason)
+        served = self.serve(key, reason, req)
         if served is None:
             return resp
         resp.release()
         return served
 
-    def serve(self, key: bytes | None, reason: Reason) -> ProxyResponse | None:
+    def _keep(self, req: ProxyRequest, resp: ProxyResponse, key: bytes) -> None:
+        """Store a fresh answer (now, or once its body has streamed through the listener)."""
+        if not storable(resp):
+            return
+        if resp.body is not None and resp.stream is None:
+            self.cache.store(key, resp.status, resp.headers, resp.body)
+        else:
+            status, headers, store = resp.status, resp.headers, self.cache.store
+            resp.capture = lambda body: store(key, status, headers, body)
+
+    def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
         entry = self.cache.get(key) if key is not None else None
         if entry is not None:
             source = "cache" if self.clock.monotonic() - entry.stored_at < self.spec.cache_ttl else "stale"

@@ -4,27 +4,9 @@ exactly the reads it affects. Answers only when the upstream failed or the break
 
 from __future__ import annotations
 
-from cachetools import TTLCache
-
 from proxy.clock import Clock
+from proxy.policy.fallback import BoundedCache
 from proxy.settings.spec import FallbackSpec
-
-
-class _Bounded(TTLCache):
-    def __init__(self, entries: int, max_bytes: int, ttl: float, timer, on_evict) -> None:
-        super().__init__(maxsize=max(1, max_bytes), ttl=ttl, timer=timer, getsizeof=lambda v: len(v[1]) + len(v[0]) + 64)
-        self.max_entries, self.on_evict = entries, on_evict
-
-    def __setitem__(self, key, value) -> None:
-        if key not in self:
-            while len(self) >= self.max_entries and len(self):
-                self.popitem()
-        super().__setitem__(key, value)
-
-    def popitem(self):
-        key, value = super().popitem()
-        self.on_evict(key)
-        return key, value
 
 
 class RedisCache:
@@ -32,7 +14,8 @@ class RedisCache:
         self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
         self.index: dict[tuple[int, bytes], set[tuple]] = {}   # (db, key) → cache keys
         self.by_db: dict[int, set[tuple]] = {}
-        self.cache = _Bounded(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic, self._forget)
+        self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
+                                  getsizeof=lambda v: len(v[1]) + len(v[0]) + 64, on_evict=self._forget)
 
     def __len__(self) -> int:
         self.cache.expire()

@@ -7,17 +7,10 @@ import pytest
 
 from tests.chaos.conftest import add_toxic
 from tests.conftest import metric, upstream_config
-from tests.fakes import FakeOpenAI
 
 MSG = [{"role": "user", "content": "chaos"}]
 
 
-@pytest.fixture
-async def fake(aiohttp_server):
-    f = FakeOpenAI()
-    server = await aiohttp_server(f.app())
-    f.url = f"http://127.0.0.1:{server.port}"
-    return f
 
 
 def client(p):

@@ -10,17 +10,10 @@ import openai
 import pytest
 
 from tests.conftest import metric, upstream_config
-from tests.fakes import FakeOpenAI
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-async def fake(aiohttp_server):
-    f = FakeOpenAI()
-    server = await aiohttp_server(f.app())
-    f.url = f"http://127.0.0.1:{server.port}"
-    return f
 
 
 def llm_config(url, **sections):
