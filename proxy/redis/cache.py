@@ -8,6 +8,8 @@ from proxy.clock import Clock
 from proxy.policy.fallback import BoundedCache
 from proxy.settings.spec import FallbackSpec
 
+_REFRESH = 0.25  # seconds: an unchanged answer is re-stored at most this often (it only ages the entry)
+
 
 class RedisCache:
     def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
@@ -41,7 +43,11 @@ class RedisCache:
         if self.spec.cache_entries == 0 or len(reply) > self.spec.max_body:
             return
         ckey = (db, proto, raw_command, tuple(keys))
-        self.cache[ckey] = (raw_command, reply, self.clock.monotonic())
+        now = self.clock.monotonic()
+        old = self.cache.get(ckey)
+        if old is not None and old[1] == reply and now - old[2] < _REFRESH:
+            return  # the same answer stored a moment ago: a hot key costs a lookup, not an insert
+        self.cache[ckey] = (raw_command, reply, now)
         self.by_db.setdefault(db, set()).add(ckey)
         for k in keys:
             self.index.setdefault((db, k), set()).add(ckey)

@@ -47,6 +47,22 @@ class Command:
         self.started = 0.0
 
 
+class _CommandPending(Pending):
+    """A forwarded command waiting for its reply: calls back into the client without a closure per
+    command."""
+
+    __slots__ = ("client", "cmd")
+
+    def __init__(self, client, cmd, timeout) -> None:
+        self.client, self.cmd, self.timeout, self.raw = client, cmd, timeout, cmd.raw
+
+    def on_reply(self, raw: bytes, kind: str) -> None:
+        self.client._replied(self.cmd, raw, kind)
+
+    def on_failure(self, kind: str) -> None:
+        self.client._failed(self.cmd, kind)
+
+
 class RedisClientProtocol(asyncio.Protocol):
     def __init__(self, app, name: str) -> None:
         self.app, self.name = app, name
@@ -63,6 +79,7 @@ class RedisClientProtocol(asyncio.Protocol):
         self.paused = False
         self.write_paused = False
         self.watching = False
+        self.corked = False
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -104,6 +121,21 @@ class RedisClientProtocol(asyncio.Protocol):
                 self.conn.close()
                 self.conn = None
             return
+        conn = self.conn
+        if conn is not None and len(cmds) > 1:
+            conn.cork()
+        try:
+            self._dispatch_all(cmds)
+        finally:
+            if conn is not None:
+                conn.uncork()
+            if self.conn is not None and self.conn is not conn:
+                self.conn.uncork()  # opened during this read
+        if len(self.slots) > _MAX_PENDING_SLOTS and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _dispatch_all(self, cmds: list[list[bytes]]) -> None:
         for i, args in enumerate(cmds):
             if self.closing:
                 break
@@ -115,9 +147,6 @@ class RedisClientProtocol(asyncio.Protocol):
                     self.conn.send(rest, None)
                 break
             self.dispatch(args)
-        if len(self.slots) > _MAX_PENDING_SLOTS and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
 
     def _refresh(self) -> None:
         """Between commands: follow a reload, a blue/green switch or a canary abort (a long-lived pooled
@@ -193,8 +222,7 @@ class RedisClientProtocol(asyncio.Protocol):
             conn = self.conn = self._new_upstream()
         timeout = None if cmd.cls == "blocking" else up.spec.timeouts.attempt
         cmd.started = self.app.clock.monotonic()
-        conn.send(cmd.raw, Pending(cmd.raw, lambda raw, kind, c=cmd: self._replied(c, raw, kind),
-                                   lambda kind, c=cmd: self._failed(c, kind), timeout))
+        conn.send(cmd.raw, _CommandPending(self, cmd, timeout))
 
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
         up = self.up
@@ -354,6 +382,7 @@ class RedisClientProtocol(asyncio.Protocol):
         up = self.up
         conn = UpstreamConnection(up.redis_targets[self.target.name], self.proto, self.db, self.client_name,
                                   up.spec.timeouts.connect, self._push, self._raw)
+        conn.on_batch = self._batch
         if self.transport is not None and self.write_paused:
             conn.paused_at_start = True
         return conn
@@ -418,7 +447,14 @@ class RedisClientProtocol(asyncio.Protocol):
         if self.slots and self.slots[0] is slot:
             self._flush()
 
+    def _batch(self, start: bool) -> None:
+        self.corked = start
+        if not start:
+            self._flush()
+
     def _flush(self) -> None:
+        if self.corked:
+            return  # the end of the batch flushes
         slots = self.slots
         out = []
         while slots and slots[0].reply is not None:

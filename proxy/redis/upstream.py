@@ -58,6 +58,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False                 # pub/sub or MONITOR: bytes flow raw from now on
         self.retiring = False
         self.paused = False
+        self.corked = False
+        self.on_batch: Callable[[bool], None] | None = None  # the client corks its replies around a read
         self.setup_failed_on: bytes | None = None
         self.paused_at_start = False
         self._timer: asyncio.TimerHandle | None = None
@@ -121,12 +123,23 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if pending is not None:
             self.pending.append(pending)
-        if self.transport is None:
-            self.backlog.append(raw)
+        if self.transport is None or self.corked:
+            self.backlog.append(raw)  # one write for the batch (uncork), or when the connection is up
         else:
             self.transport.write(raw)
         if pending is not None and len(self.pending) == 1:
             self._arm()
+
+    def cork(self) -> None:
+        """Commands of one client read go out in one write (a pipeline of 16 is one syscall, not 16)."""
+        self.corked = True
+
+    def uncork(self) -> None:
+        self.corked = False
+        if self.backlog and self.transport is not None and not self.failed:
+            data = b"".join(self.backlog) if len(self.backlog) > 1 else self.backlog[0]
+            self.backlog = []
+            self.transport.write(data)
 
     def _arm(self) -> None:
         if self._timer is not None:
@@ -149,6 +162,17 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self._fail("reset", exc)
             return
+        batch = self.on_batch
+        if batch is not None and len(frames) > 1:
+            batch(True)  # the replies of one read go to the client in one write
+            try:
+                self._deliver(frames)
+            finally:
+                batch(False)
+        else:
+            self._deliver(frames)
+
+    def _deliver(self, frames) -> None:
         for raw, kind in frames:
             if kind == "push" and self.proto == 3:
                 self.on_push(raw)
@@ -168,7 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
             rest = bytes(self.framer.buf)
             self.framer.buf.clear()
             self.on_raw(rest)
-        self._arm()
+        if not self.failed:
+            self._arm()
 
     def connection_lost(self, exc) -> None:
         self.transport = None
