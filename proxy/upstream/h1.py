@@ -105,6 +105,7 @@ class Connection(asyncio.Protocol):
         self._body: Body | None = None
         self._done = False
         self._keep_alive = False
+        self._close_delimited = False
         self.last_used = created
 
     # -- transport ---------------------------------------------------------------------------------
@@ -119,14 +120,19 @@ class Connection(asyncio.Protocol):
             w.set_exception(err)
         b = self._body
         if b is not None and not b.eof:
-            b.exc = err
+            if self._close_delimited and exc is None:
+                # no Content-Length, not chunked: the body ends where the connection does (HTTP/1.0 style)
+                self._done = True
+                b.eof = True
+            else:
+                b.exc = err
             b._wake()
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             err = UpstreamClosed(f"invalid answer from the upstream: {exc}")
             w = self._waiter
             if w is not None and not w.done():
@@ -168,6 +174,9 @@ class Connection(asyncio.Protocol):
             return
         self._body = Body(self, self.pool.idle_timeout)
         self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message completes
+        h = self._headers
+        self._close_delimited = (status not in (204, 304) and "Content-Length" not in h
+                                 and "chunked" not in h.get("Transfer-Encoding", "").lower())
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(Response(status, self._reason, self._headers, self._body, self))
@@ -200,7 +209,7 @@ class Connection(asyncio.Protocol):
 
     def finished(self, complete: bool) -> None:
         """The response was released: back to the pool when it can carry another request."""
-        if complete and self._done and not self.closed and self._keep_alive:
+        if complete and self._done and not self.closed and self._keep_alive and not self.paused:
             self.pool.h1_idle(self)
         else:
             self.close()

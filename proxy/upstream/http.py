@@ -51,6 +51,9 @@ def failure_response(exc: BaseException, pool, target_name: str) -> ProxyRespons
         else:
             f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "connect_failure",
                         f"cannot connect to {where} ({pool.host}:{pool.port}): {getattr(inner, 'strerror', None) or inner}")
+    elif isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+        f = Failure("timeout", Reason.TIMEOUT, 504, "timeout",
+                    f"idle timeout ({format_duration(pool.idle_timeout)}) waiting for {where}")
     elif isinstance(exc, UpstreamClosed):
         f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
                     f"{where} closed or reset the connection before answering" if "invalid" not in str(exc)

@@ -81,7 +81,8 @@ class HttpPool:
         u = URL(target.url)
         self.host, self.port = u.host, u.port
         default = 443 if u.scheme == "https" else 80
-        self.host_header = u.host if u.port == default else f"{u.host}:{u.port}"
+        host = f"[{u.host}]" if ":" in (u.host or "") else u.host  # IPv6 literals are bracketed
+        self.host_header = host if u.port == default else f"{host}:{u.port}"
         self.path_prefix = u.path.rstrip("/")
         self.fast = self.proxy is None  # the lean client (proxy/upstream/h1.py) unless an egress proxy is set
         self._idle_conns: list = []

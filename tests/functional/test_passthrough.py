@@ -304,3 +304,42 @@ async def test_response_headers_are_not_invented(start_proxy):
             assert r.headers["X-Exact"] == "yes"
             assert r.headers.get("Content-Type", "application/octet-stream") == "application/octet-stream"
     server.close()
+
+
+async def test_close_delimited_and_odd_upstream_answers(start_proxy):
+    """HTTP/1.0-style answers (no length: the body ends with the connection), a 204, and a 304 through
+    the lean upstream client; the breaker stays closed."""
+
+    async def raw_upstream(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ")[1]
+        if path == b"/close":
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nX-Kind: close\r\n\r\nhello, until close")
+            await writer.drain()
+            writer.close()
+            return
+        if path == b"/http10":
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\nold school")
+            await writer.drain()
+            writer.close()
+            return
+        code = b"204 No Content" if path == b"/204" else b"304 Not Modified"
+        writer.write(b"HTTP/1.1 " + code + b"\r\nETag: x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(raw_upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    name, cfg = upstream_config(f"http://127.0.0.1:{port}", breaker={"fail_max": 1})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/close") as r:
+            assert r.status == 200 and await r.read() == b"hello, until close" and r.headers["X-Kind"] == "close"
+        async with s.get(p.url + "/http10") as r:
+            assert r.status == 200 and await r.read() == b"old school"
+        async with s.get(p.url + "/204") as r:
+            assert r.status == 204 and await r.read() == b""
+        async with s.get(p.url + "/304") as r:
+            assert r.status == 304 and r.headers["ETag"] == "x"
+    assert p.upstream.targets[0].breaker.state == "closed"
+    server.close()
