@@ -42,6 +42,8 @@ class RedisCache:
     def store(self, db: int, proto: int, raw_command: bytes, keys: list[bytes], reply: bytes) -> None:
         if self.spec.cache_entries == 0 or len(reply) > self.spec.max_body:
             return
+        if len(reply) + len(raw_command) + 64 > self.cache.maxsize:
+            return  # larger than the whole cache: never stored (cachetools would raise)
         ckey = (db, proto, raw_command, tuple(keys))
         now = self.clock.monotonic()
         old = self.cache.get(ckey)

@@ -38,6 +38,18 @@ class RequestParser:
         self._left = 0                         # arguments still to read
         self._pos = 0                          # where to resume
 
+    def pending_bytes(self) -> bytes:
+        """Everything fed but not yet returned, as bytes again (for a connection turning into a raw
+        tunnel), and the parser emptied."""
+        head = b""
+        if self._args is not None:
+            head = b"*%d\r\n" % (len(self._args) + self._left) + b"".join(
+                b"$%d\r\n%s\r\n" % (len(a), a) for a in self._args)
+        out = head + bytes(self.buf)
+        self.buf.clear()
+        self._args, self._left, self._pos = None, 0, 0
+        return out
+
     def feed(self, data: bytes) -> list[list[bytes]]:
         buf = self.buf
         buf += data

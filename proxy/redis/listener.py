@@ -36,12 +36,13 @@ class Slot:
 
 class Command:
     __slots__ = ("slot", "name", "args", "raw", "cls", "keys", "attempt", "token", "target", "db", "proto",
-                 "started")
+                 "started", "seq")
 
     def __init__(self, slot, name, args, raw, cls, keys, db, proto) -> None:
         self.slot, self.name, self.args, self.raw, self.cls, self.keys = slot, name, args, raw, cls, keys
         self.db, self.proto = db, proto
         self.attempt = 0
+        self.seq = 0
         self.token = 0
         self.target = None
         self.started = 0.0
@@ -80,6 +81,9 @@ class RedisClientProtocol(asyncio.Protocol):
         self.write_paused = False
         self.watching = False
         self.corked = False
+        self._after: list[bytes] = []      # out-of-band bytes waiting behind owed replies
+        self._retired: set = set()         # old upstream connections finishing their replies
+        self.seq = 0                       # commands forwarded so far: a read is retried only if it was the last
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -99,6 +103,8 @@ class RedisClientProtocol(asyncio.Protocol):
         self.up.connections -= 1
         self.counters.in_flight -= len(self.slots)
         self.slots.clear()
+        for old in list(self._retired):
+            old.close()  # e.g. a BLPOP on a retired connection must not pop for nobody
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -140,13 +146,17 @@ class RedisClientProtocol(asyncio.Protocol):
             if self.closing:
                 break
             if self.tunnel:
-                # commands that came in the same read after SUBSCRIBE/MONITOR, and any partial bytes
-                rest = b"".join(codec.encode_command(a) for a in cmds[i:]) + bytes(self.parser.buf)
-                self.parser.buf.clear()
-                if self.conn is not None and rest:
-                    self.conn.send(rest, None)
-                break
+                self._forward_rest(cmds[i:])
+                return
             self.dispatch(args)
+        if self.tunnel:
+            self._forward_rest([])
+
+    def _forward_rest(self, cmds: list[list[bytes]]) -> None:
+        """Commands that came in the same read after SUBSCRIBE/MONITOR, and a command still arriving."""
+        rest = b"".join(codec.encode_command(a) for a in cmds) + self.parser.pending_bytes()
+        if self.conn is not None and rest:
+            self.conn.send(rest, None)
 
     def _refresh(self) -> None:
         """Between commands: follow a reload, a blue/green switch or a canary abort (a long-lived pooled
@@ -222,6 +232,8 @@ class RedisClientProtocol(asyncio.Protocol):
             conn = self.conn = self._new_upstream()
         timeout = None if cmd.cls == "blocking" else up.spec.timeouts.attempt
         cmd.started = self.app.clock.monotonic()
+        self.seq += 1
+        cmd.seq = self.seq
         conn.send(cmd.raw, _CommandPending(self, cmd, timeout))
 
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
@@ -263,7 +275,8 @@ class RedisClientProtocol(asyncio.Protocol):
             self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
             self._close_after_flush()
             return
-        if cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open:
+        if (cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open
+                and cmd.seq == self.seq):  # a later command already went out: retrying would reorder them
             budget = up.counters.budget
             if budget.try_acquire():
                 cmd.attempt += 1
@@ -315,9 +328,12 @@ class RedisClientProtocol(asyncio.Protocol):
                 self.slots.append(slot)
                 self.counters.in_flight += 1
 
-                def selected(raw, kind, s=slot, db=db) -> None:
-                    if kind == "ok":
-                        self.db = db
+                before = self.db
+                self.db = db  # commands pipelined behind it belong to the new db (cache keys, retries)
+
+                def selected(raw, kind, s=slot, before=before) -> None:
+                    if kind != "ok":
+                        self.db = before  # Redis refused it and stayed where it was
                     self._resolve(s, raw)
 
                 self.conn.send(codec.encode_command(args),
@@ -390,19 +406,25 @@ class RedisClientProtocol(asyncio.Protocol):
     def _drop_upstream(self) -> None:
         """The upstream connection speaks an old state (protocol, db): answer what is sent, then close."""
         if self.conn is not None:
-            self.conn.retire()
+            old = self.conn
+            old.retire()
+            if not old.failed:
+                self._retired.add(old)
+                old.on_closed = self._retired.discard
             self.conn = None
 
     # -- back-pressure: a slow client must not make the proxy buffer everything Redis sends ------------
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.conn is not None:
-            self.conn.pause()
+        for c in (self.conn, *self._retired):
+            if c is not None:
+                c.pause()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.conn is not None:
-            self.conn.resume()
+        for c in (self.conn, *self._retired):
+            if c is not None:
+                c.resume()
 
     # -- pub/sub, MONITOR -----------------------------------------------------------------------------
     def _enter_tunnel(self, args: list[bytes]) -> None:
@@ -427,12 +449,23 @@ class RedisClientProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _raw(self, data: bytes) -> None:
-        if not self.slots and self.transport is not None:
-            self.transport.write(data)
+        """Tunnel bytes (pub/sub messages, MONITOR): after every reply owed before them, never dropped."""
+        self._out_of_band(data)
 
     def _push(self, raw: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(raw)
+        """A RESP3 push (client-side caching invalidation, pub/sub): after the replies that came first."""
+        self._out_of_band(raw)
+
+    def _out_of_band(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        corked, self.corked = self.corked, False
+        self._flush()  # resolved replies first
+        self.corked = corked
+        if self.slots:
+            self._after.append(data)  # still owed replies: it waits behind them
+        else:
+            self.transport.write(data)
 
     # -- output in command order ---------------------------------------------------------------------
     def _reply_now(self, data: bytes) -> None:
@@ -460,6 +493,9 @@ class RedisClientProtocol(asyncio.Protocol):
         while slots and slots[0].reply is not None:
             out.append(slots.popleft().reply)
         self.counters.in_flight -= len(out)
+        if not slots and self._after:
+            out.extend(self._after)
+            self._after = []
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if self.paused and len(slots) < _MAX_PENDING_SLOTS // 2:

@@ -49,6 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.connect_timeout = connect_timeout
         self.on_push, self.on_raw = on_push, on_raw
         self.on_tunnel_closed: Callable[[], None] | None = None
+        self.on_closed: Callable[[UpstreamConnection], None] | None = None
         self.error: str | None = None
         self.transport: asyncio.Transport | None = None
         self.framer = ReplyFramer()
@@ -145,6 +146,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.paused:
+            return
         if self.pending and self.pending[0].timeout is not None and self.transport is not None:
             self._timer = self._loop.call_later(self.pending[0].timeout, self._timed_out)
 
@@ -215,6 +218,8 @@ class UpstreamConnection(asyncio.Protocol):
         pending, self.pending = self.pending, collections.deque()
         for p in pending:
             p.on_failure(kind)
+        if self.on_closed is not None:
+            self.on_closed(self)
 
     def close(self) -> None:
         """Closed by the proxy (client gone, protocol switch): every command still on it fails as
@@ -230,11 +235,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def pause(self) -> None:
+        """The client reads slowly: stop reading Redis. The command timer stops too — the wait is the
+        client's, not the upstream's."""
         if self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def resume(self) -> None:
         if self.transport is not None and self.paused:
             self.paused = False
             self.transport.resume_reading()
+            self._arm()

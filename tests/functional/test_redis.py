@@ -336,3 +336,41 @@ async def test_existing_connections_follow_a_reload(redis_server, start_proxy, t
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+async def _read_until(reader, *needles, timeout=5.0):
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not all(n in data for n in needles) and time.monotonic() < deadline:
+        chunk = await asyncio.wait_for(reader.read(4096), timeout)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def test_subscribe_with_a_partial_command_behind_it_and_ping_before_it(rp):
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"*1\r\n$4\r\nPING\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n*2\r\n$11\r\nUNSUBSCRIBE\r\n$1")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"\r\na\r\n")
+    await writer.drain()
+    data = await _read_until(reader, b"unsubscribe")
+    writer.close()
+    assert data.startswith(b"+PONG\r\n")  # the reply owed first comes first
+    assert data.index(b"$9\r\nsubscribe") < data.index(b"$11\r\nunsubscribe")  # nothing lost in between
+
+
+async def test_an_answer_larger_than_the_cache_is_served_and_not_stored(redis_server, start_proxy):
+    name, cfg = redis_config(redis_server, fallback={"cache_bytes": "1KiB", "max_body": "1MiB"})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    c = aredis.Redis(port=port, protocol=2, retry=None)
+    await c.set("big10k", b"x" * 10_000)
+    pipe = c.pipeline(transaction=False)
+    pipe.get("big10k")
+    pipe.ping()
+    assert await pipe.execute() == [b"x" * 10_000, True]
+    assert len(p.upstream.cache) == 0
+    await c.aclose()
