@@ -12,10 +12,16 @@ from proxy.redis.codec import ProtocolError, ReplyFramer, RequestParser, encode_
 args_st = st.lists(st.binary(max_size=50), min_size=1, max_size=8)
 
 
+inline_st = st.lists(st.binary(min_size=1, max_size=10).filter(lambda b: not set(b) & set(b" \t\r\n\x0b\x0c*")),
+                     min_size=1, max_size=4)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(args_st, min_size=1, max_size=20), st.lists(st.integers(0, 5000), max_size=20))
-def test_requests_round_trip_under_any_chunking(cmds, cuts):
-    data = b"".join(encode_command(c) for c in cmds)
+@given(st.lists(st.one_of(args_st.map(lambda a: ("resp", a)), inline_st.map(lambda a: ("inline", a))),
+                min_size=1, max_size=20), st.lists(st.integers(0, 5000), max_size=20))
+def test_requests_round_trip_under_any_chunking(items, cuts):
+    cmds = [a for _, a in items]
+    data = b"".join(encode_command(a) if k == "resp" else b" ".join(a) + b"\r\n" for k, a in items)
     parser, got, prev = RequestParser(), [], 0
     for c in sorted({x % (len(data) + 1) for x in cuts}) + [len(data)]:
         got += parser.feed(data[prev:c])
@@ -45,7 +51,13 @@ def _reply(draw, depth=0):
 
 @st.composite
 def replies(draw):
-    return [_reply(draw) for _ in range(draw(st.integers(1, 10)))]
+    out = []
+    for _ in range(draw(st.integers(1, 10))):
+        r = _reply(draw)
+        if draw(st.booleans()) and r[:1] not in (b">",):
+            r = b"|1\r\n+ttl\r\n:3\r\n" + r  # an attribute travels with the reply it annotates
+        out.append(r)
+    return out
 
 
 @settings(max_examples=300, deadline=None)
@@ -57,7 +69,12 @@ def test_replies_framed_exactly_under_any_chunking(frames, cuts):
         got += framer.feed(data[prev:c])
         prev = c
     assert [raw for raw, _ in got] == frames
-    assert [k for _, k in got] == ["error" if f[:1] == b"-" else "push" if f[:1] == b">" else "ok" for f in frames]
+
+    def kind(f):
+        f = f.split(b":3\r\n", 1)[1] if f.startswith(b"|") else f
+        return "error" if f[:1] == b"-" else "push" if f[:1] == b">" else "ok"
+
+    assert [k for _, k in got] == [kind(f) for f in frames]
 
 
 @settings(max_examples=500, deadline=None)
