@@ -343,3 +343,36 @@ async def test_close_delimited_and_odd_upstream_answers(start_proxy):
             assert r.status == 304 and r.headers["ETag"] == "x"
     assert p.upstream.targets[0].breaker.state == "closed"
     server.close()
+
+
+async def test_egress_honours_http_proxy_and_no_proxy(start_proxy, monkeypatch):
+    """HTTP_PROXY/HTTPS_PROXY/NO_PROXY, read once per pool: a forward proxy sees the absolute-form request."""
+    seen = []
+
+    async def forward_proxy(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nvia-proxy!")
+        await writer.drain()
+        writer.close()
+
+    fp = await asyncio.start_server(forward_proxy, "127.0.0.1", 0)
+    fp_port = fp.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{fp_port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    name, cfg = upstream_config("http://127.0.0.3:8080")  # loopback only: nothing here may leave the machine
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/through?x=1") as r:
+            assert r.status == 200 and await r.read() == b"via-proxy!"
+    assert seen == [b"GET http://127.0.0.3:8080/through?x=1 HTTP/1.1"]
+    # NO_PROXY: the same target reached directly (here: refused, since nothing listens there)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.3")
+    name2, cfg2 = upstream_config("http://127.0.0.3:8080", retry={"attempts": 1}, timeouts={"connect": "500ms"})
+    p2 = await start_proxy(cfg2)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p2.url + "/direct") as r:
+            assert r.status in (502, 504)
+    assert len(seen) == 1
+    fp.close()
