@@ -36,53 +36,51 @@ def client_fault(status: int, error_type: str, message: str) -> ProxyResponse:
     return ProxyResponse(status, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
 
 
+# One vocabulary for what went wrong, whichever client (the lean one or aiohttp) met it:
+# case → (retry condition, fallback reason, status, error type)
+_CASES = {
+    "tls": ("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error"),
+    "connect_timeout": ("connect-failure", Reason.TIMEOUT, 504, "connect_timeout"),
+    "connect": ("connect-failure", Reason.UPSTREAM_ERROR, 502, "connect_failure"),
+    "idle_timeout": ("timeout", Reason.TIMEOUT, 504, "timeout"),
+    "reset": ("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset"),
+    "invalid": ("reset", Reason.UPSTREAM_ERROR, 502, "upstream_error"),
+}
+
+
+def _case(exc: BaseException, pool, where: str) -> tuple[str, str]:
+    inner = exc.exc if isinstance(exc, ConnectFailed) else exc
+    if isinstance(inner, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError):
+        detail = str(getattr(inner, "verify_message", None) or getattr(inner, "certificate_error", None) or inner)
+        if "certificate verify failed" not in detail:
+            detail = f"certificate verify failed: {detail}"
+        return "tls", f"TLS certificate verification failed for {where}: {detail}"
+    if isinstance(inner, ssl.SSLError | aiohttp.ClientSSLError):
+        return "tls", f"TLS handshake with {where} failed: {getattr(inner, 'os_error', None) or inner}"
+    if isinstance(inner, aiohttp.ConnectionTimeoutError) or (isinstance(exc, ConnectFailed) and isinstance(inner, TimeoutError)):
+        return "connect_timeout", f"connect timeout ({format_duration(pool.connect_timeout)}) to {where}"
+    if isinstance(exc, ConnectFailed) or isinstance(inner, aiohttp.ClientConnectorError):
+        os_error = getattr(inner, "os_error", inner)
+        return "connect", (f"cannot connect to {where} ({pool.host}:{pool.port}): "
+                           f"{getattr(os_error, 'strerror', None) or os_error}")
+    if isinstance(inner, TimeoutError):  # aiohttp's read timeout, or the lean client's idle timeout
+        return "idle_timeout", f"idle timeout ({format_duration(pool.idle_timeout)}) waiting for {where}"
+    if isinstance(inner, UpstreamClosed) and "invalid" in str(inner):
+        return "invalid", f"{inner} ({where})"
+    if isinstance(inner, UpstreamClosed | aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+                  | aiohttp.ClientPayloadError):
+        return "reset", f"{where} closed or reset the connection before answering"
+    return "invalid", f"invalid answer from {where}: {type(inner).__name__}"
+
+
 def failure_response(exc: BaseException, pool, target_name: str) -> ProxyResponse:
-    where = f"target '{target_name}'"
-    if isinstance(exc, ConnectFailed):
-        inner = exc.exc
-        if isinstance(inner, ssl.SSLCertVerificationError):
-            f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
-                        f"TLS certificate verification failed for {where}: certificate verify failed: {inner.verify_message or inner}")
-        elif isinstance(inner, ssl.SSLError):
-            f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error", f"TLS handshake with {where} failed: {inner}")
-        elif isinstance(inner, TimeoutError):
-            f = Failure("connect-failure", Reason.TIMEOUT, 504, "connect_timeout",
-                        f"connect timeout ({format_duration(pool.connect_timeout)}) to {where}")
-        else:
-            f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "connect_failure",
-                        f"cannot connect to {where} ({pool.host}:{pool.port}): {getattr(inner, 'strerror', None) or inner}")
-    elif isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
-        f = Failure("timeout", Reason.TIMEOUT, 504, "timeout",
-                    f"idle timeout ({format_duration(pool.idle_timeout)}) waiting for {where}")
-    elif isinstance(exc, UpstreamClosed):
-        f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
-                    f"{where} closed or reset the connection before answering" if "invalid" not in str(exc)
-                    else f"{exc} ({where})")
-    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
-                    f"TLS certificate verification failed for {where}: {exc.certificate_error}")
-    elif isinstance(exc, aiohttp.ClientSSLError):
-        f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "tls_error",
-                    f"TLS handshake with {where} failed: {exc.os_error}")
-    elif isinstance(exc, aiohttp.ConnectionTimeoutError):
-        f = Failure("connect-failure", Reason.TIMEOUT, 504, "connect_timeout",
-                    f"connect timeout ({format_duration(pool.connect_timeout)}) to {where}")
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        f = Failure("connect-failure", Reason.UPSTREAM_ERROR, 502, "connect_failure",
-                    f"cannot connect to {where} ({exc.host}:{exc.port}): {exc.os_error.strerror or exc.os_error}")
-    elif isinstance(exc, aiohttp.ServerTimeoutError):
-        f = Failure("timeout", Reason.TIMEOUT, 504, "timeout",
-                    f"idle timeout ({format_duration(pool.idle_timeout)}) waiting for {where}")
-    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
-        f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
-                    f"{where} closed or reset the connection before answering")
-    elif isinstance(exc, ValueError):  # a request aiohttp cannot send (e.g. an invalid target): the client's fault
-        f = Failure("bad_request", Reason.UPSTREAM_ERROR, 400, "bad_request", f"request cannot be forwarded: {exc}")
-        return ProxyResponse(400, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
-    else:
-        f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_error",
-                    f"invalid answer from {where}: {type(exc).__name__}")
-    return ProxyResponse(f.status, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
+    if isinstance(exc, ValueError) and not isinstance(exc, OSError):
+        # a request that cannot be sent (e.g. an invalid target): the client's fault
+        return client_fault(400, "bad_request", f"request cannot be forwarded: {exc}")
+    case, message = _case(exc, pool, f"target '{target_name}'")
+    kind, reason, status, error_type = _CASES[case]
+    f = Failure(kind, reason, status, error_type, message)
+    return ProxyResponse(status, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
 
 
 class HttpTerminal:
