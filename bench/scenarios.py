@@ -17,11 +17,6 @@ from bench import load, peers
 from bench.peers import LOAD_CORE, PROXY_CORE, ROOT, Proc, free_port, wait_port
 
 
-def _med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def _admin(admin: int, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", method="POST" if body is not None else "GET",
                                  data=json.dumps(body).encode() if body is not None else None,

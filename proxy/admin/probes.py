@@ -27,6 +27,16 @@ def fallback_available(up) -> bool:
     return False
 
 
+def _track(t) -> dict:
+    h = t.health
+    out = {"breaker": t.breaker.state, "weight": t.weight, "check": None}
+    if h is not None and h.active:
+        out["check"] = "passing" if h.healthy else "failing" if h.healthy is False else "pending"
+        if h.healthy is False:
+            out["check_error"] = h.last_error
+    return out
+
+
 def dependency(up) -> dict:
     live = [t for t in up.targets if t.weight > 0] or up.targets
     down = all(_target_down(t) for t in live)
@@ -45,10 +55,7 @@ def dependency(up) -> dict:
         "healthy": not down, "status": status, "critical": critical,
         "breaker": first.breaker.state.replace("forced_", ""), "fallback_available": fb,
         "last_check": rfc3339(max(checks)) if checks else None,
-        "tracks": {t.name: {"breaker": t.breaker.state, "weight": t.weight,
-                            "check": None if t.health is None or not t.health.active else
-                            ("passing" if t.health.healthy else "failing" if t.health.healthy is False else "pending")}
-                   for t in up.targets},
+        "tracks": {t.name: _track(t) for t in up.targets},
     }
 
 

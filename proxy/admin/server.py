@@ -16,6 +16,7 @@ from proxy import __version__
 from proxy.admin.probes import readiness
 from proxy.obs import log
 from proxy.settings import redacted
+from proxy.settings.loader import redact_url
 from proxy.settings.spec import is_loopback, parse_listen
 
 
@@ -137,7 +138,7 @@ class Admin:
             for t in up.targets:
                 b = t.breaker
                 targets[t.name] = {
-                    "url": _safe_url(t.spec.url), "weight": t.weight, "effective_weight": up.weights.get(t.name, 0),
+                    "url": redact_url(t.spec.url), "weight": t.weight, "effective_weight": up.weights.get(t.name, 0),
                     "canary": t.canary.snapshot() if t.canary is not None else None,
                     "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
                                 "last_failure": b.last_failure},
@@ -225,7 +226,3 @@ class Admin:
         return web.json_response({"reloaded": ok, "message": message, "hash": self.app.runtime.digest},
                                  status=200 if ok else 422)
 
-
-def _safe_url(url: str) -> str:
-    from proxy.settings.loader import redact_url
-    return redact_url(url)

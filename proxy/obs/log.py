@@ -54,10 +54,6 @@ def set_level(level: str) -> None:
     _LOGGER.setLevel(LEVELS[level])
 
 
-def get_level() -> str:
-    return logging.getLevelName(_LOGGER.level).lower()
-
-
 def _emit(level: int, event: str, fields: dict) -> None:
     if _LOGGER.isEnabledFor(level):
         _LOGGER.log(level, event, extra={"fields": fields})

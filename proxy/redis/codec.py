@@ -219,7 +219,6 @@ def error(message: str) -> bytes:
 
 
 OK = b"+OK\r\n"
-QUEUED = b"+QUEUED\r\n"
 
 
 def hello_reply(proto: int, server_version: str = "7.2.0", conn_id: int = 0) -> bytes:

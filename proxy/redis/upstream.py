@@ -65,7 +65,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused_at_start = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
-        self._setup = 0
         self.connecting = self._loop.create_task(self._connect())
 
     # -- connect -----------------------------------------------------------------------------------------
@@ -97,7 +96,6 @@ class UpstreamConnection(asyncio.Protocol):
             setup.append([b"SELECT", str(db).encode()])
         if self.client_name:
             setup.append([b"CLIENT", b"SETNAME", self.client_name])
-        self._setup = len(setup)
         head = [Pending(b"", lambda raw, kind, c=c[0]: self._setup_reply(raw, kind, c), lambda kind: None,
                         self.connect_timeout) for c in setup]
         self.pending.extendleft(reversed(head))
@@ -106,7 +104,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._arm()
 
     def _setup_reply(self, raw: bytes, kind: str, command: bytes = b"") -> None:
-        self._setup -= 1
         if kind == "error":
             if command in (b"SELECT", b"CLIENT"):
                 # the client's own state (a db that does not exist): its fault, not the upstream's

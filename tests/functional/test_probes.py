@@ -87,6 +87,7 @@ async def test_active_checks_failing_make_a_critical_upstream_down(start_proxy, 
     await asyncio.sleep(0.5)
     status, body = await probe(p)
     assert status == 503 and body["dependencies"][name]["status"] == "down"
+    assert "500" in body["dependencies"][name]["tracks"]["stable"]["check_error"]
     assert metric("upstream_health", name=name, track="stable") == 0
     state["status"] = 200
     await asyncio.sleep(0.3)
