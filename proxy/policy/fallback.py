@@ -62,7 +62,21 @@ class BoundedCache(TTLCache):
         return expired
 
 
-class FallbackCache:
+class CacheSize:
+    """What /admin/upstreams and the gauges read of a cache held in `self.cache` (a BoundedCache)."""
+
+    cache: BoundedCache
+
+    def __len__(self) -> int:
+        self.cache.expire()
+        return len(self.cache)
+
+    @property
+    def bytes(self) -> int:
+        return self.cache.currsize
+
+
+class FallbackCache(CacheSize):
     """Per (upstream, fallback spec); survives reloads that leave both unchanged."""
 
     def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
@@ -73,13 +87,6 @@ class FallbackCache:
         self.served_in_episode = 0
         self.last_served = 0.0
 
-    def __len__(self) -> int:
-        self.cache.expire()
-        return len(self.cache)
-
-    @property
-    def bytes(self) -> int:
-        return self.cache.currsize
 
 
     def store(self, key: bytes, status: int, headers, body: bytes) -> None:

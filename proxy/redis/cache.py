@@ -5,13 +5,13 @@ exactly the reads it affects. Answers only when the upstream failed or the break
 from __future__ import annotations
 
 from proxy.clock import Clock
-from proxy.policy.fallback import BoundedCache
+from proxy.policy.fallback import BoundedCache, CacheSize
 from proxy.settings.spec import FallbackSpec
 
 _REFRESH = 0.25  # seconds: an unchanged answer is re-stored at most this often (it only ages the entry)
 
 
-class RedisCache:
+class RedisCache(CacheSize):
     def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
         self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
         self.index: dict[tuple[int, bytes], set[tuple]] = {}   # (db, key) → cache keys
@@ -19,13 +19,6 @@ class RedisCache:
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
                                   getsizeof=lambda v: len(v[1]) + len(v[0]) + 64, on_evict=self._forget)
 
-    def __len__(self) -> int:
-        self.cache.expire()
-        return len(self.cache)
-
-    @property
-    def bytes(self) -> int:
-        return self.cache.currsize
 
     def _forget(self, ckey: tuple) -> None:
         db = ckey[0]

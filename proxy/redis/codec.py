@@ -26,6 +26,15 @@ def _int(buf: bytes | bytearray, start: int, end: int) -> int:
     return int(raw)
 
 
+def _length_end(buf, pos: int, n: int, what: str) -> int:
+    """End of a `*N`/`$N` length line, -1 while it is still arriving; a line that cannot be a length
+    (32 bytes without CRLF) is a protocol error, not something to wait for."""
+    eol = buf.find(b"\r\n", pos, min(n, pos + 32))
+    if eol < 0 and n - pos >= 32:
+        raise ProtocolError(f"invalid {what} length")
+    return eol
+
+
 class RequestParser:
     """Client → proxy. `feed(data)` returns complete commands; partial input is kept, and parsing resumes
     where it stopped (a large command arriving in many reads is parsed once, not once per read)."""
@@ -69,10 +78,8 @@ class RequestParser:
                     if line:
                         out.append(line)
                     continue
-                eol = buf.find(b"\r\n", pos, min(n, pos + 32))
+                eol = _length_end(buf, pos, n, "multibulk")
                 if eol < 0:
-                    if n - pos >= 32:
-                        raise ProtocolError("invalid multibulk length")
                     break
                 count = _int(buf, pos + 1, eol)
                 if count > MAX_ARGS:
@@ -87,10 +94,8 @@ class RequestParser:
                     break
                 if buf[pos] != 0x24:  # '$'
                     raise ProtocolError(f"expected '$', got {chr(buf[pos])!r}")
-                eol = buf.find(b"\r\n", pos, min(n, pos + 32))
+                eol = _length_end(buf, pos, n, "bulk")
                 if eol < 0:
-                    if n - pos >= 32:
-                        raise ProtocolError("invalid bulk length")
                     break
                 size = _int(buf, pos + 1, eol)
                 if size < 0 or size > self.max_bulk:
