@@ -21,6 +21,7 @@ from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
 from proxy.listen.inbound import InboundListener
 from proxy.listen.openai import OpenAIListener
+from proxy.listen.server import Server as ListenerServer
 from proxy.obs import log
 from proxy.obs.metrics import METRICS, Metrics
 from proxy.redis.listener import RedisClientProtocol
@@ -186,8 +187,7 @@ class ProxyApp:
                     factory = functools.partial(RedisClientProtocol, self, name)
                 else:
                     listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
-                    factory = ws = web.Server(listener.handle, access_log=None, max_line_size=max_field,
-                                              max_field_size=max_field, handler_cancellation=True)
+                    factory = ws = ListenerServer(listener.handle, max_header_bytes=max_field, max_line=max_field)
                 try:
                     server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
                 except OSError as exc:

@@ -109,7 +109,7 @@ class UpstreamRuntime:
             cache = store.cache(name, fallback, self.metrics)
             if llm:
                 fb = LLMFallback(fallback, cache, clock, self.metrics, spec.llm.degraded)
-                failover = ModelFailover(spec.llm.fallback_models) if spec.llm.fallback_models else None
+                failover = ModelFailover(spec.llm.fallback_models, clock) if spec.llm.fallback_models else None
             else:
                 fb, failover = Fallback(fallback, cache, clock, self.metrics), None
             shed = Shed(self.counters, spec.limits.max_in_flight, self.metrics.shed)

@@ -17,9 +17,9 @@ import os
 import time
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.listen.server import Request, Response, StreamResponse
 from proxy.obs import log
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
@@ -30,7 +30,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
 _RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_MAX = 64 * 1024  # answers up to this size are read whole and sent in one write
 _NETWORK_ERRORS = ("upstream_reset", "connect_failure", "timeout", "connect_timeout", "tls_error")
 
@@ -41,10 +40,14 @@ def new_request_id(given: str | None) -> str:
     return os.urandom(16).hex()  # 128 random bits, as a uuid4, without building a UUID object
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 def connection_listed(headers) -> frozenset[str]:
-    values = headers.getall("Connection", ())
-    if not values:
-        return frozenset()
+    """The header names a Connection header declares hop-by-hop (RFC 9110 §7.6.1)."""
+    if "Connection" not in headers:
+        return _NONE
+    values = headers.getall("Connection")
     return frozenset(t.strip().lower() for v in values for t in v.split(","))
 
 
@@ -82,7 +85,7 @@ class StreamedBody:
             except TimeoutError:
                 self.client_error = (408, "request_timeout", "the request body stalled past the idle timeout")
                 raise
-            except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.IncompleteReadError):
+            except (ConnectionError, asyncio.IncompleteReadError):
                 self.client_error = (400, "client_closed", "the client closed the connection mid-body")
                 raise
             if not chunk:
@@ -122,11 +125,11 @@ class HttpListener:
         self.app, self.name = app, name
 
     # -- hooks the openai listener overrides -----------------------------------------------------------
-    def error(self, status: int, error_type: str, message: str, rid: str, headers: dict | None = None) -> web.Response:
-        return web.Response(status=status, body=error_body(status, error_type, message, self.name, rid),
+    def error(self, status: int, error_type: str, message: str, rid: str, headers: dict | None = None) -> Response:
+        return Response(status=status, body=error_body(status, error_type, message, self.name, rid),
                             content_type="application/json", headers={"X-Request-Id": rid, **(headers or {})})
 
-    async def read_body(self, request: web.BaseRequest, route, cl: int | None, max_body: int | None):
+    async def read_body(self, request: Request, route, cl: int | None, max_body: int | None):
         """→ (body, replayable). Kept in memory when small enough to replay, streamed otherwise."""
         if cl == 0 or (cl is None and not request.body_exists):
             return None, True
@@ -150,12 +153,12 @@ class HttpListener:
                 raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
         return StreamedBody(chunks, content, max_body, idle, n), False
 
-    async def prepare(self, request: web.BaseRequest, up, route, preq: ProxyRequest):
-        """→ the chain to run. May raise Refused, or return a ready web.Response."""
+    async def prepare(self, request: Request, up, route, preq: ProxyRequest):
+        """→ the chain to run. May raise Refused, or return a ready Response."""
         return route.chain
 
     # -- the request -----------------------------------------------------------------------------------
-    def refuse(self, request: web.BaseRequest, up) -> None:
+    def refuse(self, request: Request, up) -> None:
         method = request.method
         if method == "CONNECT":
             raise Refused(405, "not_supported", "CONNECT is not supported: this is not a forward proxy")
@@ -167,7 +170,7 @@ class HttpListener:
         if "Upgrade" in headers and "upgrade" in connection_listed(headers) and "websocket" in headers["Upgrade"].lower():
             raise Refused(501, "not_supported", "WebSocket upgrade is not supported on egress listeners")
         limits = up.limits
-        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > limits.max_header_bytes:
+        if request.header_bytes > limits.max_header_bytes:
             raise Refused(431, "headers_too_large",
                           f"request headers exceed max_header_bytes ({limits.max_header_bytes} bytes)")
         cl = request.content_length
@@ -175,15 +178,11 @@ class HttpListener:
             raise Refused(413, "request_too_large",
                           f"request body of {cl} bytes exceeds max_request_body ({limits.max_request_body} bytes)")
 
-    def upstream_headers(self, request: web.BaseRequest, up, rid: str) -> CIMultiDict:
+    def upstream_headers(self, request: Request, up, rid: str) -> CIMultiDict:
         headers_in = request.headers
         listed = connection_listed(headers_in)
-        drop = self.drop_headers
-        out = CIMultiDict()
-        for k, v in headers_in.items():
-            lk = k.lower()
-            if lk not in drop and lk not in listed:
-                out.add(k, v)
+        drop = self.drop_headers | listed if listed else self.drop_headers
+        out = CIMultiDict([kv for kv in request.raw_headers if kv[0].lower() not in drop])
         peer = request.remote or ""
         xff = headers_in.get("X-Forwarded-For")
         out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
@@ -193,7 +192,7 @@ class HttpListener:
             out[k] = v
         return out
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> StreamResponse:
         up = self.app.runtime.upstreams.get(self.name)
         rid = new_request_id(request.headers.get("X-Request-Id"))
         if up is None:
@@ -211,7 +210,7 @@ class HttpListener:
             counters.in_flight -= 1
             counters.budget.active -= 1
 
-    async def _handle(self, request: web.BaseRequest, up, rid: str) -> web.StreamResponse:
+    async def _handle(self, request: Request, up, rid: str) -> StreamResponse:
         route = None
         try:
             self.refuse(request, up)
@@ -221,7 +220,7 @@ class HttpListener:
             if cl is not None:
                 out["Content-Length"] = str(cl)
             if cl != 0 and request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(_CONTINUE)
+                await request.send_continue()
             body, replayable = await self.read_body(request, route, cl, up.limits.max_request_body)
             try:
                 target, _forced = up.chooser.choose(request.headers)
@@ -236,11 +235,11 @@ class HttpListener:
             if route is not None:
                 up.metrics.request(up.targets[0].name, route.name, str(r.status), "rejected")
             return self.error(r.status, r.error_type, r.message, rid)
-        if isinstance(chain, web.StreamResponse):
+        if isinstance(chain, Response | StreamResponse):
             return chain
         return await self.run(request, up, route, preq, chain)
 
-    async def run(self, request: web.BaseRequest, up, route, preq: ProxyRequest, chain) -> web.StreamResponse:
+    async def run(self, request: Request, up, route, preq: ProxyRequest, chain) -> StreamResponse:
         started = time.monotonic()
         resp: ProxyResponse | None = None
         try:
@@ -251,8 +250,8 @@ class HttpListener:
             try:
                 status, sent = await self.respond(request, up, route, preq, resp)
                 resp.finish(Verdict.SUCCESS)  # the body is through (a failure settled it already)
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                status, sent = "client_closed", web.Response(status=499)  # the app went away; nothing to send
+            except ConnectionResetError:
+                status, sent = "client_closed", Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
             if preq.target.canary is not None and resp.outcome != "shed" and (
                     resp.failure is None or resp.failure.kind != "bad_request"):
@@ -270,7 +269,7 @@ class HttpListener:
                 resp.release()
 
     # -- the answer ------------------------------------------------------------------------------------
-    def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> web.Response:
+    def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> Response:
         f: Failure = resp.failure
         headers = {}
         if f.retry_after is not None:
@@ -295,8 +294,8 @@ class HttpListener:
             headers[track_header] = track
         return headers
 
-    async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest,
-                      resp: ProxyResponse) -> tuple[str, web.StreamResponse]:
+    async def respond(self, request: Request, up, route, preq: ProxyRequest,
+                      resp: ProxyResponse) -> tuple[str, StreamResponse]:
         if resp.stream is None and resp.body is None:
             r = self.error_response(preq, resp)  # an error the proxy produced; no fallback could serve it
             if up.track_header:
@@ -321,12 +320,12 @@ class HttpListener:
                 if resp.capture is not None:
                     resp.capture(resp.body)
         if cr is None:
-            r = web.Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
+            r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
                              body=None if no_body and not head else resp.body)
             await r.prepare(request)
             await r.write_eof()
             return str(resp.status), r
-        sr = web.StreamResponse(status=resp.status, reason=cr.reason, headers=headers)
+        sr = StreamResponse(status=resp.status, reason=cr.reason, headers=headers)
         cl = cr.headers.get("Content-Length")
         if cl is not None and cl.isdigit():
             sr.content_length = int(cl)
@@ -348,8 +347,6 @@ class HttpListener:
                     else:
                         buf.append(chunk)
         except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
-            if isinstance(exc, aiohttp.ClientConnectionResetError):
-                raise  # our client went away, not the upstream
             self._failed_after_headers(request, preq, resp, exc, size)
             return "reset", sr
         if buf is not None and capture is not None:
@@ -357,7 +354,7 @@ class HttpListener:
         await sr.write_eof()
         return str(resp.status), sr
 
-    def _failed_after_headers(self, request: web.BaseRequest, preq: ProxyRequest, resp: ProxyResponse,
+    def _failed_after_headers(self, request: Request, preq: ProxyRequest, resp: ProxyResponse,
                               exc: BaseException, sent: int) -> None:
         """Headers are out: nothing can be retried or replaced. Abort the client connection so it sees
         a truncated answer, not a complete-looking one, and count the failure."""
@@ -368,7 +365,7 @@ class HttpListener:
             request.transport.abort()
 
     def _failed_before_headers(self, preq: ProxyRequest, resp: ProxyResponse,
-                               exc: BaseException) -> tuple[str, web.Response]:
+                               exc: BaseException) -> tuple[str, Response]:
         resp.finish(Verdict.FAILURE)
         log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
                     request_id=preq.request_id, error=type(exc).__name__, bytes_sent=0)

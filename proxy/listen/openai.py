@@ -14,10 +14,10 @@ import json
 import time
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.listen.http import _REQ_DROP, HttpListener, Refused
+from proxy.listen.server import Request, Response, StreamResponse
 from proxy.llm import sse
 from proxy.llm.policy import cache_key, error_event
 from proxy.obs import log
@@ -43,13 +43,13 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 class OpenAIListener(HttpListener):
     drop_headers = _REQ_DROP | {"x-proxy-cache", "x-proxy-timeout"}
 
-    def error(self, status: int, error_type: str, message: str, rid: str, headers: dict | None = None) -> web.Response:
+    def error(self, status: int, error_type: str, message: str, rid: str, headers: dict | None = None) -> Response:
         body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, error_type), "code": status,
                           "param": None, "proxy_error": error_type, "upstream": self.name, "request_id": rid}}
-        return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
+        return Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
                             headers={"X-Request-Id": rid, **(headers or {})})
 
-    async def read_body(self, request: web.BaseRequest, route, cl: int | None, max_body: int | None):
+    async def read_body(self, request: Request, route, cl: int | None, max_body: int | None):
         if cl == 0 or (cl is None and not request.body_exists):
             return None, True
         chunks, n = [], 0
@@ -65,7 +65,7 @@ class OpenAIListener(HttpListener):
             chunks.append(chunk)
         return b"".join(chunks), True
 
-    async def prepare(self, request: web.BaseRequest, up, route, preq: ProxyRequest):
+    async def prepare(self, request: Request, up, route, preq: ProxyRequest):
         h = request.headers
         extra: dict = {"t0": time.monotonic()}
         preq.extra = extra
@@ -101,7 +101,7 @@ class OpenAIListener(HttpListener):
             return self._from_cache(route, preq, stream)
         return route.stream_chain if stream else route.chain
 
-    def _from_cache(self, route, preq: ProxyRequest, stream: bool) -> web.StreamResponse:
+    def _from_cache(self, route, preq: ProxyRequest, stream: bool) -> StreamResponse:
         key = preq.extra.get("key") or http_cache_key(preq, route.fallback.vary)
         entry = route.cache.get(key)
         if entry is None:
@@ -109,12 +109,12 @@ class OpenAIListener(HttpListener):
         headers = {"X-Request-Id": preq.request_id, "X-Proxy-Cache": "hit"}
         if stream:
             doc = json.loads(entry.body)
-            return web.Response(status=200, body=b"".join(sse.replay(doc)), headers={**headers, **_SSE_HEADERS})
-        return web.Response(status=entry.status, body=entry.body,
+            return Response(status=200, body=b"".join(sse.replay(doc)), headers={**headers, **_SSE_HEADERS})
+        return Response(status=entry.status, body=entry.body,
                             headers={**dict(entry.headers), **headers})
 
-    async def respond(self, request: web.BaseRequest, up, route, preq: ProxyRequest,
-                      resp: ProxyResponse) -> tuple[str, web.StreamResponse]:
+    async def respond(self, request: Request, up, route, preq: ProxyRequest,
+                      resp: ProxyResponse) -> tuple[str, StreamResponse]:
         extra = preq.extra
         if extra.get("model_fallback") and resp.headers is not None:
             if resp.stream is not None:
@@ -144,7 +144,7 @@ class OpenAIListener(HttpListener):
         doc = json.loads(resp.body)
         markers = {k: doc.pop(k) for k in ("fallback", "fallback_reason") if k in doc}
         headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-")}
-        r = web.Response(status=200, body=b"".join(sse.replay(doc, markers)),
+        r = Response(status=200, body=b"".join(sse.replay(doc, markers)),
                          headers={**headers, **_SSE_HEADERS, "X-Request-Id": preq.request_id})
         await r.prepare(request)
         await r.write_eof()
@@ -157,7 +157,7 @@ class OpenAIListener(HttpListener):
         up.metrics.first_byte(model, time.monotonic() - extra["t0"])
         headers = self.response_headers(resp, preq.request_id, up.track_header, preq.target.name)
         headers.popall("Content-Length", None)
-        sr = web.StreamResponse(status=200, headers=headers)
+        sr = StreamResponse(status=200, headers=headers)
         await sr.prepare(request)
         parser = sse.SSEParser(max_event=up.spec.fallback.max_body)
         asm = sse.Assembler()
@@ -179,8 +179,6 @@ class OpenAIListener(HttpListener):
             if pending:
                 await sr.write(pending)
         except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
-            if isinstance(exc, aiohttp.ClientConnectionResetError):
-                raise  # the app went away
             resp.finish(Verdict.FAILURE)
             log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
                         request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)

@@ -107,10 +107,10 @@ class LLMFallback(Fallback):
 class ModelFailover:
     """When the primary model's attempts end in 5xx or a timeout, try each fallback model once."""
 
-    __slots__ = ("models",)
+    __slots__ = ("models", "clock")
 
-    def __init__(self, models: tuple[str, ...]) -> None:
-        self.models = models
+    def __init__(self, models: tuple[str, ...], clock) -> None:
+        self.models, self.clock = models, clock
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)
@@ -123,6 +123,8 @@ class ModelFailover:
                 return resp  # every model goes to the same target: straight to the cache
             if model == original.get("model"):
                 continue
+            if req.deadline is not None and self.clock.monotonic() >= req.deadline:
+                return resp  # the total is spent: no model gets a request it has no time to answer
             resp.release()
             req.body = json.dumps({**original, "model": model}, separators=(",", ":")).encode()
             req.headers["Content-Length"] = str(len(req.body))

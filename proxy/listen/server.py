@@ -1,0 +1,596 @@
+"""The HTTP/1.1 server side of the egress listeners: bytes from the app → a Request for the listener.
+
+listener (this, then proxy/listen/http.py) → route → policy chain → upstream pool. One asyncio protocol
+per client connection, llhttp (through httptools) for parsing — never a hand-written parser — and the
+answer written in one call when it is whole. It replaces aiohttp's server on the data path because that
+server's per-request machinery (request/response objects, payload writer, access-log hooks) cost more than
+the whole policy chain; the inbound listener (WebSockets) and the admin server stay on aiohttp.
+
+It offers the listeners the small part of aiohttp's request/response surface they use (method, raw_path,
+path, headers, raw_headers, content_length, body_exists, content.readany(), remote, transport;
+Response/StreamResponse with prepare/write/write_eof), and adds what a sidecar must guarantee at the
+socket: bounded header bytes (431) and request-line size, bounded buffering of request bodies
+(back-pressure), pipelined requests answered in order, a client that goes away cancels its handler,
+idle keep-alive connections closed, and a drain that waits for in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from email.utils import formatdate
+from urllib.parse import unquote
+
+import httptools
+from multidict import CIMultiDict
+
+from proxy.obs import log
+
+_REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+            206: "Partial Content", 301: "Moved Permanently", 302: "Found", 304: "Not Modified",
+            400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Content Too Large",
+            429: "Too Many Requests", 431: "Request Header Fields Too Large", 499: "Client Closed Request",
+            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+_HIGH_WATER = 256 * 1024   # request body bytes buffered before the client is paused
+_LOW_WATER = 64 * 1024
+_HEADER_TIMEOUT = 30.0     # a request's headers must arrive within this (slowloris)
+_KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
+_SWEEP_EVERY = 1.0
+
+
+class ClientGone(ConnectionResetError):
+    """The app closed its connection: nothing more can be written to it."""
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+_date_cache = [0, ""]
+
+
+def http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
+    return _date_cache[1]
+
+
+class Body:
+    """The request body as it arrives. Reading drains the buffer and lets a paused client send on."""
+
+    __slots__ = ("chunks", "size", "eof", "exc", "waiter", "proto")
+
+    def __init__(self, proto: ServerProtocol) -> None:
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.eof = False
+        self.exc: BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+        self.proto = proto
+
+    # -- fed by the protocol ---------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        self._wake()
+        if self.size > _HIGH_WATER:
+            self.proto.pause_reading()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.eof:
+            self.exc = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- what the listener reads (aiohttp's StreamReader names) -----------------------------------------
+    def exception(self) -> BaseException | None:
+        return self.exc
+
+    def is_eof(self) -> bool:
+        return self.eof and not self.chunks
+
+    async def _wait(self) -> None:
+        self.proto.resume_reading()
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def _take(self) -> bytes:
+        chunk = self.chunks.popleft()
+        self.size -= len(chunk)
+        if self.size < _LOW_WATER:
+            self.proto.resume_reading()
+        return chunk
+
+    async def readany(self) -> bytes:
+        while not self.chunks:
+            if self.exc is not None:
+                raise self.exc
+            if self.eof:
+                return b""
+            await self._wait()
+        return self._take()
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            parts = []
+            while chunk := await self.readany():
+                parts.append(chunk)
+            return b"".join(parts)
+        while not self.chunks:
+            if self.exc is not None:
+                raise self.exc
+            if self.eof:
+                return b""
+            await self._wait()
+        chunk = self._take()
+        if len(chunk) > n:
+            self.chunks.appendleft(chunk[n:])
+            self.size += len(chunk) - n
+            chunk = chunk[:n]
+        return chunk
+
+    async def readexactly(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            chunk = await self.read(n - got)
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"".join(parts), n)
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _NoBody:
+    """The body of a request that has none (most of them): one shared, always-empty reader."""
+
+    __slots__ = ()
+    eof = True
+
+    def exception(self) -> None:
+        return None
+
+    def is_eof(self) -> bool:
+        return True
+
+    def feed(self, data: bytes) -> None:  # llhttp found a body after all (cannot happen): drop it
+        pass
+
+    def feed_eof(self) -> None:
+        pass
+
+    def set_exception(self, exc: BaseException) -> None:
+        pass
+
+    async def readany(self) -> bytes:
+        return b""
+
+    async def read(self, n: int = -1) -> bytes:
+        return b""
+
+    async def readexactly(self, n: int) -> bytes:
+        if n:
+            raise asyncio.IncompleteReadError(b"", n)
+        return b""
+
+
+NO_BODY = _NoBody()
+
+
+class Request:
+    """One request as the listener sees it."""
+
+    __slots__ = ("method", "raw_path", "version", "headers", "raw_headers", "header_bytes", "content", "remote",
+                 "keep_alive", "content_length", "body_exists", "upgrade", "_proto", "_path")
+
+    def __init__(self, proto: ServerProtocol, method: str, raw_path: str, version: str, raw_headers: list,
+                 header_bytes: int, keep_alive: bool, upgrade: bool) -> None:
+        self._proto = proto
+        self.method, self.raw_path, self.version = method, raw_path, version
+        self.raw_headers, self.header_bytes = raw_headers, header_bytes
+        self.headers = headers = CIMultiDict(raw_headers)
+        self.remote = proto.remote
+        self.keep_alive, self.upgrade = keep_alive, upgrade
+        cl = headers.get("Content-Length")
+        self.content_length = int(cl) if cl is not None else None  # llhttp has validated it
+        self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
+        self.content = Body(proto) if self.body_exists else NO_BODY
+        self._path: str | None = None
+
+    @property
+    def path(self) -> str:
+        """The decoded path without the query, for route matching."""
+        p = self._path
+        if p is None:
+            raw = self.raw_path.partition("?")[0]
+            p = self._path = unquote(raw) if "%" in raw else raw
+        return p
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._proto.transport
+
+    async def send_continue(self) -> None:
+        if self.version == "1.1":
+            self._proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def _head(status: int, reason: str | None, headers, extra: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n"]
+    for k, v in headers.items():
+        lines.append(f"{k}: {v}\r\n")
+    if "Date" not in headers:
+        lines.append(f"Date: {http_date()}\r\n")
+    lines.append(extra)
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class Response:
+    """A whole answer: status line, headers and body in one write."""
+
+    __slots__ = ("status", "reason", "headers", "body", "prepared")
+
+    def __init__(self, status: int = 200, reason: str | None = None, headers=None, body: bytes | None = None,
+                 content_type: str | None = None) -> None:
+        self.status, self.reason, self.body = status, reason, body
+        self.headers = CIMultiDict(headers) if headers is not None else CIMultiDict()
+        if content_type is not None:
+            self.headers["Content-Type"] = content_type
+        self.prepared = False
+
+    async def prepare(self, request: Request) -> None:
+        if self.prepared:
+            return
+        self.prepared = True
+        proto, status, body = request._proto, self.status, self.body
+        headers = self.headers
+        if status < 200 or status in (204, 304):
+            headers.popall("Content-Length", None)
+            extra, body = "\r\n", None
+        elif request.method == "HEAD":
+            # the length the GET would have, when the caller knows it; never a body
+            extra = "\r\n" if "Content-Length" in headers else f"Content-Length: {len(body or b'')}\r\n\r\n"
+            body = None
+        else:
+            headers.popall("Content-Length", None)
+            extra = f"Content-Length: {len(body) if body else 0}\r\n\r\n"
+        if not proto.will_keep_alive(request):
+            extra = "Connection: close\r\n" + extra
+        data = _head(status, self.reason, headers, extra)
+        proto.responded = True
+        proto.write(data + body if body else data)
+        await proto.drain()
+
+    async def write_eof(self) -> None:
+        pass
+
+
+class StreamResponse:
+    """An answer written as it arrives: chunked when its length is unknown (close-delimited for HTTP/1.0)."""
+
+    __slots__ = ("status", "reason", "headers", "content_length", "prepared", "_req", "_chunked", "_no_body",
+                 "_done")
+
+    def __init__(self, status: int = 200, reason: str | None = None, headers=None) -> None:
+        self.status, self.reason = status, reason
+        self.headers = CIMultiDict(headers) if headers is not None else CIMultiDict()
+        self.content_length: int | None = None
+        self.prepared = False
+        self._req: Request | None = None
+        self._chunked = self._no_body = self._done = False
+
+    async def prepare(self, request: Request) -> None:
+        if self.prepared:
+            return
+        self.prepared, self._req = True, request
+        proto, status, headers = request._proto, self.status, self.headers
+        headers.popall("Content-Length", None)
+        headers.popall("Transfer-Encoding", None)
+        self._no_body = request.method == "HEAD" or status < 200 or status in (204, 304)
+        if self.content_length is not None and not (status < 200 or status in (204, 304)):
+            extra = f"Content-Length: {self.content_length}\r\n"
+        elif self._no_body:
+            extra = ""
+        elif request.version == "1.1":
+            extra, self._chunked = "Transfer-Encoding: chunked\r\n", True
+        else:
+            extra = ""
+            proto.must_close = True  # HTTP/1.0 without a length: the body ends with the connection
+        if not proto.will_keep_alive(request):
+            extra += "Connection: close\r\n"
+        proto.responded = True
+        proto.write(_head(status, self.reason, headers, extra + "\r\n"))
+        await proto.drain()
+
+    async def write(self, data: bytes) -> None:
+        if self._no_body or not data:
+            return
+        proto = self._req._proto
+        if self._chunked:
+            proto.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            proto.write(data)
+        await proto.drain()
+
+    async def write_eof(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._chunked:
+            self._req._proto.write(b"0\r\n\r\n")
+            await self._req._proto.drain()
+
+
+class ServerProtocol(asyncio.Protocol):
+    """One client connection. Requests are handled one at a time, in order; a pipelined request waits
+    (and the socket is paused) until the one before it is answered."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote = ""
+        self.closed = False
+        self.must_close = False
+        self._url: list[bytes] = []
+        self._headers: list[tuple[str, str]] = []
+        self._header_bytes = self._url_bytes = 0
+        self._parsing: Request | None = None
+        self._queue: collections.deque[Request] = collections.deque()
+        self._task: asyncio.Task | None = None
+        self._current: Request | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self._drain: asyncio.Future | None = None
+        self._errored = False
+        self.responded = False  # the current request's status line is out
+        self.last_active = 0.0
+        self.headers_started: float | None = None
+
+    # -- transport ---------------------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else ""
+        self.last_active = time.monotonic()
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        gone = ClientGone("the client closed the connection")
+        for r in (self._parsing, self._current, *self._queue):
+            if r is not None:
+                r.content.set_exception(gone)
+        self._queue.clear()
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_exception(gone)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the app gave up on the answer: stop working on it
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self._paused_reading and not self.closed:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused_reading and not self.closed and not self._queue:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ClientGone("the client closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ClientGone("the client closed the connection")
+        if self._paused_writing:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def will_keep_alive(self, request: Request) -> bool:
+        return (request.keep_alive and not self.must_close and not self.server.closing
+                and not request.upgrade)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self._errored:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # an Upgrade request: the listener refuses it (WebSocket on egress is 501); no bytes after
+            # the headers are ours to read, so the connection closes after the answer
+            self._errored = self.must_close = True
+            if self._parsing is not None:
+                self._parsing.content.feed_eof()
+                self._parsing = None
+        except httptools.HttpParserError as exc:
+            self._bad_request(400, "bad_request", f"malformed HTTP request: {exc}")
+
+    def _bad_request(self, status: int, error_type: str, message: str) -> None:
+        """A request the parser cannot take: answer (when nothing else is being answered) and close."""
+        self._errored = True
+        self.must_close = True
+        if self._parsing is not None:
+            self._parsing.content.set_exception(ConnectionResetError(message))
+        if self._current is None and not self.closed:
+            body = json.dumps({"error": {"type": error_type, "message": message, "status": status}}).encode()
+            self.transport.write(
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\nDate: {http_date()}\r\n\r\n".encode() + body)
+            self.transport.close()
+
+    # -- llhttp callbacks ----------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._headers = []
+        self._header_bytes = self._url_bytes = 0
+        self.headers_started = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._url_bytes += len(url)
+        if self._url_bytes > self.server.max_line:
+            raise httptools.HttpParserError(f"request target longer than {self.server.max_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.server.max_header_bytes:
+            self._bad_request(431, "headers_too_large",
+                              f"request headers exceed max_header_bytes ({self.server.max_header_bytes} bytes)")
+            raise httptools.HttpParserError("headers too large")
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self.headers_started = None
+        p = self.parser
+        req = Request(self, p.get_method().decode("ascii", "replace"),
+                      b"".join(self._url).decode("utf-8", "surrogateescape"), p.get_http_version(),
+                      self._headers, self._header_bytes, p.should_keep_alive(), p.should_upgrade())
+        self._parsing = req
+        if self._current is None:
+            self._current = req
+            self._task = asyncio.get_running_loop().create_task(self._serve(req))
+        else:
+            self._queue.append(req)
+            self.pause_reading()  # one request ahead is enough: don't buffer a whole pipeline
+
+    def on_body(self, body: bytes) -> None:
+        self._parsing.content.feed(body)
+
+    def on_message_complete(self) -> None:
+        r = self._parsing
+        if r is not None:
+            r.content.feed_eof()
+            self._parsing = None
+
+    # -- handling ----------------------------------------------------------------------------------------
+    async def _serve(self, req: Request) -> None:
+        server = self.server
+        while True:
+            server.in_flight += 1
+            self.responded = False
+            try:
+                resp = await server.handler(req)
+                if not resp.prepared and not self.closed:
+                    await resp.prepare(req)
+                    await resp.write_eof()
+            except asyncio.CancelledError:
+                if self.closed:
+                    return  # the client went away
+                raise
+            except ConnectionResetError:
+                self._close()
+                return
+            except Exception as exc:  # noqa: BLE001 — a bug must cost one request, not the listener
+                log.error("listener_error", error=type(exc).__name__, message=str(exc)[:200])
+                if not self.closed and not self.responded:
+                        body = json.dumps({"error": {"type": "internal_error", "message": "internal proxy error",
+                                                     "status": 500}}).encode()
+                        self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json"
+                                             b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+                self._close()
+                return
+            finally:
+                server.in_flight -= 1
+            if self.closed:
+                return
+            # The next request on this connection, if the app may send one. A body the handler did not
+            # read to the end leaves the stream unsynchronised: close rather than guess.
+            if not self.will_keep_alive(req) or not req.content.eof:
+                self._close()
+                return
+            self.last_active = time.monotonic()
+            if not self._queue:
+                self._current = None
+                self._task = None
+                self.resume_reading()
+                return
+            req = self._current = self._queue.popleft()
+            self.resume_reading()
+
+    def _close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+            self.server.connections.discard(self)
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None
+
+
+class Server:
+    """The protocol factory for one listener, and what the drain and the idle sweep work on."""
+
+    def __init__(self, handler, max_header_bytes: int, max_line: int = 65536) -> None:
+        self.handler = handler
+        self.max_header_bytes, self.max_line = max_header_bytes, max_line
+        self.connections: set[ServerProtocol] = set()
+        self.in_flight = 0
+        self.closing = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> ServerProtocol:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
+        return ServerProtocol(self)
+
+    def _sweep(self) -> None:
+        """One timer per listener rather than one per connection: close keep-alive connections idle past
+        the keep-alive timeout, and connections whose request headers stall (slowloris)."""
+        now = time.monotonic()
+        for c in list(self.connections):
+            if c.idle and c.headers_started is None and now - c.last_active > _KEEPALIVE_TIMEOUT:
+                c._close()
+            elif c.headers_started is not None and now - c.headers_started > _HEADER_TIMEOUT:
+                c._bad_request(408, "request_timeout", "request headers did not arrive in time")
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep) if not self.closing else None
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop keeping connections alive, close the idle ones, wait for in-flight answers."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        deadline = time.monotonic() + timeout
+        while True:
+            for c in list(self.connections):
+                if c.idle:
+                    c._close()
+            if not self.connections or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for c in list(self.connections):
+            c._close()
