@@ -14,12 +14,13 @@ import asyncio
 import json
 import math
 import os
+import random
 import time
 
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.listen.server import Request, Response, StreamResponse
+from proxy.listen.server import MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
@@ -31,13 +32,16 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
 _RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
 _BUFFER_MAX = 64 * 1024  # answers up to this size are read whole and sent in one write
+_getrandbits = random.Random(os.urandom(32)).getrandbits
 _NETWORK_ERRORS = ("upstream_reset", "connect_failure", "timeout", "connect_timeout", "tls_error")
 
 
 def new_request_id(given: str | None) -> str:
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return os.urandom(16).hex()  # 128 random bits, as a uuid4, without building a UUID object
+    # 128 random bits, as a uuid4, without a getrandom syscall per request: an id names a request, it
+    # guards nothing, so a seeded PRNG (reseeded from os.urandom at start-up) is enough
+    return f"{_getrandbits(128):032x}"
 
 
 _NONE: frozenset[str] = frozenset()
@@ -203,6 +207,8 @@ class HttpListener:
         counters.budget.active += 1
         try:
             return await self._handle(request, up, rid)
+        except MalformedBody as exc:
+            return self.error(400, "bad_request", f"malformed request body: {exc}", rid)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionResetError):
             # the app stalled or went away mid-upload: nothing was forwarded
             return self.error(408, "request_timeout", "the request body did not arrive within the idle timeout", rid)
@@ -283,12 +289,9 @@ class HttpListener:
 
     def response_headers(self, resp: ProxyResponse, rid: str, track_header: str | None = None,
                          track: str | None = None) -> CIMultiDict:
-        headers = CIMultiDict()
         listed = connection_listed(resp.headers)
-        for k, v in resp.headers.items():
-            lk = k.lower()
-            if lk not in _RESP_DROP and lk not in listed:
-                headers.add(k, v)
+        drop = _RESP_DROP | listed if listed else _RESP_DROP
+        headers = CIMultiDict([kv for kv in resp.headers.items() if kv[0].lower() not in drop])
         headers["X-Request-Id"] = rid
         if track_header and track:
             headers[track_header] = track

@@ -40,10 +40,16 @@ _LOW_WATER = 64 * 1024
 _HEADER_TIMEOUT = 30.0     # a request's headers must arrive within this (slowloris)
 _KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
 _SWEEP_EVERY = 1.0
+_LINGER = 2.0              # after an error answer, unread input is drained this long so the client reads
+                           # the answer instead of a reset
 
 
 class ClientGone(ConnectionResetError):
     """The app closed its connection: nothing more can be written to it."""
+
+
+class MalformedBody(ConnectionResetError):
+    """The request body broke HTTP framing (bad chunk size, ...): a 400, not a timeout."""
 
 
 def reason_phrase(status: int) -> str:
@@ -248,7 +254,8 @@ class Response:
     def __init__(self, status: int = 200, reason: str | None = None, headers=None, body: bytes | None = None,
                  content_type: str | None = None) -> None:
         self.status, self.reason, self.body = status, reason, body
-        self.headers = CIMultiDict(headers) if headers is not None else CIMultiDict()
+        # a CIMultiDict is taken as is (the listener builds one per answer anyway); anything else is copied
+        self.headers = headers if headers.__class__ is CIMultiDict else CIMultiDict(headers or ())
         if content_type is not None:
             self.headers["Content-Type"] = content_type
         self.prepared = False
@@ -288,7 +295,7 @@ class StreamResponse:
 
     def __init__(self, status: int = 200, reason: str | None = None, headers=None) -> None:
         self.status, self.reason = status, reason
-        self.headers = CIMultiDict(headers) if headers is not None else CIMultiDict()
+        self.headers = headers if headers.__class__ is CIMultiDict else CIMultiDict(headers or ())
         self.content_length: int | None = None
         self.prepared = False
         self._req: Request | None = None
@@ -443,13 +450,13 @@ class ServerProtocol(asyncio.Protocol):
         self._errored = True
         self.must_close = True
         if self._parsing is not None:
-            self._parsing.content.set_exception(ConnectionResetError(message))
+            self._parsing.content.set_exception(MalformedBody(message))
         if self._current is None and not self.closed:
             body = json.dumps({"error": {"type": error_type, "message": message, "status": status}}).encode()
             self.transport.write(
                 f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\nDate: {http_date()}\r\n\r\n".encode() + body)
-            self.transport.close()
+            self._close(linger=True)
 
     # -- llhttp callbacks ----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -529,7 +536,7 @@ class ServerProtocol(asyncio.Protocol):
             # The next request on this connection, if the app may send one. A body the handler did not
             # read to the end leaves the stream unsynchronised: close rather than guess.
             if not self.will_keep_alive(req) or not req.content.eof:
-                self._close()
+                self._close(linger=not req.content.eof or self._errored)
                 return
             self.last_active = time.monotonic()
             if not self._queue:
@@ -540,11 +547,24 @@ class ServerProtocol(asyncio.Protocol):
             req = self._current = self._queue.popleft()
             self.resume_reading()
 
-    def _close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
-            self.transport.close()
-            self.server.connections.discard(self)
+    def _close(self, linger: bool = False) -> None:
+        """Close; with `linger`, when the client may still be sending (an unread body, a refused request),
+        half-close and discard its input for a moment first: closing a socket with unread data sends a
+        reset, and the client would lose the answer it was just sent."""
+        if self.closed or self.transport is None:
+            return
+        self.closed = True
+        self.server.connections.discard(self)
+        t = self.transport
+        if linger and t.can_write_eof():
+            self._errored = True  # data_received discards from now on
+            if self._paused_reading:
+                self._paused_reading = False
+                t.resume_reading()
+            t.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER, t.close)
+        else:
+            t.close()
 
     @property
     def idle(self) -> bool:
@@ -560,6 +580,7 @@ class Server:
         self.connections: set[ServerProtocol] = set()
         self.in_flight = 0
         self.closing = False
+        self.header_timeout, self.keepalive_timeout = _HEADER_TIMEOUT, _KEEPALIVE_TIMEOUT
         self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> ServerProtocol:
@@ -572,9 +593,9 @@ class Server:
         the keep-alive timeout, and connections whose request headers stall (slowloris)."""
         now = time.monotonic()
         for c in list(self.connections):
-            if c.idle and c.headers_started is None and now - c.last_active > _KEEPALIVE_TIMEOUT:
+            if c.idle and c.headers_started is None and now - c.last_active > self.keepalive_timeout:
                 c._close()
-            elif c.headers_started is not None and now - c.headers_started > _HEADER_TIMEOUT:
+            elif c.idle and c.headers_started is not None and now - c.headers_started > self.header_timeout:
                 c._bad_request(408, "request_timeout", "request headers did not arrive in time")
         self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep) if not self.closing else None
 

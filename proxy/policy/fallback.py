@@ -27,10 +27,11 @@ _EPISODE_QUIET = 1.0
 
 
 class Entry:
-    __slots__ = ("status", "headers", "body", "stored_at", "size")
+    __slots__ = ("status", "headers", "body", "stored_at", "inserted", "size")
 
     def __init__(self, status: int, headers: tuple[tuple[str, str], ...], body: bytes, stored_at: float) -> None:
         self.status, self.headers, self.body, self.stored_at = status, headers, body, stored_at
+        self.inserted = stored_at  # when the TTL (stale_ttl) started counting; stored_at is the freshness
         self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + 64
 
 
@@ -93,7 +94,16 @@ class FallbackCache(CacheSize):
         if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:
             return
         kept = tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_STORED)
-        entry = Entry(status, kept, body, self.clock.monotonic())
+        now = self.clock.monotonic()
+        old = self.cache.get(key)
+        if (old is not None and old.body == body and old.status == status and old.headers == kept
+                and now - old.inserted < self.spec.stale_ttl / 2):
+            # The same answer again (the common case for a hot key): only its freshness moves. A full
+            # re-insert costs more than the rest of the fallback policy; it happens once the entry is
+            # half-way to expiry, so a long outage still finds it.
+            old.stored_at = now
+            return
+        entry = Entry(status, kept, body, now)
         if entry.size > self.cache.maxsize:
             return
         self.cache[key] = entry

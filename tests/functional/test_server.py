@@ -1,0 +1,254 @@
+"""The egress listeners' HTTP/1.1 server (proxy/listen/server.py) at the socket: framing, keep-alive,
+pipelining and hostile input, spoken to with raw bytes so nothing in a client library smooths it over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import psutil
+from aiohttp import web
+
+from tests.conftest import upstream_config
+
+
+async def _open(p):
+    host, port = p.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
+    """One response framed by Content-Length (what the proxy sends for small answers)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
+    return lines[0].encode(), headers, body
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _server(p):
+    return p.app._bound[p.name].web_server
+
+
+async def test_pipelined_requests_answered_in_order_on_one_connection(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+
+    async def answer(request):
+        if request.path == "/slow":
+            await asyncio.sleep(0.2)  # the first answer is the slowest: order must still hold
+        return web.json_response({"path": request.path})
+
+    upstream.behaviour = answer
+    reader, writer = await _open(p)
+    writer.write(b"".join(f"GET /{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for n in ("slow", "b", "c")))
+    await writer.drain()
+    paths = []
+    for _ in range(3):
+        status, headers, body = await _answer(reader)
+        assert status.startswith(b"HTTP/1.1 200")
+        paths.append(json.loads(body)["path"])
+    assert paths == ["/slow", "/b", "/c"]
+    # still open for more: keep-alive
+    writer.write(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert json.loads((await _answer(reader))[2])["path"] == "/d"
+    writer.close()
+
+
+async def test_http10_and_connection_close(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    reader, writer = await _open(p)
+    writer.write(b"GET /old HTTP/1.0\r\n\r\n")
+    status, headers, body = await _answer(reader)
+    assert status.startswith(b"HTTP/1.1 200") and headers["connection"] == "close"
+    assert await _closed(reader)
+    reader, writer = await _open(p)
+    writer.write(b"GET /bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, headers, body = await _answer(reader)
+    assert status.startswith(b"HTTP/1.1 200") and headers["connection"] == "close"
+    assert await _closed(reader)
+    assert [r["path_qs"] for r in upstream.requests] == ["/old", "/bye"]
+
+
+async def test_streamed_answer_to_http10_client_is_close_delimited(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+
+    async def answer(request):
+        r = web.StreamResponse()
+        await r.prepare(request)  # no length: chunked to the proxy
+        for i in range(3):
+            await r.write(f"part{i};".encode())
+        await r.write_eof()
+        return r
+
+    upstream.behaviour = answer
+    reader, writer = await _open(p)
+    writer.write(b"GET /s HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)  # read to EOF: the close ends the body
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding" not in head
+    assert body == b"part0;part1;part2;"
+
+
+async def test_malformed_requests_get_400_and_the_listener_keeps_serving(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    bad = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # smuggling
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nxx\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
+    ]
+    for data in bad:
+        reader, writer = await _open(p)
+        writer.write(data)
+        status, headers, body = await _answer(reader)
+        assert status.split(b" ")[1] == b"400", (data, status)
+        assert json.loads(body)["error"]["type"] == "bad_request"
+        assert await _closed(reader)
+    assert upstream.hits == 0
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/fine") as r:
+        assert r.status == 200
+
+
+async def test_oversized_request_line_and_header_flood_refused_with_bounded_memory(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url, limits={"max_header_bytes": 8192})
+    p = await start_proxy(cfg)
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    # a header block that never ends: refused once past the parser's limit, not buffered
+    reader, writer = await _open(p)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for _ in range(2000):
+            writer.write(b"X-Flood: " + b"a" * 4000 + b"\r\n")
+            await writer.drain()
+    except ConnectionError:
+        pass
+    status, headers, body = await _answer(reader)
+    assert status.split(b" ")[1] == b"431"
+    reader, writer = await _open(p)
+    writer.write(b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await _answer(reader)
+    assert status.split(b" ")[1] == b"400"
+    assert proc.memory_info().rss - before < 30 * 1024 * 1024
+    assert upstream.hits == 0
+
+
+async def test_refused_body_is_not_read_as_the_next_request(upstream, start_proxy):
+    """A 413 answered before the body was read: the body's bytes must never be parsed as a request."""
+    name, cfg = upstream_config(upstream.url, limits={"max_request_body": 100})
+    p = await start_proxy(cfg)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    # the whole body arrived: it was framed by its length and discarded; the connection stays usable
+    reader, writer = await _open(p)
+    writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (200 + len(smuggled))
+                 + b"x" * 200 + smuggled + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await _answer(reader))[0].split(b" ")[1] == b"413"
+    assert json.loads((await _answer(reader))[2])["path"] == "/next"
+    writer.close()
+    # most of the body is still to come: the connection closes after the answer (which the client reads)
+    reader, writer = await _open(p)
+    writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000 + smuggled)
+    assert (await _answer(reader))[0].split(b" ")[1] == b"413"
+    assert await _closed(reader)
+    assert [r["path_qs"] for r in upstream.requests] == ["/next"]
+
+
+async def test_stalled_headers_are_timed_out(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    _server(p).header_timeout = 0.3
+    reader, writer = await _open(p)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    status, headers, body = await asyncio.wait_for(_answer(reader), 5)
+    assert status.split(b" ")[1] == b"408"
+    assert await _closed(reader)
+    assert upstream.hits == 0
+
+
+async def test_idle_keepalive_connections_are_closed(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    _server(p).keepalive_timeout = 0.3
+    reader, writer = await _open(p)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await _answer(reader))[0].startswith(b"HTTP/1.1 200")
+    assert await _closed(reader)
+    assert not _server(p).connections
+
+
+async def test_client_gone_mid_request_cancels_the_upstream_call(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url, timeouts={"attempt": "10s", "total": "10s"})
+    p = await start_proxy(cfg)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def answer(request):
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return web.Response(text="late")
+
+    upstream.behaviour = answer
+    reader, writer = await _open(p)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(started.wait(), 5)
+    writer.close()
+    # the proxy drops its upstream connection, so the upstream's handler is cancelled too
+    await asyncio.wait_for(cancelled.wait(), 5)
+    for _ in range(50):
+        if p.upstream.counters.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert p.upstream.counters.in_flight == 0
+
+
+async def test_chunked_request_body_sent_slowly_is_forwarded(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    reader, writer = await _open(p)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for part in (b"hello ", b"slow ", b"world"):
+        writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    writer.write(b"0\r\n\r\n")
+    status, headers, body = await _answer(reader)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert upstream.requests[0]["body"] == b"hello slow world"
+    writer.close()
+
+
+async def test_drain_closes_idle_connections_and_finishes_in_flight(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+
+    async def answer(request):
+        await asyncio.sleep(0.3)
+        return web.Response(text="done")
+
+    upstream.behaviour = answer
+    idle_r, idle_w = await _open(p)
+    busy_r, busy_w = await _open(p)
+    busy_w.write(b"GET /busy HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.1)
+    shutdown = asyncio.ensure_future(_server(p).shutdown(5))
+    assert await _closed(idle_r)
+    status, headers, body = await _answer(busy_r)
+    assert status.startswith(b"HTTP/1.1 200") and body == b"done" and headers["connection"] == "close"
+    await asyncio.wait_for(shutdown, 5)
