@@ -14,7 +14,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import time
 
 import aiohttp
@@ -32,16 +31,19 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
 _RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
 _BUFFER_MAX = 64 * 1024  # answers up to this size are read whole and sent in one write
-_getrandbits = random.Random(os.urandom(32)).getrandbits
+_ids: list[str] = []
 _NETWORK_ERRORS = ("upstream_reset", "connect_failure", "timeout", "connect_timeout", "tls_error")
 
 
 def new_request_id(given: str | None) -> str:
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    # 128 random bits, as a uuid4, without a getrandom syscall per request: an id names a request, it
-    # guards nothing, so a seeded PRNG (reseeded from os.urandom at start-up) is enough
-    return f"{_getrandbits(128):032x}"
+    if not _ids:
+        # 128 random bits each, as a uuid4: from the OS's CSPRNG (an id must not be predictable from
+        # earlier ones), 256 at a time, so a request costs a list pop instead of a getrandom syscall
+        raw = os.urandom(16 * 256).hex()
+        _ids.extend(raw[i:i + 32] for i in range(0, len(raw), 32))
+    return _ids.pop()
 
 
 _NONE: frozenset[str] = frozenset()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import socket
 import time
 from email.utils import formatdate
 from urllib.parse import unquote
@@ -38,7 +39,12 @@ _REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "N
 _HIGH_WATER = 256 * 1024   # request body bytes buffered before the client is paused
 _LOW_WATER = 64 * 1024
 _HEADER_TIMEOUT = 30.0     # a request's headers must arrive within this (slowloris)
-_KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
+_KEEPALIVE_TIMEOUT = 3630.0  # an idle keep-alive connection is closed after this: longer than the
+                             # apps' own pool idle timeouts (Go 90 s, Java minutes), so the app, not us,
+                             # closes idle connections and never reuses one we are closing (aiohttp's value)
+_PIPELINE_MAX = 16         # pipelined requests parsed ahead of the one being answered
+_HEAD_SLICE = 1024         # input is parsed in slices, so parsing stops soon after the queue is full
+_BODY_SLICE = 64 * 1024
 _SWEEP_EVERY = 1.0
 _LINGER = 2.0              # after an error answer, unread input is drained this long so the client reads
                            # the answer instead of a reset
@@ -344,8 +350,9 @@ class StreamResponse:
 
 
 class ServerProtocol(asyncio.Protocol):
-    """One client connection. Requests are handled one at a time, in order; a pipelined request waits
-    (and the socket is paused) until the one before it is answered."""
+    """One client connection. Requests are handled one at a time, in order. Pipelined requests queue
+    behind the current one up to `_PIPELINE_MAX`; beyond that the rest of the input waits unparsed (and
+    the socket is paused), so a flood of pipelined requests costs a bounded amount of memory."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -357,8 +364,10 @@ class ServerProtocol(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = self._url_bytes = 0
+        self._head_seen = 0      # bytes received while a request's head is incomplete
         self._parsing: Request | None = None
         self._queue: collections.deque[Request] = collections.deque()
+        self._unparsed = b""     # input held back while the pipeline queue is full
         self._task: asyncio.Task | None = None
         self._current: Request | None = None
         self._paused_reading = False
@@ -367,13 +376,19 @@ class ServerProtocol(asyncio.Protocol):
         self._errored = False
         self.responded = False  # the current request's status line is out
         self.last_active = 0.0
-        self.headers_started: float | None = None
+        self.headers_started: float | None = None  # set while a request's head is arriving
 
     # -- transport ---------------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:  # a peer that vanished without a FIN is found out eventually (as aiohttp's server did)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
         self.last_active = time.monotonic()
         self.server.connections.add(self)
 
@@ -385,11 +400,20 @@ class ServerProtocol(asyncio.Protocol):
             if r is not None:
                 r.content.set_exception(gone)
         self._queue.clear()
-        d = self._drain
-        if d is not None and not d.done():
-            d.set_exception(gone)
+        self._unparsed = b""
+        self._fail_drain()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the app gave up on the answer: stop working on it
+
+    def eof_received(self) -> bool | None:
+        """The app sent FIN. As nginx does (499), that is the app giving up: the transport closes and the
+        request in flight is cancelled, which stops upstream work nobody will read (LLM tokens, pool
+        slots). TCP cannot tell a half-close (`nc -N`, shutdown(SHUT_WR)) from a full close; only a head
+        cut off mid-way still gets its 400 before the close."""
+        if self.headers_started is not None and self._current is None and not self._errored:
+            self._bad_request(400, "bad_request", "the connection was closed in the middle of a request head")
+            return True  # keep our side open for the answer; _bad_request closes after it
+        return None
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -400,15 +424,32 @@ class ServerProtocol(asyncio.Protocol):
         if d is not None and not d.done():
             d.set_result(None)
 
+    def _fail_drain(self) -> None:
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_exception(ClientGone("the client connection was closed"))
+
     def pause_reading(self) -> None:
         if not self._paused_reading and not self.closed:
             self._paused_reading = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._paused_reading and not self.closed and not self._queue:
+        """Room again (the queue moved, a body was read): parse what was held back, then read on."""
+        if self.closed:
+            return
+        if self._unparsed:
+            held, self._unparsed = self._unparsed, b""
+            self._feed(held)
+            if self._unparsed or self.closed:
+                return
+        if self._paused_reading and not self._full():
             self._paused_reading = False
             self.transport.resume_reading()
+
+    def _full(self) -> bool:
+        p = self._parsing
+        return len(self._queue) >= _PIPELINE_MAX or (p is not None and p.content.size > _HIGH_WATER)
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -426,24 +467,65 @@ class ServerProtocol(asyncio.Protocol):
                 self._drain = None
 
     def will_keep_alive(self, request: Request) -> bool:
+        # An answer sent before its request's body was read says Connection: close: the body's rest
+        # cannot be told apart from a next request without reading it.
         return (request.keep_alive and not self.must_close and not self.server.closing
-                and not request.upgrade)
+                and not request.upgrade and request.content.eof)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self._errored:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # an Upgrade request: the listener refuses it (WebSocket on egress is 501); no bytes after
-            # the headers are ours to read, so the connection closes after the answer
-            self._errored = self.must_close = True
-            if self._parsing is not None:
-                self._parsing.content.feed_eof()
-                self._parsing = None
-        except httptools.HttpParserError as exc:
-            self._bad_request(400, "bad_request", f"malformed HTTP request: {exc}")
+        if self._unparsed:
+            self._unparsed += data  # bounded: reading is paused while anything is held back
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse, in slices, and hold back what follows a full pipeline queue or a full body buffer.
+        Heads are parsed in small slices (a slice can hold at most ~60 minimal requests), bodies in large
+        ones, so a flood of pipelined requests queues a bounded number of them."""
+        n, i = len(data), 0
+        while i < n:
+            if self._full():
+                self._unparsed = data[i:]
+                self.pause_reading()
+                return
+            step = _BODY_SLICE if self._parsing is not None else _HEAD_SLICE
+            chunk = data if (i == 0 and n <= step) else data[i:i + step]
+            i += len(chunk)
+            try:
+                self.parser.feed_data(chunk)
+            except httptools.HttpParserUpgrade:
+                self._upgraded()
+                return
+            except httptools.HttpParserError as exc:
+                if not self._errored:
+                    self._bad_request(400, "bad_request", f"malformed HTTP request: {exc}")
+                return
+            if self._errored:
+                return
+            if self.headers_started is not None:
+                # A head still incomplete after this read. llhttp keeps a header that has not ended in its
+                # own buffer, out of on_header's reach: count what arrives so it cannot grow unbounded.
+                self._head_seen += len(chunk)
+                if self._head_seen > self.server.max_line + self.server.max_header_bytes:
+                    self._bad_request(431, "headers_too_large",
+                                      f"request head exceeds max_header_bytes ({self.server.max_header_bytes} bytes)")
+                    return
+
+    def _upgraded(self) -> None:
+        """llhttp stops at a request with Connection: upgrade. The listener refuses WebSockets (501) and
+        answers other upgrades (h2c from `curl --http2`) as plain HTTP/1.1; nothing after the head is
+        parsed, so the connection closes after that answer, and a body cannot be read at all."""
+        self._errored = self.must_close = True
+        r = self._parsing
+        if r is not None:
+            if r.body_exists:
+                r.content.set_exception(MalformedBody("a request body together with a protocol upgrade"))
+            else:
+                r.content.feed_eof()
+            self._parsing = None
 
     def _bad_request(self, status: int, error_type: str, message: str) -> None:
         """A request the parser cannot take: answer (when nothing else is being answered) and close."""
@@ -462,7 +544,7 @@ class ServerProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._headers = []
-        self._header_bytes = self._url_bytes = 0
+        self._header_bytes = self._url_bytes = self._head_seen = 0
         self.headers_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
@@ -472,6 +554,8 @@ class ServerProtocol(asyncio.Protocol):
             raise httptools.HttpParserError(f"request target longer than {self.server.max_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_started is None:
+            return  # a chunked body's trailer: not forwarded (and never mistaken for a request header)
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.server.max_header_bytes:
             self._bad_request(431, "headers_too_large",
@@ -482,8 +566,13 @@ class ServerProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.headers_started = None
         p = self.parser
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._bad_request(505, "http_version_not_supported",
+                              f"HTTP/{version} is not supported here: send HTTP/1.1")
+            raise httptools.HttpParserError("unsupported version")
         req = Request(self, p.get_method().decode("ascii", "replace"),
-                      b"".join(self._url).decode("utf-8", "surrogateescape"), p.get_http_version(),
+                      b"".join(self._url).decode("utf-8", "surrogateescape"), version,
                       self._headers, self._header_bytes, p.should_keep_alive(), p.should_upgrade())
         self._parsing = req
         if self._current is None:
@@ -491,7 +580,6 @@ class ServerProtocol(asyncio.Protocol):
             self._task = asyncio.get_running_loop().create_task(self._serve(req))
         else:
             self._queue.append(req)
-            self.pause_reading()  # one request ahead is enough: don't buffer a whole pipeline
 
     def on_body(self, body: bytes) -> None:
         self._parsing.content.feed(body)
@@ -499,7 +587,11 @@ class ServerProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         r = self._parsing
         if r is not None:
-            r.content.feed_eof()
+            if r.upgrade and r.body_exists:
+                # llhttp ends an upgrade request at its head and leaves the body unparsed
+                r.content.set_exception(MalformedBody("a request body together with a protocol upgrade"))
+            else:
+                r.content.feed_eof()
             self._parsing = None
 
     # -- handling ----------------------------------------------------------------------------------------
@@ -514,8 +606,8 @@ class ServerProtocol(asyncio.Protocol):
                     await resp.prepare(req)
                     await resp.write_eof()
             except asyncio.CancelledError:
-                if self.closed:
-                    return  # the client went away
+                if not self.closed:
+                    self.abort()  # cancelled from outside (shutdown): never leave the app waiting on us
                 raise
             except ConnectionResetError:
                 self._close()
@@ -523,29 +615,29 @@ class ServerProtocol(asyncio.Protocol):
             except Exception as exc:  # noqa: BLE001 — a bug must cost one request, not the listener
                 log.error("listener_error", error=type(exc).__name__, message=str(exc)[:200])
                 if not self.closed and not self.responded:
-                        body = json.dumps({"error": {"type": "internal_error", "message": "internal proxy error",
-                                                     "status": 500}}).encode()
-                        self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json"
-                                             b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
-                self._close()
+                    body = json.dumps({"error": {"type": "internal_error", "message": "internal proxy error",
+                                                 "status": 500}}).encode()
+                    self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json"
+                                         b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+                self._close(linger=True)
                 return
             finally:
                 server.in_flight -= 1
-            if self.closed:
+            if self.closed or self.transport.is_closing():
                 return
             # The next request on this connection, if the app may send one. A body the handler did not
             # read to the end leaves the stream unsynchronised: close rather than guess.
-            if not self.will_keep_alive(req) or not req.content.eof:
+            if not self.will_keep_alive(req):
                 self._close(linger=not req.content.eof or self._errored)
                 return
             self.last_active = time.monotonic()
             if not self._queue:
                 self._current = None
                 self._task = None
-                self.resume_reading()
+                self.resume_reading()  # parses what was held back: the next request may start a task
                 return
             req = self._current = self._queue.popleft()
-            self.resume_reading()
+            self.resume_reading()  # room in the queue again
 
     def _close(self, linger: bool = False) -> None:
         """Close; with `linger`, when the client may still be sending (an unread body, a refused request),
@@ -555,16 +647,26 @@ class ServerProtocol(asyncio.Protocol):
             return
         self.closed = True
         self.server.connections.discard(self)
+        self._fail_drain()
         t = self.transport
         if linger and t.can_write_eof():
             self._errored = True  # data_received discards from now on
+            self._unparsed = b""
             if self._paused_reading:
                 self._paused_reading = False
                 t.resume_reading()
             t.write_eof()
-            asyncio.get_running_loop().call_later(_LINGER, t.close)
+            asyncio.get_running_loop().call_later(_LINGER, t.abort)
         else:
             t.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever the app has not read (a client that stopped reading)."""
+        self._close()
+        if self.transport is not None:
+            self.transport.abort()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     @property
     def idle(self) -> bool:
@@ -584,23 +686,27 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> ServerProtocol:
-        if self._sweeper is None:
+        if self._sweeper is None and not self.closing:
             self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
         return ServerProtocol(self)
 
     def _sweep(self) -> None:
         """One timer per listener rather than one per connection: close keep-alive connections idle past
-        the keep-alive timeout, and connections whose request headers stall (slowloris)."""
-        now = time.monotonic()
-        for c in list(self.connections):
-            if c.idle and c.headers_started is None and now - c.last_active > self.keepalive_timeout:
-                c._close()
-            elif c.idle and c.headers_started is not None and now - c.headers_started > self.header_timeout:
-                c._bad_request(408, "request_timeout", "request headers did not arrive in time")
-        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep) if not self.closing else None
+        the keep-alive timeout, and connections whose request heads stall (slowloris)."""
+        try:
+            now = time.monotonic()
+            for c in list(self.connections):
+                if c.idle and c.headers_started is None and now - c.last_active > self.keepalive_timeout:
+                    c._close()
+                elif c.idle and c.headers_started is not None and now - c.headers_started > self.header_timeout:
+                    c._bad_request(408, "request_timeout", "request headers did not arrive in time")
+        finally:
+            self._sweeper = (asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
+                             if not self.closing else None)
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop keeping connections alive, close the idle ones, wait for in-flight answers."""
+        """Stop keeping connections alive, close the idle ones, wait for in-flight answers; whatever is
+        still open at the timeout (a client that stopped reading) is aborted and its handler cancelled."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -614,4 +720,4 @@ class Server:
                 break
             await asyncio.sleep(0.05)
         for c in list(self.connections):
-            c._close()
+            c.abort()

@@ -24,6 +24,7 @@ _NOT_STORED = frozenset({"content-length", "transfer-encoding", "connection", "k
                          "x-request-id", "set-cookie", "age"})
 _PRIVATE = ("authorization", "cookie")
 _EPISODE_QUIET = 1.0
+_REINSERT_AFTER = 1.0
 
 
 class Entry:
@@ -96,11 +97,11 @@ class FallbackCache(CacheSize):
         kept = tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_STORED)
         now = self.clock.monotonic()
         old = self.cache.get(key)
-        if (old is not None and old.body == body and old.status == status and old.headers == kept
-                and now - old.inserted < self.spec.stale_ttl / 2):
-            # The same answer again (the common case for a hot key): only its freshness moves. A full
-            # re-insert costs more than the rest of the fallback policy; it happens once the entry is
-            # half-way to expiry, so a long outage still finds it.
+        if (old is not None and now - old.inserted < _REINSERT_AFTER and old.body == body
+                and old.status == status and old.headers == kept):
+            # The same answer again within a second (a hot key): only its freshness moves. A full
+            # re-insert costs more than the rest of the fallback policy; doing it at most once a second
+            # keeps the entry's expiry (stale_ttl) within a second of the latest answer.
             old.stored_at = now
             return
         entry = Entry(status, kept, body, now)

@@ -13,6 +13,7 @@ timeout that fires up to 10 ms late changes nothing a caller can see.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from proxy.clock import Clock
@@ -125,6 +126,8 @@ class AttemptTimeout:
             left = req.deadline - self.clock.monotonic()
             if left < seconds:
                 seconds, which = max(left, 0.0), "total"
+        if seconds == math.inf:  # `attempt: .inf`: no deadline to arm
+            return await call_next(req)
         armed = DEADLINES.arm(seconds)
         try:
             resp = await call_next(req)

@@ -286,3 +286,22 @@ async def test_pool_retires_connections_after_max_lifetime():
     assert g1.session.closed  # closed once its last response was released
     pool.done(g2)
     await pool.close()
+
+
+def test_repeated_identical_answers_keep_the_full_stale_window():
+    """A hot key stores the same answer many times a second; only its freshness is refreshed then, but
+    the entry must still outlive the last answer by stale_ttl (give or take the one-second re-insert)."""
+    clock = ManualClock()
+    metrics = UpstreamMetrics("hot", ["stable"], (1.0,))
+    cache = FallbackCache("hot", FallbackSpec(cache_ttl=10, stale_ttl=100), clock, metrics)
+    for _ in range(490):  # every 0.1 s for 49 s
+        cache.store(b"k", 200, CIMultiDict({"ETag": "1"}), b"same")
+        clock.advance(0.1)
+    last = clock.now - 0.1
+    clock.advance(100 - 1.5)  # just inside stale_ttl of the last answer, minus the re-insert slack
+    e = cache.get(b"k")
+    assert e is not None and e.body == b"same"
+    assert abs(e.stored_at - last) < 1e-6  # Age is measured from the latest answer
+    # a different answer is stored at once, not folded into the old entry
+    cache.store(b"k", 200, CIMultiDict({"ETag": "2"}), b"new")
+    assert cache.get(b"k").body == b"new"

@@ -72,3 +72,24 @@ async def test_attempt_is_cut_to_what_is_left_of_the_total():
 
     resp = await TotalTimeout(5, clock)(_req(), inner)
     assert resp.status == 504 and "total timeout (5s)" in resp.failure.message
+
+
+async def test_a_cancellation_swallowed_below_leaves_no_count_behind():
+    async def stubborn(req):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # code below the policy that eats the cancellation and answers anyway
+        return ProxyResponse(200)
+
+    resp = await AttemptTimeout(0.02, ManualClock())(_req(), stubborn)
+    assert resp.status == 200
+    assert asyncio.current_task().cancelling() == 0
+    await asyncio.sleep(0)  # and the task is not cancelled at its next await
+
+
+async def test_infinite_attempt_timeout_arms_nothing():
+    async def quick(req):
+        return ProxyResponse(200)
+
+    assert (await AttemptTimeout(float("inf"), ManualClock())(_req(), quick)).status == 200
