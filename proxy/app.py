@@ -13,13 +13,10 @@ import contextlib
 import functools
 import signal
 
-from aiohttp import web
-
 from proxy.admin.probes import cache_samples, health_samples, in_flight_samples
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
 from proxy.listen.http import HttpListener
-from proxy.listen.inbound import InboundListener
 from proxy.listen.openai import OpenAIListener
 from proxy.listen.server import Server as ListenerServer
 from proxy.obs import log
@@ -54,14 +51,14 @@ class ProxyApp:
         self.last_reload_error: list[str] | None = None
         self.access_log = False
         self._bound: dict[str, _Bound] = {}
-        self._admin_runner: web.AppRunner | None = None
+        self._admin: Admin | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
         self._failed_digest: str | None = None  # a broken config is reported once, not every poll
         self._reload_lock = asyncio.Lock()
-        self._admin_site: web.TCPSite | None = None
+        self._admin_bound: _Bound | None = None
         self.app_health: AppHealth | None = None
-        self.inbound = InboundListener(self)
+        self.inbound = None  # the InboundListener, made when an inbound listener is configured
         self._inbound_bound: _Bound | None = None
         self.loop_lag = 0.0
         self.checks_done = False   # the first round of active upstream checks has finished
@@ -87,8 +84,7 @@ class ProxyApp:
             self.store.abort()
             raise
         self._swap(runtime)
-        self._admin_runner = web.AppRunner(Admin(self).routes(), access_log=None, handle_signals=False)
-        await self._admin_runner.setup()
+        self._admin = Admin(self)
         try:
             await self._bind_admin(loaded.settings.admin.listen)
         except StartupError:
@@ -133,14 +129,14 @@ class ProxyApp:
 
     async def _bind_admin(self, listen: str) -> None:
         host, port = parse_listen(listen)
-        site = web.TCPSite(self._admin_runner, host, port, reuse_address=True)
+        ws = ListenerServer(self._admin.handle, max_header_bytes=65536)
         try:
-            await site.start()
+            server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True)
         except OSError as exc:
             raise StartupError(f"admin.listen {host}:{port}: {exc.strerror or exc}") from None
-        old, self._admin_site = getattr(self, "_admin_site", None), site
+        old, self._admin_bound = self._admin_bound, _Bound(listen, server, ws)
         if old is not None:
-            await old.stop()
+            self._spawn(self._close_listener(old, timeout=1.0))
 
     def _swap(self, runtime: Runtime) -> None:
         """The one assignment that switches every new request to the new config."""
@@ -216,6 +212,12 @@ class ProxyApp:
                 return
             if current is not None and parse_listen(current.key)[1] == port:
                 current.server.close()
+            from aiohttp import web  # the inbound listener (WebSockets to the app) stays on aiohttp's server
+
+            from proxy.listen.inbound import InboundListener
+
+            if self.inbound is None:
+                self.inbound = InboundListener(self)
             ws = web.Server(self.inbound.handle, access_log=None, max_line_size=65536, max_field_size=65536)
             try:
                 server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True, backlog=1024)
@@ -248,10 +250,13 @@ class ProxyApp:
         await asyncio.gather(*(b.web_server.shutdown(1.0) for b in bound if b.web_server is not None),
                              return_exceptions=True)
         self._inbound_bound = None
-        await self.inbound.close()
+        if self.inbound is not None:
+            await self.inbound.close()
         self._bound.clear()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin_bound is not None:
+            self._admin_bound.server.close()
+            await self._admin_bound.web_server.shutdown(1.0)
+            self._admin_bound = None
         await self.store.close()
         self._stopped.set()
 
@@ -299,7 +304,7 @@ class ProxyApp:
 
     # -- shutdown --------------------------------------------------------------------------------------
     def in_flight(self) -> int:
-        return sum(up.counters.in_flight for up in self.runtime.upstreams.values()) + self.inbound.in_flight
+        return sum(up.counters.in_flight for up in self.runtime.upstreams.values()) + (self.inbound.in_flight if self.inbound is not None else 0)
 
     async def drain(self) -> None:
         """SIGTERM: readiness turns 503 at once, listeners keep serving (the app may still be finishing

@@ -1,4 +1,5 @@
-"""Admin listener (off the data path): `/health/*` and `/metrics` never need a token; `/admin/*` needs
+"""Admin listener (off the data path), on the same small HTTP/1.1 server as the egress listeners (aiohttp
+is not even imported unless something needs its client): `/health/*` and `/metrics` never need a token; `/admin/*` needs
 `Authorization: Bearer <token>` for every mutating call, and for reads too when the admin listener binds
 a non-loopback address. With no token configured those calls get 403. Tokens are compared in constant
 time and re-read from `admin.token_file` on each call, so a rotated Secret applies at once."""
@@ -6,22 +7,26 @@ time and re-read from `admin.token_file` on each call, so a rotated Secret appli
 from __future__ import annotations
 
 import hmac
+import re
 import time
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.admin.probes import readiness
+from proxy.listen.server import Request, Response, json_response
 from proxy.obs import log
 from proxy.settings import redacted
 from proxy.settings.loader import redact_url
 from proxy.settings.spec import is_loopback, parse_listen
 
 
-def _json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"type": "admin", "message": message}}, status=status)
+def _json_error(status: int, message: str) -> Response:
+    return json_response({"error": {"type": "admin", "message": message}}, status=status)
+
+
+class _NotFound(Exception):
+    pass
 
 
 class Admin:
@@ -29,22 +34,45 @@ class Admin:
         self.app = app
         self.started = time.monotonic()
 
-    def routes(self) -> web.Application:
-        a = web.Application(middlewares=[self._auth])
-        a.router.add_get("/metrics", self.metrics)
-        a.router.add_get("/health/live", self.live)
-        a.router.add_get("/health/ready", self.ready)
-        a.router.add_get("/health/startup", self.startup)
-        a.router.add_get("/health", self.health)
-        a.router.add_get("/app-health/{kind:live|ready}", self.app_health)
-        a.router.add_get("/admin/upstreams", self.upstreams)
-        a.router.add_get("/admin/config", self.config)
-        a.router.add_post("/admin/upstreams/{name}/breaker", self.breaker)
-        a.router.add_delete("/admin/upstreams/{name}/cache", self.purge)
-        a.router.add_post("/admin/upstreams/{name}/weights", self.set_weights)
-        a.router.add_post("/admin/log-level", self.log_level)
-        a.router.add_post("/admin/reload", self.reload)
-        return a
+        r = re.compile
+        # (method, path pattern, handler); GET routes answer HEAD too
+        self.routes = [
+            ("GET", r(r"/metrics"), self.metrics),
+            ("GET", r(r"/health/live"), self.live),
+            ("GET", r(r"/health/ready"), self.ready),
+            ("GET", r(r"/health/startup"), self.startup),
+            ("GET", r(r"/health"), self.health),
+            ("GET", r(r"/app-health/(?P<kind>live|ready)"), self.app_health),
+            ("GET", r(r"/admin/upstreams"), self.upstreams),
+            ("GET", r(r"/admin/config"), self.config),
+            ("POST", r(r"/admin/upstreams/(?P<name>[^/]+)/breaker"), self.breaker),
+            ("DELETE", r(r"/admin/upstreams/(?P<name>[^/]+)/cache"), self.purge),
+            ("POST", r(r"/admin/upstreams/(?P<name>[^/]+)/weights"), self.set_weights),
+            ("POST", r(r"/admin/log-level"), self.log_level),
+            ("POST", r(r"/admin/reload"), self.reload),
+        ]
+
+    async def handle(self, request: Request) -> Response:
+        path, method = request.path, request.method
+        allowed = []
+        for m, pattern, handler in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if m == method or (m == "GET" and method == "HEAD"):
+                denied = self._auth(request)
+                if denied is not None:
+                    return denied
+                try:
+                    return await handler(request, match.groupdict())
+                except _NotFound:
+                    return _json_error(404, "no such upstream")
+            allowed.append(m)
+        if allowed:
+            r = _json_error(405, f"{method} is not allowed here")
+            r.headers["Allow"] = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set())))
+            return r
+        return _json_error(404, f"no such path: {path}")
 
     # -- auth ----------------------------------------------------------------------------------------
     def _token(self) -> str | None:
@@ -57,10 +85,9 @@ class Admin:
         except OSError:
             return None
 
-    @web.middleware
-    async def _auth(self, request: web.Request, handler):
+    def _auth(self, request: Request) -> Response | None:
         if not request.path.startswith("/admin/"):
-            return await handler(request)
+            return None
         mutating = request.method not in ("GET", "HEAD")
         host, _ = parse_listen(self.app.runtime.settings.admin.listen)
         if mutating or not is_loopback(host):
@@ -71,66 +98,67 @@ class Admin:
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
                 return _json_error(401, "missing or wrong bearer token")
-        return await handler(request)
+        return None
 
     # -- probes and metrics ----------------------------------------------------------------------------
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: Request, params: dict) -> Response:
         body = generate_latest(self.app.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def live(self, request: web.Request) -> web.Response:
+    async def live(self, request: Request, params: dict) -> Response:
         """The process and its event loop answer. Never depends on upstreams or the app."""
         lag = self.app.loop_lag
         limit = self.app.runtime.settings.liveness.max_loop_lag
         ok = lag <= limit
-        return web.json_response({"status": "alive" if ok else "event_loop_stalled", "loop_lag_seconds": round(lag, 4),
+        return json_response({"status": "alive" if ok else "event_loop_stalled", "loop_lag_seconds": round(lag, 4),
                                   "max_loop_lag_seconds": limit}, status=200 if ok else 503)
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request, params: dict) -> Response:
         ok, body = readiness(self.app)
-        return web.json_response(body, status=200 if ok else 503)
+        return json_response(body, status=200 if ok else 503)
 
-    async def startup(self, request: web.Request) -> web.Response:
+    async def startup(self, request: Request, params: dict) -> Response:
         """The sidecar alone (config loaded, listeners bound, first checks done), never the app: the
         app's start may be gated on this."""
         ok = self.app.started and self.app.checks_done
-        return web.json_response({"started": ok, "listeners_bound": self.app.started,
+        return json_response({"started": ok, "listeners_bound": self.app.started,
                                   "first_checks_done": self.app.checks_done}, status=200 if ok else 503)
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request, params: dict) -> Response:
         ok, body = readiness(self.app)
         live = self.app.loop_lag <= self.app.runtime.settings.liveness.max_loop_lag
         body.update({"live": live, "version": __version__,
                      "uptime_seconds": round(time.monotonic() - self.started, 1), "config_hash": self.app.runtime.digest})
         if self.app.last_reload_error:
             body["last_reload_error"] = self.app.last_reload_error  # field paths and reasons; secrets scrubbed
-        return web.json_response(body, status=200 if ok and live else 503)
+        return json_response(body, status=200 if ok and live else 503)
 
-    async def app_health(self, request: web.Request) -> web.Response:
+    async def app_health(self, request: Request, params: dict) -> Response:
         """The app's own probe endpoint, proxied, so its probes can point at the sidecar's port without
         coupling the sidecar's liveness to the app."""
         spec = self.app.runtime.settings.app
-        url = spec.live_url if request.match_info["kind"] == "live" else spec.ready_url
+        url = spec.live_url if params["kind"] == "live" else spec.ready_url
         if not url:
-            return web.json_response({"error": f"app.{request.match_info['kind']}_url is not configured"}, status=404)
+            return json_response({"error": f"app.{params['kind']}_url is not configured"}, status=404)
+        import aiohttp  # only when the app's probes are proxied
+
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=spec.timeout)) as s:
                 async with s.get(url) as r:
                     body = await r.read()
-                    return web.Response(status=r.status, body=body,
-                                        content_type=r.content_type or "application/octet-stream")
+                    return Response(status=r.status, body=body,
+                                    content_type=r.content_type or "application/octet-stream")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return web.json_response({"error": f"app did not answer: {type(exc).__name__}"}, status=503)
+            return json_response({"error": f"app did not answer: {type(exc).__name__}"}, status=503)
 
     # -- /admin ----------------------------------------------------------------------------------------
-    def _upstream(self, request: web.Request):
-        up = self.app.runtime.upstreams.get(request.match_info["name"])
+    def _upstream(self, params: dict):
+        up = self.app.runtime.upstreams.get(params["name"])
         if up is None:
-            raise web.HTTPNotFound(text='{"error": {"type": "admin", "message": "no such upstream"}}',
-                                   content_type="application/json")
+            raise _NotFound
         return up
 
-    async def upstreams(self, request: web.Request) -> web.Response:
+    async def upstreams(self, request: Request, params: dict) -> Response:
         out = {}
         for name, up in self.app.runtime.upstreams.items():
             c = up.counters
@@ -153,16 +181,16 @@ class Admin:
             out[name] = {"protocol": up.spec.protocol, "listen": up.spec.listen, "in_flight": c.in_flight,
                          "retries_in_flight": c.budget.retries, "retry_budget": c.budget.limit,
                          "retry_budget_exhausted": c.budget.exhausted, "targets": targets, "cache": caches}
-        return web.json_response(out)
+        return json_response(out)
 
-    async def config(self, request: web.Request) -> web.Response:
+    async def config(self, request: Request, params: dict) -> Response:
         body = {"hash": self.app.runtime.digest, "config": redacted(self.app.runtime.loaded)}
         if self.app.last_reload_error:
             body["last_reload_error"] = self.app.last_reload_error
-        return web.json_response(body)
+        return json_response(body)
 
-    async def breaker(self, request: web.Request) -> web.Response:
-        up = self._upstream(request)
+    async def breaker(self, request: Request, params: dict) -> Response:
+        up = self._upstream(params)
         try:
             data = await request.json()
             state = data["state"]
@@ -175,12 +203,12 @@ class Admin:
         if target is None:
             return _json_error(404, f"no track {track!r} on upstream {up.name!r}")
         target.breaker.force(state)
-        return web.json_response({"upstream": up.name, "track": track, "state": target.breaker.state})
+        return json_response({"upstream": up.name, "track": track, "state": target.breaker.state})
 
-    async def set_weights(self, request: web.Request) -> web.Response:
+    async def set_weights(self, request: Request, params: dict) -> Response:
         """`{"stable": 100, "canary": 0}`: a blue/green switch or a rollback by hand. Holds until the
         configured weights change; clears an automatic abort of the tracks it names."""
-        up = self._upstream(request)
+        up = self._upstream(params)
         try:
             data = await request.json()
             if not isinstance(data, dict) or not data:
@@ -202,15 +230,15 @@ class Admin:
                 c.window.clear()
         up.refresh_tracks()
         log.warning("weights_set", upstream=up.name, weights=merged)
-        return web.json_response({"upstream": up.name, "weights": up.weights})
+        return json_response({"upstream": up.name, "weights": up.weights})
 
-    async def purge(self, request: web.Request) -> web.Response:
-        up = self._upstream(request)
+    async def purge(self, request: Request, params: dict) -> Response:
+        up = self._upstream(params)
         removed = sum(c.clear() for c in up.caches())
         log.info("cache_purged", upstream=up.name, entries=removed)
-        return web.json_response({"upstream": up.name, "removed": removed})
+        return json_response({"upstream": up.name, "removed": removed})
 
-    async def log_level(self, request: web.Request) -> web.Response:
+    async def log_level(self, request: Request, params: dict) -> Response:
         try:
             level = (await request.json())["level"].lower()
             if level not in log.LEVELS:
@@ -219,10 +247,10 @@ class Admin:
             return _json_error(400, 'body must be {"level": "debug|info|warning|error"}')
         log.set_level(level)
         log.info("log_level_changed", level=level)
-        return web.json_response({"level": level})
+        return json_response({"level": level})
 
-    async def reload(self, request: web.Request) -> web.Response:
+    async def reload(self, request: Request, params: dict) -> Response:
         ok, message = await self.app.reload(reason="admin")
-        return web.json_response({"reloaded": ok, "message": message, "hash": self.app.runtime.digest},
+        return json_response({"reloaded": ok, "message": message, "hash": self.app.runtime.digest},
                                  status=200 if ok else 422)
 

@@ -16,14 +16,13 @@ import math
 import os
 import time
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.listen.server import MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
-from proxy.upstream.h1 import UpstreamClosed
+from proxy.upstream import h1
 from proxy.upstream.http import BodyTooLarge
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -123,7 +122,7 @@ async def _read_exactly(content, n: int, idle: float) -> bytes:
 
 
 class HttpListener:
-    """An aiohttp low-level server handler bound to one upstream name; reads the runtime per request."""
+    """The request handler of one upstream's listener (proxy/listen/server.py); reads the runtime per request."""
 
     drop_headers = _REQ_DROP
 
@@ -319,7 +318,7 @@ class HttpListener:
                 # is still before anything reached the client, so it gets a clean 502.
                 try:
                     resp.body = await cr.read()
-                except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
+                except h1.BODY_ERRORS as exc:
                     return self._failed_before_headers(preq, resp, exc)
                 cr = None
                 if resp.capture is not None:
@@ -351,7 +350,7 @@ class HttpListener:
                         buf = None
                     else:
                         buf.append(chunk)
-        except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
+        except h1.BODY_ERRORS as exc:
             self._failed_after_headers(request, preq, resp, exc, size)
             return "reset", sr
         if buf is not None and capture is not None:

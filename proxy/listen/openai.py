@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.listen.http import _REQ_DROP, HttpListener, Refused
@@ -24,7 +23,7 @@ from proxy.obs import log
 from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
-from proxy.upstream.h1 import UpstreamClosed
+from proxy.upstream import h1
 
 CACHE_MODES = ("no-store", "only-if-cached")
 _MAX_PENDING = 1 << 20  # an "event" that never ends is forwarded anyway past this size
@@ -178,7 +177,7 @@ class OpenAIListener(HttpListener):
                 chunk = await resp.stream.content.readany()
             if pending:
                 await sr.write(pending)
-        except (aiohttp.ClientError, TimeoutError, UpstreamClosed) as exc:
+        except h1.BODY_ERRORS as exc:
             resp.finish(Verdict.FAILURE)
             log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
                         request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)

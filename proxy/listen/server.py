@@ -237,6 +237,19 @@ class Request:
     def transport(self) -> asyncio.Transport | None:
         return self._proto.transport
 
+    async def read(self, limit: int = 1 << 20) -> bytes:
+        """The whole body, for small ones (the admin API's JSON); more than `limit` is a ValueError."""
+        parts, n = [], 0
+        while chunk := await self.content.readany():
+            n += len(chunk)
+            if n > limit:
+                raise ValueError(f"request body over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def json(self):
+        return json.loads(await self.read())
+
     async def send_continue(self) -> None:
         if self.version == "1.1":
             self._proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -250,6 +263,12 @@ def _head(status: int, reason: str | None, headers, extra: str) -> bytes:
         lines.append(f"Date: {http_date()}\r\n")
     lines.append(extra)
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def json_response(data, status: int = 200, headers=None) -> Response:
+    r = Response(status=status, body=json.dumps(data).encode(), headers=headers)
+    r.headers["Content-Type"] = "application/json; charset=utf-8"
+    return r
 
 
 class Response:

@@ -17,13 +17,13 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.llm import sse
 from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.policy.fallback import Fallback
 from proxy.settings.spec import DegradedSpec
+from proxy.upstream import h1
 from proxy.upstream.http import failure_response
 
 COMPLETION_PATHS = ("/chat/completions", "/completions")
@@ -152,7 +152,7 @@ class FirstEvent:
             return resp
         try:
             first = await cr.content.readany()
-        except (aiohttp.ClientError, OSError) as exc:
+        except (*h1.BODY_ERRORS, OSError) as exc:
             resp.release()
             return failure_response(exc, req.target.pool, req.target.name)
         except BaseException:

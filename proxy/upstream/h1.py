@@ -21,6 +21,18 @@ class UpstreamClosed(ConnectionError):
     """The connection ended before the whole answer arrived."""
 
 
+# What reading an upstream answer's body can raise. aiohttp's client errors join once an aiohttp session
+# exists (pool.py): aiohttp is imported only when something needs it. Read it as `h1.BODY_ERRORS`.
+BODY_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, UpstreamClosed)
+
+
+def aiohttp_in_use() -> None:
+    global BODY_ERRORS
+    import aiohttp
+
+    BODY_ERRORS = (aiohttp.ClientError, TimeoutError, UpstreamClosed)
+
+
 class Body:
     """The response body as it arrives: a queue of chunks with one waiter, bounded by the idle timeout."""
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
-
 from proxy.obs import log
 from proxy.redis.codec import ReplyFramer, encode_command
 
@@ -75,6 +73,26 @@ class TargetHealth:
                 self.healthy = False
 
     async def _get(self) -> None:
+        pool = self.pool
+        if not pool.fast:  # through an egress proxy: aiohttp's client knows how
+            return await self._get_via_aiohttp()
+        # The lean client on a connection of its own (a check must not take a request's pool slot, and
+        # a fresh connection is what it should prove works)
+        head = [f"GET {pool.path_prefix}{self.spec.path} HTTP/1.1\r\nHost: {pool.host_header}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in self.headers().items()]
+        head.append("Connection: close\r\n\r\n")
+        conn = await pool.h1_connect()
+        try:
+            r = await conn.request("".join(head).encode("utf-8", "surrogateescape"))
+            await r.read()
+            if not 200 <= r.status < 400:
+                raise ConnectionError(f"health check answered {r.status}")
+        finally:
+            conn.close()
+
+    async def _get_via_aiohttp(self) -> None:
+        import aiohttp
+
         gen = self.pool.session()
         try:
             async with gen.session.get(self.base + self.spec.path, headers=self.headers(), allow_redirects=False,
@@ -121,13 +139,15 @@ class AppHealth:
         self.last_check: float | None = None
         self.error: str | None = None
         self.task: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session = None
 
     def start(self) -> None:
         if self.spec.ready_url and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        import aiohttp  # only when the app's readiness is polled
+
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.spec.timeout))
         try:
             while True:

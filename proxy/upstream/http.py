@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 
-import aiohttp
 from yarl import URL
 
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Reason, Verdict
@@ -48,18 +48,28 @@ _CASES = {
 }
 
 
+class _Never(Exception):
+    """Stands in for aiohttp's exception classes while aiohttp is not loaded (nothing can raise them)."""
+
+
+class _NoAiohttp:
+    def __getattr__(self, name: str) -> type[BaseException]:
+        return _Never
+
+
 def _case(exc: BaseException, pool, where: str) -> tuple[str, str]:
+    aio = sys.modules.get("aiohttp") or _NoAiohttp()
     inner = exc.exc if isinstance(exc, ConnectFailed) else exc
-    if isinstance(inner, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError):
+    if isinstance(inner, ssl.SSLCertVerificationError | aio.ClientConnectorCertificateError):
         detail = str(getattr(inner, "verify_message", None) or getattr(inner, "certificate_error", None) or inner)
         if "certificate verify failed" not in detail:
             detail = f"certificate verify failed: {detail}"
         return "tls", f"TLS certificate verification failed for {where}: {detail}"
-    if isinstance(inner, ssl.SSLError | aiohttp.ClientSSLError):
+    if isinstance(inner, ssl.SSLError | aio.ClientSSLError):
         return "tls", f"TLS handshake with {where} failed: {getattr(inner, 'os_error', None) or inner}"
-    if isinstance(inner, aiohttp.ConnectionTimeoutError) or (isinstance(exc, ConnectFailed) and isinstance(inner, TimeoutError)):
+    if isinstance(inner, aio.ConnectionTimeoutError) or (isinstance(exc, ConnectFailed) and isinstance(inner, TimeoutError)):
         return "connect_timeout", f"connect timeout ({format_duration(pool.connect_timeout)}) to {where}"
-    if isinstance(exc, ConnectFailed) or isinstance(inner, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed) or isinstance(inner, aio.ClientConnectorError):
         os_error = getattr(inner, "os_error", inner)
         return "connect", (f"cannot connect to {where} ({pool.host}:{pool.port}): "
                            f"{getattr(os_error, 'strerror', None) or os_error}")
@@ -67,8 +77,7 @@ def _case(exc: BaseException, pool, where: str) -> tuple[str, str]:
         return "idle_timeout", f"idle timeout ({format_duration(pool.idle_timeout)}) waiting for {where}"
     if isinstance(inner, UpstreamClosed) and "invalid" in str(inner):
         return "invalid", f"{inner} ({where})"
-    if isinstance(inner, UpstreamClosed | aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
-                  | aiohttp.ClientPayloadError):
+    if isinstance(inner, UpstreamClosed | aio.ServerDisconnectedError | aio.ClientOSError | aio.ClientPayloadError):
         return "reset", f"{where} closed or reset the connection before answering"
     return "invalid", f"invalid answer from {where}: {type(inner).__name__}"
 
@@ -116,7 +125,7 @@ class HttpTerminal:
                 client_error = (408, "request_timeout", "the request body stalled past the idle timeout")
             if client_error is not None and not isinstance(exc, asyncio.CancelledError):
                 return client_fault(*client_error)
-            if isinstance(exc, aiohttp.ClientError | OSError | ValueError):
+            if isinstance(exc, sys.modules["aiohttp"].ClientError | OSError | ValueError):
                 return failure_response(exc, pool, target.name)
             raise
 

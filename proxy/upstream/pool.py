@@ -14,7 +14,6 @@ import asyncio
 import collections
 import ssl
 
-import aiohttp
 from yarl import URL
 
 from proxy.clock import Clock
@@ -22,15 +21,21 @@ from proxy.settings.spec import LimitsSpec, PoolSpec, TargetSpec, TimeoutsSpec
 
 
 def egress_proxy(url: str):
-    """HTTPS_PROXY/HTTP_PROXY/NO_PROXY for this target, read once. (aiohttp's trust_env re-reads the
-    environment and ~/.netrc in a thread on every request, which costs more than the rest of the proxy.)"""
-    from aiohttp.helpers import get_env_proxy_for_url
-    from yarl import URL
+    """HTTPS_PROXY/HTTP_PROXY/NO_PROXY for this target, read once → (proxy URL, BasicAuth) or (None, None).
+    (aiohttp's trust_env re-reads the environment and ~/.netrc in a thread on every request, which costs
+    more than the rest of the proxy.)"""
+    import urllib.request
 
-    try:
-        return get_env_proxy_for_url(URL(url))
-    except LookupError:
+    u = URL(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get("https" if u.scheme in ("https", "wss") else "http")
+    if not proxy or urllib.request.proxy_bypass_environment(u.host or "", proxies):
         return None, None
+    import aiohttp  # requests through an egress proxy go through aiohttp's client
+
+    p = URL(proxy if "://" in proxy else f"http://{proxy}")
+    auth = aiohttp.BasicAuth(p.user, p.password or "") if p.user else None
+    return p.with_user(None), auth
 
 
 def ssl_context(target: TargetSpec) -> ssl.SSLContext | None:
@@ -45,7 +50,7 @@ def ssl_context(target: TargetSpec) -> ssl.SSLContext | None:
 class _Generation:
     __slots__ = ("session", "created", "users", "retired")
 
-    def __init__(self, session: aiohttp.ClientSession, created: float) -> None:
+    def __init__(self, session, created: float) -> None:
         self.session, self.created = session, created
         self.users = 0
         self.retired = False
@@ -92,6 +97,11 @@ class HttpPool:
         return len(self._waiters)
 
     def _new_generation(self) -> _Generation:
+        import aiohttp  # only for what the lean client does not do (egress proxy, HEAD, streamed bodies)
+
+        from proxy.upstream import h1
+
+        h1.aiohttp_in_use()
         connector = aiohttp.TCPConnector(
             limit=0,  # bounded by our own slots
             keepalive_timeout=self.spec.idle_timeout,

@@ -258,3 +258,52 @@ async def test_demo_starts_and_its_curl_lines_work(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.to_thread(proc.wait, 10)
+
+
+async def test_the_process_runs_without_importing_aiohttp(upstream, tmp_path):
+    """aiohttp costs ~15 MB of RSS: a plain HTTP config must not load it, and every path of a request —
+    an answer, a cached fallback, a connect failure (its error classified without aiohttp) — must work."""
+    from tests.conftest import free_port
+
+    dead = free_port()
+    name, cfg = upstream_config(upstream.url, health={"path": "/healthz", "interval": "200ms"})
+    cfg["upstreams"]["down"] = {"protocol": "http", "listen": f"127.0.0.1:{free_port()}",
+                                "targets": [{"name": "stable", "url": f"http://127.0.0.1:{dead}"}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    probe = tmp_path / "probe.py"
+    # the proxy's own process, with a hook that reports which aiohttp modules got loaded
+    probe.write_text(f"""
+import sys, threading, time, json
+sys.argv = ["resilience-proxy", "run", "--config", {str(path)!r}]
+def report():
+    time.sleep(4)
+    open({str(tmp_path / 'mods.json')!r}, "w").write(json.dumps([m for m in sys.modules if m.startswith("aiohttp")]))
+threading.Thread(target=report, daemon=True).start()
+from proxy.cli import main
+sys.exit(main())
+""")
+    proc = subprocess.Popen([sys.executable, str(probe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        listen = f"http://{cfg['upstreams'][name]['listen']}"
+        down = f"http://{cfg['upstreams']['down']['listen']}"
+        await wait_http(listen + "/")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(listen + "/item") as r:
+                assert r.status == 200
+            async with s.get(down + "/item") as r:
+                body = await r.json()
+                assert r.status == 502 and body["error"]["type"] == "connect_failure", body
+            async with s.get(f"http://{cfg['admin']['listen']}/health/ready") as r:
+                assert r.status in (200, 503)
+        for _ in range(100):
+            if (tmp_path / "mods.json").exists():
+                break
+            await asyncio.sleep(0.1)
+        import json
+
+        assert json.loads((tmp_path / "mods.json").read_text()) == []
+        assert any(r["path_qs"] == "/healthz" for r in upstream.requests)  # active checks ran, lean client
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
