@@ -125,6 +125,7 @@ class HttpListener:
     """The request handler of one upstream's listener (proxy/listen/server.py); reads the runtime per request."""
 
     drop_headers = _REQ_DROP
+    plain = True  # no prepare() step: the route's chain runs as is (the openai listener has one)
 
     def __init__(self, app, name: str) -> None:
         self.app, self.name = app, name
@@ -198,6 +199,8 @@ class HttpListener:
         return out
 
     async def handle(self, request: Request) -> StreamResponse:
+        """One request, start to end. Written as one coroutine on purpose: it runs for every request,
+        and each nested coroutine is a frame to create, suspend and resume."""
         up = self.app.runtime.upstreams.get(self.name)
         rid = new_request_id(request.headers.get("X-Request-Id"))
         if up is None:
@@ -206,50 +209,39 @@ class HttpListener:
         counters = up.counters
         counters.in_flight += 1
         counters.budget.active += 1
-        try:
-            return await self._handle(request, up, rid)
-        except MalformedBody as exc:
-            return self.error(400, "bad_request", f"malformed request body: {exc}", rid)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionResetError):
-            # the app stalled or went away mid-upload: nothing was forwarded
-            return self.error(408, "request_timeout", "the request body did not arrive within the idle timeout", rid)
-        finally:
-            counters.in_flight -= 1
-            counters.budget.active -= 1
-
-    async def _handle(self, request: Request, up, rid: str) -> StreamResponse:
         route = None
-        try:
-            self.refuse(request, up)
-            route = up.match(request.method, request.path)
-            out = self.upstream_headers(request, up, rid)
-            cl = request.content_length
-            if cl is not None:
-                out["Content-Length"] = str(cl)
-            if cl != 0 and request.headers.get("Expect", "").lower() == "100-continue":
-                await request.send_continue()
-            body, replayable = await self.read_body(request, route, cl, up.limits.max_request_body)
-            try:
-                target, _forced = up.chooser.choose(request.headers)
-            except BadOverride as exc:
-                raise Refused(400, "bad_canary_override", str(exc)) from None
-            if up.track_header:
-                out[up.track_header] = target.name
-            preq = ProxyRequest(request.method, request.raw_path, request.path, out, request.headers, body,
-                                replayable, rid, route.name, target, route.idempotent(request.method, request.headers))
-            chain = await self.prepare(request, up, route, preq)
-        except Refused as r:
-            if route is not None:
-                up.metrics.request(up.targets[0].name, route.name, str(r.status), "rejected")
-            return self.error(r.status, r.error_type, r.message, rid)
-        if isinstance(chain, Response | StreamResponse):
-            return chain
-        return await self.run(request, up, route, preq, chain)
-
-    async def run(self, request: Request, up, route, preq: ProxyRequest, chain) -> StreamResponse:
-        started = time.monotonic()
         resp: ProxyResponse | None = None
         try:
+            try:
+                self.refuse(request, up)
+                route = up.match(request.method, request.path)
+                out = self.upstream_headers(request, up, rid)
+                cl = request.content_length
+                if cl is not None:
+                    out["Content-Length"] = str(cl)
+                if cl == 0 or (cl is None and not request.body_exists):
+                    body, replayable = None, True  # most requests: no body, nothing to read
+                else:
+                    if request.headers.get("Expect", "").lower() == "100-continue":
+                        await request.send_continue()
+                    body, replayable = await self.read_body(request, route, cl, up.limits.max_request_body)
+                try:
+                    target, _forced = up.chooser.choose(request.headers)
+                except BadOverride as exc:
+                    raise Refused(400, "bad_canary_override", str(exc)) from None
+                if up.track_header:
+                    out[up.track_header] = target.name
+                preq = ProxyRequest(request.method, request.raw_path, request.path, out, request.headers, body,
+                                    replayable, rid, route.name, target,
+                                    route.idempotent(request.method, request.headers))
+                chain = route.chain if self.plain else await self.prepare(request, up, route, preq)
+            except Refused as r:
+                if route is not None:
+                    up.metrics.request(up.targets[0].name, route.name, str(r.status), "rejected")
+                return self.error(r.status, r.error_type, r.message, rid)
+            if isinstance(chain, Response | StreamResponse):
+                return chain
+            started = time.monotonic()
             resp = await chain(preq)
             track = resp.target.name if resp.target is not None else preq.target.name
             if resp.outcome == "upstream":
@@ -271,9 +263,16 @@ class HttpListener:
                          duration_ms=round((time.monotonic() - started) * 1000, 2), attempts=preq.attempts,
                          fallback=resp.source, reason=resp.reason.value if resp.reason else None)
             return sent
+        except MalformedBody as exc:
+            return self.error(400, "bad_request", f"malformed request body: {exc}", rid)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionResetError):
+            # the app stalled or went away mid-upload: nothing was forwarded
+            return self.error(408, "request_timeout", "the request body did not arrive within the idle timeout", rid)
         finally:
             if resp is not None:
                 resp.release()
+            counters.in_flight -= 1
+            counters.budget.active -= 1
 
     # -- the answer ------------------------------------------------------------------------------------
     def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> Response:
@@ -325,9 +324,9 @@ class HttpListener:
                     resp.capture(resp.body)
         if cr is None:
             r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
-                             body=None if no_body and not head else resp.body)
-            await r.prepare(request)
-            await r.write_eof()
+                         body=None if no_body and not head else resp.body)
+            r.send(request)
+            await request.drain()
             return str(resp.status), r
         sr = StreamResponse(status=resp.status, reason=cr.reason, headers=headers)
         cl = cr.headers.get("Content-Length")

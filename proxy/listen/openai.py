@@ -64,6 +64,8 @@ class OpenAIListener(HttpListener):
             chunks.append(chunk)
         return b"".join(chunks), True
 
+    plain = False
+
     async def prepare(self, request: Request, up, route, preq: ProxyRequest):
         h = request.headers
         extra: dict = {"t0": time.monotonic()}

@@ -250,6 +250,11 @@ class Request:
     async def json(self):
         return json.loads(await self.read())
 
+    async def drain(self) -> None:
+        """Wait while the app is not reading (the transport's buffer is over its high-water mark)."""
+        if self._proto._paused_writing or self._proto.closed:
+            await self._proto.drain()
+
     async def send_continue(self) -> None:
         if self.version == "1.1":
             self._proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -285,7 +290,8 @@ class Response:
             self.headers["Content-Type"] = content_type
         self.prepared = False
 
-    async def prepare(self, request: Request) -> None:
+    def send(self, request: Request) -> None:
+        """Write it all now (no await: the hot path's answer); `prepare` is the awaitable form."""
         if self.prepared:
             return
         self.prepared = True
@@ -306,7 +312,11 @@ class Response:
         data = _head(status, self.reason, headers, extra)
         proto.responded = True
         proto.write(data + body if body else data)
-        await proto.drain()
+
+    async def prepare(self, request: Request) -> None:
+        self.send(request)
+        await request._proto.drain()
+
 
     async def write_eof(self) -> None:
         pass

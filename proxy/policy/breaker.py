@@ -115,6 +115,8 @@ class BreakerState:
         self.opened_total = 0
         self.last_failure: str | None = None
         self._gauge = self._opened = None
+        self.clean = False  # closed, automatic, no failure on record, nothing to count: the fast path
+        self._refresh_clean()
         if metrics is not None:
             self._gauge = metrics.breaker_state.labels(upstream, track)
             self._opened = metrics.breaker_opened.labels(upstream, track)
@@ -149,9 +151,17 @@ class BreakerState:
         return self.opened_at is not None and self.clock.monotonic() >= self.opened_at + self.spec.reset_timeout
 
     # -- the call protocol ---------------------------------------------------------------------------
+    def _refresh_clean(self, state: str | None = None) -> None:
+        """Called wherever the state or the failure count can change (pybreaker calls, transitions,
+        forcing), so that the common case — closed, nothing failed — costs one attribute read."""
+        self.clean = (self.forced is None and self.window is None and self.spec.slow_call.duration is None
+                      and (state or self.cb.current_state) == CLOSED and self.cb._state_storage.counter == 0)
+
     def admit(self) -> int | None:
         """May one attempt go upstream now? None: no. Otherwise a token for record()/cancel(): 0 for a
         normal call, or the half-open episode number for a probe (so a stale probe frees nothing)."""
+        if self.clean:
+            return 0
         if self.forced is not None:
             return 0 if self.forced == "closed" else None
         s = self.cb.current_state
@@ -179,6 +189,8 @@ class BreakerState:
             self.record(token, verdict, duration)
 
     def record(self, token: int, verdict: Verdict, duration: float, failure: Failure | None = None) -> None:
+        if self.clean and verdict is Verdict.SUCCESS and not token:
+            return  # a success on a clean record changes nothing
         probe = bool(token)
         if probe:
             if token != self.episode:
@@ -225,6 +237,7 @@ class BreakerState:
             self.cb.call(fn)
         except (_Trip, pybreaker.CircuitBreakerError):
             pass
+        self._refresh_clean()
 
     def trip(self) -> None:
         """Open now (ratio or slow-call rule); pybreaker notifies the listener."""
@@ -245,11 +258,14 @@ class BreakerState:
             self.opened_total += 1
             if self._opened is not None:
                 self._opened.inc()
+        self._refresh_clean()
         if self._gauge is not None:
             self._gauge.set(GAUGE[self.state])
         log.warning("breaker_forced", upstream=self.upstream, track=self.track, state=self.state, previous=prev)
 
     def _on_state(self, old: str, new: str) -> None:
+        # pybreaker tells its listeners before its storage holds the new state: pass it explicitly
+        self._refresh_clean(new)
         if new == HALF_OPEN:
             self.episode += 1
             self.probes = 0

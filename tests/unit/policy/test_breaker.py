@@ -165,3 +165,25 @@ def test_retryable_and_rejected_do_not_count():
     run(b, Verdict.RETRYABLE)
     run(b, Verdict.REJECTED)
     assert b.state == "closed"
+
+
+def test_fast_path_flag_follows_every_change():
+    """`clean` lets a closed breaker with nothing on record skip pybreaker; it must never be stale."""
+    b, clock = make(fail_max=2, reset_timeout=1)
+    assert b.clean and b.admit() == 0
+    b.record(0, Verdict.FAILURE, 0.01)
+    assert not b.clean  # one failure on record: the next success must reset the count
+    b.record(0, Verdict.SUCCESS, 0.01)
+    assert b.clean
+    b.record(0, Verdict.FAILURE, 0.01)
+    b.record(0, Verdict.FAILURE, 0.01)
+    assert b.state == "open" and not b.clean and b.admit() is None
+    clock.advance(1.1)
+    token = b.admit()
+    assert token and not b.clean  # half-open probe
+    b.record(token, Verdict.SUCCESS, 0.01)
+    assert b.state == "closed" and b.clean
+    b.force("open")
+    assert not b.clean and b.admit() is None
+    b.force("auto")
+    assert b.clean and b.admit() == 0
