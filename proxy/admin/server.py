@@ -6,6 +6,7 @@ time and re-read from `admin.token_file` on each call, so a rotated Secret appli
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import time
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.admin.probes import readiness
-from proxy.listen.server import Request, Response, json_response
+from proxy.listen.server import BodyTooLarge, Request, Response, json_response
 from proxy.obs import log
 from proxy.settings import redacted
 from proxy.settings.loader import redact_url
@@ -54,19 +55,25 @@ class Admin:
 
     async def handle(self, request: Request) -> Response:
         path, method = request.path, request.method
+        denied = self._auth(request)  # before routing: without a token, /admin/* tells nothing, not even 404s
+        if denied is not None:
+            return denied
         allowed = []
         for m, pattern, handler in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             if m == method or (m == "GET" and method == "HEAD"):
-                denied = self._auth(request)
-                if denied is not None:
-                    return denied
+                if request.body_exists and request.headers.get("Expect", "").lower() == "100-continue":
+                    await request.send_continue()
                 try:
                     return await handler(request, match.groupdict())
                 except _NotFound:
                     return _json_error(404, "no such upstream")
+                except BodyTooLarge as exc:
+                    return _json_error(413, str(exc))
+                except ConnectionResetError:
+                    return _json_error(400, "the request body was malformed or cut short")
             allowed.append(m)
         if allowed:
             r = _json_error(405, f"{method} is not allowed here")
@@ -250,7 +257,8 @@ class Admin:
         return json_response({"level": level})
 
     async def reload(self, request: Request, params: dict) -> Response:
-        ok, message = await self.app.reload(reason="admin")
+        # shielded: a caller that hangs up must not cancel a reload half-way through its binds
+        ok, message = await asyncio.shield(self.app.reload(reason="admin"))
         return json_response({"reloaded": ok, "message": message, "hash": self.app.runtime.digest},
                                  status=200 if ok else 422)
 

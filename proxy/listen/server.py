@@ -54,6 +54,10 @@ class ClientGone(ConnectionResetError):
     """The app closed its connection: nothing more can be written to it."""
 
 
+class BodyTooLarge(ValueError):
+    """A body over the limit of a handler that reads it whole (the admin API's JSON)."""
+
+
 class MalformedBody(ConnectionResetError):
     """The request body broke HTTP framing (bad chunk size, ...): a 400, not a timeout."""
 
@@ -243,7 +247,7 @@ class Request:
         while chunk := await self.content.readany():
             n += len(chunk)
             if n > limit:
-                raise ValueError(f"request body over {limit} bytes")
+                raise BodyTooLarge(f"request body over {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 
 from proxy.obs import log
 from proxy.redis.codec import ReplyFramer, encode_command
@@ -16,6 +17,9 @@ def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+_PATH_SAFE = "/%:@!$&'()*+,;=?~-._"  # keeps what is already encoded, and the query
 
 
 class TargetHealth:
@@ -78,8 +82,14 @@ class TargetHealth:
             return await self._get_via_aiohttp()
         # The lean client on a connection of its own (a check must not take a request's pool slot, and
         # a fresh connection is what it should prove works)
-        head = [f"GET {pool.path_prefix}{self.spec.path} HTTP/1.1\r\nHost: {pool.host_header}\r\n"]
-        head += [f"{k}: {v}\r\n" for k, v in self.headers().items()]
+        headers = dict(self.headers())
+        if pool.basic_auth is not None:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers["Authorization"] = pool.basic_auth
+        head = [f"GET {pool.path_prefix}{quote(self.spec.path, safe=_PATH_SAFE)} HTTP/1.1\r\n"]
+        if not any(k.lower() == "host" for k in headers):
+            head.append(f"Host: {pool.host_header}\r\n")
+        head += [f"{k}: {v}\r\n" for k, v in headers.items()]
         head.append("Connection: close\r\n\r\n")
         conn = await pool.h1_connect()
         try:
@@ -96,7 +106,8 @@ class TargetHealth:
         gen = self.pool.session()
         try:
             async with gen.session.get(self.base + self.spec.path, headers=self.headers(), allow_redirects=False,
-                                       proxy=self.pool.proxy, server_hostname=self.pool.server_hostname) as r:
+                                       proxy=self.pool.proxy, proxy_auth=self.pool.proxy_auth,
+                                       server_hostname=self.pool.server_hostname) as r:
                 await r.read()
                 if not 200 <= r.status < 400:
                     raise aiohttp.ClientResponseError(r.request_info, (), status=r.status,

@@ -31,10 +31,27 @@ def egress_proxy(url: str):
     proxy = proxies.get("https" if u.scheme in ("https", "wss") else "http")
     if not proxy or urllib.request.proxy_bypass_environment(u.host or "", proxies):
         return None, None
+    p = URL(proxy if "://" in proxy else f"http://{proxy}")
+    if p.scheme != "http":
+        # as aiohttp's env handling did: only plain-HTTP proxies (CONNECT inside) are supported
+        from proxy.obs import log
+
+        log.warning("egress_proxy_ignored", proxy=str(p.with_user(None)), reason="only http:// proxies are supported")
+        return None, None
     import aiohttp  # requests through an egress proxy go through aiohttp's client
 
-    p = URL(proxy if "://" in proxy else f"http://{proxy}")
-    auth = aiohttp.BasicAuth(p.user, p.password or "") if p.user else None
+    user, password = p.user, p.password
+    if user is None:  # credentials for the proxy from ~/.netrc (or $NETRC), as aiohttp's trust_env did
+        try:
+            import netrc
+            import os
+
+            found = netrc.netrc(os.environ.get("NETRC")).authenticators(p.host or "")
+            if found:
+                user, password = found[0], found[2]
+        except (OSError, netrc.NetrcParseError):
+            pass
+    auth = aiohttp.BasicAuth(user, password or "") if user else None
     return p.with_user(None), auth
 
 
@@ -60,7 +77,7 @@ class ConnectFailed(Exception):
     """Opening a connection failed (refused, unreachable, TLS, timeout): nothing reached the upstream."""
 
     def __init__(self, exc: BaseException) -> None:
-        super().__init__(str(exc))
+        super().__init__(str(exc) or type(exc).__name__)  # a bare TimeoutError has no text
         self.exc = exc
 
 
@@ -86,9 +103,16 @@ class HttpPool:
         u = URL(target.url)
         self.host, self.port = u.host, u.port
         default = 443 if u.scheme == "https" else 80
-        host = f"[{u.host}]" if ":" in (u.host or "") else u.host  # IPv6 literals are bracketed
+        raw = u.raw_host or ""  # IDNA-encoded, as it goes on the wire
+        host = f"[{raw}]" if ":" in raw else raw  # IPv6 literals are bracketed
         self.host_header = host if u.port == default else f"{host}:{u.port}"
-        self.path_prefix = u.path.rstrip("/")
+        self.path_prefix = u.raw_path.rstrip("/")  # still percent-encoded
+        # credentials in the target URL (http://user:pw@svc) become Basic auth, as aiohttp made them
+        self.basic_auth = None
+        if u.user is not None:
+            import base64
+
+            self.basic_auth = "Basic " + base64.b64encode(f"{u.user}:{u.password or ''}".encode()).decode()
         self.fast = self.proxy is None  # the lean client (proxy/upstream/h1.py) unless an egress proxy is set
         self._idle_conns: list = []
 

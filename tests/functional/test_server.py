@@ -369,3 +369,66 @@ async def test_drain_aborts_a_client_that_stopped_reading(upstream, start_proxy)
     assert p.upstream.counters.in_flight == 0
     assert not _server(p).connections
     writer.close()
+
+
+async def test_target_url_credentials_host_override_and_encoded_paths_reach_the_upstream(upstream, start_proxy):
+    """What the lean client and the active check put on the wire, as aiohttp's client did: Basic auth
+    from the target URL, a configured Host instead of the target's, the target's path prefix still
+    percent-encoded."""
+    host_port = upstream.url.removeprefix("http://")
+    name, cfg = upstream_config(f"http://svc:s3cret@{host_port}/a%20b", request_headers={"Host": "api.internal"},
+                                health={"path": "/healthz", "interval": "200ms"})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/item?x=1") as r:
+        assert r.status == 200
+    for _ in range(50):
+        if any(q["path_qs"].endswith("/healthz") for q in upstream.requests):
+            break
+        await asyncio.sleep(0.05)
+    import base64
+
+    want_auth = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+    data = next(q for q in upstream.requests if q["path_qs"].endswith("/item?x=1"))
+    check = next(q for q in upstream.requests if q["path_qs"].endswith("/healthz"))
+    for seen, path in ((data, "/a%20b/item?x=1"), (check, "/a%20b/healthz")):
+        assert seen["path_qs"] == path
+        assert seen["headers"].getall("Host") == ["api.internal"]
+        assert seen["headers"]["Authorization"] == want_auth
+    assert p.upstream.targets[0].health.healthy is True
+
+
+async def test_admin_api_on_the_listener_server(upstream, start_proxy, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    name, cfg = upstream_config(upstream.url)
+    cfg["admin"]["token_file"] = str(token)
+    p = await start_proxy(cfg)
+    host, port = p.admin.removeprefix("http://").split(":")
+    async with aiohttp.ClientSession() as s:
+        # without the token an /admin/ path says nothing, not even whether it exists
+        for method, path in (("POST", "/admin/nope"), ("DELETE", "/admin/reload"), ("POST", "/admin/reload")):
+            async with s.request(method, p.admin + path) as r:
+                assert r.status == 401, (method, path)
+        auth = {"Authorization": "Bearer tok"}
+        async with s.request("PUT", p.admin + "/admin/reload", headers=auth) as r:
+            assert r.status == 405 and "POST" in r.headers["Allow"]
+        async with s.get(p.admin + "/nope") as r:
+            assert r.status == 404 and (await r.json())["error"]["type"] == "admin"
+        async with s.head(p.admin + "/health/live") as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) > 0
+        async with s.post(p.admin + "/admin/log-level", headers=auth, data=b"x" * (2 << 20)) as r:
+            assert r.status in (400, 413)
+    # curl's Expect: 100-continue gets its 100 before the body is sent
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"level": "info"}'
+    writer.write(b"POST /admin/log-level HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
+                 b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    status, headers, data = await _answer(reader)
+    assert status.startswith(b"HTTP/1.1 200") and json.loads(data) == {"level": "info"}
+    # a malformed chunked body is answered, not dropped
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /admin/log-level HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n")
+    assert (await _answer(reader))[0].split(b" ")[1] == b"400"
