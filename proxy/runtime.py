@@ -70,10 +70,12 @@ class UpstreamRuntime:
         self.counters = store.counters_for(name, spec)
         self.targets = []
         self.redis_targets = {}
+        self.redis_shared = {}
         for i, t in enumerate(spec.targets):
             try:
                 if spec.protocol == "redis":
                     self.redis_targets[t.name] = RedisTarget(t)
+                    self.redis_shared[t.name] = store.redis_shared(spec, t, self.redis_targets[t.name])
                     pool = None
                 else:
                     pool = store.http_pool(spec, t)

@@ -1,7 +1,10 @@
 """Redis egress listener (`protocol: redis`), e.g. 127.0.0.1:6380 → redis://redis:6379/0.
 
 listener (this, one asyncio protocol per client connection) → track chosen when the connection opens →
-per command: breaker → upstream connection (lazy, one per client connection) → reply in order.
+per command: breaker → upstream connection → reply in order. Plain reads and writes go over a connection
+shared by all clients (one write per loop turn for all of them, see upstream.py); a client that needs
+connection state of its own (MULTI/WATCH, blocking commands, pub/sub, CLIENT ..., a name) moves for good
+to a dedicated connection, after the replies it is owed on the shared one, so its commands stay in order.
 Replies go back in command order through a queue of slots, whatever order they are resolved in
 (an upstream reply, a retried read, a cached read, an error). Reads are retried on connect failure,
 reset or timeout within the retry budget, and answered from the stale-read cache when the upstream
@@ -23,6 +26,8 @@ from proxy.redis import codec, commands
 from proxy.redis.upstream import Pending, UpstreamConnection
 
 _MAX_PENDING_SLOTS = 10_000  # past this many unanswered commands the client's reads are paused
+_STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
+_SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
 _REASON_FOR = {"connect-failure": "upstream_error", "reset": "upstream_error", "timeout": "timeout",
                "closed": "upstream_error"}
 
@@ -36,11 +41,11 @@ class Slot:
 
 class Command:
     __slots__ = ("slot", "name", "args", "raw", "cls", "keys", "attempt", "token", "target", "db", "proto",
-                 "started", "seq")
+                 "started", "seq", "shared")
 
-    def __init__(self, slot, name, args, raw, cls, keys, db, proto) -> None:
+    def __init__(self, slot, name, args, raw, cls, keys, db, proto, shared=False) -> None:
         self.slot, self.name, self.args, self.raw, self.cls, self.keys = slot, name, args, raw, cls, keys
-        self.db, self.proto = db, proto
+        self.db, self.proto, self.shared = db, proto, shared
         self.attempt = 0
         self.seq = 0
         self.token = 0
@@ -84,6 +89,9 @@ class RedisClientProtocol(asyncio.Protocol):
         self._after: list[bytes] = []      # out-of-band bytes waiting behind owed replies
         self._retired: set = set()         # old upstream connections finishing their replies
         self.seq = 0                       # commands forwarded so far: a read is retried only if it was the last
+        self.dedicated = False             # has moved to a connection of its own, for good
+        self.shared_out = 0                # commands sent on a shared connection, not yet answered
+        self._parked: list[list[bytes]] | None = None  # commands waiting for shared_out to reach 0
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -173,7 +181,31 @@ class RedisClientProtocol(asyncio.Protocol):
             self.up_target = up.redis_targets.get(self.target.name)
 
     def dispatch(self, args: list[bytes]) -> None:
+        if self._parked is not None:
+            self._parked.append(args)  # behind a command that waits for the shared connection's replies
+            return
         name = args[0].upper()
+        if name == b"CLIENT" and len(args) == 4 and args[1].upper() == b"SETINFO":
+            # redis-py and other clients send their library name and version on connect: metadata of
+            # the app's connection, which upstream is a shared one. Taken here, so it does not cost the
+            # client its place on the shared connection.
+            if args[2].upper() in (b"LIB-NAME", b"LIB-VER"):
+                self._reply_now(codec.OK)
+            else:
+                self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))
+            return
+        if name == b"CLIENT" and len(args) > 1 and args[1].upper() == b"MAINT_NOTIFICATIONS":
+            # redis-py 6+ asks for maintenance push notifications on RESP3 connections ("auto": an error
+            # is fine). They would arrive on a shared connection, where no client can be told: refused
+            # here, as a Redis server without the feature refuses it.
+            self._reply_now(codec.error("ERR unknown subcommand 'MAINT_NOTIFICATIONS': not relayed by this proxy"))
+            return
+        if not self.dedicated and self.shared_out and (name in _SWITCHING or (
+                name not in commands.LOCAL and not self._shareable(name))):
+            # This command changes what the shared commands before it run against, or needs a
+            # connection of its own: it (and everything after it) waits until those are answered.
+            self._parked = [args]
+            return
         if not self.slots and not self.in_multi and not self.watching:
             self._refresh()
         up = self.up
@@ -207,11 +239,33 @@ class RedisClientProtocol(asyncio.Protocol):
             self.watching = False
         elif self.in_multi:
             cls = "transaction"
+        shared = not self.dedicated and self._shareable(name) and not self.in_multi and not self.watching
+        if not shared:
+            self.dedicated = True
         slot = Slot()
         self.slots.append(slot)
         self.counters.in_flight += 1
-        cmd = Command(slot, name, args, codec.encode_command(args), cls, keys or [], db, self.proto)
+        cmd = Command(slot, name, args, codec.encode_command(args), cls, keys or [], db, self.proto, shared)
         self.forward(cmd)
+
+    def _shareable(self, name: bytes) -> bool:
+        """A plain read or write of a client with no connection state the upstream must hold for it."""
+        return (name in commands.READS or name in commands.WRITES or name in _STATELESS) and self.client_name is None
+
+    def _shared_done(self) -> None:
+        self.shared_out -= 1
+        if not self.shared_out and self._parked is not None and not self.closing:
+            parked, self._parked = self._parked, None
+            conn = self.conn
+            if conn is not None:
+                conn.cork()
+            try:
+                self._dispatch_all(parked)
+            finally:
+                if conn is not None:
+                    conn.uncork()
+                if self.conn is not None and self.conn is not conn:
+                    self.conn.uncork()
 
     def _target_db(self) -> int:
         return self.up.redis_targets[self.target.name].db
@@ -225,11 +279,18 @@ class RedisClientProtocol(asyncio.Protocol):
         token = target.breaker.admit()
         if token is None:
             self._unavailable(cmd, "circuit_breaker_open")
+            if cmd.shared and cmd.attempt:
+                self._shared_done()  # a retry that will not go out: no longer owed
             return
         cmd.token, cmd.target = token, target
-        conn = self.conn
-        if conn is None or conn.failed or conn.retiring:
-            conn = self.conn = self._new_upstream()
+        if cmd.shared:
+            conn = up.redis_shared[target.name].get(cmd.proto, cmd.db)
+            if not cmd.attempt:
+                self.shared_out += 1  # a retry was still counted
+        else:
+            conn = self.conn
+            if conn is None or conn.failed or conn.retiring:
+                conn = self.conn = self._new_upstream()
         timeout = None if cmd.cls == "blocking" else up.spec.timeouts.attempt
         cmd.started = self.app.clock.monotonic()
         self.seq += 1
@@ -237,6 +298,11 @@ class RedisClientProtocol(asyncio.Protocol):
         conn.send(cmd.raw, _CommandPending(self, cmd, timeout))
 
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
+        self._replied_inner(cmd, raw, kind)
+        if cmd.shared:
+            self._shared_done()
+
+    def _replied_inner(self, cmd: Command, raw: bytes, kind: str) -> None:
         up = self.up
         elapsed = self.app.clock.monotonic() - cmd.started
         cmd.target.breaker.record(cmd.token, Verdict.SUCCESS, elapsed)  # a Redis error reply is an answer
@@ -252,29 +318,36 @@ class RedisClientProtocol(asyncio.Protocol):
         self._resolve(cmd.slot, raw)
 
     def _failed(self, cmd: Command, kind: str) -> None:
+        retried = self._failed_inner(cmd, kind)
+        if cmd.shared and not retried:
+            self._shared_done()  # a retried command stays owed until its retry is answered
+
+    def _failed_inner(self, cmd: Command, kind: str) -> bool:
+        """→ True when the command will be retried."""
         up = self.up
         elapsed = self.app.clock.monotonic() - cmd.started
         if kind in ("closed", "client-setup"):
             cmd.target.breaker.cancel(cmd.token)  # the proxy or the client ended it: not the upstream's fault
             if kind == "client-setup" and not self.closing:
-                err = self.conn.error if self.conn is not None else "setup failed"
-                if self.conn is not None and self.conn.setup_failed_on == b"SELECT":
+                conn = up.redis_shared[cmd.target.name].conns.get((cmd.proto, cmd.db)) if cmd.shared else self.conn
+                err = conn.error if conn is not None else "setup failed"
+                if conn is not None and conn.setup_failed_on == b"SELECT" and self.db == cmd.db:
                     self.db = None  # a db that does not exist: forget it, the next command uses the URL's
                 self._resolve(cmd.slot, codec.error(f"ERR {err}"))
             elif not self.closing:
                 self._resolve(cmd.slot, codec.error("ERR the upstream connection was reset by the proxy"))
-            return
+            return False
         cmd.target.breaker.record(cmd.token, Verdict.FAILURE, elapsed)
         if cmd.target.canary is not None:
             up.record_outcome(cmd.target, True, elapsed)
         if self.closing:
-            return
+            return False
         if self.in_multi or self.watching:
             # A transaction or WATCH lives on that connection: it is gone, and replaying it elsewhere
             # would run commands outside it. Fail this command, then close so the client starts over.
             self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
             self._close_after_flush()
-            return
+            return False
         if (cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open
                 and cmd.seq == self.seq):  # a later command already went out: retrying would reorder them
             budget = up.counters.budget
@@ -289,9 +362,10 @@ class RedisClientProtocol(asyncio.Protocol):
                     self.forward(c)
 
                 asyncio.get_running_loop().call_later(delay, again)
-                return
+                return True
             up.metrics.budget_exhausted.inc()
         self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
+        return False
 
     def _unavailable(self, cmd: Command, reason: str, status: str = "error") -> None:
         """The upstream cannot answer: a cached read, or a clear error. Never queued, never dropped."""

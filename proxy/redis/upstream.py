@@ -1,5 +1,8 @@
-"""One upstream Redis connection, owned by one client connection (opened lazily, replaced after a
-failure). Commands are written as they come (pipelining kept) and replies matched to them in order.
+"""Upstream Redis connections. A dedicated one belongs to one client connection (opened lazily,
+replaced after a failure); a shared one (`SharedRedis`) carries the plain reads and writes of every client
+that has no connection state of its own, the way twemproxy multiplexes: commands from all clients that
+arrive in one event-loop turn go out in one write, and their replies come back in one read. Commands are
+written in order (pipelining kept) and replies matched to them in order.
 
 The connection opens with what the app would have sent itself, from the target URL and the client's
 state: `HELLO <proto> [AUTH user pass]` (or `AUTH` for RESP2), `SELECT db`, `CLIENT SETNAME`. Only the
@@ -44,7 +47,7 @@ class Pending:
 
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, target: RedisTarget, proto: int, db: int, name: bytes | None, connect_timeout: float,
-                 on_push: Callable[[bytes], None], on_raw: Callable[[bytes], None]) -> None:
+                 on_push: Callable[[bytes], None], on_raw: Callable[[bytes], None], shared: bool = False) -> None:
         self.target, self.proto, self.db, self.client_name = target, proto, db, name
         self.connect_timeout = connect_timeout
         self.on_push, self.on_raw = on_push, on_raw
@@ -64,6 +67,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.setup_failed_on: bytes | None = None
         self.paused_at_start = False
         self._timer: asyncio.TimerHandle | None = None
+        self.shared = shared
+        self._flush_due = False
         self._loop = asyncio.get_running_loop()
         self.connecting = self._loop.create_task(self._connect())
 
@@ -121,12 +126,25 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if pending is not None:
             self.pending.append(pending)
-        if self.transport is None or self.corked:
+        if self.shared:
+            # every client's command of this loop turn in one write, sent once their reads are done
+            self.backlog.append(raw)
+            if not self._flush_due and self.transport is not None:
+                self._flush_due = True
+                self._loop.call_soon(self._flush_shared)
+        elif self.transport is None or self.corked:
             self.backlog.append(raw)  # one write for the batch (uncork), or when the connection is up
         else:
             self.transport.write(raw)
         if pending is not None and len(self.pending) == 1:
             self._arm()
+
+    def _flush_shared(self) -> None:
+        self._flush_due = False
+        if self.backlog and self.transport is not None and not self.failed:
+            data = b"".join(self.backlog) if len(self.backlog) > 1 else self.backlog[0]
+            self.backlog = []
+            self.transport.write(data)
 
     def cork(self) -> None:
         """Commands of one client read go out in one write (a pipeline of 16 is one syscall, not 16)."""
@@ -246,3 +264,33 @@ class UpstreamConnection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
             self._arm()
+
+
+class SharedRedis:
+    """The shared connections to one target, one per (protocol, db) in use. State: it survives a reload
+    that leaves the target unchanged, and closes (after the drain) when one drops it."""
+
+    def __init__(self, target: RedisTarget, connect_timeout: float) -> None:
+        self.target, self.connect_timeout = target, connect_timeout
+        self.conns: dict[tuple[int, int], UpstreamConnection] = {}
+
+    def get(self, proto: int, db: int) -> UpstreamConnection:
+        key = (proto, db)
+        c = self.conns.get(key)
+        if c is None or c.failed or c.retiring:
+            c = self.conns[key] = UpstreamConnection(self.target, proto, db, None, self.connect_timeout,
+                                                     _ignore, _ignore, shared=True)
+        return c
+
+    @property
+    def busy(self) -> bool:
+        return any(c.pending for c in self.conns.values())
+
+    async def close(self) -> None:
+        for c in self.conns.values():
+            c.close()
+        self.conns.clear()
+
+
+def _ignore(data: bytes) -> None:
+    """A push on a shared connection (nobody subscribed on it): nobody to give it to."""

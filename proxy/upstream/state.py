@@ -109,6 +109,14 @@ class StateStore:
             return None
         return entry[1]
 
+    def redis_shared(self, up: UpstreamSpec, target: TargetSpec, redis_target):
+        from proxy.redis.upstream import SharedRedis
+
+        key = ("pool", "redis", target.url, target.password_file, _k(target.tls), up.timeouts.connect)
+        shared = self._get(key, lambda: SharedRedis(redis_target, up.timeouts.connect))
+        shared.target = redis_target  # a rotated password file: new connections use what it says now
+        return shared
+
     def redis_cache(self, upstream: str, spec, upstream_metrics):
         from proxy.redis.cache import RedisCache
 

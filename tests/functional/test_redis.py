@@ -229,7 +229,7 @@ async def test_hello_and_reset_behind_pipelined_commands_answer_everything(rp):
     await writer.drain()
     data = b""
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and data.count(b"\r\n") < 20:
+    while time.monotonic() < deadline:  # replies may come in several writes: read until the last one
         chunk = await asyncio.wait_for(reader.read(4096), 5)
         if not chunk:
             break
@@ -374,3 +374,50 @@ async def test_an_answer_larger_than_the_cache_is_served_and_not_stored(redis_se
     assert await pipe.execute() == [b"x" * 10_000, True]
     assert len(p.upstream.cache) == 0
     await c.aclose()
+
+
+@pytest.mark.parametrize("proto", [2, 3])
+async def test_plain_clients_share_upstream_connections_and_each_gets_its_own_replies(rp, proto):
+    """50 clients, each pipelining reads and writes of its own keys: they share a handful of upstream
+    connections, and no client ever sees another's reply."""
+    direct = redis.Redis(port=rp.direct_port, protocol=2)
+    tag = f"share{proto}-{os.getpid()}"
+
+    def upstream_clients() -> int:
+        return sum(1 for c in direct.client_list() if c.get("name", "") == "" and c.get("cmd") != "client|list")
+
+    before = upstream_clients()
+    cs = [aredis.Redis(port=rp.port, protocol=proto, retry=None, socket_timeout=5) for _ in range(50)]
+
+    async def work(i: int, c) -> None:
+        for n in range(20):
+            async with c.pipeline(transaction=False) as pipe:
+                pipe.set(f"{tag}:{i}", f"{i}-{n}")
+                pipe.get(f"{tag}:{i}")
+                pipe.incr(f"{tag}:{i}:count")
+                got = await pipe.execute()
+            assert got[0] is True and got[1] == f"{i}-{n}".encode() and got[2] == n + 1, (i, n, got)
+
+    await asyncio.gather(*(work(i, c) for i, c in enumerate(cs)))
+    assert upstream_clients() - before <= 4  # 50 app connections, a few upstream ones
+    for c in cs:
+        await c.aclose()
+
+
+async def test_a_client_moving_to_its_own_connection_keeps_its_command_order(rp):
+    """A write on the shared connection, then a blocking read that needs a dedicated one, pipelined:
+    the read must run after the write (it pops what the write pushed), and replies stay in order."""
+    key = f"order-{os.getpid()}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(f"*3\r\n$5\r\nRPUSH\r\n${len(key)}\r\n{key}\r\n$1\r\nx\r\n"
+                 f"*3\r\n$5\r\nBLPOP\r\n${len(key)}\r\n{key}\r\n$1\r\n1\r\n"
+                 f"*2\r\n$3\r\nGET\r\n${len(key) + 1}\r\n{key}z\r\n".encode())
+    await writer.drain()
+    want = b":1\r\n*2\r\n$%d\r\n%s\r\n$1\r\nx\r\n$-1\r\n" % (len(key), key.encode())
+    data = b""
+    while len(data) < len(want):
+        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        assert chunk, data
+        data += chunk
+    assert data == want
+    writer.close()
