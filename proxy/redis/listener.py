@@ -26,6 +26,7 @@ from proxy.redis import codec, commands
 from proxy.redis.upstream import Pending, UpstreamConnection
 
 _MAX_PENDING_SLOTS = 10_000  # past this many unanswered commands the client's reads are paused
+_SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
 _SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
 _REASON_FOR = {"connect-failure": "upstream_error", "reset": "upstream_error", "timeout": "timeout",
@@ -91,7 +92,8 @@ class RedisClientProtocol(asyncio.Protocol):
         self.seq = 0                       # commands forwarded so far: a read is retried only if it was the last
         self.dedicated = False             # has moved to a connection of its own, for good
         self.shared_out = 0                # commands sent on a shared connection, not yet answered
-        self._parked: list[list[bytes]] | None = None  # commands waiting for shared_out to reach 0
+        self._parked: collections.deque[list[bytes]] | None = None  # commands held back, in order
+        self._releasing = False
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -200,11 +202,16 @@ class RedisClientProtocol(asyncio.Protocol):
             # here, as a Redis server without the feature refuses it.
             self._reply_now(codec.error("ERR unknown subcommand 'MAINT_NOTIFICATIONS': not relayed by this proxy"))
             return
-        if not self.dedicated and self.shared_out and (name in _SWITCHING or (
-                name not in commands.LOCAL and not self._shareable(name))):
+        if not self.dedicated and (self.write_paused or self.shared_out and (
+                name in _SWITCHING or (name not in commands.LOCAL and not self._shareable(name))
+                or self.shared_out >= _SHARED_MAX)):
             # This command changes what the shared commands before it run against, or needs a
-            # connection of its own: it (and everything after it) waits until those are answered.
-            self._parked = [args]
+            # connection of its own, or this client already has its share in flight (or is not reading
+            # its replies): it, and everything after it, waits until those are answered. A shared
+            # connection cannot pause for one client; this is that client's back-pressure.
+            self._parked = collections.deque((args,))
+            if self.transport is not None:
+                self.transport.pause_reading()
             return
         if not self.slots and not self.in_multi and not self.watching:
             self._refresh()
@@ -254,18 +261,39 @@ class RedisClientProtocol(asyncio.Protocol):
 
     def _shared_done(self) -> None:
         self.shared_out -= 1
-        if not self.shared_out and self._parked is not None and not self.closing:
-            parked, self._parked = self._parked, None
-            conn = self.conn
+        if self._parked is not None:
+            self._release_parked()
+
+    def _release_parked(self) -> None:
+        """Dispatch held-back commands in order until one has to wait again."""
+        if self._parked is None or self.closing or self._releasing:
+            return
+        parked, self._parked = self._parked, None
+        self._releasing = True  # a command failing at once re-enters _shared_done: no recursion
+        conn = self.conn
+        if conn is not None:
+            conn.cork()
+        try:
+            while parked and not self.closing:
+                args = parked.popleft()
+                self.dispatch(args)
+                if self._parked is not None:  # it had to wait again: the rest stays behind it
+                    parked.appendleft(self._parked.pop())
+                    self._parked = parked
+                    break
+                if self.tunnel:  # SUBSCRIBE/MONITOR: what follows it (and a command still arriving) is raw
+                    self._forward_rest(list(parked))
+                    parked.clear()
+        finally:
+            self._releasing = False
             if conn is not None:
-                conn.cork()
-            try:
-                self._dispatch_all(parked)
-            finally:
-                if conn is not None:
-                    conn.uncork()
-                if self.conn is not None and self.conn is not conn:
-                    self.conn.uncork()
+                conn.uncork()
+            if self.conn is not None and self.conn is not conn:
+                self.conn.uncork()
+        if self._parked is None and self.transport is not None and not self.paused and not self.write_paused:
+            self.transport.resume_reading()
+        elif self._parked is not None and not self.shared_out and not self.write_paused:
+            self._release_parked()  # everything it waited for was answered while it was being parked
 
     def _target_db(self) -> int:
         return self.up.redis_targets[self.target.name].db
@@ -493,12 +521,20 @@ class RedisClientProtocol(asyncio.Protocol):
         for c in (self.conn, *self._retired):
             if c is not None:
                 c.pause()
+        # A shared connection cannot stop for one slow reader: stop taking this client's commands
+        # instead, so what it is owed stays bounded by what it has already sent.
+        if self.transport is not None and not self.paused:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         for c in (self.conn, *self._retired):
             if c is not None:
                 c.resume()
+        if self._parked is not None:
+            self._release_parked()
+        elif self.transport is not None and not self.paused and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     # -- pub/sub, MONITOR -----------------------------------------------------------------------------
     def _enter_tunnel(self, args: list[bytes]) -> None:
@@ -574,7 +610,8 @@ class RedisClientProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if self.paused and len(slots) < _MAX_PENDING_SLOTS // 2:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.write_paused and self._parked is None:
+                self.transport.resume_reading()
         if self.closing and not slots and self.transport is not None:
             self.transport.close()
 

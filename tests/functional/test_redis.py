@@ -421,3 +421,24 @@ async def test_a_client_moving_to_its_own_connection_keeps_its_command_order(rp)
         data += chunk
     assert data == want
     writer.close()
+
+
+async def test_a_client_that_stops_reading_is_bounded_and_others_carry_on(rp):
+    """Large replies to an app that reads nothing: its input is paused instead of buffering every reply,
+    and a client on the same shared upstream connection is not held up."""
+    direct = redis.Redis(port=rp.direct_port, protocol=2)
+    key = f"big-{os.getpid()}"
+    direct.set(key, b"x" * (1 << 20))
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    cmd = f"*2\r\n$3\r\nGET\r\n${len(key)}\r\n{key}\r\n".encode()
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    for _ in range(400):  # 400 MB of replies asked for, none read
+        writer.write(cmd)
+    other = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5)
+    for i in range(20):
+        assert await other.set(f"{key}-o{i}", "v") is True
+        await asyncio.sleep(0.02)
+    assert proc.memory_info().rss - before < 120 * 1024 * 1024  # 32 replies in flight, not 400
+    await other.aclose()
+    writer.close()
