@@ -23,9 +23,38 @@ import random
 from proxy.obs import log
 from proxy.policy.base import Verdict
 from proxy.redis import codec, commands
-from proxy.redis.upstream import Pending, UpstreamConnection
+from proxy.redis.upstream import Pending, SharedRedis, UpstreamConnection
 
 _MAX_PENDING_SLOTS = 10_000  # past this many unanswered commands the client's reads are paused
+class _SharedBatch:
+    """The replies one read of a shared connection brings, for many clients: each client gets its
+    share in one write at the end of the read (a pipeline of 16 is one write, not 16)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.clients: list[RedisClientProtocol] = []
+
+    def __call__(self, start: bool) -> None:
+        if start:
+            self.active = True
+            return
+        self.active = False
+        clients, self.clients = self.clients, []
+        for c in clients:
+            c.corked = False
+            c._flush()
+
+
+_SHARED_BATCH = _SharedBatch()
+SharedRedis.on_batch = _SHARED_BATCH
+
+
+def _error_reply(err: str) -> bytes:
+    """Redis's own error text (`ERR …`, `WRONGPASS …`) as it came, anything else as an ERR."""
+    code = err.split(" ", 1)[0]
+    return codec.error(err if code.isupper() and code.isalpha() else f"ERR {err}")
+
+
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
 _SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
@@ -67,7 +96,7 @@ class _CommandPending(Pending):
         self.client._replied(self.cmd, raw, kind)
 
     def on_failure(self, kind: str) -> None:
-        self.client._failed(self.cmd, kind)
+        self.client._failed(self.cmd, kind, self.conn)
 
 
 class RedisClientProtocol(asyncio.Protocol):
@@ -82,7 +111,11 @@ class RedisClientProtocol(asyncio.Protocol):
         self.in_multi = False
         self.tunnel = False
         self.conn: UpstreamConnection | None = None
-        self.closing = False
+        self.closing = False               # gone, or QUIT: no new commands
+        self.gone = False                  # the client's connection is closed: nothing can be answered
+        self.retrying = 0                  # reads waiting for their retry: what follows waits behind them
+        self.wrote_shared = False          # a write went over a shared connection (see WAIT)
+        self.demote = False                # stopped reading once: its next commands go dedicated
         self.paused = False
         self.write_paused = False
         self.watching = False
@@ -94,6 +127,7 @@ class RedisClientProtocol(asyncio.Protocol):
         self.shared_out = 0                # commands sent on a shared connection, not yet answered
         self._parked: collections.deque[list[bytes]] | None = None  # commands held back, in order
         self._releasing = False
+        self._validating = False  # a SELECT checked on a shared connection: everything after it waits
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -109,7 +143,7 @@ class RedisClientProtocol(asyncio.Protocol):
         up.connections += 1
 
     def connection_lost(self, exc) -> None:
-        self.closing = True
+        self.closing = self.gone = True
         self.up.connections -= 1
         self.counters.in_flight -= len(self.slots)
         self.slots.clear()
@@ -187,31 +221,39 @@ class RedisClientProtocol(asyncio.Protocol):
             self._parked.append(args)  # behind a command that waits for the shared connection's replies
             return
         name = args[0].upper()
-        if name == b"CLIENT" and len(args) == 4 and args[1].upper() == b"SETINFO":
-            # redis-py and other clients send their library name and version on connect: metadata of
-            # the app's connection, which upstream is a shared one. Taken here, so it does not cost the
-            # client its place on the shared connection.
-            if args[2].upper() in (b"LIB-NAME", b"LIB-VER"):
-                self._reply_now(codec.OK)
-            else:
-                self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))
-            return
-        if name == b"CLIENT" and len(args) > 1 and args[1].upper() == b"MAINT_NOTIFICATIONS":
-            # redis-py 6+ asks for maintenance push notifications on RESP3 connections ("auto": an error
-            # is fine). They would arrive on a shared connection, where no client can be told: refused
-            # here, as a Redis server without the feature refuses it.
-            self._reply_now(codec.error("ERR unknown subcommand 'MAINT_NOTIFICATIONS': not relayed by this proxy"))
-            return
-        if not self.dedicated and (self.write_paused or self.shared_out and (
+        if self.retrying or (not self.dedicated and (self.write_paused or self.shared_out and (
                 name in _SWITCHING or (name not in commands.LOCAL and not self._shareable(name))
-                or self.shared_out >= _SHARED_MAX)):
-            # This command changes what the shared commands before it run against, or needs a
-            # connection of its own, or this client already has its share in flight (or is not reading
-            # its replies): it, and everything after it, waits until those are answered. A shared
-            # connection cannot pause for one client; this is that client's back-pressure.
-            self._parked = collections.deque((args,))
-            if self.transport is not None:
-                self.transport.pause_reading()
+                or self.shared_out >= _SHARED_MAX or self.demote))):
+            # A read waits for its retry (what follows must not overtake it); or this command changes
+            # what the shared commands before it run against, or needs a connection of its own, or
+            # this client already has its share in flight (or is not reading its replies): it, and
+            # everything after it, waits. A shared connection cannot pause for one client; this is
+            # that client's back-pressure.
+            self._park(args)
+            return
+        if self.authenticated and not self.in_multi and name == b"CLIENT" and len(args) > 1:
+            sub = args[1].upper()
+            if sub == b"SETINFO" and len(args) == 4:
+                # redis-py and other clients send their library name and version on connect: metadata
+                # of the app's connection, which upstream is a shared one. Taken here, so it does not
+                # cost the client its place on the shared connection.
+                if args[2].upper() in (b"LIB-NAME", b"LIB-VER"):
+                    self._reply_now(codec.OK)
+                else:
+                    self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))
+                return
+            if sub == b"MAINT_NOTIFICATIONS":
+                # redis-py 6+ asks for maintenance push notifications on RESP3 connections ("auto": an
+                # error is fine). They would arrive on a shared connection, where no client can be
+                # told: refused, as a Redis server without the feature refuses it.
+                self._reply_now(codec.error("ERR unknown subcommand 'MAINT_NOTIFICATIONS': not relayed by this proxy"))
+                return
+        if name in (b"WAIT", b"WAITAOF") and self.wrote_shared and self.authenticated:
+            # WAIT counts the replicas that have this connection's writes; this client's writes went
+            # over a connection shared with others, so any answer would be a guess. Refused, loudly.
+            self._reply_now(codec.error(
+                "ERR WAIT/WAITAOF after writes multiplexed by the proxy cannot be honoured: "
+                "send them from a connection that started with MULTI, a blocking command or CLIENT SETNAME"))
             return
         if not self.slots and not self.in_multi and not self.watching:
             self._refresh()
@@ -246,9 +288,12 @@ class RedisClientProtocol(asyncio.Protocol):
             self.watching = False
         elif self.in_multi:
             cls = "transaction"
-        shared = not self.dedicated and self._shareable(name) and not self.in_multi and not self.watching
+        shared = (not self.dedicated and not self.demote and self._shareable(name) and not self.in_multi
+                  and not self.watching)
         if not shared:
             self.dedicated = True
+        elif cls == "write":
+            self.wrote_shared = True
         slot = Slot()
         self.slots.append(slot)
         self.counters.in_flight += 1
@@ -259,6 +304,13 @@ class RedisClientProtocol(asyncio.Protocol):
         """A plain read or write of a client with no connection state the upstream must hold for it."""
         return (name in commands.READS or name in commands.WRITES or name in _STATELESS) and self.client_name is None
 
+    def _park(self, args: list[bytes]) -> None:
+        if self._parked is None:
+            self._parked = collections.deque()
+            if self.transport is not None:
+                self.transport.pause_reading()
+        self._parked.append(args)
+
     def _shared_done(self) -> None:
         self.shared_out -= 1
         if self._parked is not None:
@@ -266,7 +318,7 @@ class RedisClientProtocol(asyncio.Protocol):
 
     def _release_parked(self) -> None:
         """Dispatch held-back commands in order until one has to wait again."""
-        if self._parked is None or self.closing or self._releasing:
+        if self._parked is None or self.closing or self._releasing or self._validating:
             return
         parked, self._parked = self._parked, None
         self._releasing = True  # a command failing at once re-enters _shared_done: no recursion
@@ -292,7 +344,8 @@ class RedisClientProtocol(asyncio.Protocol):
                 self.conn.uncork()
         if self._parked is None and self.transport is not None and not self.paused and not self.write_paused:
             self.transport.resume_reading()
-        elif self._parked is not None and not self.shared_out and not self.write_paused:
+        elif (self._parked is not None and not self.shared_out and not self.write_paused and not self.retrying
+              and not self._validating):
             self._release_parked()  # everything it waited for was answered while it was being parked
 
     def _target_db(self) -> int:
@@ -302,7 +355,7 @@ class RedisClientProtocol(asyncio.Protocol):
     def forward(self, cmd: Command) -> None:
         up = self.up
         target = self.target
-        if self.closing:
+        if self.gone:
             return
         token = target.breaker.admit()
         if token is None:
@@ -345,30 +398,34 @@ class RedisClientProtocol(asyncio.Protocol):
             up.cache.invalidate(cmd.db, cmd.keys)  # a read that raced the write must not survive it
         self._resolve(cmd.slot, raw)
 
-    def _failed(self, cmd: Command, kind: str) -> None:
-        retried = self._failed_inner(cmd, kind)
+    def _failed(self, cmd: Command, kind: str, conn=None) -> None:
+        retried = self._failed_inner(cmd, kind, conn)
         if cmd.shared and not retried:
             self._shared_done()  # a retried command stays owed until its retry is answered
 
-    def _failed_inner(self, cmd: Command, kind: str) -> bool:
+    def _failed_inner(self, cmd: Command, kind: str, conn=None) -> bool:
         """→ True when the command will be retried."""
         up = self.up
         elapsed = self.app.clock.monotonic() - cmd.started
         if kind in ("closed", "client-setup"):
             cmd.target.breaker.cancel(cmd.token)  # the proxy or the client ended it: not the upstream's fault
-            if kind == "client-setup" and not self.closing:
-                conn = up.redis_shared[cmd.target.name].conns.get((cmd.proto, cmd.db)) if cmd.shared else self.conn
-                err = conn.error if conn is not None else "setup failed"
+            if kind == "client-setup" and not self.gone:
+                err = (conn.error if conn is not None else None) or "setup failed"
                 if conn is not None and conn.setup_failed_on == b"SELECT" and self.db == cmd.db:
                     self.db = None  # a db that does not exist: forget it, the next command uses the URL's
-                self._resolve(cmd.slot, codec.error(f"ERR {err}"))
-            elif not self.closing:
+                self._resolve(cmd.slot, _error_reply(err))
+            elif not self.gone:
                 self._resolve(cmd.slot, codec.error("ERR the upstream connection was reset by the proxy"))
             return False
-        cmd.target.breaker.record(cmd.token, Verdict.FAILURE, elapsed)
-        if cmd.target.canary is not None:
-            up.record_outcome(cmd.target, True, elapsed)
-        if self.closing:
+        if kind.endswith("-collateral"):
+            # lost with a shared connection another command broke: not a verdict on the upstream
+            kind = kind.removesuffix("-collateral")
+            cmd.target.breaker.cancel(cmd.token)
+        else:
+            cmd.target.breaker.record(cmd.token, Verdict.FAILURE, elapsed)
+            if cmd.target.canary is not None:
+                up.record_outcome(cmd.target, True, elapsed)
+        if self.gone:
             return False
         if self.in_multi or self.watching:
             # A transaction or WATCH lives on that connection: it is gone, and replaying it elsewhere
@@ -377,17 +434,21 @@ class RedisClientProtocol(asyncio.Protocol):
             self._close_after_flush()
             return False
         if (cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open
-                and cmd.seq == self.seq):  # a later command already went out: retrying would reorder them
+                and cmd.seq == self.seq and not self.closing):  # a later command already went out: no retry
             budget = up.counters.budget
             if budget.try_acquire():
                 cmd.attempt += 1
                 up.metrics.retry(kind)
                 delay = random.random() * min(up.spec.retry.backoff_max,
                                               up.spec.retry.backoff_base * 2 ** (cmd.attempt - 1))
+                self.retrying += 1
 
                 def again(c=cmd) -> None:
                     budget.release()
+                    self.retrying -= 1
                     self.forward(c)
+                    if not self.retrying and self._parked is not None:
+                        self._release_parked()
 
                 asyncio.get_running_loop().call_later(delay, again)
                 return True
@@ -442,6 +503,8 @@ class RedisClientProtocol(asyncio.Protocol):
                                Pending(b"", selected, lambda kind, s=slot: self._resolve(
                                    s, codec.error("ERR the upstream connection failed during SELECT")),
                                        self.up.spec.timeouts.attempt))
+            elif not self.dedicated and not self.target.breaker.is_open:
+                self._select_shared(db)
             else:
                 self.db = db  # validated when the next connection opens (a bad db fails only this client)
                 self._reply_now(codec.OK)
@@ -450,6 +513,40 @@ class RedisClientProtocol(asyncio.Protocol):
             self.db, self.proto, self.client_name, self.in_multi, self.watching = None, 2, None, False, False
             self.authenticated = self.up.client_password is None
             self._reply_now(b"+RESET\r\n")
+
+    def _select_shared(self, db: int) -> None:
+        """SELECT for a client on shared connections: check the db on the shared connection for it (its
+        setup runs SELECT), holding back what follows, so a db that does not exist is an error now — as
+        Redis answers — and the client stays where it was. With Redis unreachable it is accepted as
+        before (checked when a connection opens), so clients still connect and read the cache."""
+        slot = Slot()
+        self.slots.append(slot)
+        self.counters.in_flight += 1
+        self._validating = True
+        if self._parked is None:
+            self._parked = collections.deque()
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+        def done(reply: bytes, switch: bool) -> None:
+            if switch:
+                self.db = db
+            self._validating = False
+            self._resolve(slot, reply)
+            self._release_parked()
+
+        def answered(raw: bytes, kind: str) -> None:
+            done(codec.OK if kind != "error" else raw, kind != "error")
+
+        def failed(kind: str, p=None) -> None:
+            conn = pending.conn
+            if kind == "client-setup" and conn is not None and conn.setup_failed_on == b"SELECT":
+                done(_error_reply(conn.error or "ERR DB index is out of range"), False)
+            else:
+                done(codec.OK, True)  # unreachable or reset: the check is for later
+
+        pending = Pending(b"", answered, failed, self.up.spec.timeouts.attempt)
+        self.up.redis_shared[self.target.name].get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
 
     def _auth(self, creds: list[bytes]) -> bool:
         want = self.up.client_password
@@ -522,7 +619,10 @@ class RedisClientProtocol(asyncio.Protocol):
             if c is not None:
                 c.pause()
         # A shared connection cannot stop for one slow reader: stop taking this client's commands
-        # instead, so what it is owed stays bounded by what it has already sent.
+        # instead, and move it to a connection of its own (which can be paused) once what it is owed
+        # on the shared one is answered — its replies in the proxy stay bounded by what a pause holds.
+        if not self.dedicated:
+            self.demote = True
         if self.transport is not None and not self.paused:
             self.transport.pause_reading()
 
@@ -587,6 +687,9 @@ class RedisClientProtocol(asyncio.Protocol):
 
     def _resolve(self, slot: Slot, data: bytes) -> None:
         slot.reply = data
+        if _SHARED_BATCH.active and not self.corked:
+            self.corked = True  # one write per client for the replies of one shared read
+            _SHARED_BATCH.clients.append(self)
         if self.slots and self.slots[0] is slot:
             self._flush()
 

@@ -39,10 +39,11 @@ class RedisTarget:
 
 
 class Pending:
-    __slots__ = ("on_reply", "on_failure", "timeout", "raw")
+    __slots__ = ("on_reply", "on_failure", "timeout", "raw", "conn")
 
     def __init__(self, raw: bytes, on_reply: Callable, on_failure: Callable, timeout: float | None) -> None:
         self.raw, self.on_reply, self.on_failure, self.timeout = raw, on_reply, on_failure, timeout
+        self.conn: UpstreamConnection | None = None  # set when the connection fails: whose error it was
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -231,8 +232,20 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         pending, self.pending = self.pending, collections.deque()
+        self.backlog = []
+        self.framer = ReplyFramer()
+        charged = not self.shared or kind in ("closed", "client-setup")
         for p in pending:
-            p.on_failure(kind)
+            p.conn = self
+            # On a shared connection only the first command (after the setup ones) met the failure; the
+            # others (other clients' too) lose their connection with it, which must not count against
+            # the upstream once per command: "-collateral" tells the client so.
+            if charged or not p.raw:
+                p.on_failure(kind)
+            else:
+                charged = True
+                p.on_failure(kind)
+                kind = kind + "-collateral"
         if self.on_closed is not None:
             self.on_closed(self)
 
@@ -270,24 +283,43 @@ class SharedRedis:
     """The shared connections to one target, one per (protocol, db) in use. State: it survives a reload
     that leaves the target unchanged, and closes (after the drain) when one drops it."""
 
+    on_batch: Callable[[bool], None] | None = None  # set by the listener: replies of one read, one write each
+
     def __init__(self, target: RedisTarget, connect_timeout: float) -> None:
         self.target, self.connect_timeout = target, connect_timeout
         self.conns: dict[tuple[int, int], UpstreamConnection] = {}
+        self.closed = False
+
+    def reconfigure(self, target: RedisTarget, _configured=None) -> None:
+        """At the swap (StateStore.commit), not during a build that may still be abandoned: a rotated
+        password file applies to connections opened from now on."""
+        self.target = target
 
     def get(self, proto: int, db: int) -> UpstreamConnection:
         key = (proto, db)
         c = self.conns.get(key)
         if c is None or c.failed or c.retiring:
-            c = self.conns[key] = UpstreamConnection(self.target, proto, db, None, self.connect_timeout,
-                                                     _ignore, _ignore, shared=True)
+            c = UpstreamConnection(self.target, proto, db, None, self.connect_timeout, _ignore, _ignore, shared=True)
+            c.on_batch = SharedRedis.on_batch
+            if self.closed:
+                c.close()  # dropped by a reload: a late retry fails instead of reaching the old target
+                return c
+            c.on_closed = self._forget
+            self.conns[key] = c
         return c
+
+    def _forget(self, c: UpstreamConnection) -> None:
+        for key, live in list(self.conns.items()):
+            if live is c:
+                del self.conns[key]
 
     @property
     def busy(self) -> bool:
-        return any(c.pending for c in self.conns.values())
+        return any(c.pending or c.backlog for c in self.conns.values())
 
     async def close(self) -> None:
-        for c in self.conns.values():
+        self.closed = True
+        for c in list(self.conns.values()):
             c.close()
         self.conns.clear()
 

@@ -114,7 +114,7 @@ class StateStore:
 
         key = ("pool", "redis", target.url, target.password_file, _k(target.tls), up.timeouts.connect)
         shared = self._get(key, lambda: SharedRedis(redis_target, up.timeouts.connect))
-        shared.target = redis_target  # a rotated password file: new connections use what it says now
+        self._reconfigure.append((shared, redis_target, None))  # the new target info, at commit only
         return shared
 
     def redis_cache(self, upstream: str, spec, upstream_metrics):

@@ -141,3 +141,26 @@ async def test_reads_retried_on_reset_within_budget_writes_never(redis_server, s
     assert metric("upstream_retries_total", name=name, reason="reset") == 2
     await c.aclose()
     relay.server.close()
+
+
+async def test_one_timeout_on_a_shared_connection_charges_the_breaker_once(redis_server, start_proxy, toxic_link):
+    """Ten clients' commands wait on one shared connection when it times out: all of them fail (or are
+    served from the cache), but the breaker hears of one failure, not ten."""
+    proxy, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
+                                retry={"attempts": 1}, breaker={"fail_max": 3, "reset_timeout": "30s"})
+    p = await start_proxy(cfg)
+    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    cs = [aredis.Redis(port=port, protocol=2, retry=None, socket_timeout=5) for _ in range(10)]
+    for i, c in enumerate(cs):
+        assert await c.set(f"t{i}", "v") is True  # all on the shared connection
+    add_toxic(proxy, "latency", latency=1000)
+    res = await asyncio.gather(*(c.set(f"t{i}", "w") for i, c in enumerate(cs)), return_exceptions=True)
+    assert all(isinstance(r, redis.ResponseError) and "UNAVAILABLE" in str(r) for r in res), res
+    br = p.upstream.targets[0].breaker
+    assert br.state == "closed" and br.cb.fail_counter == 1
+    for t in list(proxy.toxics()):
+        proxy.destroy_toxic(t)
+    assert await cs[0].get("t0") in (b"v", b"w")
+    for c in cs:
+        await c.aclose()

@@ -442,3 +442,31 @@ async def test_a_client_that_stops_reading_is_bounded_and_others_carry_on(rp):
     assert proc.memory_info().rss - before < 120 * 1024 * 1024  # 32 replies in flight, not 400
     await other.aclose()
     writer.close()
+
+
+async def test_select_of_a_missing_db_is_refused_and_the_client_stays_put(rp):
+    """SELECT on shared connections is checked against Redis, as a direct SELECT would be."""
+    c = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5, single_connection_client=True)
+    key = f"sel-{os.getpid()}"
+    await c.execute_command("SELECT", 3)
+    await c.set(key, "in3")
+    with pytest.raises(redis.ResponseError, match="DB index is out of range"):
+        await c.execute_command("SELECT", 99)
+    await c.set(key + "b", "still3")
+    direct = redis.Redis(port=rp.direct_port, db=3)
+    assert direct.get(key) == b"in3" and direct.get(key + "b") == b"still3"
+    assert redis.Redis(port=rp.direct_port, db=0).get(key + "b") is None
+    await c.aclose()
+
+
+async def test_wait_after_multiplexed_writes_is_refused_not_guessed(rp):
+    shared = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5, single_connection_client=True)
+    await shared.set(f"w-{os.getpid()}", "v")
+    with pytest.raises(redis.ResponseError, match="cannot be honoured"):
+        await shared.wait(0, 100)
+    own = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5, single_connection_client=True,
+                       client_name="own-connection")  # a named client has a connection of its own
+    await own.set(f"w2-{os.getpid()}", "v")
+    assert await own.wait(0, 100) == 0  # no replicas here: answered by Redis for this connection
+    await shared.aclose()
+    await own.aclose()
