@@ -42,7 +42,11 @@ class _SharedBatch:
         clients, self.clients = self.clients, []
         for c in clients:
             c.corked = False
-            c._flush()
+        for c in clients:
+            try:
+                c._flush()
+            except Exception as exc:  # noqa: BLE001 — one client's broken transport must not cork the rest
+                log.warning("redis_flush_failed", error=type(exc).__name__)
 
 
 _SHARED_BATCH = _SharedBatch()
@@ -55,6 +59,7 @@ def _error_reply(err: str) -> bytes:
     return codec.error(err if code.isupper() and code.isalpha() else f"ERR {err}")
 
 
+_DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connection that can be paused
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
 _SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
@@ -91,6 +96,7 @@ class _CommandPending(Pending):
 
     def __init__(self, client, cmd, timeout) -> None:
         self.client, self.cmd, self.timeout, self.raw = client, cmd, timeout, cmd.raw
+        self.conn = None
 
     def on_reply(self, raw: bytes, kind: str) -> None:
         self.client._replied(self.cmd, raw, kind)
@@ -115,7 +121,8 @@ class RedisClientProtocol(asyncio.Protocol):
         self.gone = False                  # the client's connection is closed: nothing can be answered
         self.retrying = 0                  # reads waiting for their retry: what follows waits behind them
         self.wrote_shared = False          # a write went over a shared connection (see WAIT)
-        self.demote = False                # stopped reading once: its next commands go dedicated
+        self.demote = False                # stopped reading for a while: its next commands go dedicated
+        self._demote_timer: asyncio.TimerHandle | None = None
         self.paused = False
         self.write_paused = False
         self.watching = False
@@ -248,7 +255,7 @@ class RedisClientProtocol(asyncio.Protocol):
                 # told: refused, as a Redis server without the feature refuses it.
                 self._reply_now(codec.error("ERR unknown subcommand 'MAINT_NOTIFICATIONS': not relayed by this proxy"))
                 return
-        if name in (b"WAIT", b"WAITAOF") and self.wrote_shared and self.authenticated:
+        if name in (b"WAIT", b"WAITAOF") and self.wrote_shared and self.authenticated and not self.in_multi:
             # WAIT counts the replicas that have this connection's writes; this client's writes went
             # over a connection shared with others, so any answer would be a guess. Refused, loudly.
             self._reply_now(codec.error(
@@ -262,6 +269,8 @@ class RedisClientProtocol(asyncio.Protocol):
             self._reply_now(codec.error("NOAUTH Authentication required."))
             return
         if name in commands.LOCAL:
+            if name in _SWITCHING:
+                self.seq += 1  # a read sent before it must not be retried after it (other db or protocol)
             self._local(name, args)
             return
         cls = commands.classify(name)
@@ -329,9 +338,8 @@ class RedisClientProtocol(asyncio.Protocol):
             while parked and not self.closing:
                 args = parked.popleft()
                 self.dispatch(args)
-                if self._parked is not None:  # it had to wait again: the rest stays behind it
-                    parked.appendleft(self._parked.pop())
-                    self._parked = parked
+                if self._parked is not None:  # it (or a SELECT being checked) waits again: the rest behind
+                    self._parked.extend(parked)
                     break
                 if self.tunnel:  # SUBSCRIBE/MONITOR: what follows it (and a command still arriving) is raw
                     self._forward_rest(list(parked))
@@ -365,7 +373,11 @@ class RedisClientProtocol(asyncio.Protocol):
             return
         cmd.token, cmd.target = token, target
         if cmd.shared:
-            conn = up.redis_shared[target.name].get(cmd.proto, cmd.db)
+            shared = up.redis_shared[target.name]
+            if shared.closed:  # dropped by a reload while this client was busy: the live one, if any
+                cur = self.app.runtime.upstreams.get(self.name)
+                shared = (cur.redis_shared.get(target.name) if cur is not None else None) or shared
+            conn = shared.get(cmd.proto, cmd.db)
             if not cmd.attempt:
                 self.shared_out += 1  # a retry was still counted
         else:
@@ -411,8 +423,6 @@ class RedisClientProtocol(asyncio.Protocol):
             cmd.target.breaker.cancel(cmd.token)  # the proxy or the client ended it: not the upstream's fault
             if kind == "client-setup" and not self.gone:
                 err = (conn.error if conn is not None else None) or "setup failed"
-                if conn is not None and conn.setup_failed_on == b"SELECT" and self.db == cmd.db:
-                    self.db = None  # a db that does not exist: forget it, the next command uses the URL's
                 self._resolve(cmd.slot, _error_reply(err))
             elif not self.gone:
                 self._resolve(cmd.slot, codec.error("ERR the upstream connection was reset by the proxy"))
@@ -499,11 +509,13 @@ class RedisClientProtocol(asyncio.Protocol):
                         self.db = before  # Redis refused it and stayed where it was
                     self._resolve(s, raw)
 
-                self.conn.send(codec.encode_command(args),
-                               Pending(b"", selected, lambda kind, s=slot: self._resolve(
-                                   s, codec.error("ERR the upstream connection failed during SELECT")),
-                                       self.up.spec.timeouts.attempt))
-            elif not self.dedicated and not self.target.breaker.is_open:
+                def lost(kind, s=slot, before=before) -> None:
+                    self.db = before  # not confirmed: the client is where it was
+                    self._resolve(s, codec.error("ERR the upstream connection failed during SELECT"))
+
+                self.conn.send(codec.encode_command(args), Pending(b"", selected, lost, self.up.spec.timeouts.attempt))
+            elif (not self.dedicated and self.target.breaker.state == "closed"
+                  and (self.proto, db) not in self.up.redis_shared[self.target.name].checked_dbs):
                 self._select_shared(db)
             else:
                 self.db = db  # validated when the next connection opens (a bad db fails only this client)
@@ -535,7 +547,11 @@ class RedisClientProtocol(asyncio.Protocol):
             self._resolve(slot, reply)
             self._release_parked()
 
+        shared = self.up.redis_shared[self.target.name]
+
         def answered(raw: bytes, kind: str) -> None:
+            if kind != "error":
+                shared.checked_dbs.add((self.proto, db))  # the next SELECT of it is answered at once
             done(codec.OK if kind != "error" else raw, kind != "error")
 
         def failed(kind: str, p=None) -> None:
@@ -545,8 +561,9 @@ class RedisClientProtocol(asyncio.Protocol):
             else:
                 done(codec.OK, True)  # unreachable or reset: the check is for later
 
-        pending = Pending(b"", answered, failed, self.up.spec.timeouts.attempt)
-        self.up.redis_shared[self.target.name].get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
+        # a short wait: a SELECT must not hold the client's setup for a whole attempt timeout
+        pending = Pending(b"", answered, failed, min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect))
+        shared.get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
 
     def _auth(self, creds: list[bytes]) -> bool:
         want = self.up.client_password
@@ -621,13 +638,21 @@ class RedisClientProtocol(asyncio.Protocol):
         # A shared connection cannot stop for one slow reader: stop taking this client's commands
         # instead, and move it to a connection of its own (which can be paused) once what it is owed
         # on the shared one is answered — its replies in the proxy stay bounded by what a pause holds.
-        if not self.dedicated:
-            self.demote = True
+        if not self.dedicated and self._demote_timer is None:
+            self._demote_timer = asyncio.get_running_loop().call_later(_DEMOTE_AFTER, self._demote)
         if self.transport is not None and not self.paused:
             self.transport.pause_reading()
 
+    def _demote(self) -> None:
+        self._demote_timer = None
+        if self.write_paused and not self.gone:
+            self.demote = True
+
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._demote_timer is not None:
+            self._demote_timer.cancel()
+            self._demote_timer = None
         for c in (self.conn, *self._retired):
             if c is not None:
                 c.resume()

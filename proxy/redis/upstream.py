@@ -17,6 +17,7 @@ import collections
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
+from proxy.obs import log
 from proxy.redis.codec import ProtocolError, ReplyFramer, encode_command
 from proxy.upstream.pool import ssl_context
 
@@ -123,6 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, raw: bytes, pending: Pending | None) -> None:
         if self.failed:
             if pending is not None:
+                pending.conn = self
                 pending.on_failure(self.failed)
             return
         if pending is not None:
@@ -201,7 +203,10 @@ class UpstreamConnection(asyncio.Protocol):
                     self.on_raw(raw)
                 continue  # a reply nobody waits for (after a failure): drop it
             p = self.pending.popleft()
-            p.on_reply(raw, kind)
+            try:
+                p.on_reply(raw, kind)
+            except Exception as exc:  # noqa: BLE001 — one client's bug must not break the connection for all
+                log.error("redis_reply_callback", error=type(exc).__name__, message=str(exc)[:200])
             if self.failed:
                 return
             if self.retiring and not self.pending:
@@ -235,19 +240,23 @@ class UpstreamConnection(asyncio.Protocol):
         self.backlog = []
         self.framer = ReplyFramer()
         charged = not self.shared or kind in ("closed", "client-setup")
-        for p in pending:
-            p.conn = self
-            # On a shared connection only the first command (after the setup ones) met the failure; the
-            # others (other clients' too) lose their connection with it, which must not count against
-            # the upstream once per command: "-collateral" tells the client so.
-            if charged or not p.raw:
-                p.on_failure(kind)
-            else:
-                charged = True
-                p.on_failure(kind)
-                kind = kind + "-collateral"
-        if self.on_closed is not None:
-            self.on_closed(self)
+        try:
+            for p in pending:
+                p.conn = self
+                # On a shared connection only the first command (after the setup ones) met the failure;
+                # the others (other clients' too) lose their connection with it, which must not count
+                # against the upstream once per command: "-collateral" tells the client so.
+                this = kind
+                if not charged and p.raw:
+                    charged = True
+                    kind = kind + "-collateral"
+                try:
+                    p.on_failure(this)
+                except Exception as exc:  # noqa: BLE001 — one client's bug must not strand the others
+                    log.error("redis_failure_callback", error=type(exc).__name__, message=str(exc)[:200])
+        finally:
+            if self.on_closed is not None:
+                self.on_closed(self)
 
     def close(self) -> None:
         """Closed by the proxy (client gone, protocol switch): every command still on it fails as
@@ -288,6 +297,7 @@ class SharedRedis:
     def __init__(self, target: RedisTarget, connect_timeout: float) -> None:
         self.target, self.connect_timeout = target, connect_timeout
         self.conns: dict[tuple[int, int], UpstreamConnection] = {}
+        self.checked_dbs: set[tuple[int, int]] = set()  # (protocol, db) a SELECT has been checked for
         self.closed = False
 
     def reconfigure(self, target: RedisTarget, _configured=None) -> None:

@@ -470,3 +470,23 @@ async def test_wait_after_multiplexed_writes_is_refused_not_guessed(rp):
     assert await own.wait(0, 100) == 0  # no replicas here: answered by Redis for this connection
     await shared.aclose()
     await own.aclose()
+
+
+async def test_select_pipelined_behind_shared_commands_answers_everything_in_its_db(rp):
+    key = f"psel-{os.getpid()}"
+    redis.Redis(port=rp.direct_port, db=1).set(key, "in1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    k = key.encode()
+    writer.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$3\r\nin0\r\n" % (len(k), k)
+                 + b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n"
+                 + b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k)
+                 + b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n"
+                 + b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
+    want = b"+OK\r\n+OK\r\n$3\r\nin1\r\n+OK\r\n+OK\r\n$3\r\nin0\r\n"
+    data = b""
+    while len(data) < len(want):
+        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        assert chunk, data
+        data += chunk
+    assert data == want
+    writer.close()
