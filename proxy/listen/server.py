@@ -133,14 +133,18 @@ class Body:
             self.proto.resume_reading()
         return chunk
 
-    async def readany(self) -> bytes:
+    async def _ready(self) -> bool:
+        """Wait for a chunk: True when one is there, False at the end (or raise what broke the body)."""
         while not self.chunks:
             if self.exc is not None:
                 raise self.exc
             if self.eof:
-                return b""
+                return False
             await self._wait()
-        return self._take()
+        return True
+
+    async def readany(self) -> bytes:
+        return self._take() if await self._ready() else b""
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -148,12 +152,8 @@ class Body:
             while chunk := await self.readany():
                 parts.append(chunk)
             return b"".join(parts)
-        while not self.chunks:
-            if self.exc is not None:
-                raise self.exc
-            if self.eof:
-                return b""
-            await self._wait()
+        if not await self._ready():
+            return b""
         chunk = self._take()
         if len(chunk) > n:
             self.chunks.appendleft(chunk[n:])

@@ -142,12 +142,15 @@ class UpstreamConnection(asyncio.Protocol):
         if pending is not None and len(self.pending) == 1:
             self._arm()
 
-    def _flush_shared(self) -> None:
-        self._flush_due = False
+    def _write_backlog(self) -> None:
         if self.backlog and self.transport is not None and not self.failed:
             data = b"".join(self.backlog) if len(self.backlog) > 1 else self.backlog[0]
             self.backlog = []
             self.transport.write(data)
+
+    def _flush_shared(self) -> None:
+        self._flush_due = False
+        self._write_backlog()
 
     def cork(self) -> None:
         """Commands of one client read go out in one write (a pipeline of 16 is one syscall, not 16)."""
@@ -155,10 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def uncork(self) -> None:
         self.corked = False
-        if self.backlog and self.transport is not None and not self.failed:
-            data = b"".join(self.backlog) if len(self.backlog) > 1 else self.backlog[0]
-            self.backlog = []
-            self.transport.write(data)
+        self._write_backlog()
 
     def _arm(self) -> None:
         if self._timer is not None:

@@ -28,6 +28,16 @@ async def rp(redis_server, start_proxy):
     return p
 
 
+async def _read_len(reader: asyncio.StreamReader, n: int) -> bytes:
+    """At least n bytes of replies, however many writes they came in."""
+    data = b""
+    while len(data) < n:
+        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        assert chunk, data
+        data += chunk
+    return data
+
+
 def clients(p, proto):
     kw = dict(protocol=proto, retry=None, socket_timeout=5)
     return aredis.Redis(port=p.port, **kw), aredis.Redis(port=p.direct_port, **kw)
@@ -414,12 +424,7 @@ async def test_a_client_moving_to_its_own_connection_keeps_its_command_order(rp)
                  f"*2\r\n$3\r\nGET\r\n${len(key) + 1}\r\n{key}z\r\n".encode())
     await writer.drain()
     want = b":1\r\n*2\r\n$%d\r\n%s\r\n$1\r\nx\r\n$-1\r\n" % (len(key), key.encode())
-    data = b""
-    while len(data) < len(want):
-        chunk = await asyncio.wait_for(reader.read(4096), 5)
-        assert chunk, data
-        data += chunk
-    assert data == want
+    assert await _read_len(reader, len(want)) == want
     writer.close()
 
 
@@ -483,10 +488,5 @@ async def test_select_pipelined_behind_shared_commands_answers_everything_in_its
                  + b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n"
                  + b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
     want = b"+OK\r\n+OK\r\n$3\r\nin1\r\n+OK\r\n+OK\r\n$3\r\nin0\r\n"
-    data = b""
-    while len(data) < len(want):
-        chunk = await asyncio.wait_for(reader.read(4096), 5)
-        assert chunk, data
-        data += chunk
-    assert data == want
+    assert await _read_len(reader, len(want)) == want
     writer.close()
