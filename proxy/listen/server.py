@@ -313,6 +313,8 @@ class Response:
             extra = f"Content-Length: {len(body) if body else 0}\r\n\r\n"
         if not proto.will_keep_alive(request):
             extra = "Connection: close\r\n" + extra
+        elif request.version == "1.0":
+            extra = "Connection: keep-alive\r\n" + extra  # HTTP/1.0 (ab -k) closes unless told otherwise
         data = _head(status, self.reason, headers, extra)
         proto.responded = True
         proto.write(data + body if body else data)
@@ -359,6 +361,8 @@ class StreamResponse:
             proto.must_close = True  # HTTP/1.0 without a length: the body ends with the connection
         if not proto.will_keep_alive(request):
             extra += "Connection: close\r\n"
+        elif request.version == "1.0":
+            extra += "Connection: keep-alive\r\n"
         proto.responded = True
         proto.write(_head(status, self.reason, headers, extra + "\r\n"))
         await proto.drain()

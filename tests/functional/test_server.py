@@ -71,12 +71,20 @@ async def test_http10_and_connection_close(upstream, start_proxy):
     status, headers, body = await _answer(reader)
     assert status.startswith(b"HTTP/1.1 200") and headers["connection"] == "close"
     assert await _closed(reader)
+    # HTTP/1.0 with keep-alive (ab -k): told so, and the connection stays open for the next request
+    reader, writer = await _open(p)
+    writer.write(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    status, headers, body = await _answer(reader)
+    assert headers["connection"].lower() == "keep-alive"
+    writer.write(b"GET /ka2 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert (await _answer(reader))[0].startswith(b"HTTP/1.1 200")
+    writer.close()
     reader, writer = await _open(p)
     writer.write(b"GET /bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     status, headers, body = await _answer(reader)
     assert status.startswith(b"HTTP/1.1 200") and headers["connection"] == "close"
     assert await _closed(reader)
-    assert [r["path_qs"] for r in upstream.requests] == ["/old", "/bye"]
+    assert [r["path_qs"] for r in upstream.requests] == ["/old", "/ka", "/ka2", "/bye"]
 
 
 async def test_streamed_answer_to_http10_client_is_close_delimited(upstream, start_proxy):
