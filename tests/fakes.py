@@ -17,6 +17,8 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.model_requests: list[dict] = []
         self.chunks = 10
+        self.chunks_sent = 0
+        self.aborted = 0
         self.delay = 0.0                  # seconds between stream chunks
         self.fail_models: set[str] = set()  # these models answer 500
         self.fail_all: int | None = None  # every call answers this status
@@ -67,13 +69,18 @@ class FakeOpenAI:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         pieces = [text[i * len(text) // self.chunks:(i + 1) * len(text) // self.chunks] for i in range(self.chunks)]
-        for i, piece in enumerate(pieces):
-            delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            if self.delay:
-                await asyncio.sleep(self.delay)
+        try:
+            for i, piece in enumerate(pieces):
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.chunks_sent += 1
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+        except (ConnectionError, asyncio.CancelledError):
+            self.aborted += 1  # the caller (the proxy) went away mid-stream
+            raise
         final = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                  "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}
         await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")

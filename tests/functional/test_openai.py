@@ -247,3 +247,28 @@ async def test_stream_without_done_ends_with_error_event(fake, start_proxy):
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
+
+
+async def test_app_closing_a_stream_stops_the_upstream_stream(fake, start_proxy):
+    """The app gives up on a long completion: the proxy must drop the upstream stream at once, not keep
+    paying for tokens nobody will read."""
+    fake.chunks, fake.delay = 200, 0.02  # ~4 s of stream
+    name, cfg = llm_config(fake.url)
+    p = await start_proxy(cfg)
+    stream = await client(p).chat.completions.create(model="m", messages=MSG, stream=True)
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.close()
+    for _ in range(100):
+        if fake.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.aborted == 1 and fake.chunks_sent < 100
+    for _ in range(50):
+        if p.upstream.counters.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert p.upstream.counters.in_flight == 0
