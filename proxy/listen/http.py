@@ -46,6 +46,7 @@ def new_request_id(given: str | None) -> str:
 
 
 _NONE: frozenset[str] = frozenset()
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
 
 def connection_listed(headers) -> frozenset[str]:
@@ -53,6 +54,8 @@ def connection_listed(headers) -> frozenset[str]:
     if "Connection" not in headers:
         return _NONE
     values = headers.getall("Connection")
+    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+        return _NONE  # "keep-alive"/"close" name nothing beyond the hop-by-hop set: the common case
     return frozenset(t.strip().lower() for v in values for t in v.split(","))
 
 

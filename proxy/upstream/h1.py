@@ -112,6 +112,7 @@ class Connection(asyncio.Protocol):
         self.got_bytes = False
         self.paused = False
         self._headers: CIMultiDict | None = None
+        self._raw: list[tuple[str, str]] = []
         self._reason = ""
         self._waiter: asyncio.Future | None = None
         self._body: Body | None = None
@@ -170,20 +171,21 @@ class Connection(asyncio.Protocol):
 
     # -- parser callbacks (llhttp) ------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._headers = CIMultiDict()
+        self._raw = []
 
     def on_status(self, status: bytes) -> None:
         self._reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        self._raw.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self._headers = CIMultiDict()  # an interim answer: wait for the final one
+            self._raw = []  # an interim answer: wait for the final one
             self._reason = ""
             return
+        self._headers = CIMultiDict(self._raw)  # one C call, not one add() per header
         self._body = Body(self, self.pool.idle_timeout)
         self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message completes
         h = self._headers
