@@ -34,6 +34,11 @@ class StartupError(Exception):
     """A runtime failure at start (exit code 3), e.g. a port already in use."""
 
 
+def _apply_limits(server: ListenerServer, limits) -> None:
+    server.keepalive_timeout = limits.client_idle_timeout
+    server.header_timeout = limits.client_header_timeout
+
+
 class _Bound:
     __slots__ = ("key", "server", "web_server")
 
@@ -170,6 +175,8 @@ class ProxyApp:
                 key = (up.spec.listen, up.spec.protocol)
                 current = self._bound.get(name)
                 if current is not None and current.key == key:
+                    if isinstance(current.web_server, ListenerServer):
+                        _apply_limits(current.web_server, up.spec.limits)  # a reload's new timeouts, live
                     continue
                 host, port = parse_listen(up.spec.listen)
                 for other_name, other in list(self._bound.items()):
@@ -184,6 +191,7 @@ class ProxyApp:
                 else:
                     listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
                     factory = ws = ListenerServer(listener.handle, max_header_bytes=max_field, max_line=max_field)
+                    _apply_limits(ws, up.spec.limits)
                 try:
                     server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
                 except OSError as exc:

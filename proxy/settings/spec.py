@@ -119,6 +119,11 @@ class LimitsSpec(Spec):
     max_in_flight: int = Field(default=1000, ge=1)
     max_pending: int = Field(default=100, ge=0)
     pending_timeout: Duration = Field(default=1.0, ge=0)
+    # the app's side of the listener: an idle keep-alive connection is closed after client_idle_timeout
+    # (longer than the app's own pool timeout, so the app closes first); a request head must arrive
+    # within client_header_timeout (slowloris)
+    client_idle_timeout: Duration = Field(default=3630.0, gt=0)
+    client_header_timeout: Duration = Field(default=30.0, gt=0)
 
 
 class RetrySpec(Spec):

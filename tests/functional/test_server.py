@@ -263,9 +263,8 @@ async def test_refused_body_is_not_read_as_the_next_request(upstream, start_prox
 
 
 async def test_stalled_headers_are_timed_out(upstream, start_proxy):
-    name, cfg = upstream_config(upstream.url)
+    name, cfg = upstream_config(upstream.url, limits={"client_header_timeout": "300ms"})
     p = await start_proxy(cfg)
-    _server(p).header_timeout = 0.3
     reader, writer = await _open(p)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
     status, headers, body = await asyncio.wait_for(_answer(reader), 5)
@@ -275,9 +274,16 @@ async def test_stalled_headers_are_timed_out(upstream, start_proxy):
 
 
 async def test_idle_keepalive_connections_are_closed(upstream, start_proxy):
-    name, cfg = upstream_config(upstream.url)
+    name, cfg = upstream_config(upstream.url, limits={"client_idle_timeout": "1h"})
     p = await start_proxy(cfg)
-    _server(p).keepalive_timeout = 0.3
+    # a reload that only changes the timeout applies to the listener already bound
+    import yaml
+
+    cfg["upstreams"][name]["limits"]["client_idle_timeout"] = "300ms"
+    with open(p.app.config_path, "w") as f:
+        f.write(yaml.safe_dump(cfg))
+    ok, message = await p.app.reload("test")
+    assert ok, message
     reader, writer = await _open(p)
     writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await _answer(reader))[0].startswith(b"HTTP/1.1 200")
