@@ -109,7 +109,7 @@ frontend fe
   default_backend be
 backend be
   retry-on conn-failure
-  server s1 127.0.0.1:{up} check inter 2s fall 3 rise 1
+  server s1 127.0.0.1:{up} check inter 2s fall 3 rise 1 observe layer4 error-limit 3 on-error mark-down
 """)
     return Proc("haproxy", ["haproxy", "-f", str(conf)], port, PROXY_CORE)
 

