@@ -43,13 +43,26 @@ def machine() -> dict:
             "haproxy": version(["haproxy", "-v"]), "redis": version(["redis-server", "--version"]),
             "wrk": version(["sh", "-c", "wrk -v 2>&1"]), "caddy": _caddy_version(version),
             "twemproxy": version(["sh", "-c", "nutcracker --version 2>&1"]),
-            "vegeta": version([_tool("vegeta"), "-version"]),
-            "toxiproxy": version([_tool("toxiproxy-server"), "-version"]),
+            "vegeta": _go_module_version(_tool("vegeta")),
+            "toxiproxy": _go_module_version(_tool("toxiproxy-server")),
             "aiohttp": _pkg("aiohttp"), "httptools": _pkg("httptools"), "uvloop": _pkg("uvloop")}
 
 
 def _tool(name: str) -> str:
     return str(Path(__file__).resolve().parents[1] / ".tools/bin" / name)
+
+
+def _go_module_version(binary: str) -> str | None:
+    """A `go install`ed tool prints no version of its own: read the module version the binary records."""
+    try:
+        out = subprocess.run(["go", "version", "-m", binary], capture_output=True, text=True, timeout=10).stdout
+    except Exception:
+        return None
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "mod" and len(parts) >= 3:
+            return f"{parts[1]} {parts[2]}"
+    return None
 
 
 def _pkg(name: str) -> str | None:
