@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
@@ -77,6 +78,19 @@ async def upstream(aiohttp_server) -> Upstream:
     server = await aiohttp_server(u.app())
     u.url = f"http://127.0.0.1:{server.port}"
     return u
+
+
+async def raw_head(url: str, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes to a listener (`http://host:port`) and return the answer's head: for requests no
+    client library would send."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    finally:
+        writer.close()
 
 
 def upstream_config(url: str, **sections: Any) -> tuple[str, dict]:

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from tests.conftest import metric, upstream_config
+from tests.conftest import metric, raw_head, upstream_config
 
 
 async def test_methods_query_and_body_pass_unchanged(upstream, start_proxy):
@@ -225,15 +225,9 @@ async def test_limits_431_and_413_forward_nothing(upstream, start_proxy):
 async def test_unsupported_requests_refused(upstream, start_proxy):
     name, cfg = upstream_config(upstream.url)
     p = await start_proxy(cfg)
-    host, port = p.url.removeprefix("http://").split(":")
 
     async def raw(data: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(data)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        writer.close()
-        return head
+        return await raw_head(p.url, data)
 
     assert (await raw(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")).startswith(b"HTTP/1.1 405")
     assert (await raw(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")).startswith(b"HTTP/1.1 400")

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import metric, upstream_config
+from tests.conftest import metric, raw_head, upstream_config
 
 
 def failing(status=503, headers=None):
@@ -293,25 +293,13 @@ async def test_admin_reads_need_a_token_off_loopback(upstream, start_proxy, tmp_
 
 
 async def test_hostile_requests_never_touch_the_breaker(upstream, start_proxy):
-    import asyncio as aio
-
     name, cfg = upstream_config(upstream.url, breaker={"fail_max": 1},
                                 limits={"max_header_bytes": "2KiB", "max_request_body": "64KiB"},
                                 retry={"max_replay_body": "1KiB"})
     p = await start_proxy(cfg)
-    host, port = p.url.removeprefix("http://").split(":")
-
-    async def raw(data: bytes) -> bytes:
-        reader, writer = await aio.open_connection(host, port)
-        writer.write(data)
-        await writer.drain()
-        head = await aio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        writer.close()
-        return head
-
     for _ in range(3):
-        assert (await raw(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 400")
-    head = await raw(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n")
+        assert (await raw_head(p.url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 400")
+    head = await raw_head(p.url, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431")
 
     async def big():
