@@ -138,35 +138,52 @@ async def start_proxy(tmp_path):
         await a.close()
 
 
-@pytest.fixture(scope="session")
-def redis_server():
-    """A real redis-server on a free loopback port for the whole session."""
-    import shutil
-    import subprocess
-    import time
-
+def start_redis(*args: str) -> tuple[subprocess.Popen, int]:
+    """A real redis-server on a free loopback port (extra command-line `args`), answering once this returns."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--databases", "16"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--databases", "16", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
+                if s.recv(16)[:1] in (b"+", b"-"):  # PONG, or NOAUTH with --requirepass: it answers
+                    return proc, port
         except OSError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("redis-server did not start")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free loopback port for the whole session."""
+    proc, port = start_redis()
     yield f"redis://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(5)
+
+
+@pytest.fixture
+def another_redis():
+    """`another_redis(*args)` → the port of one more real redis-server, stopped after the test."""
+    procs = []
+
+    def start(*args: str) -> int:
+        proc, port = start_redis(*args)
+        procs.append(proc)
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(5)
 
 
 # -- a real toxiproxy server (started here, stopped after) between the proxy and an upstream -------------

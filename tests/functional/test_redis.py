@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 
 import psutil
@@ -166,47 +165,30 @@ async def test_client_auth_required_when_configured(redis_server, start_proxy, t
         await c.aclose()
 
 
-async def test_upstream_password_from_the_url(start_proxy, tmp_path):
-    import shutil
-    import subprocess
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--save", "", "--requirepass", "s3cr3t"],
-                            stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        secret = tmp_path / "redis-pass"
-        secret.write_text("s3cr3t")
-        name, cfg = redis_config(f"redis://:${{file:{secret}}}@127.0.0.1:{port}/2")
-        await start_proxy(cfg)
-        lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
-        # a password with URL-hostile characters, from a file (re-read by the reload watcher)
-        pw = tmp_path / "pw"
-        pw.write_text("s3cr3t\n")
-        n2, cfg2 = redis_config(f"redis://127.0.0.1:{port}/2")
-        cfg2["upstreams"][n2]["targets"][0]["password_file"] = str(pw)
-        await start_proxy(cfg2)
-        c2 = aredis.Redis(port=int(cfg2["upstreams"][n2]["listen"].split(":")[1]), protocol=3)
-        assert await c2.ping()
-        await c2.aclose()
-        for proto in (2, 3):
-            c = aredis.Redis(port=lport, protocol=proto, password="anything")  # the app's AUTH is answered locally
-            await c.set("k", "v")
-            assert await c.get("k") == b"v"
-            await c.aclose()
-        direct = aredis.Redis(port=port, password="s3cr3t", db=2)
-        assert await direct.get("k") == b"v"  # the URL's db
-        await direct.aclose()
-    finally:
-        proc.terminate()
-        proc.wait(5)
+async def test_upstream_password_from_the_url(start_proxy, tmp_path, another_redis):
+    port = another_redis("--requirepass", "s3cr3t")
+    secret = tmp_path / "redis-pass"
+    secret.write_text("s3cr3t")
+    name, cfg = redis_config(f"redis://:${{file:{secret}}}@127.0.0.1:{port}/2")
+    await start_proxy(cfg)
+    lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    # a password with URL-hostile characters, from a file (re-read by the reload watcher)
+    pw = tmp_path / "pw"
+    pw.write_text("s3cr3t\n")
+    n2, cfg2 = redis_config(f"redis://127.0.0.1:{port}/2")
+    cfg2["upstreams"][n2]["targets"][0]["password_file"] = str(pw)
+    await start_proxy(cfg2)
+    c2 = aredis.Redis(port=int(cfg2["upstreams"][n2]["listen"].split(":")[1]), protocol=3)
+    assert await c2.ping()
+    await c2.aclose()
+    for proto in (2, 3):
+        c = aredis.Redis(port=lport, protocol=proto, password="anything")  # the app's AUTH is answered locally
+        await c.set("k", "v")
+        assert await c.get("k") == b"v"
+        await c.aclose()
+    direct = aredis.Redis(port=port, password="s3cr3t", db=2)
+    assert await direct.get("k") == b"v"  # the URL's db
+    await direct.aclose()
     assert metric("redis_commands_total", name=name, command_class="write", outcome="upstream") >= 2
 
 
@@ -307,45 +289,29 @@ async def test_large_aggregate_replies(rp):
     await c.aclose()
 
 
-async def test_existing_connections_follow_a_reload(redis_server, start_proxy, tmp_path):
-    import shutil
-    import subprocess
+async def test_existing_connections_follow_a_reload(redis_server, start_proxy, tmp_path, another_redis):
+    port2 = another_redis()
+    name, cfg = redis_config(redis_server + "/0")
+    token = tmp_path / "t"
+    token.write_text("tok")
+    cfg["admin"]["token_file"] = str(token)
+    p = await start_proxy(cfg)
+    lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    c = aredis.Redis(port=lport, protocol=2, retry=None, single_connection_client=True)
+    await c.set("where", "first")
+    cfg["upstreams"][name]["targets"][0]["url"] = f"redis://127.0.0.1:{port2}/0"
+    import yaml
 
-    from tests.conftest import free_port
-
-    port2 = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port2), "--save", ""], stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port2), 0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        name, cfg = redis_config(redis_server + "/0")
-        token = tmp_path / "t"
-        token.write_text("tok")
-        cfg["admin"]["token_file"] = str(token)
-        p = await start_proxy(cfg)
-        lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
-        c = aredis.Redis(port=lport, protocol=2, retry=None, single_connection_client=True)
-        await c.set("where", "first")
-        cfg["upstreams"][name]["targets"][0]["url"] = f"redis://127.0.0.1:{port2}/0"
-        import yaml
-
-        with open(p.app.config_path, "w") as f:
-            f.write(yaml.safe_dump(cfg))
-        ok, _ = await p.app.reload("test")
-        assert ok
-        assert await c.get("where") is None  # the same client connection now talks to the new Redis
-        await c.set("where", "second")
-        direct = aredis.Redis(port=port2)
-        assert await direct.get("where") == b"second"
-        await direct.aclose()
-        await c.aclose()
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    with open(p.app.config_path, "w") as f:
+        f.write(yaml.safe_dump(cfg))
+    ok, _ = await p.app.reload("test")
+    assert ok
+    assert await c.get("where") is None  # the same client connection now talks to the new Redis
+    await c.set("where", "second")
+    direct = aredis.Redis(port=port2)
+    assert await direct.get("where") == b"second"
+    await direct.aclose()
+    await c.aclose()
 
 
 async def _read_until(reader, *needles, timeout=5.0):
