@@ -42,6 +42,12 @@ class FakeOpenAI:
         last = body.get("messages", [{}])[-1].get("content", "") if body.get("messages") else body.get("prompt", "")
         return "".join(WORDS[: self.chunks]) + f" [{last}]"
 
+    async def _accept(self, request):
+        """Read and record a request → (body, the failure to answer instead, if one is configured)."""
+        body = await request.json()
+        self._record(request, body)
+        return body, await self._gate(body)
+
     async def _gate(self, body):
         if self.slow:
             await asyncio.sleep(self.slow)
@@ -54,11 +60,9 @@ class FakeOpenAI:
         return None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self._record(request, body)
-        gate = await self._gate(body)
-        if gate is not None:
-            return gate
+        body, failed = await self._accept(request)
+        if failed is not None:
+            return failed
         cid, model, created = f"chatcmpl-{len(self.requests)}", body.get("model", "m"), 1700000000
         text = self.content(body)
         usage = {"prompt_tokens": 7, "completion_tokens": self.chunks, "total_tokens": 7 + self.chunks}
@@ -90,21 +94,17 @@ class FakeOpenAI:
         return resp
 
     async def text(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self._record(request, body)
-        gate = await self._gate(body)
-        if gate is not None:
-            return gate
+        body, failed = await self._accept(request)
+        if failed is not None:
+            return failed
         return web.json_response({"id": "cmpl-1", "object": "text_completion", "created": 1700000000,
                                   "model": body.get("model"), "choices": [{"index": 0, "text": self.content(body),
                                                                            "finish_reason": "stop"}]})
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self._record(request, body)
-        gate = await self._gate(body)
-        if gate is not None:
-            return gate
+        body, failed = await self._accept(request)
+        if failed is not None:
+            return failed
         return web.json_response({"object": "list", "model": body.get("model"),
                                   "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]})
 
