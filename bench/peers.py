@@ -172,6 +172,17 @@ def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict
     return p, {"port": port, "admin": admin, "config": cfg, "path": path}
 
 
+def proxy_for(tmp: Path, name: str, protocol: str, target_url: str) -> Proc:
+    """The proxy with one upstream of `protocol` in front of `target_url`, defaults otherwise (S4, S5)."""
+    port, admin = free_port(), free_port()
+    cfg = {"admin": {"listen": f"127.0.0.1:{admin}"}, "log": {"level": "error"},
+           "upstreams": {protocol: {"protocol": protocol, "listen": f"127.0.0.1:{port}",
+                                    "targets": [{"name": "stable", "url": target_url}], "health": {"enabled": False}}}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return Proc(name, [sys.executable, "-m", "proxy", "run", "--config", str(path)], port, PROXY_CORE, cwd=ROOT)
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 

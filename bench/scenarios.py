@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from bench import load, peers
-from bench.peers import LOAD_CORE, PROXY_CORE, ROOT, Proc, free_port, wait_port
+from bench.peers import LOAD_CORE, PROXY_CORE, ROOT, Proc, free_port
 
 
 def _admin(admin: int, path: str, body: dict | None = None) -> dict:
@@ -95,16 +94,8 @@ from tests.fakes import FakeOpenAI
 f = FakeOpenAI(); f.chunks = 50; f.delay = 0.005
 web.run_app(f.app(), host='127.0.0.1', port={fake_port}, print=None, access_log=None)
 """], fake_port, LOAD_CORE, cwd=ROOT)
-    port, admin = free_port(), free_port()
-    import yaml
-
-    cfg = {"admin": {"listen": f"127.0.0.1:{admin}"}, "log": {"level": "error"},
-           "upstreams": {"llm": {"protocol": "openai", "listen": f"127.0.0.1:{port}",
-                                 "targets": [{"name": "stable", "url": f"http://127.0.0.1:{fake_port}"}],
-                                 "health": {"enabled": False}}}}
-    (tmp / "llm.yaml").write_text(yaml.safe_dump(cfg))
-    px = Proc("resilience-proxy-llm", [sys.executable, "-m", "proxy", "run", "--config", str(tmp / "llm.yaml")], port,
-              PROXY_CORE, cwd=ROOT)
+    px = peers.proxy_for(tmp, "resilience-proxy-llm", "openai", f"http://127.0.0.1:{fake_port}")
+    port = px.port
     import openai
 
     res = {"ttfc": {"direct": [], "resilience-proxy": []}, "gap": {"direct": [], "resilience-proxy": []}}
@@ -135,21 +126,9 @@ def redis(tmp: Path, requests: int, rounds: int, progress) -> dict:
 
     rport = free_port()
     server = Proc("redis-server", ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"], rport, LOAD_CORE)
-    systems = {"direct": None}
-    port, admin = free_port(), free_port()
-    import yaml
-
-    cfg = {"admin": {"listen": f"127.0.0.1:{admin}"}, "log": {"level": "error"},
-           "upstreams": {"redis": {"protocol": "redis", "listen": f"127.0.0.1:{port}",
-                                   "targets": [{"name": "stable", "url": f"redis://127.0.0.1:{rport}/0"}],
-                                   "health": {"enabled": False}}}}
-    (tmp / "redis.yaml").write_text(yaml.safe_dump(cfg))
-    procs = [server]
-    ports = {"direct": rport}
-    px = Proc("resilience-proxy-redis", [sys.executable, "-m", "proxy", "run", "--config", str(tmp / "redis.yaml")],
-              port, PROXY_CORE, cwd=ROOT)
-    procs.append(px)
-    ports["resilience-proxy"] = port
+    px = peers.proxy_for(tmp, "resilience-proxy-redis", "redis", f"redis://127.0.0.1:{rport}/0")
+    procs = [server, px]
+    ports = {"direct": rport, "resilience-proxy": px.port}
     if shutil.which("nutcracker"):
         tport = free_port()
         (tmp / "nutcracker.yml").write_text(f"""alpha:
@@ -166,7 +145,6 @@ def redis(tmp: Path, requests: int, rounds: int, progress) -> dict:
         procs.append(Proc("twemproxy", ["nutcracker", "-c", str(tmp / "nutcracker.yml")], tport, PROXY_CORE))
         ports["twemproxy"] = tport
     res: dict = {name: {"GET": [], "SET": [], "GET_P16": []} for name in ports}
-    del systems
     try:
         for r in range(rounds):
             for name, p in ports.items():
@@ -302,5 +280,3 @@ def memory(tmp: Path, ups: list[int], progress) -> dict:
         px.stop()
     return {"idle_mb": idle, "cache_10k_mb": with_cache, "cache_entries": entries, "cache_10k_plus_1k_conns_mb": with_conns}
 
-
-__all__ = ["throughput", "sse", "redis", "chaos", "memory", "wait_port", "subprocess"]
