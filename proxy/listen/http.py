@@ -18,12 +18,11 @@ import time
 
 from multidict import CIMultiDict
 
-from proxy.listen.server import MalformedBody, Request, Response, StreamResponse
+from proxy.listen.server import BodyTooLarge, MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
 from proxy.upstream import h1
-from proxy.upstream.http import BodyTooLarge
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
@@ -57,6 +56,14 @@ def connection_listed(headers) -> frozenset[str]:
     if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
         return _NONE  # "keep-alive"/"close" name nothing beyond the hop-by-hop set: the common case
     return frozenset(t.strip().lower() for v in values for t in v.split(","))
+
+
+def forwardable(headers, drop: frozenset[str]) -> CIMultiDict:
+    """The headers without the hop-by-hop ones: `drop`, and whatever their Connection header lists."""
+    listed = connection_listed(headers)
+    if listed:
+        drop = drop | listed
+    return CIMultiDict([kv for kv in headers.items() if kv[0].lower() not in drop])
 
 
 def error_body(status: int, error_type: str, message: str, upstream: str, request_id: str) -> bytes:
@@ -93,13 +100,10 @@ class StreamedBody:
             except TimeoutError:
                 self.client_error = (408, "request_timeout", "the request body stalled past the idle timeout")
                 raise
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except ConnectionError:
                 self.client_error = (400, "client_closed", "the client closed the connection mid-body")
                 raise
             if not chunk:
-                if content.exception() is not None or not content.is_eof():
-                    self.client_error = (400, "client_closed", "the client closed the connection mid-body")
-                    raise ConnectionResetError("client went away")
                 self.done = True
                 return
             self.seen += len(chunk)
@@ -112,7 +116,8 @@ class StreamedBody:
 async def _read_exactly(content, n: int, idle: float) -> bytes:
     """A body of known length, each read bounded by the idle timeout."""
     if n < 65536:
-        return await content.readexactly(n)
+        async with asyncio.timeout(idle):
+            return await content.readexactly(n)
     parts, got = [], 0
     while got < n:
         async with asyncio.timeout(idle):
@@ -122,6 +127,22 @@ async def _read_exactly(content, n: int, idle: float) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+async def collect(content, idle: float, max_body: int | None, keep: int | None = None) -> tuple[list[bytes], int, bool]:
+    """A body of unknown length, each read bounded by the idle timeout, until its end or until more than
+    `keep` bytes are in → (chunks, bytes, ended). Over `max_body` is the client's 413."""
+    chunks, n = [], 0
+    while keep is None or n <= keep:
+        async with asyncio.timeout(idle):
+            chunk = await content.readany()
+        if not chunk:
+            return chunks, n, True
+        chunks.append(chunk)
+        n += len(chunk)
+        if max_body is not None and n > max_body:
+            raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
+    return chunks, n, False
 
 
 class HttpListener:
@@ -139,27 +160,18 @@ class HttpListener:
                             content_type="application/json", headers={"X-Request-Id": rid, **(headers or {})})
 
     async def read_body(self, request: Request, route, cl: int | None, max_body: int | None):
-        """→ (body, replayable). Kept in memory when small enough to replay, streamed otherwise."""
-        if cl == 0 or (cl is None and not request.body_exists):
-            return None, True
+        """→ (body, replayable). Kept in memory when small enough to replay, streamed otherwise. Only
+        called for a request that has a body."""
         keep = route.retry.max_replay_body if route.retry.attempts > 1 else 0
         content = request.content
         idle = route.timeouts.idle
         if cl is not None:
             if cl <= keep:
-                async with asyncio.timeout(idle if cl < 65536 else None):
-                    return await _read_exactly(content, cl, idle), True
+                return await _read_exactly(content, cl, idle), True
             return StreamedBody([], content, None, idle, 0), False
-        chunks, n = [], 0
-        while n <= keep:
-            async with asyncio.timeout(idle):
-                chunk = await content.readany()
-            if not chunk:
-                return b"".join(chunks), True
-            chunks.append(chunk)
-            n += len(chunk)
-            if max_body is not None and n > max_body:
-                raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
+        chunks, n, ended = await collect(content, idle, max_body, keep)
+        if ended:
+            return b"".join(chunks), True
         return StreamedBody(chunks, content, max_body, idle, n), False
 
     async def prepare(self, request: Request, up, route, preq: ProxyRequest):
@@ -189,9 +201,7 @@ class HttpListener:
 
     def upstream_headers(self, request: Request, up, rid: str) -> CIMultiDict:
         headers_in = request.headers
-        listed = connection_listed(headers_in)
-        drop = self.drop_headers | listed if listed else self.drop_headers
-        out = CIMultiDict([kv for kv in request.raw_headers if kv[0].lower() not in drop])
+        out = forwardable(headers_in, self.drop_headers)
         peer = request.remote or ""
         xff = headers_in.get("X-Forwarded-For")
         out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
@@ -292,9 +302,7 @@ class HttpListener:
 
     def response_headers(self, resp: ProxyResponse, rid: str, track_header: str | None = None,
                          track: str | None = None) -> CIMultiDict:
-        listed = connection_listed(resp.headers)
-        drop = _RESP_DROP | listed if listed else _RESP_DROP
-        headers = CIMultiDict([kv for kv in resp.headers.items() if kv[0].lower() not in drop])
+        headers = forwardable(resp.headers, _RESP_DROP)
         headers["X-Request-Id"] = rid
         if track_header and track:
             headers[track_header] = track

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
-from proxy.listen.http import HOP_BY_HOP, connection_listed, error_body, new_request_id
+from proxy.listen.http import HOP_BY_HOP, connection_listed, error_body, forwardable, new_request_id
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _DROP = HOP_BY_HOP | {"content-length"}  # Host is kept: the app may route or check on it
@@ -106,12 +106,7 @@ class InboundListener:
                           spec.buckets if spec else (1.0,))
 
     def _headers(self, request, rid: str) -> CIMultiDict:
-        listed = connection_listed(request.headers)
-        out = CIMultiDict()
-        for k, v in request.headers.items():
-            lk = k.lower()
-            if lk not in _DROP and lk not in listed:
-                out.add(k, v)
+        out = forwardable(request.headers, _DROP)
         if request.content_length is not None:
             out["Content-Length"] = str(request.content_length)
         xff = request.headers.get("X-Forwarded-For")
@@ -139,9 +134,7 @@ class InboundListener:
             yield chunk
 
     async def _relay(self, request, r: aiohttp.ClientResponse, rid: str, spec) -> web.StreamResponse:
-        listed = connection_listed(r.headers)
-        headers = CIMultiDict((k, v) for k, v in r.headers.items()
-                              if k.lower() not in HOP_BY_HOP | {"content-length"} and k.lower() not in listed)
+        headers = forwardable(r.headers, _DROP)
         headers["X-Request-Id"] = rid
         sr = web.StreamResponse(status=r.status, reason=r.reason, headers=headers)
         cl = r.headers.get("Content-Length")

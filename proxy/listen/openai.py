@@ -9,13 +9,12 @@ error event and `data: [DONE]`; cached and degraded fallbacks replayed as SSE to
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 from multidict import CIMultiDict
 
-from proxy.listen.http import _REQ_DROP, HttpListener, Refused
+from proxy.listen.http import _REQ_DROP, HttpListener, Refused, collect
 from proxy.listen.server import Request, Response, StreamResponse
 from proxy.llm import sse
 from proxy.llm.policy import cache_key, error_event
@@ -49,19 +48,8 @@ class OpenAIListener(HttpListener):
                             headers={"X-Request-Id": rid, **(headers or {})})
 
     async def read_body(self, request: Request, route, cl: int | None, max_body: int | None):
-        if cl == 0 or (cl is None and not request.body_exists):
-            return None, True
-        chunks, n = [], 0
-        content = request.content
-        while True:
-            async with asyncio.timeout(route.timeouts.idle):
-                chunk = await content.readany()
-            if not chunk:
-                break
-            n += len(chunk)
-            if max_body is not None and n > max_body:
-                raise Refused(413, "request_too_large", f"request body exceeds max_request_body ({max_body} bytes)")
-            chunks.append(chunk)
+        """Always whole: the JSON is read (cache key, model, stream flag) before anything goes out."""
+        chunks, _, _ = await collect(request.content, route.timeouts.idle, max_body)
         return b"".join(chunks), True
 
     plain = False

@@ -21,10 +21,6 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _SAFE_IDLE = 1.0  # a non-replayable request only reuses a connection used within the last second
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 def shed_response(message: str) -> ProxyResponse:
     f = Failure("overloaded", Reason.OVERLOADED, 503, "overloaded", message, retry_after=1.0)
     return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="shed", body=None)
