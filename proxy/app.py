@@ -216,8 +216,6 @@ class ProxyApp:
             return
         if listen is not None:
             host, port = parse_listen(listen)
-            if current is not None and current.key == listen:
-                return
             if current is not None and parse_listen(current.key)[1] == port:
                 current.server.close()
             from aiohttp import web  # the inbound listener (WebSockets to the app) stays on aiohttp's server

@@ -112,12 +112,6 @@ class Body:
             w.set_result(None)
 
     # -- what the listener reads (aiohttp's StreamReader names) -----------------------------------------
-    def exception(self) -> BaseException | None:
-        return self.exc
-
-    def is_eof(self) -> bool:
-        return self.eof and not self.chunks
-
     async def _wait(self) -> None:
         self.proto.resume_reading()
         self.waiter = asyncio.get_running_loop().create_future()
@@ -146,12 +140,8 @@ class Body:
     async def readany(self) -> bytes:
         return self._take() if await self._ready() else b""
 
-    async def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            parts = []
-            while chunk := await self.readany():
-                parts.append(chunk)
-            return b"".join(parts)
+    async def read(self, n: int) -> bytes:
+        """At most n bytes (b"" at the end)."""
         if not await self._ready():
             return b""
         chunk = self._take()
@@ -178,12 +168,6 @@ class _NoBody:
     __slots__ = ()
     eof = True
 
-    def exception(self) -> None:
-        return None
-
-    def is_eof(self) -> bool:
-        return True
-
     def feed(self, data: bytes) -> None:  # llhttp found a body after all (cannot happen): drop it
         pass
 
@@ -196,13 +180,6 @@ class _NoBody:
     async def readany(self) -> bytes:
         return b""
 
-    async def read(self, n: int = -1) -> bytes:
-        return b""
-
-    async def readexactly(self, n: int) -> bytes:
-        if n:
-            raise asyncio.IncompleteReadError(b"", n)
-        return b""
 
 
 NO_BODY = _NoBody()
@@ -278,6 +255,13 @@ def json_response(data, status: int = 200, headers=None) -> Response:
     r = Response(status=status, body=json.dumps(data).encode(), headers=headers)
     r.headers["Content-Type"] = "application/json; charset=utf-8"
     return r
+
+
+def _error_answer(status: int, error_type: str, message: str) -> bytes:
+    """The server's own answer to what never reached a listener (unparseable input, a bug): JSON, closing."""
+    body = json.dumps({"error": {"type": error_type, "message": message, "status": status}}).encode()
+    return _head(status, None, {"Content-Type": "application/json"},
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n") + body
 
 
 class Response:
@@ -571,10 +555,7 @@ class ServerProtocol(asyncio.Protocol):
         if self._parsing is not None:
             self._parsing.content.set_exception(MalformedBody(message))
         if self._current is None and not self.closed:
-            body = json.dumps({"error": {"type": error_type, "message": message, "status": status}}).encode()
-            self.transport.write(
-                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\nDate: {http_date()}\r\n\r\n".encode() + body)
+            self.transport.write(_error_answer(status, error_type, message))
             self._close(linger=True)
 
     # -- llhttp callbacks ----------------------------------------------------------------------------------
@@ -635,7 +616,6 @@ class ServerProtocol(asyncio.Protocol):
     async def _serve(self, req: Request) -> None:
         server = self.server
         while True:
-            server.in_flight += 1
             self.responded = False
             try:
                 resp = await server.handler(req)
@@ -652,14 +632,9 @@ class ServerProtocol(asyncio.Protocol):
             except Exception as exc:  # noqa: BLE001 — a bug must cost one request, not the listener
                 log.error("listener_error", error=type(exc).__name__, message=str(exc)[:200])
                 if not self.closed and not self.responded:
-                    body = json.dumps({"error": {"type": "internal_error", "message": "internal proxy error",
-                                                 "status": 500}}).encode()
-                    self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json"
-                                         b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+                    self.transport.write(_error_answer(500, "internal_error", "internal proxy error"))
                 self._close(linger=True)
                 return
-            finally:
-                server.in_flight -= 1
             if self.closed or self.transport.is_closing():
                 return
             # The next request on this connection, if the app may send one. A body the handler did not
@@ -717,7 +692,6 @@ class Server:
         self.handler = handler
         self.max_header_bytes, self.max_line = max_header_bytes, max_line
         self.connections: set[ServerProtocol] = set()
-        self.in_flight = 0
         self.closing = False
         self.header_timeout, self.keepalive_timeout = _HEADER_TIMEOUT, _KEEPALIVE_TIMEOUT
         self._sweeper: asyncio.TimerHandle | None = None

@@ -227,7 +227,7 @@ class Connection(asyncio.Protocol):
             self.pool.h1_idle(self)
         else:
             self.close()
-        self.pool.h1_done()
+        self.pool.release()  # the request's connection slot
 
     def close(self) -> None:
         if not self.closed:

@@ -9,6 +9,8 @@ import asyncio
 import time
 from urllib.parse import quote
 
+from multidict import CIMultiDict
+
 from proxy.obs import log
 from proxy.redis.codec import ReplyFramer, encode_command
 
@@ -82,14 +84,7 @@ class TargetHealth:
             return await self._get_via_aiohttp()
         # The lean client on a connection of its own (a check must not take a request's pool slot, and
         # a fresh connection is what it should prove works)
-        headers = dict(self.headers())
-        if pool.basic_auth is not None:
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            headers["Authorization"] = pool.basic_auth
-        head = [f"GET {pool.path_prefix}{quote(self.spec.path, safe=_PATH_SAFE)} HTTP/1.1\r\n"]
-        if not any(k.lower() == "host" for k in headers):
-            head.append(f"Host: {pool.host_header}\r\n")
-        head += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        head = pool.request_head("GET", quote(self.spec.path, safe=_PATH_SAFE), CIMultiDict(self.headers()))
         head.append("Connection: close\r\n\r\n")
         conn = await pool.h1_connect()
         try:

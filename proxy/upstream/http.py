@@ -135,15 +135,7 @@ class HttpTerminal:
     async def _lean(self, req: ProxyRequest, pool, body: bytes | None) -> ProxyResponse:
         """The lean client: the request as one write, the answer parsed by llhttp."""
         headers = req.headers
-        head = [f"{req.method} {pool.path_prefix}{req.path_qs} HTTP/1.1\r\n"]
-        if "Host" not in headers:  # a configured Host (request_headers) replaces the target's
-            head.append(f"Host: {pool.host_header}\r\n")
-        items = headers.items()
-        if pool.basic_auth is not None:  # the target URL's credentials win over the app's
-            head.append(f"Authorization: {pool.basic_auth}\r\n")
-            items = [(k, v) for k, v in items if k.lower() != "authorization"]
-        for k, v in items:
-            head.append(f"{k}: {v}\r\n")
+        head = pool.request_head(req.method, req.path_qs, headers)
         if body is not None and "Content-Length" not in headers:
             head.append(f"Content-Length: {len(body)}\r\n")
         elif body is None and req.method in _BODY_METHODS and "Content-Length" not in headers:

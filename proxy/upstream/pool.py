@@ -116,6 +116,19 @@ class HttpPool:
         self.fast = self.proxy is None  # the lean client (proxy/upstream/h1.py) unless an egress proxy is set
         self._idle_conns: list = []
 
+    def request_head(self, method: str, target: str, headers) -> list[str]:
+        """The request line and headers for the lean client (requests and active checks alike): the
+        target's Host unless one is configured, the target URL's credentials over the app's."""
+        head = [f"{method} {self.path_prefix}{target} HTTP/1.1\r\n"]
+        if "Host" not in headers:  # a configured Host (request_headers) replaces the target's
+            head.append(f"Host: {self.host_header}\r\n")
+        items = headers.items()
+        if self.basic_auth is not None:
+            head.append(f"Authorization: {self.basic_auth}\r\n")
+            items = [(k, v) for k, v in items if k.lower() != "authorization"]
+        head += [f"{k}: {v}\r\n" for k, v in items]
+        return head
+
     @property
     def pending(self) -> int:
         return len(self._waiters)
@@ -241,9 +254,6 @@ class HttpPool:
             return
         conn.last_used = now
         self._idle_conns.append(conn)
-
-    def h1_done(self) -> None:
-        self.release()
 
     async def close(self) -> None:
         for c in self._idle_conns:
