@@ -25,6 +25,11 @@ from proxy.settings.spec import RetrySpec
 _NOTHING_DONE = frozenset({"connect-failure", "429"})
 
 
+def backoff(spec: RetrySpec, retry_number: int, rand=random.random) -> float:
+    """Full jitter: the n-th retry waits uniform(0, min(backoff_max, backoff_base·2^(n-1)))."""
+    return rand() * min(spec.backoff_max, spec.backoff_base * (2 ** (retry_number - 1)))
+
+
 class RetryBudget:
     """Per upstream; survives reloads. `active` is kept by the listener (requests in flight)."""
 
@@ -91,8 +96,7 @@ class Retry:
             f"{c[0]}{i:02d}" for c in spec.on if c.endswith("xx") for i in range(100))
 
     def backoff(self, retry_number: int) -> float:
-        cap = min(self.spec.backoff_max, self.spec.backoff_base * (2 ** (retry_number - 1)))
-        return self.rand() * cap
+        return backoff(self.spec, retry_number, self.rand)
 
     def _delay(self, req: ProxyRequest, resp: ProxyResponse, retry_number: int) -> float | None:
         """Seconds to wait before the next attempt, or None when this answer must stand."""

@@ -45,7 +45,6 @@ class RequestParser:
         self.max_buffer = max_buffer if max_buffer is not None else max_bulk + 64 * 1024
         self._args: list[bytes] | None = None  # the command being read
         self._left = 0                         # arguments still to read
-        self._pos = 0                          # where to resume
 
     def pending_bytes(self) -> bytes:
         """Everything fed but not yet returned, as bytes again (for a connection turning into a raw
@@ -56,7 +55,7 @@ class RequestParser:
                 b"$%d\r\n%s\r\n" % (len(a), a) for a in self._args)
         out = head + bytes(self.buf)
         self.buf.clear()
-        self._args, self._left, self._pos = None, 0, 0
+        self._args, self._left = None, 0
         return out
 
     def feed(self, data: bytes) -> list[list[bytes]]:
@@ -64,7 +63,7 @@ class RequestParser:
         buf += data
         out: list[list[bytes]] = []
         n = len(buf)
-        pos = self._pos
+        pos = 0  # consumed bytes are dropped at the end of every feed: a resume starts at the front
         while pos < n:
             if self._args is None:
                 if buf[pos] != 0x2A:  # not '*': an inline command
@@ -113,10 +112,8 @@ class RequestParser:
             out.append(self._args)
             self._args = None
         # drop what is consumed: the unfinished command's bytes stay (its parsed arguments are kept)
-        keep_from = pos if self._args is None else pos
-        if keep_from:
-            del buf[:keep_from]
-        self._pos = 0
+        if pos:
+            del buf[:pos]
         if len(buf) > self.max_buffer:
             raise ProtocolError("request too large")
         return out

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import random
 
 from proxy.obs import log
 from proxy.policy.base import Verdict
+from proxy.policy.retry import backoff
 from proxy.redis import codec, commands
 from proxy.redis.upstream import Pending, SharedRedis, UpstreamConnection
 
@@ -63,8 +63,7 @@ _DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connect
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
 _SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
-_REASON_FOR = {"connect-failure": "upstream_error", "reset": "upstream_error", "timeout": "timeout",
-               "closed": "upstream_error"}
+_WRONGPASS = codec.error("WRONGPASS invalid username-password pair or user is disabled.")
 
 
 class Slot:
@@ -143,8 +142,7 @@ class RedisClientProtocol(asyncio.Protocol):
         self.up = up
         self.target = up.pick()  # a connection keeps its track between commands (see _refresh)
         self.up_target = up.redis_targets.get(self.target.name)
-        self.limit = up.limits.max_request_body or codec.MAX_BULK
-        self.parser = codec.RequestParser(max_bulk=self.limit)
+        self.parser = codec.RequestParser(max_bulk=up.limits.max_request_body or codec.MAX_BULK)
         self.authenticated = up.client_password is None
         self.counters = up.counters
         up.connections += 1
@@ -178,19 +176,24 @@ class RedisClientProtocol(asyncio.Protocol):
                 self.conn.close()
                 self.conn = None
             return
+        self._corked(self._dispatch_all, cmds, len(cmds) > 1)
+        if len(self.slots) > _MAX_PENDING_SLOTS and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _corked(self, fn, arg, cork: bool = True) -> None:
+        """Run fn(arg) with the dedicated connection corked: the commands it sends go out in one write
+        (also on a connection opened meanwhile)."""
         conn = self.conn
-        if conn is not None and len(cmds) > 1:
+        if conn is not None and cork:
             conn.cork()
         try:
-            self._dispatch_all(cmds)
+            fn(arg)
         finally:
             if conn is not None:
                 conn.uncork()
             if self.conn is not None and self.conn is not conn:
-                self.conn.uncork()  # opened during this read
-        if len(self.slots) > _MAX_PENDING_SLOTS and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+                self.conn.uncork()
 
     def _dispatch_all(self, cmds: list[list[bytes]]) -> None:
         for i, args in enumerate(cmds):
@@ -278,7 +281,7 @@ class RedisClientProtocol(asyncio.Protocol):
             self._enter_tunnel(args)
             return
         keys = commands.keys_of(name, args) if cls in ("read", "write") else None
-        db = self.db if self.db is not None else self._target_db()
+        db = self.db if self.db is not None else self.up_target.db
         if cls == "write" and up.cache is not None:  # inside MULTI too: the write will happen at EXEC
             if name in (b"FLUSHALL",):
                 up.cache.clear_db(None)
@@ -303,21 +306,22 @@ class RedisClientProtocol(asyncio.Protocol):
             self.dedicated = True
         elif cls == "write":
             self.wrote_shared = True
-        slot = Slot()
-        self.slots.append(slot)
-        self.counters.in_flight += 1
-        cmd = Command(slot, name, args, codec.encode_command(args), cls, keys or [], db, self.proto, shared)
+        cmd = Command(self._new_slot(), name, args, codec.encode_command(args), cls, keys or [], db, self.proto, shared)
         self.forward(cmd)
 
     def _shareable(self, name: bytes) -> bool:
         """A plain read or write of a client with no connection state the upstream must hold for it."""
         return (name in commands.READS or name in commands.WRITES or name in _STATELESS) and self.client_name is None
 
-    def _park(self, args: list[bytes]) -> None:
+    def _hold(self) -> None:
+        """From now on commands wait in `_parked` (and the client's input with them)."""
         if self._parked is None:
             self._parked = collections.deque()
             if self.transport is not None:
                 self.transport.pause_reading()
+
+    def _park(self, args: list[bytes]) -> None:
+        self._hold()
         self._parked.append(args)
 
     def _shared_done(self) -> None:
@@ -331,33 +335,26 @@ class RedisClientProtocol(asyncio.Protocol):
             return
         parked, self._parked = self._parked, None
         self._releasing = True  # a command failing at once re-enters _shared_done: no recursion
-        conn = self.conn
-        if conn is not None:
-            conn.cork()
         try:
-            while parked and not self.closing:
-                args = parked.popleft()
-                self.dispatch(args)
-                if self._parked is not None:  # it (or a SELECT being checked) waits again: the rest behind
-                    self._parked.extend(parked)
-                    break
-                if self.tunnel:  # SUBSCRIBE/MONITOR: what follows it (and a command still arriving) is raw
-                    self._forward_rest(list(parked))
-                    parked.clear()
+            self._corked(self._dispatch_held, parked)
         finally:
             self._releasing = False
-            if conn is not None:
-                conn.uncork()
-            if self.conn is not None and self.conn is not conn:
-                self.conn.uncork()
         if self._parked is None and self.transport is not None and not self.paused and not self.write_paused:
             self.transport.resume_reading()
         elif (self._parked is not None and not self.shared_out and not self.write_paused and not self.retrying
               and not self._validating):
             self._release_parked()  # everything it waited for was answered while it was being parked
 
-    def _target_db(self) -> int:
-        return self.up.redis_targets[self.target.name].db
+    def _dispatch_held(self, parked: collections.deque) -> None:
+        while parked and not self.closing:
+            args = parked.popleft()
+            self.dispatch(args)
+            if self._parked is not None:  # it (or a SELECT being checked) waits again: the rest behind
+                self._parked.extend(parked)
+                return
+            if self.tunnel:  # SUBSCRIBE/MONITOR: what follows it (and a command still arriving) is raw
+                self._forward_rest(list(parked))
+                parked.clear()
 
     # -- forwarding ----------------------------------------------------------------------------------
     def forward(self, cmd: Command) -> None:
@@ -437,10 +434,11 @@ class RedisClientProtocol(asyncio.Protocol):
                 up.record_outcome(cmd.target, True, elapsed)
         if self.gone:
             return False
+        reason, status = ("timeout", "timeout") if kind == "timeout" else ("upstream_error", "error")
         if self.in_multi or self.watching:
             # A transaction or WATCH lives on that connection: it is gone, and replaying it elsewhere
             # would run commands outside it. Fail this command, then close so the client starts over.
-            self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
+            self._unavailable(cmd, reason, status)
             self._close_after_flush()
             return False
         if (cmd.cls == "read" and cmd.attempt + 1 < up.spec.retry.attempts and not cmd.target.breaker.is_open
@@ -449,8 +447,7 @@ class RedisClientProtocol(asyncio.Protocol):
             if budget.try_acquire():
                 cmd.attempt += 1
                 up.metrics.retry(kind)
-                delay = random.random() * min(up.spec.retry.backoff_max,
-                                              up.spec.retry.backoff_base * 2 ** (cmd.attempt - 1))
+                delay = backoff(up.spec.retry, cmd.attempt)
                 self.retrying += 1
 
                 def again(c=cmd) -> None:
@@ -463,8 +460,11 @@ class RedisClientProtocol(asyncio.Protocol):
                 asyncio.get_running_loop().call_later(delay, again)
                 return True
             up.metrics.budget_exhausted.inc()
-        self._unavailable(cmd, _REASON_FOR.get(kind, "upstream_error"), status="timeout" if kind == "timeout" else "error")
+        self._unavailable(cmd, reason, status)
         return False
+
+    def _unavailable_reply(self, reason: str) -> bytes:
+        return codec.error(f"UNAVAILABLE redis upstream '{self.name}' is unavailable ({reason})")
 
     def _unavailable(self, cmd: Command, reason: str, status: str = "error") -> None:
         """The upstream cannot answer: a cached read, or a clear error. Never queued, never dropped."""
@@ -479,7 +479,7 @@ class RedisClientProtocol(asyncio.Protocol):
                 self._resolve(cmd.slot, reply)
                 return
         up.count(track, cmd.cls, status, "rejected")
-        self._resolve(cmd.slot, codec.error(f"UNAVAILABLE redis upstream '{self.name}' is unavailable ({reason})"))
+        self._resolve(cmd.slot, self._unavailable_reply(reason))
 
     # -- local commands ------------------------------------------------------------------------------
     def _local(self, name: bytes, args: list[bytes]) -> None:
@@ -497,10 +497,7 @@ class RedisClientProtocol(asyncio.Protocol):
             db = int(args[1])
             if self.conn is not None and not self.conn.failed and not self.conn.retiring:
                 # let Redis validate it on the live connection; a new connection replays it
-                slot = Slot()
-                self.slots.append(slot)
-                self.counters.in_flight += 1
-
+                slot = self._new_slot()
                 before = self.db
                 self.db = db  # commands pipelined behind it belong to the new db (cache keys, retries)
 
@@ -531,14 +528,9 @@ class RedisClientProtocol(asyncio.Protocol):
         setup runs SELECT), holding back what follows, so a db that does not exist is an error now — as
         Redis answers — and the client stays where it was. With Redis unreachable it is accepted as
         before (checked when a connection opens), so clients still connect and read the cache."""
-        slot = Slot()
-        self.slots.append(slot)
-        self.counters.in_flight += 1
+        slot = self._new_slot()
         self._validating = True
-        if self._parked is None:
-            self._parked = collections.deque()
-            if self.transport is not None:
-                self.transport.pause_reading()
+        self._hold()
 
         def done(reply: bytes, switch: bool) -> None:
             if switch:
@@ -565,19 +557,13 @@ class RedisClientProtocol(asyncio.Protocol):
         pending = Pending(b"", answered, failed, min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect))
         shared.get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
 
-    def _auth(self, creds: list[bytes]) -> bool:
+    def _auth(self, creds: list[bytes]) -> None:
         want = self.up.client_password
-        if want is None:
+        if want is None or (len(creds) in (1, 2) and hmac.compare_digest(creds[-1], want)):
             self.authenticated = True
             self._reply_now(codec.OK)
-            return True
-        given = creds[-1] if creds else b""
-        if len(creds) in (1, 2) and hmac.compare_digest(given, want):
-            self.authenticated = True
-            self._reply_now(codec.OK)
-            return True
-        self._reply_now(codec.error("WRONGPASS invalid username-password pair or user is disabled."))
-        return False
+        else:
+            self._reply_now(_WRONGPASS)
 
     def _hello(self, args: list[bytes]) -> None:
         proto = self.proto
@@ -592,7 +578,7 @@ class RedisClientProtocol(asyncio.Protocol):
             opt = rest[i].upper()
             if opt == b"AUTH" and i + 2 < len(rest):
                 if self.up.client_password is not None and not hmac.compare_digest(rest[i + 2], self.up.client_password):
-                    self._reply_now(codec.error("WRONGPASS invalid username-password pair or user is disabled."))
+                    self._reply_now(_WRONGPASS)
                     return
                 self.authenticated = True
                 i += 3
@@ -612,8 +598,8 @@ class RedisClientProtocol(asyncio.Protocol):
 
     def _new_upstream(self) -> UpstreamConnection:
         up = self.up
-        conn = UpstreamConnection(up.redis_targets[self.target.name], self.proto, self.db, self.client_name,
-                                  up.spec.timeouts.connect, self._push, self._raw)
+        conn = UpstreamConnection(self.up_target, self.proto, self.db, self.client_name,
+                                  up.spec.timeouts.connect, self._out_of_band, self._out_of_band)
         conn.on_batch = self._batch
         if self.transport is not None and self.write_paused:
             conn.paused_at_start = True
@@ -667,7 +653,7 @@ class RedisClientProtocol(asyncio.Protocol):
         up = self.up
         token = self.target.breaker.admit()
         if token is None:
-            self._reply_now(codec.error(f"UNAVAILABLE redis upstream '{self.name}' is unavailable (circuit_breaker_open)"))
+            self._reply_now(self._unavailable_reply("circuit_breaker_open"))
             return
         self.target.breaker.cancel(token)
         if self.conn is None or self.conn.failed or self.conn.retiring:
@@ -683,15 +669,9 @@ class RedisClientProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _raw(self, data: bytes) -> None:
-        """Tunnel bytes (pub/sub messages, MONITOR): after every reply owed before them, never dropped."""
-        self._out_of_band(data)
-
-    def _push(self, raw: bytes) -> None:
-        """A RESP3 push (client-side caching invalidation, pub/sub): after the replies that came first."""
-        self._out_of_band(raw)
-
     def _out_of_band(self, data: bytes) -> None:
+        """Tunnel bytes (pub/sub messages, MONITOR) and RESP3 pushes: after every reply owed before them,
+        never dropped."""
         if self.transport is None:
             return
         corked, self.corked = self.corked, False
@@ -703,11 +683,15 @@ class RedisClientProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     # -- output in command order ---------------------------------------------------------------------
-    def _reply_now(self, data: bytes) -> None:
+    def _new_slot(self) -> Slot:
+        """The place of the next reply owed, in command order."""
         slot = Slot()
-        slot.reply = data
         self.slots.append(slot)
         self.counters.in_flight += 1
+        return slot
+
+    def _reply_now(self, data: bytes) -> None:
+        self._new_slot().reply = data
         self._flush()
 
     def _resolve(self, slot: Slot, data: bytes) -> None:
