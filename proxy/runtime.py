@@ -108,7 +108,7 @@ class UpstreamRuntime:
             self.metrics.llm_models((*spec.llm.models, *spec.llm.fallback_models))
         for route in (*spec.routes, None):
             timeouts, retry, fallback = spec.route_sections(route)
-            cache = store.cache(name, fallback, self.metrics)
+            cache = store.cache(name, fallback)
             if llm:
                 fb = LLMFallback(fallback, cache, clock, self.metrics, spec.llm.degraded)
                 failover = ModelFailover(spec.llm.fallback_models, clock) if spec.llm.fallback_models else None
@@ -130,7 +130,7 @@ class UpstreamRuntime:
         self.default_route = self.routes[-1]
 
     def _build_redis(self, name: str, spec: UpstreamSpec, store: StateStore, clock: Clock) -> None:
-        self.cache = store.redis_cache(name, spec.fallback, self.metrics)
+        self.cache = store.redis_cache(name, spec.fallback)
         self.connections = 0
         self.client_password = None
         if spec.client_auth.password_file:
@@ -143,7 +143,7 @@ class UpstreamRuntime:
         m = self.metrics.m
         self._counts = {}
         for t in self.targets:
-            for cls in (*redis_commands.CLASSES, "admin"):
+            for cls in redis_commands.CLASSES:
                 for status, outcome in (("ok", "upstream"), ("error", "upstream"), ("ok", "fallback"),
                                         ("error", "rejected"), ("timeout", "rejected")):
                     self._counts[(t.name, cls, status, outcome)] = (

@@ -86,8 +86,8 @@ class CacheSize:
 class FallbackCache(CacheSize):
     """Per (upstream, fallback spec); survives reloads that leave both unchanged."""
 
-    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
-        self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
+    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock) -> None:
+        self.upstream, self.spec, self.clock = upstream, spec, clock
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
                                   getsizeof=lambda e: e.size)
         self.episode: str | None = None   # the reason of the fallback episode in progress, for logs

@@ -12,8 +12,8 @@ _REFRESH = 0.25  # seconds: an unchanged answer is re-stored at most this often 
 
 
 class RedisCache(CacheSize):
-    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, metrics) -> None:
-        self.upstream, self.spec, self.clock, self.metrics = upstream, spec, clock, metrics
+    def __init__(self, spec: FallbackSpec, clock: Clock) -> None:
+        self.spec, self.clock = spec, clock
         self.index: dict[tuple[int, bytes], set[tuple]] = {}   # (db, key) → cache keys
         self.by_db: dict[int, set[tuple]] = {}
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,

@@ -53,23 +53,20 @@ LOCAL = frozenset({b"HELLO", b"AUTH", b"SELECT", b"QUIT", b"RESET"})
 CLASSES = ("read", "write", "blocking", "transaction", "tunnel", "admin")
 
 
+ADMIN = frozenset({b"PUBLISH", b"SPUBLISH", b"PUBSUB", b"UNSUBSCRIBE", b"PUNSUBSCRIBE", b"SUNSUBSCRIBE", b"PING",
+                   b"ECHO", b"TIME", b"INFO", b"CLIENT", b"CONFIG", b"COMMAND", b"MEMORY", b"LATENCY", b"SLOWLOG",
+                   b"ROLE", b"LASTSAVE", b"DEBUG", b"SCRIPT", b"FUNCTION", b"CLUSTER", b"READONLY", b"READWRITE",
+                   b"ACL", b"OBJECT"})
+
+# One lookup per command: built once, later groups win where a name is in two (OBJECT is a read).
+_CLASS: dict[bytes, str] = {}
+for _cls, _names in (("admin", ADMIN), ("write", WRITES.keys() | DB_WIDE), ("tunnel", TUNNEL),
+                     ("transaction", TRANSACTION), ("blocking", BLOCKING), ("read", READS.keys())):
+    _CLASS.update(dict.fromkeys(_names, _cls))
+
+
 def classify(name: bytes) -> str:
-    if name in READS:
-        return "read"
-    if name in BLOCKING:
-        return "blocking"
-    if name in TRANSACTION:
-        return "transaction"
-    if name in TUNNEL:
-        return "tunnel"
-    if name in WRITES or name in DB_WIDE:
-        return "write"
-    if name in (b"PUBLISH", b"SPUBLISH", b"PUBSUB", b"UNSUBSCRIBE", b"PUNSUBSCRIBE", b"SUNSUBSCRIBE",
-                b"PING", b"ECHO", b"TIME", b"INFO", b"CLIENT", b"CONFIG", b"COMMAND", b"MEMORY", b"LATENCY",
-                b"SLOWLOG", b"ROLE", b"LASTSAVE", b"DEBUG", b"SCRIPT", b"FUNCTION", b"CLUSTER", b"READONLY",
-                b"READWRITE", b"ACL", b"OBJECT"):
-        return "admin"
-    return "write"  # unknown: treated as a write of unknown keys (clears the db's cache)
+    return _CLASS.get(name, "write")  # unknown: a write of unknown keys (clears the db's cache)
 
 
 def keys_of(name: bytes, args: list[bytes]) -> list[bytes] | None:

@@ -82,9 +82,9 @@ class StateStore:
                up.limits.max_pending, up.limits.pending_timeout)
         return self._get(key, lambda: HttpPool(target, up.pool, up.timeouts, up.limits, self.clock))
 
-    def cache(self, upstream: str, spec, upstream_metrics) -> FallbackCache:
+    def cache(self, upstream: str, spec) -> FallbackCache:
         key = ("cache", upstream, _k(spec))
-        return self._get(key, lambda: FallbackCache(upstream, spec, self.clock, upstream_metrics))
+        return self._get(key, lambda: FallbackCache(upstream, spec, self.clock))
 
     def health(self, upstream: str, up: UpstreamSpec, target: TargetSpec, pool, redis_target, headers):
         from proxy.upstream.health import TargetHealth
@@ -117,11 +117,11 @@ class StateStore:
         self._reconfigure.append((shared, redis_target, None))  # the new target info, at commit only
         return shared
 
-    def redis_cache(self, upstream: str, spec, upstream_metrics):
+    def redis_cache(self, upstream: str, spec):
         from proxy.redis.cache import RedisCache
 
         key = ("rcache", upstream, _k(spec))
-        return self._get(key, lambda: RedisCache(upstream, spec, self.clock, upstream_metrics))
+        return self._get(key, lambda: RedisCache(spec, self.clock))
 
     def counters_for(self, upstream: str, up: UpstreamSpec) -> Counters:
         c = self._get(("counters", upstream),

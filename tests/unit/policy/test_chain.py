@@ -61,7 +61,7 @@ def make_chain(outcomes, clock=None, retry=None, breaker=None, fallback=None, in
     rspec = RetrySpec(**{"backoff_base": 0.1, "backoff_max": 2.0, **(retry or {})})
     budget = RetryBudget(rspec.budget_ratio, rspec.budget_min)
     fspec = FallbackSpec(**(fallback or {}))
-    cache = FallbackCache(name, fspec, clock, metrics)
+    cache = FallbackCache(name, fspec, clock)
 
     class Counters:
         pass
@@ -235,8 +235,7 @@ def test_cache_bounded_by_bytes_and_entries():
     from proxy.policy.fallback import FallbackCache
 
     clock = ManualClock()
-    metrics = UpstreamMetrics("bounded", ["stable"], (1.0,))
-    cache = FallbackCache("bounded", FallbackSpec(cache_entries=3, cache_bytes=1000), clock, metrics)
+    cache = FallbackCache("bounded", FallbackSpec(cache_entries=3, cache_bytes=1000), clock)
     for i in range(5):
         cache.store(bytes([i]), 200, CIMultiDict(), b"x" * 100)
     assert len(cache) == 3 and cache.get(bytes([0])) is None and cache.get(bytes([4])) is not None
@@ -292,8 +291,7 @@ def test_repeated_identical_answers_keep_the_full_stale_window():
     """A hot key stores the same answer many times a second; only its freshness is refreshed then, but
     the entry must still outlive the last answer by stale_ttl (give or take the one-second re-insert)."""
     clock = ManualClock()
-    metrics = UpstreamMetrics("hot", ["stable"], (1.0,))
-    cache = FallbackCache("hot", FallbackSpec(cache_ttl=10, stale_ttl=100), clock, metrics)
+    cache = FallbackCache("hot", FallbackSpec(cache_ttl=10, stale_ttl=100), clock)
     for _ in range(490):  # every 0.1 s for 49 s
         cache.store(b"k", 200, CIMultiDict({"ETag": "1"}), b"same")
         clock.advance(0.1)
