@@ -180,6 +180,8 @@ def load(path: str, *, strict_refs: bool = True) -> Loaded:
         raise ConfigError(_scrub(_messages(exc), frozenset(secrets)) + (ref_errors if strict_refs else [])) from None
     except ValueError as exc:  # pydantic-settings raises plain errors for unparsable env values
         raise ConfigError(_scrub([f"<env>: {exc}"], frozenset(secrets))) from None
+    # password files of redis targets are watched like ${file:} references: a rotation reloads
+    files |= {t.password_file for up in settings.upstreams.values() for t in up.targets if t.password_file}
     return Loaded(settings, raw, tuple(ref_errors), tuple(sorted(files)), digest(path, files), frozenset(secrets))
 
 
@@ -194,16 +196,6 @@ def digest(path: str, files: set[str] | tuple[str, ...]) -> str:
         except OSError:
             h.update(b"\0missing")
     h.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("PROXY_"))).encode())
-    try:  # password files named by redis targets are watched like ${file:} references
-        data = yaml.safe_load(open(path, "rb")) or {}
-        for up in (data.get("upstreams") or {}).values():
-            for t in (up or {}).get("targets") or []:
-                pf = isinstance(t, dict) and t.get("password_file")
-                if pf:
-                    with open(pf, "rb") as f:
-                        h.update(f.read())
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
     return h.hexdigest()[:16]
 
 
