@@ -257,6 +257,8 @@ async def test_operator_controls_need_a_token(upstream, start_proxy, tmp_path):
             assert r.status == 401
         async with s.get(f"{p.admin}/admin/upstreams") as r:
             assert r.status == 200  # loopback admin: reads need no token
+        async with s.get(f"{p.admin}/admin/config") as r:
+            assert "s3cret-admin-token" not in await r.text()
 
 
 async def test_mutating_admin_calls_forbidden_without_token_configured(upstream, start_proxy):

@@ -160,7 +160,7 @@ async def test_oversized_heads_refused_before_they_are_buffered(upstream, start_
         pass
     status, headers, body = await _answer(reader)
     assert status.split(b" ")[1] == b"431"
-    assert sent < 20 * 1024 * 1024 or proc.memory_info().rss - before < 10 * 1024 * 1024
+    assert proc.memory_info().rss - before < 10 * 1024 * 1024  # whatever was sent, nothing accumulated
     # an endless request target: refused at the line limit
     reader, writer = await _open(p)
     writer.write(b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
