@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from proxy.app import ProxyApp
 from proxy.settings import load
 
+ROOT = Path(__file__).resolve().parents[1]
 _names = itertools.count(1)
 
 
@@ -193,13 +194,16 @@ from toxiproxy.api import APIConsumer  # noqa: E402
 _ids = itertools.count(1)
 
 
+def tool(name: str, *also: Path) -> str:
+    """A tool the tests drive: on PATH, or where scripts/test.sh's `go install` put it."""
+    for c in (shutil.which(name), ROOT / ".tools/bin" / name, Path.home() / "go/bin" / name, *also):
+        if c and os.access(c, os.X_OK):
+            return str(c)
+    raise RuntimeError(f"{name} not found: run `make test` (scripts/test.sh installs it) or .ci/run")
+
+
 def _binary() -> str:
-    root = Path(__file__).resolve().parents[2]
-    for candidate in (shutil.which("toxiproxy-server"), root / ".tools/bin/toxiproxy-server",
-                      Path.home() / "go/bin/server"):
-        if candidate and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise RuntimeError("toxiproxy-server not found: run `make test` (it builds it with go install)")
+    return tool("toxiproxy-server", Path.home() / "go/bin/server")  # `go install` names it after its package
 
 
 @pytest.fixture(scope="session")

@@ -53,12 +53,13 @@ async def test_readiness_matrix(upstream, start_proxy, aiohttp_server):
     assert status == 200 and body["dependencies"][n2]["status"] == "degraded"
     # non-critical, nothing to serve: degraded, never not-ready
     n3, cfg3 = upstream_config(upstream.url)
+    cfg3["shutdown"] = {"quiet_period": "0s", "drain_timeout": "1s"}
     p3 = await start_proxy(cfg3)
     p3.upstream.targets[0].breaker.force("open")
     status, body = await probe(p3)
     assert status == 200 and body["dependencies"][n3]["status"] == "degraded"
-    # shutting down
-    p3.app.draining = True
+    # shutting down: what SIGTERM runs
+    await p3.app.drain()
     status, body = await probe(p3)
     assert status == 503 and "shutting_down" in body["reasons"]
     status, body = await probe(p3, "/health")

@@ -3,23 +3,15 @@ amtool (Debian's prometheus and prometheus-alertmanager)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, tool  # noqa: F401 — the k8s tests import both from here
+
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s/overlays").iterdir() if (p / "kustomization.yaml").exists())
-
-
-def tool(name: str) -> str:
-    for c in (shutil.which(name), ROOT / ".tools/bin" / name, Path.home() / "go/bin" / name):
-        if c and os.access(c, os.X_OK):
-            return str(c)
-    raise RuntimeError(f"{name} not found: run `make test` (scripts/test.sh installs it) or .ci/run")
 
 
 def kustomize_build(path: Path) -> list[dict]:

@@ -6,10 +6,12 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.clock import ManualClock
+from proxy.obs.metrics import METRICS
 from proxy.policy.breaker import BreakerState
 from proxy.route.rollback import CanaryState, Window
 from proxy.route.tracks import BadOverride, TrackChooser
 from proxy.settings.spec import BreakerSpec, CanarySpec, RollbackSpec
+from tests.conftest import metric
 
 
 class T:
@@ -71,34 +73,21 @@ def test_open_breaker_hands_over_unless_forced():
     assert c.choose(CIMultiDict({"X-Canary": "always"}))[0] is ts[1]
 
 
-class _M:
-    class canary_aborts:  # noqa: N801
-        hits = []
-
-        @classmethod
-        def labels(cls, *a):
-            cls.hits.append(a)
-            return cls
-
-        @classmethod
-        def inc(cls):
-            pass
-
-
 def test_rollback_on_error_rate_only_after_min_requests():
     clock = ManualClock()
-    s = CanaryState("u", "canary", RollbackSpec(min_requests=100), clock, _M, (5, "http://c"))
+    s = CanaryState("tracks-err", "canary", RollbackSpec(min_requests=100), clock, METRICS, (5, "http://c"))
     for _i in range(99):
         assert not s.record(True, 0.01)
         clock.advance(0.3)
     assert s.aborted is None  # 99 requests: below min_requests, even if all failed
     assert s.record(True, 0.01)
     assert s.aborted == "error_rate"
+    assert metric("canary_aborts_total", name="tracks-err", track="canary", reason="error_rate") == 1
 
 
 def test_rollback_on_p99_and_config_change_clears_it():
     clock = ManualClock()
-    s = CanaryState("u", "canary", RollbackSpec(min_requests=10, max_p99=1.0), clock, _M, (5, "http://c"))
+    s = CanaryState("tracks-p99", "canary", RollbackSpec(min_requests=10, max_p99=1.0), clock, METRICS, (5, "http://c"))
     for _ in range(9):
         s.record(False, 0.05)
         clock.advance(0.3)
@@ -106,6 +95,7 @@ def test_rollback_on_p99_and_config_change_clears_it():
         s.record(False, 3.0)
         clock.advance(0.3)
     assert s.aborted == "latency_p99"
+    assert metric("canary_aborts_total", name="tracks-p99", track="canary", reason="latency_p99") == 1
     s.reconfigure(RollbackSpec(min_requests=10, max_p99=1.0), (5, "http://c"))
     assert s.aborted == "latency_p99"  # an unrelated reload keeps it
     s.reconfigure(RollbackSpec(min_requests=10, max_p99=1.0), (10, "http://c"))
