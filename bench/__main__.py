@@ -32,7 +32,7 @@ def ensure_tools(progress) -> None:
         if not (tools / name).exists():
             progress(f"building {name} with go install")
             tools.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["go", "install", mod], check=True, env={**__import__("os").environ, "GOBIN": str(tools)})
+            subprocess.run(["go", "install", mod], check=True, env={**os.environ, "GOBIN": str(tools)})
             if name == "toxiproxy-server":
                 (tools / "server").rename(tools / name)
     for mod, pkg in (("matplotlib", "matplotlib"), ("openai", "openai")):

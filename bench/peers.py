@@ -165,11 +165,8 @@ def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict
            }}}
     for k, v in (extra or {}).items():
         cfg["upstreams"]["db"][k] = v
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    p = Proc(name, [sys.executable, "-m", "proxy", "run", "--config", str(path)], port, PROXY_CORE, cwd=ROOT)
-    wait_port(admin)
-    return p, {"port": port, "admin": admin, "config": cfg, "path": path}
+    p = _run_proxy(tmp, name, cfg, port, admin)
+    return p, {"port": port, "admin": admin, "config": cfg, "path": tmp / f"{name}.yaml"}
 
 
 def proxy_for(tmp: Path, name: str, protocol: str, target_url: str) -> Proc:
@@ -178,9 +175,16 @@ def proxy_for(tmp: Path, name: str, protocol: str, target_url: str) -> Proc:
     cfg = {"admin": {"listen": f"127.0.0.1:{admin}"}, "log": {"level": "error"},
            "upstreams": {protocol: {"protocol": protocol, "listen": f"127.0.0.1:{port}",
                                     "targets": [{"name": "stable", "url": target_url}], "health": {"enabled": False}}}}
+    return _run_proxy(tmp, name, cfg, port, admin)
+
+
+def _run_proxy(tmp: Path, name: str, cfg: dict, port: int, admin: int) -> Proc:
+    """Write the config, start the proxy on the proxy core, and wait until its admin port answers too."""
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return Proc(name, [sys.executable, "-m", "proxy", "run", "--config", str(path)], port, PROXY_CORE, cwd=ROOT)
+    p = Proc(name, [sys.executable, "-m", "proxy", "run", "--config", str(path)], port, PROXY_CORE, cwd=ROOT)
+    wait_port(admin)
+    return p
 
 
 def rss_mb(pid: int) -> float:
