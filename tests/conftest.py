@@ -113,6 +113,10 @@ class Running:
         return f"http://{spec.listen}"
 
     @property
+    def port(self) -> int:
+        return int(self.app.runtime.settings.upstreams[self.name].listen.rsplit(":", 1)[1])
+
+    @property
     def admin(self) -> str:
         return f"http://{self.app.runtime.settings.admin.listen}"
 

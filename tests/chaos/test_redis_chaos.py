@@ -62,7 +62,7 @@ async def test_redis_down_reads_from_cache_writes_fail_fast_no_connection_attemp
     name, cfg = upstream_config(f"redis://127.0.0.1:{relay.port}/0", protocol="redis",
                                 breaker={"fail_max": 2, "reset_timeout": "700ms"}, retry={"attempts": 1})
     p = await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    port = p.port
     c = aredis.Redis(port=port, protocol=3, retry=None, socket_timeout=5)
     await c.set("warm", "v1")
     assert await c.get("warm") == b"v1"
@@ -98,8 +98,8 @@ async def test_slow_redis_pipelined_commands_get_errors_not_other_replies(redis_
     proxy, url = toxic_link(redis_server)
     name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
                                 retry={"attempts": 1}, breaker={"fail_max": 100})
-    await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    p = await start_proxy(cfg)
+    port = p.port
     c = aredis.Redis(port=port, protocol=2, retry=None, socket_timeout=5)
     for i in range(5):
         await c.set(f"k{i}", f"v{i}")
@@ -125,7 +125,7 @@ async def test_reads_retried_on_reset_within_budget_writes_never(redis_server, s
     name, cfg = upstream_config(f"redis://127.0.0.1:{relay.port}/0", protocol="redis", retry={"attempts": 3},
                                 breaker={"fail_max": 100})
     p = await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    port = p.port
     c = aredis.Redis(port=port, protocol=2, retry=None)
     await c.set("r", "1")
     relay.cut()
@@ -150,7 +150,7 @@ async def test_one_timeout_on_a_shared_connection_charges_the_breaker_once(redis
     name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
                                 retry={"attempts": 1}, breaker={"fail_max": 3, "reset_timeout": "30s"})
     p = await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    port = p.port
     cs = [aredis.Redis(port=port, protocol=2, retry=None, socket_timeout=5) for _ in range(10)]
     for i, c in enumerate(cs):
         assert await c.set(f"t{i}", "v") is True  # all on the shared connection

@@ -22,7 +22,6 @@ def redis_config(url, **sections):
 async def rp(redis_server, start_proxy):
     name, cfg = redis_config(redis_server + "/0")
     p = await start_proxy(cfg)
-    p.port = int(cfg["upstreams"][name]["listen"].split(":")[1])
     p.direct_port = int(redis_server.rsplit(":", 1)[1])
     return p
 
@@ -151,8 +150,8 @@ async def test_client_auth_required_when_configured(redis_server, start_proxy, t
     pw = tmp_path / "pw"
     pw.write_text("app-secret\n")
     name, cfg = redis_config(redis_server, client_auth={"password_file": str(pw)})
-    await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    p = await start_proxy(cfg)
+    port = p.port
     anon = aredis.Redis(port=port, protocol=2)
     with pytest.raises(redis.AuthenticationError):
         await anon.get("x")
@@ -170,15 +169,15 @@ async def test_upstream_password_from_the_url(start_proxy, tmp_path, another_red
     secret = tmp_path / "redis-pass"
     secret.write_text("s3cr3t")
     name, cfg = redis_config(f"redis://:${{file:{secret}}}@127.0.0.1:{port}/2")
-    await start_proxy(cfg)
-    lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    p = await start_proxy(cfg)
+    lport = p.port
     # a password with URL-hostile characters, from a file (re-read by the reload watcher)
     pw = tmp_path / "pw"
     pw.write_text("s3cr3t\n")
     n2, cfg2 = redis_config(f"redis://127.0.0.1:{port}/2")
     cfg2["upstreams"][n2]["targets"][0]["password_file"] = str(pw)
-    await start_proxy(cfg2)
-    c2 = aredis.Redis(port=int(cfg2["upstreams"][n2]["listen"].split(":")[1]), protocol=3)
+    p2 = await start_proxy(cfg2)
+    c2 = aredis.Redis(port=p2.port, protocol=3)
     assert await c2.ping()
     await c2.aclose()
     for proto in (2, 3):
@@ -195,7 +194,7 @@ async def test_upstream_password_from_the_url(start_proxy, tmp_path, another_red
 async def test_client_gone_mid_command_frees_the_half_open_probe(redis_server, start_proxy):
     name, cfg = redis_config(redis_server, breaker={"fail_max": 1, "reset_timeout": "100ms"}, retry={"attempts": 1})
     p = await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    port = p.port
     br = p.upstream.targets[0].breaker
     br.trip()
     await asyncio.sleep(0.15)
@@ -235,8 +234,8 @@ async def test_hello_and_reset_behind_pipelined_commands_answer_everything(rp):
 async def test_two_subscribes_in_one_packet_and_tunnel_end_closes_the_client(redis_server, start_proxy, toxic_link):
     proxy, url = toxic_link(redis_server)
     name, cfg = redis_config(url + "/0")
-    await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    p = await start_proxy(cfg)
+    port = p.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nb\r\n")
     await writer.drain()
@@ -254,8 +253,8 @@ async def test_two_subscribes_in_one_packet_and_tunnel_end_closes_the_client(red
 async def test_writes_inside_multi_invalidate_the_cache(redis_server, start_proxy, toxic_link):
     proxy, url = toxic_link(redis_server)
     name, cfg = redis_config(url + "/0", retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
-    await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    p = await start_proxy(cfg)
+    port = p.port
     c = aredis.Redis(port=port, protocol=3, retry=None)
     await c.set("mk", "old")
     assert await c.get("mk") == b"old"  # cached
@@ -296,7 +295,7 @@ async def test_existing_connections_follow_a_reload(redis_server, start_proxy, t
     token.write_text("tok")
     cfg["admin"]["token_file"] = str(token)
     p = await start_proxy(cfg)
-    lport = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    lport = p.port
     c = aredis.Redis(port=lport, protocol=2, retry=None, single_connection_client=True)
     await c.set("where", "first")
     cfg["upstreams"][name]["targets"][0]["url"] = f"redis://127.0.0.1:{port2}/0"
@@ -341,7 +340,7 @@ async def test_subscribe_with_a_partial_command_behind_it_and_ping_before_it(rp)
 async def test_an_answer_larger_than_the_cache_is_served_and_not_stored(redis_server, start_proxy):
     name, cfg = redis_config(redis_server, fallback={"cache_bytes": "1KiB", "max_body": "1MiB"})
     p = await start_proxy(cfg)
-    port = int(cfg["upstreams"][name]["listen"].split(":")[1])
+    port = p.port
     c = aredis.Redis(port=port, protocol=2, retry=None)
     await c.set("big10k", b"x" * 10_000)
     pipe = c.pipeline(transaction=False)
