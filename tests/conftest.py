@@ -112,6 +112,11 @@ class Running:
         spec = self.app.runtime.settings.upstreams[self.name]
         return f"http://{spec.listen}"
 
+    def rewrite(self, config: dict) -> None:
+        """Replace the running proxy's config file (a reload, the watcher's or an explicit one, reads it)."""
+        with open(self.app.config_path, "w") as f:
+            f.write(yaml.safe_dump(config))
+
     @property
     def port(self) -> int:
         return int(self.app.runtime.settings.upstreams[self.name].listen.rsplit(":", 1)[1])

@@ -6,7 +6,6 @@ import asyncio
 import random
 
 import aiohttp
-import yaml
 from aiohttp import web
 
 from tests.conftest import Upstream, free_port, metric, upstream_config
@@ -143,8 +142,7 @@ async def test_abort_survives_an_unrelated_reload_and_clears_on_weight_change(ai
                 await r.read()
         assert p.upstream.weights["canary"] == 0
         cfg["upstreams"][name]["timeouts"] = {"attempt": "9s"}  # unrelated
-        with open(p.app.config_path, "w") as f:
-            f.write(yaml.safe_dump(cfg))
+        p.rewrite(cfg)
         auth = {"Authorization": "Bearer tok"}
         async with s.post(p.admin + "/admin/reload", headers=auth) as r:
             assert r.status == 200, await r.text()
@@ -197,8 +195,7 @@ async def test_blue_green_switch_by_reload_under_load(aiohttp_server, start_prox
     t = asyncio.create_task(loop())
     await asyncio.sleep(0.3)
     cfg["upstreams"][name]["targets"][0]["weight"], cfg["upstreams"][name]["targets"][1]["weight"] = 0, 100
-    with open(p.app.config_path, "w") as f:
-        f.write(yaml.safe_dump(cfg))
+    p.rewrite(cfg)
     n0 = len(tracks)
     await asyncio.sleep(0.6)
     done.set()

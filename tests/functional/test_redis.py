@@ -288,21 +288,16 @@ async def test_large_aggregate_replies(rp):
     await c.aclose()
 
 
-async def test_existing_connections_follow_a_reload(redis_server, start_proxy, tmp_path, another_redis):
+async def test_existing_connections_follow_a_reload(redis_server, start_proxy, another_redis):
     port2 = another_redis()
     name, cfg = redis_config(redis_server + "/0")
-    token = tmp_path / "t"
-    token.write_text("tok")
-    cfg["admin"]["token_file"] = str(token)
     p = await start_proxy(cfg)
     lport = p.port
     c = aredis.Redis(port=lport, protocol=2, retry=None, single_connection_client=True)
     await c.set("where", "first")
     cfg["upstreams"][name]["targets"][0]["url"] = f"redis://127.0.0.1:{port2}/0"
-    import yaml
 
-    with open(p.app.config_path, "w") as f:
-        f.write(yaml.safe_dump(cfg))
+    p.rewrite(cfg)
     ok, _ = await p.app.reload("test")
     assert ok
     assert await c.get("where") is None  # the same client connection now talks to the new Redis

@@ -7,21 +7,27 @@ import yaml
 
 from tests.conftest import free_port, metric, upstream_config
 
+TOKEN = "tok-reload"
+
+
+async def _started(upstream, start_proxy, tmp_path):
+    """A proxy with one upstream (no retries, a breaker that opens at once) and an admin token."""
+    token = tmp_path / "t"
+    token.write_text(TOKEN)
+    name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
+    cfg["admin"]["token_file"] = str(token)
+    return name, cfg, await start_proxy(cfg)
+
 
 async def reload_with(p, cfg) -> tuple[int, dict]:
-    with open(p.app.config_path, "w") as f:
-        f.write(yaml.safe_dump(cfg))
+    p.rewrite(cfg)
     async with aiohttp.ClientSession() as s:
-        async with s.post(p.admin + "/admin/reload", headers={"Authorization": "Bearer tok-reload"}) as r:
+        async with s.post(p.admin + "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
             return r.status, await r.json()
 
 
 async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, tmp_path):
-    token = tmp_path / "t"
-    token.write_text("tok-reload")
-    name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
-    cfg["admin"]["token_file"] = str(token)
-    p = await start_proxy(cfg)
+    name, cfg, p = await _started(upstream, start_proxy, tmp_path)
     p.upstream.targets[0].breaker.force("open")
     assert metric("circuit_breaker_state", name=name, track="stable") == 3
     before = p.app.runtime
@@ -44,11 +50,7 @@ async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, t
 
 
 async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(upstream, start_proxy, tmp_path):
-    token = tmp_path / "t"
-    token.write_text("tok-reload")
-    name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
-    cfg["admin"]["token_file"] = str(token)
-    p = await start_proxy(cfg)
+    name, cfg, p = await _started(upstream, start_proxy, tmp_path)
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/warm") as r:
             assert r.status == 200

@@ -277,11 +277,9 @@ async def test_idle_keepalive_connections_are_closed(upstream, start_proxy):
     name, cfg = upstream_config(upstream.url, limits={"client_idle_timeout": "1h"})
     p = await start_proxy(cfg)
     # a reload that only changes the timeout applies to the listener already bound
-    import yaml
 
     cfg["upstreams"][name]["limits"]["client_idle_timeout"] = "300ms"
-    with open(p.app.config_path, "w") as f:
-        f.write(yaml.safe_dump(cfg))
+    p.rewrite(cfg)
     ok, message = await p.app.reload("test")
     assert ok, message
     reader, writer = await _open(p)
