@@ -66,16 +66,14 @@ async def test_readiness_matrix(upstream, start_proxy, aiohttp_server):
     assert status == 503 and body["live"] is True and body["version"]
 
 
-async def test_active_checks_failing_make_a_critical_upstream_down(start_proxy, aiohttp_server):
+async def test_active_checks_failing_make_a_critical_upstream_down(upstream, start_proxy):
     state = {"status": 200}
 
     async def health(request):
         return web.Response(status=state["status"])
 
-    app = web.Application()
-    app.router.add_get("/healthz", health)
-    server = await aiohttp_server(app)
-    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}",
+    upstream.behaviour = health
+    name, cfg = upstream_config(upstream.url,
                                 health={"path": "/healthz", "interval": "100ms", "unhealthy_threshold": 2,
                                         "critical": True})
     p = await start_proxy(cfg)
@@ -132,17 +130,8 @@ async def test_wait_ready_times_out_when_nothing_answers():
     assert r.returncode == 1 and "did not start" in r.stderr
 
 
-async def test_probes_never_fan_out(start_proxy, aiohttp_server):
-    hits = {"n": 0}
-
-    async def health(request):
-        hits["n"] += 1
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/healthz", health)
-    server = await aiohttp_server(app)
-    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}", health={"path": "/healthz", "interval": "1s"})
+async def test_probes_never_fan_out(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url, health={"path": "/healthz", "interval": "1s"})
     p = await start_proxy(cfg)
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as s:
@@ -151,7 +140,7 @@ async def test_probes_never_fan_out(start_proxy, aiohttp_server):
                 assert r.status == 200
             await asyncio.sleep(max(0.0, t0 + _ * 0.005 - time.monotonic()))
     elapsed = time.monotonic() - t0
-    assert hits["n"] <= elapsed / 1.0 + 2  # the active checks, nothing more
+    assert upstream.hits <= elapsed / 1.0 + 2  # the active checks, nothing more
 
 
 async def test_status_command_shows_a_table(upstream, start_proxy):

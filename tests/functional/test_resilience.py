@@ -317,7 +317,7 @@ async def test_hostile_requests_never_touch_the_breaker(upstream, start_proxy):
             assert r.status == 200
 
 
-async def test_failures_after_headers_open_a_consecutive_breaker(start_proxy, aiohttp_server):
+async def test_failures_after_headers_open_a_consecutive_breaker(upstream, start_proxy):
     async def truncated(request):
         resp = web.StreamResponse()
         resp.content_length = 100_000
@@ -326,10 +326,8 @@ async def test_failures_after_headers_open_a_consecutive_breaker(start_proxy, ai
         request.transport.close()  # dies mid-body
         return resp
 
-    app = web.Application()
-    app.router.add_get("/{t:.*}", truncated)
-    server = await aiohttp_server(app)
-    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}", breaker={"fail_max": 3}, retry={"attempts": 1})
+    upstream.behaviour = truncated
+    name, cfg = upstream_config(upstream.url, breaker={"fail_max": 3}, retry={"attempts": 1})
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
         for _ in range(3):
@@ -339,15 +337,13 @@ async def test_failures_after_headers_open_a_consecutive_breaker(start_proxy, ai
     assert p.upstream.targets[0].breaker.state == "open"
 
 
-async def test_timeouts_count_when_total_is_shorter_than_attempt(start_proxy, aiohttp_server):
+async def test_timeouts_count_when_total_is_shorter_than_attempt(upstream, start_proxy):
     async def hang(request):
         await asyncio.sleep(5)
         return web.Response(text="late")
 
-    app = web.Application()
-    app.router.add_get("/{t:.*}", hang)
-    server = await aiohttp_server(app)
-    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}", breaker={"fail_max": 3},
+    upstream.behaviour = hang
+    name, cfg = upstream_config(upstream.url, breaker={"fail_max": 3},
                                 retry={"attempts": 1}, timeouts={"attempt": "10s", "total": "150ms"})
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
@@ -357,7 +353,7 @@ async def test_timeouts_count_when_total_is_shorter_than_attempt(start_proxy, ai
     assert p.upstream.targets[0].breaker.state == "open"
 
 
-async def test_idle_timeout_both_ways(start_proxy, aiohttp_server):
+async def test_idle_timeout_both_ways(upstream, start_proxy):
     async def stall(request):
         if request.method == "POST":
             await request.read()  # waits for the whole upload
@@ -370,10 +366,8 @@ async def test_idle_timeout_both_ways(start_proxy, aiohttp_server):
         await resp.write(b"67890")
         return resp
 
-    app = web.Application()
-    app.router.add_route("*", "/{t:.*}", stall)
-    server = await aiohttp_server(app)
-    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}", retry={"attempts": 1},
+    upstream.behaviour = stall
+    name, cfg = upstream_config(upstream.url, retry={"attempts": 1},
                                 timeouts={"idle": "300ms", "attempt": "5s", "total": "5s"})
     p = await start_proxy(cfg)
     t0 = asyncio.get_running_loop().time()
