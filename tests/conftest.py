@@ -74,11 +74,22 @@ async def fake(aiohttp_server):
 
 
 @pytest.fixture
-async def upstream(aiohttp_server) -> Upstream:
-    u = Upstream()
-    server = await aiohttp_server(u.app())
-    u.url = f"http://127.0.0.1:{server.port}"
-    return u
+def make_upstream(aiohttp_server):
+    """`await make_upstream(behaviour=None)` → one more real upstream (the app, a second track, ...)."""
+
+    async def make(behaviour: Callable | None = None) -> Upstream:
+        u = Upstream()
+        u.behaviour = behaviour
+        server = await aiohttp_server(u.app())
+        u.url = f"http://127.0.0.1:{server.port}"
+        return u
+
+    return make
+
+
+@pytest.fixture
+async def upstream(make_upstream) -> Upstream:
+    return await make_upstream()
 
 
 async def raw_head(url: str, data: bytes, timeout: float = 5) -> bytes:

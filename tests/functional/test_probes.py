@@ -93,20 +93,15 @@ async def test_active_checks_failing_make_a_critical_upstream_down(upstream, sta
     assert (await probe(p))[0] == 200
 
 
-async def test_app_readiness_gates_ready_but_never_startup(upstream, start_proxy, aiohttp_server):
-    async def never_ready(request):
-        return web.Response(status=503, text="warming up")
-
-    async def alive(request):
+async def test_app_readiness_gates_ready_but_never_startup(upstream, start_proxy, make_upstream):
+    async def app_probes(request):
+        if request.path == "/ready":
+            return web.Response(status=503, text="warming up")
         return web.Response(text="alive")
 
-    app = web.Application()
-    app.router.add_get("/ready", never_ready)
-    app.router.add_get("/live", alive)
-    server = await aiohttp_server(app)
+    app = await make_upstream(app_probes)
     name, cfg = upstream_config(upstream.url)
-    cfg["app"] = {"ready_url": f"http://127.0.0.1:{server.port}/ready", "live_url": f"http://127.0.0.1:{server.port}/live",
-                  "interval": "100ms"}
+    cfg["app"] = {"ready_url": f"{app.url}/ready", "live_url": f"{app.url}/live", "interval": "100ms"}
     p = await start_proxy(cfg)
     await asyncio.sleep(0.3)
     status, body = await probe(p)

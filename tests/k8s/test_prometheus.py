@@ -18,19 +18,13 @@ from tests.k8s.conftest import ROOT, kustomize_build, tool
 
 
 @pytest.fixture
-async def scraped_proxy(start_proxy, aiohttp_server, upstream, tmp_path):
-    counter = {"n": 0}
+async def scraped_proxy(start_proxy, make_upstream, upstream, tmp_path):
+    async def app_handler(request):  # every tenth request fails
+        return web.Response(status=500 if app.hits % 10 == 0 else 200, text="app")
 
-    async def app_handler(request):
-        counter["n"] += 1
-        return web.Response(status=500 if counter["n"] % 10 == 0 else 200, text="app")
-
-    app = web.Application()
-    app.router.add_get("/{t:.*}", app_handler)
-    server = await aiohttp_server(app)
+    app = await make_upstream(app_handler)
     name, cfg = upstream_config(upstream.url)
-    cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": f"http://127.0.0.1:{server.port}",
-                      "track": "canary"}
+    cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": app.url, "track": "canary"}
     p = await start_proxy(cfg)
     prom_port = free_port()
     admin = cfg["admin"]["listen"]
