@@ -221,7 +221,6 @@ class HttpListener:
         # In flight from the first byte: the drain waits for uploads too, and the budget sees them.
         counters = up.counters
         counters.in_flight += 1
-        counters.budget.active += 1
         route = None
         resp: ProxyResponse | None = None
         try:
@@ -285,7 +284,6 @@ class HttpListener:
             if resp is not None:
                 resp.release()
             counters.in_flight -= 1
-            counters.budget.active -= 1
 
     # -- the answer ------------------------------------------------------------------------------------
     def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> Response:

@@ -31,15 +31,20 @@ def backoff(spec: RetrySpec, retry_number: int, rand=random.random) -> float:
 
 
 class RetryBudget:
-    """Per upstream; survives reloads. `active` is kept by the listener (requests in flight)."""
+    """Per upstream; survives reloads. Proportional to the upstream's requests (Redis: commands) in
+    flight, read from its Counters — not a second count kept beside it."""
 
-    __slots__ = ("ratio", "minimum", "active", "retries", "exhausted")
+    __slots__ = ("ratio", "minimum", "counters", "retries", "exhausted")
 
     def __init__(self, ratio: float, minimum: int) -> None:
         self.ratio, self.minimum = ratio, minimum
-        self.active = 0
+        self.counters = None  # set by the Counters that owns it
         self.retries = 0
         self.exhausted = 0
+
+    @property
+    def active(self) -> int:
+        return self.counters.in_flight if self.counters is not None else 0
 
     @property
     def limit(self) -> int:

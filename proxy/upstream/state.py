@@ -44,6 +44,7 @@ class Counters:
     def __init__(self, budget: RetryBudget) -> None:
         self.in_flight = 0
         self.budget = budget
+        budget.counters = self
 
 
 class StateStore:

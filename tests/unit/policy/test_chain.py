@@ -303,3 +303,15 @@ def test_repeated_identical_answers_keep_the_full_stale_window():
     # a different answer is stored at once, not folded into the old entry
     cache.store(b"k", 200, CIMultiDict({"ETag": "2"}), b"new")
     assert cache.get(b"k").body == b"new"
+
+
+def test_retry_budget_follows_the_counters_in_flight():
+    """One count of requests in flight per upstream: the budget reads it (the Redis listener keeps only
+    that one; a second count beside it had stayed 0 there, pinning Redis retries at budget_min)."""
+    from proxy.upstream.state import Counters
+
+    c = Counters(RetryBudget(0.5, 1))
+    assert c.budget.limit == 1
+    c.in_flight = 10
+    assert c.budget.limit == 5
+    assert all(c.budget.try_acquire() for _ in range(5)) and not c.budget.try_acquire()
