@@ -60,6 +60,7 @@ def _error_reply(err: str) -> bytes:
 
 
 _DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connection that can be paused
+_ALL_DBS = frozenset({b"FLUSHALL", b"SWAPDB", b"MOVE", b"COPY"})  # touch another db than the client's too
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
 _SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
@@ -283,7 +284,7 @@ class RedisClientProtocol(asyncio.Protocol):
         keys = commands.keys_of(name, args) if cls in ("read", "write") else None
         db = self.db if self.db is not None else self.up_target.db
         if cls == "write" and up.cache is not None:  # inside MULTI too: the write will happen at EXEC
-            if name in (b"FLUSHALL",):
+            if name in _ALL_DBS:
                 up.cache.clear_db(None)
             elif keys is None or name in commands.DB_WIDE:
                 up.cache.clear_db(db)

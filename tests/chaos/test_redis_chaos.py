@@ -164,3 +164,25 @@ async def test_one_timeout_on_a_shared_connection_charges_the_breaker_once(redis
     assert await cs[0].get("t0") in (b"v", b"w")
     for c in cs:
         await c.aclose()
+
+
+async def test_swapdb_and_move_drop_the_cached_reads_of_every_db(redis_server, start_proxy, another_redis):
+    """SWAPDB and MOVE change another db than the client's: a cached read of either must not outlive it
+    (served later while Redis is down, it would be a value that is no longer there)."""
+    port = another_redis()
+    relay = await CountingRelay(port).start()
+    name, cfg = upstream_config(f"redis://127.0.0.1:{relay.port}/0", protocol="redis", retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    redis.Redis(port=port, db=1).set("sk", "in-db1")
+    c1 = aredis.Redis(port=p.port, protocol=2, db=1, retry=None, socket_timeout=5)
+    assert await c1.get("sk") == b"in-db1"  # cached for db 1
+    c0 = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=5)
+    await c0.set("sk", "in-db0")
+    assert await c0.swapdb(0, 1)  # sent from db 0: db 1 changes too
+    relay.cut()
+    await c1.connection_pool.disconnect()
+    with pytest.raises(redis.ResponseError, match="UNAVAILABLE"):
+        await c1.get("sk")  # db 1 now holds "in-db0": the cached "in-db1" must not be served
+    await c0.aclose()
+    await c1.aclose()
+    relay.server.close()
