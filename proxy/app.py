@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 
 from proxy.admin.probes import cache_samples, health_samples, in_flight_samples
@@ -32,6 +33,11 @@ from proxy.upstream.state import StateStore
 
 class StartupError(Exception):
     """A runtime failure at start (exit code 3), e.g. a port already in use."""
+
+
+def os_reason(exc: OSError) -> str:
+    """`Address already in use`, whichever loop raised it (uvloop leaves strerror unset)."""
+    return os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
 
 
 def _apply_limits(server: ListenerServer, limits) -> None:
@@ -138,7 +144,7 @@ class ProxyApp:
         try:
             server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True)
         except OSError as exc:
-            raise StartupError(f"admin.listen {host}:{port}: {exc.strerror or exc}") from None
+            raise StartupError(f"admin.listen {host}:{port}: {os_reason(exc)}") from None
         old, self._admin_bound = self._admin_bound, _Bound(listen, server, ws)
         if old is not None:
             self._spawn(self._close_listener(old, timeout=1.0))
@@ -195,7 +201,7 @@ class ProxyApp:
                 try:
                     server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
                 except OSError as exc:
-                    raise StartupError(f"upstreams.{name}.listen {host}:{port}: {exc.strerror or exc}") from None
+                    raise StartupError(f"upstreams.{name}.listen {host}:{port}: {os_reason(exc)}") from None
                 opened[name] = _Bound(key, server, ws)
         except BaseException:
             for b in opened.values():
@@ -228,7 +234,7 @@ class ProxyApp:
             try:
                 server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True, backlog=1024)
             except OSError as exc:
-                raise StartupError(f"inbound.listen {host}:{port}: {exc.strerror or exc}") from None
+                raise StartupError(f"inbound.listen {host}:{port}: {os_reason(exc)}") from None
             self._inbound_bound = _Bound(listen, server, ws)
         else:
             self._inbound_bound = None

@@ -107,8 +107,11 @@ def _settle_memory() -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
+    if args.port_base is not None and not 1 <= args.port_base <= 65533:
+        print("resilience-proxy demo: --port-base must be 1..65533 (it uses N, N+1 and N+2)", file=sys.stderr)
+        return EXIT_USAGE
     _install_uvloop()
-    return asyncio.run(run_demo(args.config))
+    return asyncio.run(run_demo(args.config, args.port_base))
 
 
 def cmd_wait_ready(args: argparse.Namespace) -> int:
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
     d = sub.add_parser("demo", help="run the proxy against built-in local upstreams")
     d.add_argument("--config", default=None, help="demo config (default: the packaged demo.yaml)")
+    d.add_argument("--port-base", type=int, default=None, metavar="N",
+                   help="listener, admin and gateway on N, N+1, N+2 (default: 9002, 9901, 18002)")
     d.set_defaults(func=cmd_demo)
     from proxy.status import DEFAULT_ADMIN
 

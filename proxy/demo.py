@@ -1,6 +1,8 @@
-"""`resilience-proxy demo`: the proxy on config/demo.yaml in front of a built-in fake database gateway,
-offline. The gateway can be made slow or failing from its control endpoint, so a newcomer sees a
-breaker open and a fallback served within a minute. Not on the data path."""
+"""`resilience-proxy demo [--port-base N]`: the proxy on config/demo.yaml in front of a built-in fake
+database gateway, offline. The gateway can be made slow or failing from its control endpoint, so a
+newcomer sees a breaker open and a fallback served within a minute. With a port base the listener,
+admin and gateway take N, N+1 and N+2 instead of the config's ports (a demo beside a running proxy or
+a benchmark); the lines it prints name the ports it really uses. Not on the data path."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
 from aiohttp import web
 
 DEMO_PORT = 18002
@@ -58,22 +61,38 @@ def gateway_app() -> web.Application:
 
 CURLS = """
 resilience-proxy demo is running.
-  app → proxy 127.0.0.1:9002 → fake database gateway 127.0.0.1:{port}
-  admin/metrics on 127.0.0.1:9901, admin token: {token_file}
+  app → proxy 127.0.0.1:{listen} → fake database gateway 127.0.0.1:{port}
+  admin/metrics on 127.0.0.1:{admin}, admin token: {token_file}
 
 Try, in another terminal:
-  curl -s localhost:9002/products/42                      # pass-through, with X-Request-Id
+  curl -s localhost:{listen}/products/42                      # pass-through, with X-Request-Id
   curl -s -X POST localhost:{port}/_chaos/fail             # make the gateway fail (503)
-  curl -si localhost:9002/products/42                     # cached answer: X-Fallback: cache
-  curl -si localhost:9002/products/7                      # never cached: static degraded answer
-  curl -s localhost:9901/metrics | grep circuit_breaker   # breaker opened after 3 failures
-  curl -s -H "Authorization: Bearer $(cat {token_file})" localhost:9901/admin/upstreams
+  curl -si localhost:{listen}/products/42                     # cached answer: X-Fallback: cache
+  curl -si localhost:{listen}/products/7                      # never cached: static degraded answer
+  curl -s localhost:{admin}/metrics | grep circuit_breaker   # breaker opened after 3 failures
+  curl -s -H "Authorization: Bearer $(cat {token_file})" localhost:{admin}/admin/upstreams
   curl -s -X POST localhost:{port}/_chaos/ok               # heal; the breaker closes after 15s
 Ctrl-C stops.
 """
 
 
-async def run_demo(config: str | None = None) -> int:
+def _with_port_base(path: str, base: int, tmp: str) -> tuple[str, int]:
+    """The demo config with its listener, admin and gateway on base, base+1, base+2 → (path, gateway port)."""
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    gateway = base + 2
+    cfg["admin"]["listen"] = f"127.0.0.1:{base + 1}"
+    db = cfg["upstreams"]["database"]
+    db["listen"] = f"127.0.0.1:{base}"
+    for t in db["targets"]:
+        t["url"] = f"http://127.0.0.1:{gateway}"
+    out = os.path.join(tmp, "demo.yaml")
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f)
+    return out, gateway
+
+
+async def run_demo(config: str | None = None, port_base: int | None = None) -> int:
     from proxy.cli import _serve
     from proxy.obs import log
     from proxy.settings import ConfigError, load
@@ -84,6 +103,9 @@ async def run_demo(config: str | None = None) -> int:
         f.write(secrets.token_hex(16))
     os.environ["PROXY_ADMIN__TOKEN_FILE"] = token_file
     path = config or demo_config_path()
+    gateway = DEMO_PORT
+    if port_base is not None:
+        path, gateway = _with_port_base(path, port_base, tmp)
     try:
         loaded = load(path)
     except ConfigError as exc:
@@ -93,13 +115,17 @@ async def run_demo(config: str | None = None) -> int:
     runner = web.AppRunner(gateway_app(), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", DEMO_PORT).start()
+        await web.TCPSite(runner, "127.0.0.1", gateway).start()
     except OSError as exc:
-        print(f"cannot start the demo gateway on 127.0.0.1:{DEMO_PORT}: {exc.strerror}", file=sys.stderr)
+        from proxy.app import os_reason
+
+        print(f"cannot start the demo gateway on 127.0.0.1:{gateway}: {os_reason(exc)}", file=sys.stderr)
         return 3
 
     async def announce(app) -> None:
-        print(CURLS.format(port=DEMO_PORT, token_file=token_file), flush=True)
+        s = app.runtime.settings
+        print(CURLS.format(port=gateway, token_file=token_file, listen=s.upstreams["database"].listen.rsplit(":", 1)[1],
+                           admin=s.admin.listen.rsplit(":", 1)[1]), flush=True)
 
     try:
         return await _serve(path, loaded, ready_hook=announce)

@@ -1,72 +1,52 @@
-"""Shared fixtures: real aiohttp upstreams, an in-process proxy on free loopback ports, metric reads."""
+"""Fixtures over tests/support: real upstreams, an in-process proxy on free loopback ports, redis-server,
+toxiproxy, and a per-test metrics baseline."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
-import requests
 import yaml
-from aiohttp import web
-from prometheus_client import REGISTRY
 
 from proxy.app import ProxyApp
 from proxy.settings import load
-
-ROOT = Path(__file__).resolve().parents[1]
-_names = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(metric_name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(metric_name, labels) or 0.0
+from tests.support import redis as redis_support
+from tests.support import toxiproxy as toxi
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.logs import JsonLog
+from tests.support.metrics import Baseline
+from tests.support.net import free_port
+from tests.support.proxy import Running
+from tests.support.tools import stop_process
+from tests.support.upstreams import Upstream
 
 
-class Upstream:
-    """A real aiohttp server whose answer is a swappable coroutine; it records every request."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.behaviour: Callable | None = None
-        self.url = ""
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.requests.append({"method": request.method, "path_qs": request.raw_path, "headers": request.headers,
-                              "body": body})
-        if self.behaviour is not None:
-            return await self.behaviour(request)
-        return web.json_response({"path": request.raw_path, "n": len(self.requests)})
-
-    def app(self) -> web.Application:
-        a = web.Application(client_max_size=1024**3)
-        a.router.add_route("*", "/{tail:.*}", self._handle)
-        return a
-
-    @property
-    def hits(self) -> int:
-        return len(self.requests)
+def pytest_collection_modifyitems(items) -> None:
+    """`chaos`: the test needs a real toxiproxy server (`-m "not chaos"` runs the rest without one)."""
+    for item in items:
+        if "toxiproxy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.chaos)
 
 
 @pytest.fixture
-async def fake(aiohttp_server):
-    """A fake OpenAI-compatible upstream (tests/fakes.py) on a free port."""
-    from tests.fakes import FakeOpenAI
+def metrics() -> Baseline:
+    """The Prometheus registry as it was when the test began: assert on `metrics.delta(...)`."""
+    return Baseline()
 
+
+@pytest.fixture
+def json_log():
+    """The proxy's log lines as JSON, as the process prints them."""
+    captured = JsonLog().install()
+    yield captured
+    captured.remove()
+
+
+@pytest.fixture
+async def fake(aiohttp_server) -> FakeOpenAI:
+    """A fake OpenAI-compatible upstream on a free port."""
     f = FakeOpenAI()
     server = await aiohttp_server(f.app())
     f.url = f"http://127.0.0.1:{server.port}"
@@ -92,64 +72,15 @@ async def upstream(make_upstream) -> Upstream:
     return await make_upstream()
 
 
-async def raw_head(url: str, data: bytes, timeout: float = 5) -> bytes:
-    """Send raw bytes to a listener (`http://host:port`) and return the answer's head: for requests no
-    client library would send."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    finally:
-        writer.close()
-
-
-def upstream_config(url: str, **sections: Any) -> tuple[str, dict]:
-    """A one-upstream config on free ports; returns (upstream name, config dict)."""
-    name = f"u{next(_names)}"
-    up: dict[str, Any] = {"protocol": "http", "listen": f"127.0.0.1:{free_port()}",
-                          "targets": [{"name": "stable", "url": url}]}
-    up.update(sections)
-    return name, {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "upstreams": {name: up}}
-
-
-class Running:
-    def __init__(self, app: ProxyApp, name: str | None) -> None:
-        self.app, self.name = app, name
-
-    @property
-    def url(self) -> str:
-        spec = self.app.runtime.settings.upstreams[self.name]
-        return f"http://{spec.listen}"
-
-    def rewrite(self, config: dict) -> None:
-        """Replace the running proxy's config file (a reload, the watcher's or an explicit one, reads it)."""
-        with open(self.app.config_path, "w") as f:
-            f.write(yaml.safe_dump(config))
-
-    @property
-    def port(self) -> int:
-        return int(self.app.runtime.settings.upstreams[self.name].listen.rsplit(":", 1)[1])
-
-    @property
-    def admin(self) -> str:
-        return f"http://{self.app.runtime.settings.admin.listen}"
-
-    @property
-    def upstream(self):
-        return self.app.runtime.upstreams[self.name]
-
-
 @pytest.fixture
 async def start_proxy(tmp_path):
+    """`await start_proxy(config, name=None, clock=None)` → Running; closed after the test."""
     apps: list[ProxyApp] = []
 
     async def _start(config: dict, name: str | None = None, clock=None) -> Running:
         path = tmp_path / f"config-{len(apps)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        kwargs = {"clock": clock} if clock is not None else {}
-        app = ProxyApp(str(path), **kwargs)
+        app = ProxyApp(str(path), **({"clock": clock} if clock is not None else {}))
         await app.start(load(str(path)))
         apps.append(app)
         return Running(app, name or next(iter(config.get("upstreams", {})), None))
@@ -159,36 +90,12 @@ async def start_proxy(tmp_path):
         await a.close()
 
 
-def start_redis(*args: str) -> tuple[subprocess.Popen, int]:
-    """A real redis-server on a free loopback port (extra command-line `args`), answering once this returns."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--databases", "16", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16)[:1] in (b"+", b"-"):  # PONG, or NOAUTH with --requirepass: it answers
-                    return proc, port
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="session")
 def redis_server():
     """A real redis-server on a free loopback port for the whole session."""
-    proc, port = start_redis()
+    proc, port = redis_support.start_redis()
     yield f"redis://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(5)
+    stop_process(proc)
 
 
 @pytest.fixture
@@ -197,55 +104,23 @@ def another_redis():
     procs = []
 
     def start(*args: str) -> int:
-        proc, port = start_redis(*args)
+        proc, port = redis_support.start_redis(*args)
         procs.append(proc)
         return port
 
     yield start
     for proc in procs:
-        proc.terminate()
-        proc.wait(5)
-
-
-# -- a real toxiproxy server (started here, stopped after) between the proxy and an upstream -------------
-from toxiproxy import Toxiproxy  # noqa: E402
-from toxiproxy.api import APIConsumer  # noqa: E402
-
-_ids = itertools.count(1)
-
-
-def tool(name: str, *also: Path) -> str:
-    """A tool the tests drive: on PATH, or where scripts/test.sh's `go install` put it."""
-    for c in (shutil.which(name), ROOT / ".tools/bin" / name, Path.home() / "go/bin" / name, *also):
-        if c and os.access(c, os.X_OK):
-            return str(c)
-    raise RuntimeError(f"{name} not found: run `make test` (scripts/test.sh installs it) or .ci/run")
-
-
-def _binary() -> str:
-    return tool("toxiproxy-server", Path.home() / "go/bin/server")  # `go install` names it after its package
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")
 def toxiproxy_server():
-    port = free_port()
-    proc = subprocess.Popen([_binary(), "-host", "127.0.0.1", "-port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    APIConsumer.host, APIConsumer.port = "127.0.0.1", port
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/version", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("toxiproxy-server did not start")
-        time.sleep(0.05)
-    yield Toxiproxy()
-    proc.terminate()
-    proc.wait(5)
+    proc, client = toxi.start_server()
+    yield client
+    stop_process(proc)
+
+
+_links = itertools.count(1)
 
 
 @pytest.fixture
@@ -255,7 +130,7 @@ def toxic_link(toxiproxy_server):
 
     def link(url: str):
         hostport = url.split("://", 1)[1].rstrip("/")
-        proxy = toxiproxy_server.create(upstream=hostport, name=f"link{next(_ids)}_{os.getpid()}",
+        proxy = toxiproxy_server.create(upstream=hostport, name=f"link{next(_links)}_{os.getpid()}",
                                         listen=f"127.0.0.1:{free_port()}")
         made.append(proxy)
         scheme = url.split("://", 1)[0]
@@ -264,10 +139,3 @@ def toxic_link(toxiproxy_server):
     yield link
     for p in made:
         p.destroy()
-
-
-def add_toxic(proxy, type_: str, stream: str = "downstream", **attributes) -> str:
-    name = f"{type_}_{stream}"
-    proxy.add_toxic(type=type_, stream=stream, name=name, attributes=attributes)
-    assert name in proxy.toxics(), f"toxic {name} was not created"  # the client swallows some errors
-    return name

@@ -28,7 +28,9 @@ def scrub(text: str) -> str:
     return text
 
 
-class _JSONFormatter(logging.Formatter):
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, then the event's fields; secrets scrubbed."""
+
     def format(self, record: logging.LogRecord) -> str:
         t = record.created
         line = {
@@ -44,7 +46,7 @@ class _JSONFormatter(logging.Formatter):
 
 def configure(level: str = "info", stream=None) -> None:
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(_JSONFormatter())
+    handler.setFormatter(JSONFormatter())
     _LOGGER.handlers[:] = [handler]
     _LOGGER.propagate = False
     set_level(level)

@@ -186,9 +186,9 @@ class BreakerState:
         if verdict is None:
             self.cancel(token)
         else:
-            self.record(token, verdict, duration)
+            self.record(token, verdict, duration, "the answer failed after its headers were sent")
 
-    def record(self, token: int, verdict: Verdict, duration: float, failure: Failure | None = None) -> None:
+    def record(self, token: int, verdict: Verdict, duration: float, failure: Failure | str | None = None) -> None:
         if self.clean and verdict is Verdict.SUCCESS and not token:
             return  # a success on a clean record changes nothing
         probe = bool(token)
@@ -206,7 +206,7 @@ class BreakerState:
         slow_limit = self.spec.slow_call.duration
         slow = slow_limit is not None and duration > slow_limit
         if failed:
-            self.last_failure = failure.message if failure else "failure"
+            self.last_failure = failure if isinstance(failure, str) else failure.message if failure else "failure"
         if state == HALF_OPEN:
             if probe:  # only probes decide
                 self._call(_fail if failed or slow else _ok)

@@ -18,6 +18,7 @@ from yarl import URL
 
 from proxy.clock import Clock
 from proxy.settings.spec import LimitsSpec, PoolSpec, TargetSpec, TimeoutsSpec
+from proxy.settings.units import format_duration
 
 
 def egress_proxy(url: str):
@@ -156,6 +157,11 @@ class HttpPool:
             read_bufsize=2**16,
             max_line_size=65536, max_field_size=65536,
         )
+        # aiohttp re-sends an idempotent request once, by itself, when its connection drops (even a fresh
+        # one): behind the retry policy that is a retry no budget, breaker or metric sees. It has no
+        # public switch; its own test client turns it off the same way.
+        if hasattr(session, "_retry_connection"):
+            session._retry_connection = False
         return _Generation(session, self.clock.monotonic())
 
     def session(self) -> _Generation:
@@ -195,7 +201,7 @@ class HttpPool:
         except TimeoutError:
             if fut.done() and not fut.cancelled():
                 return  # handed a slot in the same tick the wait expired: keep it
-            raise Overloaded(f"no connection free within pending_timeout ({self.pending_timeout:g}s)") from None
+            raise Overloaded(f"no connection free within pending_timeout ({format_duration(self.pending_timeout)})") from None
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.release()  # we were handed the slot as we were cancelled: pass it on

@@ -8,7 +8,11 @@ import random
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Upstream, free_port, metric, upstream_config
+from tests.support.net import free_port
+from tests.support.proxy import upstream_config
+from tests.support.toxiproxy import add_toxic
+from tests.support.upstreams import Upstream, failing
+from tests.support.wait import eventually
 
 
 async def two_tracks(aiohttp_server, canary_behaviour=None):
@@ -27,7 +31,7 @@ def canary_config(stable_up, canary_up, weights=(95, 5), **sections):
     return name, cfg
 
 
-async def test_split_headers_and_override(aiohttp_server, start_proxy):
+async def test_split_headers_and_override(aiohttp_server, start_proxy, metrics):
     stable, canary = await two_tracks(aiohttp_server)
     name, cfg = canary_config(stable, canary, (80, 20))
     p = await start_proxy(cfg)
@@ -53,7 +57,13 @@ async def test_split_headers_and_override(aiohttp_server, start_proxy):
                     tracks.add(r.headers["X-Canary-Track"])
             assert len(tracks) == 1
             keys[k] = tracks.pop()
-    assert metric("canary_weight", name=name, track="canary") == 20
+    # sticky keys land on both tracks (20% of 50 keys: 10 expected, 1..25 is beyond ±4σ), and each
+    # key's requests reached the track it was given
+    on_canary = [k for k, t in keys.items() if t == "canary"]
+    assert 1 <= len(on_canary) <= 25, keys
+    assert {r["headers"]["X-User-Id"] for r in canary.requests if "X-User-Id" in r["headers"]} == {
+        f"user{k}" for k in on_canary}
+    assert metrics.value("canary_weight", name=name, track="canary") == 20
 
 
 async def test_canary_breaker_open_unforced_traffic_on_stable_forced_gets_error(aiohttp_server, start_proxy):
@@ -83,7 +93,7 @@ async def test_canary_breaker_open_unforced_traffic_on_stable_forced_gets_error(
             assert r.status == 503 and r.headers["X-Fallback-Reason"] == "circuit_breaker_open"  # or the error
 
 
-async def test_auto_abort_on_canary_errors_not_on_stable(aiohttp_server, start_proxy):
+async def test_auto_abort_on_canary_errors_not_on_stable(aiohttp_server, start_proxy, metrics):
     rng = random.Random(7)
 
     async def flaky(request):
@@ -100,8 +110,8 @@ async def test_auto_abort_on_canary_errors_not_on_stable(aiohttp_server, start_p
                 await r.read()
             n += 1
         assert p.upstream.weights["canary"] == 0 and n >= 100
-        assert metric("canary_aborts_total", name=name, track="canary", reason="error_rate") == 1
-        assert metric("canary_weight", name=name, track="canary") == 0
+        assert metrics.delta("canary_aborts_total", name=name, track="canary", reason="error_rate") == 1
+        assert metrics.value("canary_weight", name=name, track="canary") == 0
         hits = canary.hits
         for _ in range(100):
             async with s.get(p.url + "/x") as r:
@@ -156,9 +166,7 @@ async def test_abort_survives_an_unrelated_reload_and_clears_on_weight_change(ai
             assert r.status == 400
 
 
-async def test_p99_abort_with_toxiproxy_latency(aiohttp_server, start_proxy, toxic_link):
-    from tests.conftest import add_toxic
-
+async def test_p99_abort_with_toxiproxy_latency(aiohttp_server, start_proxy, toxic_link, metrics):
     stable, canary = await two_tracks(aiohttp_server)
     proxy, url = toxic_link(canary.url)
     name, cfg = upstream_config(stable.url, retry={"attempts": 1},
@@ -172,7 +180,7 @@ async def test_p99_abort_with_toxiproxy_latency(aiohttp_server, start_proxy, tox
             async with s.get(p.url + "/x", headers={"X-Canary": "always"}) as r:
                 assert r.status == 200
     assert p.upstream.weights["canary"] == 0
-    assert metric("canary_aborts_total", name=name, track="canary", reason="latency_p99") == 1
+    assert metrics.delta("canary_aborts_total", name=name, track="canary", reason="latency_p99") == 1
 
 
 async def test_blue_green_switch_by_reload_under_load(aiohttp_server, start_proxy, tmp_path):
@@ -193,28 +201,83 @@ async def test_blue_green_switch_by_reload_under_load(aiohttp_server, start_prox
                         failures.append(r.status)
 
     t = asyncio.create_task(loop())
-    await asyncio.sleep(0.3)
+    await eventually(lambda: len(tracks) >= 20)
+    assert set(tracks) == {"stable"}
     cfg["upstreams"][name]["targets"][0]["weight"], cfg["upstreams"][name]["targets"][1]["weight"] = 0, 100
     p.rewrite(cfg)
     n0 = len(tracks)
-    await asyncio.sleep(0.6)
+    # the watcher applies it: from then on every request goes to green
+    await eventually(lambda: tracks[-20:] == ["canary"] * 20 and len(tracks) - n0 >= 20)
     done.set()
     await t
     assert failures == []
     after = tracks[n0:]
-    assert "canary" in after and after[-20:] == ["canary"] * 20  # all traffic on green within the interval
+    switched = after.index("canary")
+    assert set(after[switched:]) == {"canary"}  # no request went back to blue once the switch happened
 
 
-async def test_inbound_golden_metrics_sse_and_websocket(aiohttp_server, start_proxy):
+async def test_abort_cleared_when_the_canary_url_changes(aiohttp_server, start_proxy, tmp_path):
+    """A new canary build (its URL changed) is a new canary: the abort of the old one does not hold it."""
+    stable, canary = await two_tracks(aiohttp_server, failing(500))
+    fixed = Upstream()
+    s3 = await aiohttp_server(fixed.app())
+    fixed.url = f"http://127.0.0.1:{s3.port}"
+    name, cfg = canary_config(stable, canary, (90, 10), retry={"attempts": 1}, breaker={"fail_max": 1000},
+                              canary={"rollback": {"min_requests": 20}})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.get(p.url + "/x", headers={"X-Canary": "always"}) as r:
+                await r.read()
+        assert p.upstream.weights["canary"] == 0 and p.upstream.by_name["canary"].canary.aborted == "error_rate"
+        cfg["upstreams"][name]["targets"][1]["url"] = fixed.url  # same weight, new build
+        p.rewrite(cfg)
+        ok, message = await p.app.reload("test")
+        assert ok, message
+        assert p.upstream.weights == {"stable": 90, "canary": 10}
+        assert p.upstream.by_name["canary"].canary.aborted is None
+        async with s.get(p.url + "/x", headers={"X-Canary": "always"}) as r:
+            assert r.status == 200 and r.headers["X-Canary-Track"] == "canary"
+    assert fixed.hits == 1
+
+
+async def test_min_success_rate_aborts_the_canary(aiohttp_server, start_proxy, metrics):
+    """With the error-rate rule out of the way (max_error_rate 1.0), the success-rate rule alone aborts
+    a canary whose share of good answers falls under min_success_rate."""
+    rng = random.Random(11)
+
+    async def mostly(request):
+        return web.Response(status=503 if rng.random() < 0.3 else 200)
+
+    stable, canary = await two_tracks(aiohttp_server, mostly)
+    name, cfg = canary_config(stable, canary, (90, 10), retry={"attempts": 1}, breaker={"fail_max": 1000},
+                              canary={"rollback": {"min_requests": 50, "max_error_rate": 1.0,
+                                                   "min_success_rate": 0.9}})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        n = 0
+        while p.upstream.weights["canary"] and n < 500:
+            async with s.get(p.url + f"/x{n}", headers={"X-Canary": "always"}) as r:
+                await r.read()
+            n += 1
+    assert p.upstream.weights["canary"] == 0 and n >= 50
+    assert p.upstream.by_name["canary"].canary.aborted == "success_rate"
+    assert metrics.delta("canary_aborts_total", name=name, track="canary", reason="success_rate") == 1
+
+
+async def test_inbound_golden_metrics_sse_and_websocket(aiohttp_server, start_proxy, metrics, monkeypatch):
+    go_on = asyncio.Event()
+
     async def hello(request):
         return web.Response(status=int(request.query.get("s", "200")), text="app")
 
     async def sse(request):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for i in range(3):
+        await resp.write(b"data: 0\n\n")
+        await go_on.wait()  # the next event only once the client has the first: nothing is held back
+        for i in (1, 2):
             await resp.write(f"data: {i}\n\n".encode())
-            await asyncio.sleep(0.1)
         await resp.write_eof()
         return resp
 
@@ -233,7 +296,9 @@ async def test_inbound_golden_metrics_sse_and_websocket(aiohttp_server, start_pr
     server = await aiohttp_server(app)
     name, cfg = upstream_config(f"http://127.0.0.1:{server.port}")
     track = f"canary-{free_port()}"
-    cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": f"http://127.0.0.1:{server.port}", "track": track}
+    monkeypatch.setenv("ROLLOUT_TRACK", track)  # the track from the environment (the pod's label, via the Downward API)
+    cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": f"http://127.0.0.1:{server.port}",
+                      "track": "${env:ROLLOUT_TRACK}"}
     await start_proxy(cfg)
     inbound = f"http://{cfg['inbound']['listen']}"
     async with aiohttp.ClientSession() as s:
@@ -244,19 +309,69 @@ async def test_inbound_golden_metrics_sse_and_websocket(aiohttp_server, start_pr
         async with s.post(inbound + "/hello", data=b"body") as r:
             assert r.status == 200
         async with s.get(inbound + "/sse") as r:
-            first_at = None
-            t0 = asyncio.get_running_loop().time()
-            chunks = []
-            async for chunk in r.content.iter_any():
-                first_at = first_at or asyncio.get_running_loop().time() - t0
-                chunks.append(chunk)
-            assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n" and first_at < 0.15
+            first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 30)
+            assert first == b"data: 0\n\n"
+            go_on.set()
+            assert await r.read() == b"data: 1\n\ndata: 2\n\n"
         async with s.ws_connect(inbound.replace("http", "ws") + "/ws") as w:
             await w.send_str("ping")
             assert (await w.receive()).data == "echo:ping"
-    assert metric("http_requests_total", method="GET", status="200", track=track) == 10  # 9 + /sse
-    assert metric("http_requests_total", method="GET", status="500", track=track) == 1
-    assert metric("http_requests_total", method="POST", status="200", track=track) == 1
-    assert metric("http_requests_total", method="GET", status="101", track=track) == 1
-    assert metric("http_request_duration_seconds_count", method="GET", track=track) == 12
-    assert metric("http_request_duration_seconds_bucket", method="GET", track=track, le="5.0") == 12
+    assert metrics.delta("http_requests_total", method="GET", status="200", track=track) == 10  # 9 + /sse
+    assert metrics.delta("http_requests_total", method="GET", status="500", track=track) == 1
+    assert metrics.delta("http_requests_total", method="POST", status="200", track=track) == 1
+    assert metrics.delta("http_requests_total", method="GET", status="101", track=track) == 1
+    assert metrics.delta("http_request_duration_seconds_count", method="GET", track=track) == 12
+    assert metrics.delta("http_request_duration_seconds_bucket", method="GET", track=track, le="5.0") == 12
+
+
+async def test_inbound_never_retries_and_enforces_its_limits(make_upstream, start_proxy, metrics):
+    """It is the app's own traffic: a 503 or an unreachable app is passed back once, never retried or
+    replaced; oversized heads and bodies are refused before the app sees them."""
+    from tests.support.relay import CountingRelay
+
+    app = await make_upstream(failing(503))
+    name, cfg = upstream_config(app.url)
+    track = f"t{free_port()}"
+    cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": app.url, "track": track,
+                      "max_header_bytes": "1KiB", "max_request_body": "1KiB"}
+    p = await start_proxy(cfg)
+    inbound = f"http://{cfg['inbound']['listen']}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(inbound + "/busy") as r:
+            assert r.status == 503 and await r.text() == "down"
+        async with s.post(inbound + "/order", data=b"x") as r:
+            assert r.status == 503
+        assert [q["method"] for q in app.requests] == ["GET", "POST"]  # each once
+        async with s.get(inbound + "/h", headers={"X-Big": "a" * 2000}) as r:
+            assert r.status == 431 and (await r.json())["error"]["type"] == "headers_too_large"
+        async with s.post(inbound + "/b", data=b"a" * 2000) as r:
+            assert r.status == 413 and (await r.json())["error"]["type"] == "request_too_large"
+
+        async def chunks():
+            for _ in range(4):
+                yield b"c" * 512
+
+        async with s.post(inbound + "/c", data=chunks()) as r:
+            assert r.status == 413
+        assert len(app.requests) == 2  # none of the refused ones reached the app (the chunked one cut short)
+    # the app resetting its connections: a 502, no retry. An idempotent request whose connection dropped
+    # before any answer is sent once more (RFC 9112 §9.3.1: a keep-alive connection the app had just
+    # closed must not become a 502); anything else exactly once.
+    relay = await CountingRelay(1).start()
+    relay.down = True
+    cfg["inbound"]["app_url"] = f"http://127.0.0.1:{relay.port}"
+    p.rewrite(cfg)
+    ok, message = await p.app.reload("test")
+    assert ok, message
+    async with aiohttp.ClientSession() as s:
+        async with s.post(inbound + "/gone", data=b"order") as r:
+            assert r.status == 502 and (await r.json())["error"]["type"] == "app_unreachable"
+        assert relay.accepted == 1
+        async with s.get(inbound + "/gone") as r:
+            assert r.status == 502
+        assert relay.accepted == 3
+    relay.close()
+    assert metrics.delta("http_requests_total", method="GET", status="503", track=track) == 1
+    assert metrics.delta("http_requests_total", method="GET", status="431", track=track) == 1
+    assert metrics.delta("http_requests_total", method="POST", status="413", track=track) == 2
+    assert metrics.delta("http_requests_total", method="POST", status="502", track=track) == 1

@@ -1,9 +1,12 @@
-"""The process as users run it: `resilience-proxy run` in a subprocess, SIGTERM drain, second signal,
-port conflicts, the demo, and secret rotation through a re-read ${file:} reference."""
+"""The process as users run it: `resilience-proxy run` in a subprocess — SIGTERM drain (and its
+deadline), a second signal, SIGHUP reload, port conflicts, the demo on a port base, secret rotation
+through a re-read ${file:} reference. The upstreams live in this process, so a test holds a request at
+the upstream for as long as it needs instead of timing a sleep."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -12,243 +15,265 @@ import time
 
 import aiohttp
 import pytest
-import yaml
-from aiohttp import web
 
-from tests.conftest import upstream_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-async def wait_http(url: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} did not come up")
+from tests.support.net import free_port, free_ports
+from tests.support.proxy import Process, copy, upstream_config, wait_http
+from tests.support.tools import ROOT
+from tests.support.upstreams import Gate, failing
+from tests.support.wait import eventually
 
 
-def spawn(config_path: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", config_path],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+def events(out: str, name: str) -> list[dict]:
+    found = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            doc = json.loads(line)
+            if doc["event"] == name:
+                found.append(doc)
+    return found
 
 
-@pytest.fixture
-async def slow_upstream(aiohttp_server):
-    async def slow(request):
-        await asyncio.sleep(float(request.query.get("d", "0")))
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/{t:.*}", slow)
-    server = await aiohttp_server(app)
-    return f"http://127.0.0.1:{server.port}"
-
-
-async def test_sigterm_ready_503_in_flight_finish_new_requests_served_exit_0(slow_upstream, tmp_path):
-    name, cfg = upstream_config(slow_upstream, timeouts={"attempt": "10s", "total": "10s"})
-    cfg["shutdown"] = {"drain_timeout": "10s", "quiet_period": "500ms"}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = spawn(str(path))
+async def test_sigterm_ready_503_in_flight_finish_new_requests_served_exit_0(upstream, tmp_path):
+    gate = Gate()
+    upstream.behaviour = gate
+    name, cfg = upstream_config(upstream.url, timeouts={"attempt": "60s", "total": "60s"})
+    cfg["shutdown"] = {"drain_timeout": "60s", "quiet_period": "500ms"}
+    proc = Process.run(cfg, tmp_path / "c.yaml")
     listen = f"http://{cfg['upstreams'][name]['listen']}"
     admin = f"http://{cfg['admin']['listen']}"
     try:
-        await wait_http(admin + "/health/ready")
+        await wait_http(admin + "/health/ready", ok=lambda st: st == 200)
         async with aiohttp.ClientSession() as s:
-            async def call(d):
-                async with s.get(f"{listen}/x?d={d}") as r:
+            async def call(path):
+                async with s.get(listen + path) as r:
                     return r.status, await r.text()
 
-            slow = [asyncio.create_task(call(1.0)) for _ in range(20)]
-            await asyncio.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
-            async with s.get(admin + "/health/ready") as r:
-                assert r.status == 503
-            assert await call(0) == (200, "done")  # egress keeps serving during the drain
-            assert proc.poll() is None
-            results = await asyncio.gather(*slow)
-        assert results == [(200, "done")] * 20
-        t0 = time.monotonic()
-        rc = await asyncio.to_thread(proc.wait, 10)
-        assert rc == 0
-        assert time.monotonic() - t0 < 5
-        out = proc.stdout.read().decode()
-        assert '"event":"draining"' in out and '"event":"drained"' in out
+            held = [asyncio.create_task(call(f"/held/{i}")) for i in range(20)]
+            await eventually(lambda: gate.arrived == 20)
+            proc.signal(signal.SIGTERM)
+            await wait_http(admin + "/health/ready", ok=lambda st: st == 503)  # readiness turns at once
+            upstream.behaviour = None
+            assert await call("/during-drain") == (200, '{"path": "/during-drain", "n": 21}')  # egress keeps serving
+            assert proc.proc.poll() is None  # 20 requests still in flight: it waits for them
+            upstream.behaviour = gate
+            gate.open()
+            results = await asyncio.gather(*held)
+        assert results == [(200, "ok")] * 20
+        assert await proc.wait() == 0
+        out, _ = proc.output()
+        draining, = events(out, "draining")
+        drained, = events(out, "drained")
+        assert draining["in_flight"] == 20 and drained["in_flight"] == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        await proc.stop()
 
 
-async def test_second_sigterm_exits_at_once(slow_upstream, tmp_path):
-    name, cfg = upstream_config(slow_upstream, timeouts={"attempt": "30s", "total": "30s"})
-    cfg["shutdown"] = {"drain_timeout": "30s", "quiet_period": "10s"}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = spawn(str(path))
+async def test_drain_ends_at_drain_timeout_with_work_still_in_flight(upstream, tmp_path):
+    """An app that never finishes its call must not keep the pod terminating forever: at drain_timeout
+    the process exits (0, as Kubernetes expects from a SIGTERM), and says what it left."""
+    gate = Gate()
+    upstream.behaviour = gate
+    name, cfg = upstream_config(upstream.url, timeouts={"attempt": "1h", "total": "1h"})
+    cfg["shutdown"] = {"drain_timeout": "2s", "quiet_period": "0s"}
+    proc = Process.run(cfg, tmp_path / "c.yaml")
+    listen = f"http://{cfg['upstreams'][name]['listen']}"
+    try:
+        await wait_http(f"http://{cfg['admin']['listen']}/health/ready", ok=lambda st: st == 200)
+        async with aiohttp.ClientSession() as s:
+            stuck = asyncio.create_task(s.get(listen + "/forever"))
+            await eventually(lambda: gate.arrived == 1)
+            t0 = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            assert time.monotonic() - t0 >= 2  # not before drain_timeout
+            with pytest.raises(aiohttp.ClientError):
+                await stuck  # the request it could not finish: its connection closed
+        out, _ = proc.output()
+        drained, = events(out, "drained")
+        assert drained["in_flight"] == 1
+    finally:
+        gate.open()
+        await proc.stop()
+
+
+async def test_second_sigterm_exits_at_once(upstream, tmp_path):
+    name, cfg = upstream_config(upstream.url)
+    cfg["shutdown"] = {"drain_timeout": "120s", "quiet_period": "60s"}
+    proc = Process.run(cfg, tmp_path / "c.yaml")
+    admin = f"http://{cfg['admin']['listen']}"
+    try:
+        await wait_http(admin + "/health/live")
+        proc.signal(signal.SIGTERM)
+        await wait_http(admin + "/health/ready", ok=lambda st: st == 503)  # draining: quiet_period is 60 s
+        assert proc.proc.poll() is None
+        t0 = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+        assert time.monotonic() - t0 < 30  # at once, not after the 60 s quiet period
+        out, _ = proc.output()
+        assert events(out, "stopping")[0]["forced"] is True
+    finally:
+        await proc.stop()
+
+
+async def test_sigint_exits_at_once(upstream, tmp_path):
+    name, cfg = upstream_config(upstream.url)
+    cfg["shutdown"] = {"drain_timeout": "120s", "quiet_period": "60s"}
+    proc = Process.run(cfg, tmp_path / "c.yaml")
     try:
         await wait_http(f"http://{cfg['admin']['listen']}/health/live")
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        assert proc.poll() is None  # draining: quiet_period is 10 s
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.to_thread(proc.wait, 5)
-        assert time.monotonic() - t0 < 3 and rc == 0
+        proc.signal(signal.SIGINT)
+        assert await proc.wait() == 0
+        assert time.monotonic() - t0 < 30
+        out, _ = proc.output()
+        assert events(out, "draining") == [] and events(out, "stopping")[0]["forced"] is True
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        await proc.stop()
 
 
-async def test_sigint_exits_at_once(slow_upstream, tmp_path):
-    name, cfg = upstream_config(slow_upstream)
-    cfg["shutdown"] = {"drain_timeout": "30s", "quiet_period": "10s"}
+async def test_sighup_reloads_the_config(upstream, tmp_path):
+    name, cfg = upstream_config(upstream.url)
+    cfg["reload"] = {"interval": "1h"}  # the watcher will not see it: only the signal can
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = spawn(str(path))
+    proc = Process.run(cfg, path)
+    listen = f"http://{cfg['upstreams'][name]['listen']}"
     try:
-        await wait_http(f"http://{cfg['admin']['listen']}/health/live")
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        await asyncio.to_thread(proc.wait, 5)
-        assert time.monotonic() - t0 < 3
+        await wait_http(f"http://{cfg['admin']['listen']}/health/ready", ok=lambda st: st == 200)
+        changed = copy(cfg)
+        changed["upstreams"][name]["request_headers"] = {"X-After-Hup": "yes"}
+        path.write_text(json.dumps(changed))  # YAML is a superset of JSON
+        proc.signal(signal.SIGHUP)
+
+        async def reloaded():
+            async with aiohttp.ClientSession() as s, s.get(listen + "/hup") as r:
+                await r.read()
+            return upstream.requests[-1]["headers"].get("X-After-Hup") == "yes"
+
+        await eventually(reloaded, what="the reloaded config in effect")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        await proc.stop()
+    out, _ = proc.output()
+    reload_line, = events(out, "reloaded")
+    assert reload_line["reason"] == "sighup"
 
 
-async def test_port_in_use_exits_3_naming_the_address(slow_upstream, tmp_path):
+async def test_port_in_use_exits_3_naming_the_address(upstream, tmp_path):
     import socket
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    name, cfg = upstream_config(slow_upstream)
+    name, cfg = upstream_config(upstream.url)
     cfg["upstreams"][name]["listen"] = f"127.0.0.1:{port}"
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = spawn(str(path))
-    rc = await asyncio.to_thread(proc.wait, 15)
+    proc = Process.run(cfg, tmp_path / "c.yaml")
+    rc = await proc.wait()
     busy.close()
     assert rc == 3
-    assert f"127.0.0.1:{port}" in proc.stderr.read().decode()
+    assert f"upstreams.{name}.listen 127.0.0.1:{port}: Address already in use" in proc.output()[1]
 
 
-async def test_admin_port_in_use_exits_3(slow_upstream, tmp_path):
+async def test_admin_port_in_use_exits_3(upstream, tmp_path):
     import socket
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    name, cfg = upstream_config(slow_upstream)
+    name, cfg = upstream_config(upstream.url)
     cfg["admin"]["listen"] = f"127.0.0.1:{busy.getsockname()[1]}"
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = spawn(str(path))
-    rc = await asyncio.to_thread(proc.wait, 15)
+    proc = Process.run(cfg, tmp_path / "c.yaml")
+    rc = await proc.wait()
     busy.close()
-    assert rc == 3 and "admin.listen" in proc.stderr.read().decode()
+    assert rc == 3 and "admin.listen" in proc.output()[1]
 
 
 async def test_invalid_config_exits_1_with_paths(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("upstreams:\n  db:\n    listen: 127.0.0.1:1\n    targets: []\n")
-    proc = spawn(str(path))
-    rc = await asyncio.to_thread(proc.wait, 15)
-    assert rc == 1
-    assert "upstreams.db.targets" in proc.stderr.read().decode()
+    proc = Process("run", "--config", str(path))
+    assert await proc.wait() == 1
+    assert "upstreams.db.targets" in proc.output()[1]
 
 
-async def test_secret_file_rotation_is_picked_up_and_never_logged(tmp_path, aiohttp_server):
-    seen = []
-
-    async def record(request):
-        seen.append(request.headers.get("Authorization"))
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/{t:.*}", record)
-    server = await aiohttp_server(app)
+async def test_secret_file_rotation_is_picked_up_and_never_logged(tmp_path, upstream):
     secret_dir = tmp_path / "secret"
     secret_dir.mkdir()
     (secret_dir / "key").write_text("sk-first-secret\n")
-    name, cfg = upstream_config(f"http://127.0.0.1:{server.port}",
+    name, cfg = upstream_config(upstream.url,
                                 request_headers={"Authorization": f"Bearer ${{file:{secret_dir / 'key'}}}"})
     cfg["reload"] = {"interval": "200ms"}
     cfg["log"] = {"level": "debug", "access": True}
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = spawn(str(path))
+    proc = Process.run(cfg, path)
     listen = f"http://{cfg['upstreams'][name]['listen']}"
+    admin = f"http://{cfg['admin']['listen']}"
+    seen = lambda: [r["headers"].get("Authorization") for r in upstream.requests]  # noqa: E731
     try:
-        await wait_http(f"http://{cfg['admin']['listen']}/health/ready")
+        await wait_http(admin + "/health/ready", ok=lambda st: st == 200)
         async with aiohttp.ClientSession() as s:
             async with s.get(listen + "/a", headers={"Authorization": "Bearer placeholder"}) as r:
                 assert r.status == 200
             (secret_dir / "key.new").write_text("sk-second-secret\n")
             os.replace(secret_dir / "key.new", secret_dir / "key")
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
+
+            async def rotated():
                 async with s.get(listen + "/b") as r:
                     await r.read()
-                if seen[-1] == "Bearer sk-second-secret":
-                    break
-                await asyncio.sleep(0.1)
-            async with s.get(f"http://{cfg['admin']['listen']}/admin/config") as r:
+                return seen()[-1] == "Bearer sk-second-secret"
+
+            await eventually(rotated, what="the rotated secret in use")
+            async with s.get(admin + "/admin/config") as r:
                 shown = await r.text()
             # a broken config that would quote the secret in its error message
-            bad = yaml.safe_load(yaml.safe_dump(cfg))
+            bad = copy(cfg)
             bad["upstreams"][name]["targets"][0]["url"] = f"${{file:{secret_dir / 'key'}}}"
-            path.write_text(yaml.safe_dump(bad))
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                async with s.get(f"http://{cfg['admin']['listen']}/health") as r:
-                    if (await r.json()).get("last_reload_error"):
-                        break
-                await asyncio.sleep(0.1)
-            async with s.get(f"http://{cfg['admin']['listen']}/admin/config") as r:
+            path.write_text(json.dumps(bad))
+
+            async def reported():
+                async with s.get(admin + "/health") as r:
+                    return (await r.json()).get("last_reload_error")
+
+            await eventually(reported, what="the reload error is reported")
+            async with s.get(admin + "/admin/config") as r:
                 shown += await r.text()
-        assert seen[0] == "Bearer sk-first-secret" and seen[-1] == "Bearer sk-second-secret"
+            async with s.get(admin + "/health") as r:
+                shown += await r.text()
+        assert seen()[0] == "Bearer sk-first-secret" and seen()[-1] == "Bearer sk-second-secret"
         assert "sk-first" not in shown and "sk-second" not in shown
     finally:
-        proc.send_signal(signal.SIGINT)
-        await asyncio.to_thread(proc.wait, 5)
-    logs = proc.stdout.read().decode() + proc.stderr.read().decode()
-    assert '"event":"reloaded"' in logs and '"event":"reload_failed"' in logs
-    assert logs.count('"event":"reload_failed"') == 1  # reported once, not on every poll
+        await proc.stop()
+    out, err = proc.output()
+    logs = out + err
+    assert len(events(out, "reloaded")) == 1
+    assert len(events(out, "reload_failed")) == 1  # reported once, not on every poll
     assert "sk-first-secret" not in logs and "sk-second-secret" not in logs
 
 
-async def test_demo_starts_and_its_curl_lines_work(tmp_path):
-    for port in (9002, 9901, 18002):
-        import socket
-
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"port {port} is busy: the demo needs it")
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo"], stdout=subprocess.PIPE,
+async def test_demo_on_a_port_base_and_its_curl_lines_work(tmp_path):
+    """The demo beside anything else on the machine: on a free port base, printing the ports it uses."""
+    base = free_ports(3)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port-base", str(base)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        await wait_http("http://127.0.0.1:9901/health/ready")
+        await wait_http(f"http://127.0.0.1:{base + 1}/health/ready", ok=lambda st: st == 200)
         lines = []
         while True:
             line = (await asyncio.to_thread(proc.stdout.readline)).decode()
+            assert line, "the demo ended before printing its curl lines"
             lines.append(line)
             if line.startswith("Ctrl-C"):
                 break
+        text = "".join(lines)
+        assert f"proxy 127.0.0.1:{base} → fake database gateway 127.0.0.1:{base + 2}" in text
         curls = [ln.split("#")[0].strip() for ln in lines if ln.strip().startswith("curl ")]
-        assert len(curls) >= 6
+        import re
+
+        assert len(curls) == 7
+        assert {int(port) for c in curls for port in re.findall(r"localhost:(\d+)", c)} == {base, base + 1, base + 2}
         outputs = []
         for c in curls:
-            r = await asyncio.to_thread(subprocess.run, ["bash", "-c", c], capture_output=True, text=True, timeout=20)
+            r = await asyncio.to_thread(subprocess.run, ["bash", "-c", c], capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, (c, r.stderr)
             outputs.append(r.stdout)
         joined = "\n".join(outputs)
@@ -257,19 +282,20 @@ async def test_demo_starts_and_its_curl_lines_work(tmp_path):
         assert '"state": "open"' in joined
     finally:
         proc.send_signal(signal.SIGINT)
-        await asyncio.to_thread(proc.wait, 10)
+        await asyncio.to_thread(proc.wait, 30)
 
 
 async def test_the_process_runs_without_importing_aiohttp(upstream, tmp_path):
     """aiohttp costs ~15 MB of RSS: a plain HTTP config must not load it, and every path of a request —
-    an answer, a cached fallback, a connect failure (its error classified without aiohttp) — must work."""
-    from tests.conftest import free_port
-
+    an answer, a cached fallback, a connect failure (its error classified without aiohttp), the active
+    checks — must work."""
     dead = free_port()
     name, cfg = upstream_config(upstream.url, health={"path": "/healthz", "interval": "200ms"})
     cfg["upstreams"]["down"] = {"protocol": "http", "listen": f"127.0.0.1:{free_port()}",
                                 "targets": [{"name": "stable", "url": f"http://127.0.0.1:{dead}"}]}
     path = tmp_path / "c.yaml"
+    import yaml
+
     path.write_text(yaml.safe_dump(cfg))
     probe = tmp_path / "probe.py"
     # the proxy's own process, reporting at exit (after every request below) which aiohttp modules it loaded
@@ -289,14 +315,12 @@ sys.exit(main())
     try:
         listen = f"http://{cfg['upstreams'][name]['listen']}"
         down = f"http://{cfg['upstreams']['down']['listen']}"
-        await wait_http(listen + "/")
+        await wait_http(f"http://{cfg['admin']['listen']}/health/ready", ok=lambda st: st == 200)
+        await eventually(lambda: "/healthz" in upstream.paths(), what="an active check ran")
         async with aiohttp.ClientSession() as s:
             async with s.get(listen + "/item") as r:
                 assert r.status == 200
-            async def failing(request):
-                return web.Response(status=503)
-
-            upstream.behaviour = failing
+            upstream.behaviour = failing(503)
             async with s.get(listen + "/item") as r:
                 assert r.status == 200 and r.headers["X-Fallback"] == "cache"
             async with s.get(down + "/item") as r:
@@ -306,8 +330,5 @@ sys.exit(main())
                 assert r.status == 200  # "down" is not critical
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
-    import json
-
+        await asyncio.to_thread(proc.wait, 30)
     assert json.loads(mods.read_text()) == []
-    assert any(r["path_qs"] == "/healthz" for r in upstream.requests)  # active checks ran, lean client

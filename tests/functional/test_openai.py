@@ -1,54 +1,61 @@
-"""`protocol: openai` with the real `openai` SDK as the client and a fake OpenAI-compatible upstream."""
+"""`protocol: openai` with the real `openai` SDK as the client and a fake OpenAI-compatible upstream
+(tests/support/fake_openai.py). Streams are paced by the test, not by sleeps; waits the proxy makes
+(Retry-After, X-RateLimit-Reset) are read from the injected clock."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import metric, upstream_config
+from proxy.clock import ManualClock
+from proxy.llm import sse
+from tests.support.proxy import upstream_config
+from tests.support.wait import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
-
-
 def llm_config(url, **sections):
-    name, cfg = upstream_config(url, protocol="openai", **sections)
-    return name, cfg
+    return upstream_config(url, protocol="openai", **sections)
 
 
 def client(p, **kw) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=p.url + "/api/v1", api_key="sk-app-placeholder", max_retries=0, **kw)
 
 
-async def test_stream_relayed_chunk_by_chunk(fake, start_proxy):
-    fake.delay = 0.2
+async def test_stream_relayed_chunk_by_chunk(fake, start_proxy, metrics):
+    """The fake sends each chunk only after the client has the one before: a proxy that held chunks back
+    would deadlock here (and fail at the wait's deadline), whatever the machine's speed."""
+    fake.gate = asyncio.Queue()
     name, cfg = llm_config(fake.url, llm={"models": ["fake/model-a"]})
     p = await start_proxy(cfg)
-    c = client(p)
-    t0 = time.monotonic()
-    stream = await c.chat.completions.create(model="fake/model-a", messages=MSG, stream=True)
-    arrivals, text = [], []
-    async for chunk in stream:
-        arrivals.append(time.monotonic() - t0)
+    stream = await client(p).chat.completions.create(model="fake/model-a", messages=MSG, stream=True)
+    text, chunks = [], 0
+    it = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), 30)
+        except StopAsyncIteration:
+            break
+        chunks += 1
+        assert fake.chunks_sent == min(chunks, fake.chunks)  # nothing sent ahead of what the client has
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
+        fake.gate.put_nowait(None)  # now the next one
     assert "".join(text) == fake.content({"messages": MSG})
-    assert len(arrivals) == 11
-    assert arrivals[0] < 0.6 * arrivals[-1]  # the first chunk long before the upstream finished
-    assert arrivals[-1] >= 1.8
-    # chunks arrived spread out, not all at once at the end
-    assert sum(1 for a, b in zip(arrivals, arrivals[1:], strict=False) if b - a > 0.1) >= 8
-    assert metric("llm_stream_first_byte_seconds_count", name=name, model="fake/model-a") == 1
-    assert metric("llm_tokens_total", name=name, model="fake/model-a", kind="completion") == 10
-    assert metric("llm_tokens_total", name=name, model="fake/model-a", kind="prompt") == 7
+    assert chunks == 11  # ten content chunks and the final one with finish_reason and usage
+    assert metrics.delta("llm_stream_first_byte_seconds_count", name=name, model="fake/model-a") == 1
+    assert metrics.delta("llm_tokens_total", name=name, model="fake/model-a", kind="completion") == 10
+    assert metrics.delta("llm_tokens_total", name=name, model="fake/model-a", kind="prompt") == 7
 
 
-async def test_non_streaming_and_other_endpoints(fake, start_proxy):
+async def test_non_streaming_and_other_endpoints(fake, start_proxy, metrics):
     name, cfg = llm_config(fake.url)
     p = await start_proxy(cfg)
     c = client(p)
@@ -60,18 +67,21 @@ async def test_non_streaming_and_other_endpoints(fake, start_proxy):
     assert e.data[0].embedding == [0.1, 0.2, 0.3]
     models = await c.models.list()
     assert [m.id async for m in models] == ["fake/model-a", "fake/model-b"]
-    assert metric("llm_tokens_total", name=name, model="other", kind="completion") == 10
+    assert metrics.delta("llm_tokens_total", name=name, model="other", kind="completion") == 10
 
 
 async def test_key_injected_placeholder_never_forwarded(fake, start_proxy, tmp_path, caplog):
     key = tmp_path / "api-key"
     key.write_text("sk-or-real-secret-key\n")
-    name, cfg = llm_config(fake.url, request_headers={"Authorization": f"Bearer ${{file:{key}}}"})
+    name, cfg = llm_config(fake.url, request_headers={"Authorization": f"Bearer ${{file:{key}}}"},
+                           health={"interval": "200ms"})
     p = await start_proxy(cfg)
     await client(p).chat.completions.create(model="m", messages=MSG)
-    await client(p).models.list()
+    # the active health check (GET /api/v1/models, by the proxy alone: this test never lists models)
+    await eventually(lambda: fake.model_requests, what="an active health check reached /models")
     assert all(r["auth"] == ["Bearer sk-or-real-secret-key"] for r in fake.requests + fake.model_requests)
-    assert len(fake.requests) == 1 and fake.model_requests  # the health check carries the key too
+    assert len(fake.requests) == 1
+    assert p.upstream.targets[0].health.healthy is True
     async with aiohttp.ClientSession() as s:
         async with s.get(p.admin + "/admin/config") as r:
             assert "sk-or-real-secret-key" not in await r.text()
@@ -83,7 +93,49 @@ async def test_key_injected_placeholder_never_forwarded(fake, start_proxy, tmp_p
     assert caplog.records and "sk-or-real-secret-key" not in logged
 
 
-async def test_cache_warm_then_fallback_with_marker_and_stream_replay(fake, start_proxy):
+class SecretDir:
+    """A directory laid out as the kubelet lays out a mounted Secret: `..<ts>/api-key`, a `..data`
+    symlink to it, `api-key → ..data/api-key`. A rotation swaps `..data` atomically."""
+
+    def __init__(self, root) -> None:
+        self.root, self.n = root, 0
+
+    def write(self, value: str) -> str:
+        self.n += 1
+        d = self.root / f"..2026_12_01_{self.n:04d}"
+        d.mkdir()
+        (d / "api-key").write_text(value + "\n")
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(d.name)
+        os.replace(tmp, self.root / "..data")
+        link = self.root / "api-key"
+        if not link.is_symlink():
+            link.symlink_to("..data/api-key")
+        return str(link)
+
+
+async def test_key_rotated_by_a_secret_data_swap_reaches_completions_and_checks(fake, start_proxy, tmp_path):
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    secrets = SecretDir(secret_dir)
+    path = secrets.write("sk-or-before-rotation")
+    name, cfg = llm_config(fake.url, request_headers={"Authorization": f"Bearer ${{file:{path}}}"},
+                           health={"interval": "200ms"})
+    cfg["reload"] = {"interval": "200ms"}
+    p = await start_proxy(cfg)
+    await client(p).chat.completions.create(model="m", messages=MSG)
+    assert fake.requests[-1]["auth"] == ["Bearer sk-or-before-rotation"]
+    secrets.write("sk-or-after-rotation")  # the kubelet's ..data swap: the file itself is never written
+    await eventually(lambda: p.app.runtime.upstreams[name].request_headers["Authorization"]
+                     == "Bearer sk-or-after-rotation", what="the rotated key is applied")
+    await client(p).chat.completions.create(model="m", messages=[{"role": "user", "content": "after"}])
+    assert fake.requests[-1]["auth"] == ["Bearer sk-or-after-rotation"]
+    n = len(fake.model_requests)
+    await eventually(lambda: len(fake.model_requests) > n + 1, what="two more health checks")
+    assert fake.model_requests[-1]["auth"] == ["Bearer sk-or-after-rotation"]
+
+
+async def test_cache_warm_then_fallback_with_marker_and_stream_replay(fake, start_proxy, metrics):
     name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 100})
     p = await start_proxy(cfg)
     c = client(p)
@@ -99,7 +151,8 @@ async def test_cache_warm_then_fallback_with_marker_and_stream_replay(fake, star
     chunks = [ch async for ch in await c.chat.completions.create(model="m", messages=MSG, temperature=0.2, stream=True)]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == warm.choices[0].message.content
     assert chunks[0].model_extra["fallback"] is True
-    assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10  # usage comes last, as OpenAI sends it
     # the streamed answer cached earlier: served to a non-streaming caller, and replayed to a streaming one
     r2 = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "s"}])
     assert r2.choices[0].message.content == streamed_text and r2.model_extra["fallback"] is True
@@ -112,7 +165,7 @@ async def test_cache_warm_then_fallback_with_marker_and_stream_replay(fake, star
     assert d.model_extra["fallback_reason"] == "upstream_5xx_no_cache"
     ds = [ch async for ch in await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "nope"}], stream=True)]
     assert "technical difficulties" in "".join(ch.choices[0].delta.content or "" for ch in ds if ch.choices)
-    assert metric("fallback_responses_total", name=name, source="degraded", reason="upstream_5xx") == 2
+    assert metrics.delta("fallback_responses_total", name=name, source="degraded", reason="upstream_5xx") == 2
 
 
 async def test_degraded_can_answer_503(fake, start_proxy):
@@ -136,23 +189,41 @@ async def test_model_failover_in_order_with_header(fake, start_proxy):
     assert [r["body"]["model"] for r in fake.requests] == ["fake/a", "fake/b", "fake/c"]
 
 
+async def test_an_open_breaker_skips_model_failover(fake, start_proxy, metrics):
+    """Every model goes to the same target: once its breaker is open, failing over would only knock
+    on a door known to be shut. The primary's failure opens it (fail_max 1): no fallback model is tried."""
+    name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"},
+                           llm={"fallback_models": ["fake/b", "fake/c"]})
+    p = await start_proxy(cfg)
+    fake.fail_models = {"fake/a"}
+    r = await client(p).chat.completions.create(model="fake/a", messages=MSG)
+    assert [q["body"]["model"] for q in fake.requests] == ["fake/a"]
+    assert p.breaker.state == "open"
+    assert r.model_extra["fallback_reason"] == "upstream_5xx_no_cache"
+    r = await client(p).chat.completions.create(model="fake/b", messages=MSG)  # would succeed upstream
+    assert r.model_extra["fallback_reason"] == "circuit_breaker_open_no_cache" and len(fake.requests) == 1
+
+
 async def test_failover_bounded_by_total_timeout(fake, start_proxy):
+    """The primary's attempt times out (2 s), the first fallback model is cut by the total (3 s), the
+    second is never tried: no model gets a request it has no time left to answer. Seconds of margin on
+    each side, so a loaded machine keeps the same order of events."""
     name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 100},
-                           timeouts={"attempt": "400ms", "total": "700ms"},
+                           timeouts={"attempt": "2s", "total": "3s"},
                            llm={"fallback_models": ["fake/b", "fake/c"], "degraded": {"enabled": False}})
     p = await start_proxy(cfg)
-    fake.slow = 0.5
-    t0 = time.monotonic()
+    fake.hang = True
     with pytest.raises(openai.APIStatusError) as ei:
         await client(p).chat.completions.create(model="fake/a", messages=MSG)
-    assert time.monotonic() - t0 < 1.5
     assert ei.value.status_code == 504
-    assert len(fake.requests) == 2  # primary timed out at 400 ms, the first fallback was cut by the total
+    assert ei.value.body["message"] == "total timeout (3s) expired before the upstream answered"
+    assert [r["body"]["model"] for r in fake.requests] == ["fake/a", "fake/b"]
 
 
 async def test_rate_limit_short_retry_after_waited_long_passed_through(fake, start_proxy):
+    clock = ManualClock()
     name, cfg = llm_config(fake.url, retry={"attempts": 2, "backoff_max": "1s"}, breaker={"fail_max": 100})
-    p = await start_proxy(cfg)
+    p = await start_proxy(cfg, clock=clock)
     fake.fail_all, fake.retry_after = 429, "30"
     with pytest.raises(openai.RateLimitError) as ei:
         await client(p).chat.completions.create(model="m", messages=[{"role": "user", "content": "uncached"}])
@@ -162,19 +233,31 @@ async def test_rate_limit_short_retry_after_waited_long_passed_through(fake, sta
     fake.fail_all = 429
     r = await client(p).chat.completions.create(model="m", messages=MSG)
     assert r.model_extra["fallback_reason"] == "rate_limited" and r.choices[0].message.content == warm.choices[0].message.content
-    fake.retry_after = "1"
+    assert clock.sleeps == []
+    # a short Retry-After is waited for, then the call goes through
+    fake.retry_after, fake.fail_first, fake.completions = "1", 1, 0
     n = len(fake.requests)
-    t0 = time.monotonic()
-
-    async def heal():
-        await asyncio.sleep(0.5)
-        fake.fail_all = None
-
-    healer = asyncio.create_task(heal())
     r = await client(p).chat.completions.create(model="m", messages=[{"role": "user", "content": "fresh"}])
-    await healer
     assert "fallback" not in (r.model_extra or {}) and len(fake.requests) - n == 2
-    assert time.monotonic() - t0 >= 0.95
+    assert clock.sleeps == [1.0]
+
+
+async def test_x_ratelimit_reset_honoured_end_to_end(fake, start_proxy):
+    """OpenRouter states its wait as `X-RateLimit-Reset`, an epoch time in milliseconds."""
+    clock = ManualClock()
+    name, cfg = llm_config(fake.url, retry={"attempts": 2, "backoff_max": "2s"}, breaker={"fail_max": 100})
+    p = await start_proxy(cfg, clock=clock)
+    fake.fail_all, fake.fail_first = 429, 1
+    fake.rate_limit_reset = str(int((time.time() + 1.5) * 1000))
+    r = await client(p).chat.completions.create(model="m", messages=MSG)
+    assert r.choices[0].message.content.startswith("Hello") and len(fake.requests) == 2
+    assert len(clock.sleeps) == 1 and 0 < clock.sleeps[0] <= 1.5  # the wait the header stated
+    # a reset further away than backoff_max: passed back at once
+    fake.fail_first, fake.completions = 0, 0
+    fake.rate_limit_reset = str(int((time.time() + 60) * 1000))
+    with pytest.raises(openai.RateLimitError):
+        await client(p).chat.completions.create(model="m", messages=[{"role": "user", "content": "later"}])
+    assert len(fake.requests) == 3 and len(clock.sleeps) == 1
 
 
 async def test_bad_input_refused_in_openai_shape_nothing_forwarded(fake, start_proxy):
@@ -214,16 +297,17 @@ async def test_proxy_cache_headers(fake, start_proxy):
 
 
 async def test_proxy_timeout_header_capped(fake, start_proxy):
-    name, cfg = llm_config(fake.url, retry={"attempts": 1}, timeouts={"attempt": "5s", "total": "5s"},
+    name, cfg = llm_config(fake.url, retry={"attempts": 1}, timeouts={"attempt": "20s", "total": "20s"},
                            llm={"degraded": {"enabled": False}})
     p = await start_proxy(cfg)
-    fake.slow = 1.0
-    t0 = time.monotonic()
+    fake.hang = True
     with pytest.raises(openai.APIStatusError) as ei:
         await client(p).chat.completions.create(model="m", messages=MSG, extra_headers={"X-Proxy-Timeout": "300ms"})
-    assert ei.value.status_code == 504 and time.monotonic() - t0 < 0.9
+    assert ei.value.status_code == 504
+    assert ei.value.body["message"] == "total timeout (300ms) expired before the upstream answered"
+    fake.hang = False
     r = await client(p).chat.completions.create(model="m", messages=MSG, extra_headers={"X-Proxy-Timeout": "1h"})
-    assert r.choices[0].message.content  # an hour is capped at the configured 5 s, which is enough here
+    assert r.choices[0].message.content  # an hour is capped at the configured 20 s, which is enough here
 
 
 async def test_stream_first_byte_timeout_and_retry_before_first_byte(fake, start_proxy):
@@ -231,12 +315,61 @@ async def test_stream_first_byte_timeout_and_retry_before_first_byte(fake, start
                            timeouts={"first_byte": "300ms"}, llm={"degraded": {"enabled": False}},
                            breaker={"fail_max": 100})
     p = await start_proxy(cfg)
-    fake.slow = 0.6
-    t0 = time.monotonic()
+    fake.hang = True
     with pytest.raises(openai.APIStatusError) as ei:
         await client(p).chat.completions.create(model="m", messages=MSG, stream=True)
-    assert ei.value.status_code == 504 and time.monotonic() - t0 < 1.2
+    assert ei.value.status_code == 504
+    assert ei.value.body["message"] == "first_byte timeout (300ms) expired before the upstream answered"
     assert len(fake.requests) == 2  # retried: nothing had reached the client
+
+
+async def _raw_stream(p) -> bytes:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/api/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True},
+                          timeout=aiohttp.ClientTimeout(total=60)) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+            return await r.read()
+
+
+def _events(body: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in body.split(b"\n\n") if e]
+
+
+async def test_mid_stream_cut_ends_with_the_exact_error_event_then_done(fake, start_proxy):
+    """The provider's connection dies after three chunks: the app gets those three, then one
+    OpenAI-shaped error event and `data: [DONE]`, byte for byte — and the failure counts."""
+    name, cfg = llm_config(fake.url, retry={"attempts": 3}, breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    fake.cut_after = 3
+    events = _events(await _raw_stream(p))
+    assert len(events) == 5
+    text, n = fake.content({"messages": MSG}), fake.chunks
+    assert [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:3]] == [
+        text[i * len(text) // n:(i + 1) * len(text) // n] for i in range(3)]
+    assert events[3] == b'data: {"error":{"message":"the upstream stream was interrupted","type":"upstream_error","code":502}}\n\n'
+    assert events[4] == sse.DONE
+    assert len(fake.requests) == 1  # never retried once the first event reached the app
+    assert p.breaker.cb.fail_counter == 1
+
+
+async def test_stream_idle_timeout_between_events(fake, start_proxy):
+    """Silence between events longer than `idle` ends the stream in-band; a long stream with steady
+    events is never cut (streams have no total timeout)."""
+    name, cfg = llm_config(fake.url, timeouts={"idle": "300ms", "total": "1s", "attempt": "1s"},
+                           breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    fake.stall_after = 3
+    events = _events(await _raw_stream(p))
+    assert len(events) == 5
+    assert events[3] == (b'data: {"error":{"message":"no event from the upstream within the idle timeout",'
+                         b'"type":"upstream_error","code":502}}\n\n')
+    assert events[4] == sse.DONE
+    assert p.breaker.cb.fail_counter == 1
+    # steady events, each well inside `idle`, for longer than total and attempt: never cut
+    fake.stall_after, fake.chunks, fake.delay = None, 30, 0.05
+    events = _events(await _raw_stream(p))
+    assert events[-1] == sse.DONE and b'"error"' not in b"".join(events)
+    assert len(events) == 32
 
 
 async def test_stream_without_done_ends_with_error_event(fake, start_proxy):
@@ -244,31 +377,28 @@ async def test_stream_without_done_ends_with_error_event(fake, start_proxy):
     p = await start_proxy(cfg)
     fake.stream_done = False
     stream = await client(p).chat.completions.create(model="m", messages=MSG, stream=True)
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError) as ei:
         async for _ in stream:
             pass
+    assert str(ei.value) == "the upstream stream ended early"
 
 
 async def test_app_closing_a_stream_stops_the_upstream_stream(fake, start_proxy):
     """The app gives up on a long completion: the proxy must drop the upstream stream at once, not keep
     paying for tokens nobody will read."""
-    fake.chunks, fake.delay = 200, 0.02  # ~4 s of stream
+    fake.chunks, fake.gate = 200, asyncio.Queue()
     name, cfg = llm_config(fake.url)
     p = await start_proxy(cfg)
     stream = await client(p).chat.completions.create(model="m", messages=MSG, stream=True)
     got = 0
     async for _ in stream:
         got += 1
+        fake.gate.put_nowait(None)
         if got == 3:
             break
     await stream.close()
-    for _ in range(100):
-        if fake.aborted:
-            break
-        await asyncio.sleep(0.02)
-    assert fake.aborted == 1 and fake.chunks_sent < 100
-    for _ in range(50):
-        if p.upstream.counters.in_flight == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert p.upstream.counters.in_flight == 0
+    for _ in range(50):  # tokens for the rest of the stream: an upstream still streaming would use them
+        fake.gate.put_nowait(None)
+    await eventually(lambda: fake.aborted == 1, what="the upstream stream was dropped")
+    assert fake.chunks_sent < 60
+    await eventually(lambda: p.upstream.counters.in_flight == 0)

@@ -10,7 +10,10 @@ import psutil
 import pytest
 from aiohttp import web
 
-from tests.conftest import metric, raw_head, upstream_config
+from tests.support.net import free_port, raw_head
+from tests.support.proxy import upstream_config
+from tests.support.upstreams import Gate
+from tests.support.wait import eventually
 
 
 async def test_methods_query_and_body_pass_unchanged(upstream, start_proxy):
@@ -69,7 +72,7 @@ async def test_request_id_kept_when_given(upstream, start_proxy):
 
 
 @pytest.mark.parametrize("status", [200, 201, 204, 301, 304, 400, 404, 418, 500, 503])
-async def test_statuses_pass_through(upstream, start_proxy, status):
+async def test_statuses_pass_through(upstream, start_proxy, metrics, status):
     name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 100})
 
     async def answer(request):
@@ -86,8 +89,8 @@ async def test_statuses_pass_through(upstream, start_proxy, status):
             assert body == (b"" if status in (204, 304) else f"s{status}".encode())
             if status == 301:
                 assert r.headers["Location"] == "/x"
-    assert metric("upstream_requests_total", name=name, track="stable", route="default", status=str(status),
-                  outcome="upstream") == 1
+    assert metrics.delta("upstream_requests_total", name=name, track="stable", route="default", status=str(status),
+                         outcome="upstream") == 1
 
 
 async def test_head_has_length_but_no_body(upstream, start_proxy):
@@ -181,15 +184,23 @@ async def test_100mb_streamed_both_ways_with_flat_memory(start_proxy, aiohttp_se
     proc = psutil.Process(os.getpid())
     base = proc.memory_info().rss
 
+    peak = base
+    samples = []
+
     async def body():
-        for _ in range(size // len(chunk)):
+        nonlocal peak
+        for i in range(size // len(chunk)):
+            if i % 8 == 0:  # RSS is not a peak: sample it while the upload is under way
+                rss = proc.memory_info().rss
+                samples.append((received["n"], rss))
+                peak = max(peak, rss)
             yield chunk
 
-    peak = base
     async with aiohttp.ClientSession() as s:
         async with s.post(p.url + "/up", data=body(), headers={"Content-Length": str(size)}) as r:
             assert (await r.json())["n"] == size
-        peak = max(peak, proc.memory_info().rss)
+        # the samples were taken while the upstream was receiving, not before it started or after it ended
+        assert sum(1 for n, _ in samples if 0 < n < size) >= 10, samples[:3]
         got = 0
         async with s.get(p.url + "/down") as r:
             async for data in r.content.iter_any():
@@ -239,8 +250,6 @@ async def test_unsupported_requests_refused(upstream, start_proxy):
 
 
 async def test_connect_failure_is_502_with_json_error(start_proxy):
-    from tests.conftest import free_port
-
     name, cfg = upstream_config(f"http://127.0.0.1:{free_port()}", retry={"attempts": 1})
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
@@ -252,8 +261,8 @@ async def test_connect_failure_is_502_with_json_error(start_proxy):
             assert "cannot connect" in err["message"]
 
 
-async def test_metrics_and_admin_endpoints(upstream, start_proxy):
-    name, cfg = upstream_config(upstream.url)
+async def test_metrics_and_admin_endpoints(upstream, start_proxy, metrics):
+    name, cfg = upstream_config(upstream.url, fallback={"cache_ttl": "1m"})
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
         for _ in range(3):
@@ -264,14 +273,31 @@ async def test_metrics_and_admin_endpoints(upstream, start_proxy):
         assert f'upstream_requests_total{{name="{name}",outcome="upstream",route="default",status="200",track="stable"}} 3.0' in text
         assert f'upstream_request_duration_seconds_count{{name="{name}",track="stable"}} 3.0' in text
         assert 'build_info{version="' in text
+        assert f'upstream_in_flight{{name="{name}"}} 0.0' in text
         async with s.get(p.admin + "/health/live") as r:
             assert r.status == 200
         async with s.get(p.admin + "/health/ready") as r:
             assert r.status == 200
+        # one request held at the upstream: in flight everywhere it is shown
+        gate = Gate()
+        upstream.behaviour = gate
+        held = asyncio.create_task(s.get(p.url + "/held"))
+        await eventually(lambda: gate.arrived == 1)
+        assert metrics.value("upstream_in_flight", name=name) == 1
         async with s.get(p.admin + "/admin/upstreams") as r:
-            data = await r.json()
-            assert data[name]["targets"]["stable"]["breaker"]["state"] == "closed"
-            assert data[name]["targets"]["stable"]["pool"]["max_connections"] == 100
+            data = (await r.json())[name]
+        assert (data["protocol"], data["listen"], data["in_flight"]) == ("http", cfg["upstreams"][name]["listen"], 1)
+        assert (data["retries_in_flight"], data["retry_budget"], data["retry_budget_exhausted"]) == (0, 3, 0)
+        stable = data["targets"]["stable"]
+        assert stable["url"] == upstream.url and (stable["weight"], stable["effective_weight"]) == (100, 100)
+        assert stable["breaker"] == {"state": "closed", "failures": 0, "opened_total": 0, "last_failure": None}
+        assert stable["pool"] == {"busy": 1, "pending": 0, "max_connections": 100}
+        assert stable["canary"] is None
+        assert data["cache"] == {"default": {"entries": 1, "bytes": data["cache"]["default"]["bytes"]}}
+        assert data["cache"]["default"]["bytes"] > 0  # the /m answer, cached
+        gate.open()
+        (await held).release()
+        await eventually(lambda: metrics.value("upstream_in_flight", name=name) == 0)
 
 
 async def test_response_headers_are_not_invented(start_proxy):
@@ -363,10 +389,63 @@ async def test_egress_honours_http_proxy_and_no_proxy(start_proxy, monkeypatch):
     assert seen == [b"GET http://127.0.0.3:8080/through?x=1 HTTP/1.1"]
     # NO_PROXY: the same target reached directly (here: refused, since nothing listens there)
     monkeypatch.setenv("NO_PROXY", "127.0.0.3")
-    name2, cfg2 = upstream_config("http://127.0.0.3:8080", retry={"attempts": 1}, timeouts={"connect": "500ms"})
+    name2, cfg2 = upstream_config("http://127.0.0.3:8080", retry={"attempts": 1})
     p2 = await start_proxy(cfg2)
     async with aiohttp.ClientSession() as s:
         async with s.get(p2.url + "/direct") as r:
-            assert r.status in (502, 504)
+            assert r.status == 502 and (await r.json())["error"]["type"] == "connect_failure"
     assert len(seen) == 1
+    fp.close()
+
+
+async def test_egress_honours_https_proxy_with_a_connect_tunnel(start_proxy, monkeypatch, aiohttp_server, tmp_path):
+    """HTTPS_PROXY for an https:// target: a CONNECT tunnel through the forward proxy, TLS end to end.
+    The target's name resolves nowhere but at the forward proxy, so an answer proves the tunnel."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("db.internal").configure_cert(server_ctx)
+
+    async def secret(request):
+        return web.json_response({"over": "tls", "host": request.headers["Host"]})
+
+    app = web.Application()
+    app.router.add_get("/{t:.*}", secret)
+    tls_server = await aiohttp_server(app, ssl=server_ctx)
+    connects = []
+
+    async def forward_proxy(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        connects.append(head.split(b"\r\n")[0])
+        ur, uw = await asyncio.open_connection("127.0.0.1", tls_server.port)  # "db.internal", as resolved here
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except ConnectionError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
+
+    fp = await asyncio.start_server(forward_proxy, "127.0.0.1", 0)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{fp.sockets[0].getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    name, cfg = upstream_config(f"https://db.internal:{tls_server.port}", retry={"attempts": 1})
+    cfg["upstreams"][name]["targets"][0]["tls"] = {"ca_file": str(ca_file)}
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/rows?id=7") as r:
+        assert r.status == 200, await r.text()
+        assert await r.json() == {"over": "tls", "host": f"db.internal:{tls_server.port}"}
+    assert connects == [f"CONNECT db.internal:{tls_server.port} HTTP/1.1".encode()]
     fp.close()

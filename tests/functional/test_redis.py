@@ -1,4 +1,5 @@
-"""`protocol: redis` with a real redis-server and the real redis-py client (RESP2 and its default RESP3)."""
+"""`protocol: redis` with a real redis-server and the real redis-py client (RESP2 and its default RESP3).
+redis-py retries silently by default (shared/NOTES.md): every client here has retries off."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from tests.conftest import metric, upstream_config
+from proxy.clock import ManualClock
+from tests.support.proxy import upstream_config
+from tests.support.wait import eventually
 
 
 def redis_config(url, **sections):
@@ -30,14 +33,14 @@ async def _read_len(reader: asyncio.StreamReader, n: int) -> bytes:
     """At least n bytes of replies, however many writes they came in."""
     data = b""
     while len(data) < n:
-        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        chunk = await asyncio.wait_for(reader.read(4096), 30)
         assert chunk, data
         data += chunk
     return data
 
 
 def clients(p, proto):
-    kw = dict(protocol=proto, retry=None, socket_timeout=5)
+    kw = dict(protocol=proto, retry=None, socket_timeout=30)
     return aredis.Redis(port=p.port, **kw), aredis.Redis(port=p.direct_port, **kw)
 
 
@@ -82,7 +85,7 @@ async def test_pipeline_transaction_watch_select_blpop(rp, proto):
         tx.incr(f"c{proto}")
         assert await tx.execute() == [1, 2]
     # WATCH: a change by another client aborts the transaction
-    other = aredis.Redis(port=rp.port, protocol=proto)
+    other = aredis.Redis(port=rp.port, protocol=proto, retry=None)
     async with via.pipeline(transaction=True) as tx:
         await tx.watch(f"w{proto}")
         await other.set(f"w{proto}", "changed")
@@ -90,7 +93,7 @@ async def test_pipeline_transaction_watch_select_blpop(rp, proto):
         tx.set(f"w{proto}", "mine")
         with pytest.raises(redis.WatchError):
             await tx.execute()
-    sel = aredis.Redis(port=rp.port, protocol=proto, db=5)
+    sel = aredis.Redis(port=rp.port, protocol=proto, db=5, retry=None)
     await sel.set("only-in-5", "x")
     assert await sel.get("only-in-5") == b"x" and await via.get("only-in-5") is None
     t0 = time.monotonic()
@@ -107,13 +110,9 @@ async def test_pubsub_both_protocols(rp):
         await ps.subscribe(f"ch{proto}")
         assert (await ps.get_message(timeout=2))["type"] == "subscribe"
         pub, _ = clients(rp, proto)
-        await pub.publish(f"ch{proto}", "hello")
-        msg = None
-        for _ in range(20):
-            msg = await ps.get_message(timeout=0.5)
-            if msg:
-                break
-        assert msg["data"] == b"hello"
+        assert await pub.publish(f"ch{proto}", "hello") == 1  # the subscriber is there, through the proxy
+        msg = await eventually(lambda ps=ps: ps.get_message(timeout=0.5), what="the published message")
+        assert msg["data"] == b"hello" and msg["channel"] == f"ch{proto}".encode()
         await ps.aclose()
         await sub.aclose()
         await pub.aclose()
@@ -137,8 +136,8 @@ async def test_malformed_resp_gets_an_error_and_closed_others_carry_on(rp):
         reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
         writer.write(bad)
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(1000), 5)
-        rest = await asyncio.wait_for(reader.read(1000), 5)  # then EOF: the connection is closed
+        data = await asyncio.wait_for(reader.read(1000), 30)
+        rest = await asyncio.wait_for(reader.read(1000), 30)  # then EOF: the connection is closed
         writer.close()
         assert b"-ERR" in data and rest == b"", (bad, data)
     assert proc.memory_info().rss - base < 20 * 1024 * 1024
@@ -152,19 +151,19 @@ async def test_client_auth_required_when_configured(redis_server, start_proxy, t
     name, cfg = redis_config(redis_server, client_auth={"password_file": str(pw)})
     p = await start_proxy(cfg)
     port = p.port
-    anon = aredis.Redis(port=port, protocol=2)
-    with pytest.raises(redis.AuthenticationError):
+    anon = aredis.Redis(port=port, protocol=2, retry=None)
+    with pytest.raises(redis.AuthenticationError, match="Authentication required"):
         await anon.get("x")
-    wrong = aredis.Redis(port=port, protocol=3, password="nope")
-    with pytest.raises(redis.AuthenticationError):
+    wrong = aredis.Redis(port=port, protocol=3, password="nope", retry=None)
+    with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
         await wrong.ping()
-    ok = aredis.Redis(port=port, protocol=3, password="app-secret")
+    ok = aredis.Redis(port=port, protocol=3, password="app-secret", retry=None)
     assert await ok.ping()
     for c in (anon, wrong, ok):
         await c.aclose()
 
 
-async def test_upstream_password_from_the_url(start_proxy, tmp_path, another_redis):
+async def test_upstream_password_from_the_url(start_proxy, tmp_path, another_redis, metrics):
     port = another_redis("--requirepass", "s3cr3t")
     secret = tmp_path / "redis-pass"
     secret.write_text("s3cr3t")
@@ -177,36 +176,35 @@ async def test_upstream_password_from_the_url(start_proxy, tmp_path, another_red
     n2, cfg2 = redis_config(f"redis://127.0.0.1:{port}/2")
     cfg2["upstreams"][n2]["targets"][0]["password_file"] = str(pw)
     p2 = await start_proxy(cfg2)
-    c2 = aredis.Redis(port=p2.port, protocol=3)
+    c2 = aredis.Redis(port=p2.port, protocol=3, retry=None)
     assert await c2.ping()
     await c2.aclose()
     for proto in (2, 3):
-        c = aredis.Redis(port=lport, protocol=proto, password="anything")  # the app's AUTH is answered locally
+        c = aredis.Redis(port=lport, protocol=proto, password="anything", retry=None)  # the app's AUTH is answered locally
         await c.set("k", "v")
         assert await c.get("k") == b"v"
         await c.aclose()
     direct = aredis.Redis(port=port, password="s3cr3t", db=2)
     assert await direct.get("k") == b"v"  # the URL's db
     await direct.aclose()
-    assert metric("redis_commands_total", name=name, command_class="write", outcome="upstream") >= 2
+    assert metrics.delta("redis_commands_total", name=name, command_class="write", outcome="upstream") == 2
 
 
 async def test_client_gone_mid_command_frees_the_half_open_probe(redis_server, start_proxy):
-    name, cfg = redis_config(redis_server, breaker={"fail_max": 1, "reset_timeout": "100ms"}, retry={"attempts": 1})
-    p = await start_proxy(cfg)
+    clock = ManualClock()
+    name, cfg = redis_config(redis_server, breaker={"fail_max": 1, "reset_timeout": "30s"}, retry={"attempts": 1})
+    p = await start_proxy(cfg, clock=clock)
     port = p.port
     br = p.upstream.targets[0].breaker
     br.trip()
-    await asyncio.sleep(0.15)
+    clock.advance(30)
     # a client sends a blocking probe and goes away before the answer
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"*3\r\n$5\r\nBLPOP\r\n$7\r\nnothing\r\n$1\r\n5\r\n")
+    writer.write(b"*3\r\n$5\r\nBLPOP\r\n$7\r\nnothing\r\n$2\r\n60\r\n")
     await writer.drain()
-    await asyncio.sleep(0.1)
-    assert br.state == "half_open" and br.probes == 1
+    await eventually(lambda: br.state == "half_open" and br.probes == 1, what="the BLPOP is the probe")
     writer.close()
-    await asyncio.sleep(0.1)
-    assert br.probes == 0  # the abandoned probe freed its slot
+    await eventually(lambda: br.probes == 0, what="the abandoned probe freed its slot")
     c = aredis.Redis(port=port, protocol=2, retry=None)
     assert await c.ping()
     assert br.state == "closed"
@@ -219,9 +217,9 @@ async def test_hello_and_reset_behind_pipelined_commands_answer_everything(rp):
                  b"*1\r\n$5\r\nRESET\r\n*2\r\n$3\r\nGET\r\n$2\r\nhk\r\n")
     await writer.drain()
     data = b""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # replies may come in several writes: read until the last one
-        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        chunk = await asyncio.wait_for(reader.read(4096), 30)
         if not chunk:
             break
         data += chunk
@@ -241,10 +239,10 @@ async def test_two_subscribes_in_one_packet_and_tunnel_end_closes_the_client(red
     await writer.drain()
     data = b""
     while data.count(b"subscribe") < 2:
-        data += await asyncio.wait_for(reader.read(4096), 5)
+        data += await asyncio.wait_for(reader.read(4096), 30)
     assert b"$1\r\na\r\n" in data and b"$1\r\nb\r\n" in data
     proxy.disable()  # the upstream side of the tunnel dies
-    rest = await asyncio.wait_for(reader.read(4096), 5)
+    rest = await asyncio.wait_for(reader.read(4096), 30)
     assert rest == b""  # the subscriber is told: its connection is closed
     proxy.enable()
     writer.close()
@@ -302,13 +300,13 @@ async def test_existing_connections_follow_a_reload(redis_server, start_proxy, a
     assert ok
     assert await c.get("where") is None  # the same client connection now talks to the new Redis
     await c.set("where", "second")
-    direct = aredis.Redis(port=port2)
+    direct = aredis.Redis(port=port2, retry=None)
     assert await direct.get("where") == b"second"
     await direct.aclose()
     await c.aclose()
 
 
-async def _read_until(reader, *needles, timeout=5.0):
+async def _read_until(reader, *needles, timeout=30.0):
     data = b""
     deadline = time.monotonic() + timeout
     while not all(n in data for n in needles) and time.monotonic() < deadline:
@@ -357,7 +355,7 @@ async def test_plain_clients_share_upstream_connections_and_each_gets_its_own_re
         return sum(1 for c in direct.client_list() if c.get("name", "") == "" and c.get("cmd") != "client|list")
 
     before = upstream_clients()
-    cs = [aredis.Redis(port=rp.port, protocol=proto, retry=None, socket_timeout=5) for _ in range(50)]
+    cs = [aredis.Redis(port=rp.port, protocol=proto, retry=None, socket_timeout=30) for _ in range(50)]
 
     async def work(i: int, c) -> None:
         for n in range(20):
@@ -400,7 +398,7 @@ async def test_a_client_that_stops_reading_is_bounded_and_others_carry_on(rp):
     before = proc.memory_info().rss
     for _ in range(400):  # 400 MB of replies asked for, none read
         writer.write(cmd)
-    other = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5)
+    other = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=30)
     for i in range(20):
         assert await other.set(f"{key}-o{i}", "v") is True
         await asyncio.sleep(0.02)
@@ -411,7 +409,7 @@ async def test_a_client_that_stops_reading_is_bounded_and_others_carry_on(rp):
 
 async def test_select_of_a_missing_db_is_refused_and_the_client_stays_put(rp):
     """SELECT on shared connections is checked against Redis, as a direct SELECT would be."""
-    c = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5, single_connection_client=True)
+    c = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=30, single_connection_client=True)
     key = f"sel-{os.getpid()}"
     await c.execute_command("SELECT", 3)
     await c.set(key, "in3")
@@ -425,11 +423,11 @@ async def test_select_of_a_missing_db_is_refused_and_the_client_stays_put(rp):
 
 
 async def test_wait_after_multiplexed_writes_is_refused_not_guessed(rp):
-    shared = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5, single_connection_client=True)
+    shared = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=30, single_connection_client=True)
     await shared.set(f"w-{os.getpid()}", "v")
     with pytest.raises(redis.ResponseError, match="cannot be honoured"):
         await shared.wait(0, 100)
-    own = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=5, single_connection_client=True,
+    own = aredis.Redis(port=rp.port, protocol=2, retry=None, socket_timeout=30, single_connection_client=True,
                        client_name="own-connection")  # a named client has a connection of its own
     await own.set(f"w2-{os.getpid()}", "v")
     assert await own.wait(0, 100) == 0  # no replicas here: answered by Redis for this connection

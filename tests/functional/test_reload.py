@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import aiohttp
-import yaml
 
-from tests.conftest import free_port, metric, upstream_config
+from proxy.clock import ManualClock
+from tests.support.net import free_port
+from tests.support.proxy import copy, upstream_config
+from tests.support.upstreams import failing
 
 TOKEN = "tok-reload"
 
 
-async def _started(upstream, start_proxy, tmp_path):
+async def _started(upstream, start_proxy, tmp_path, clock=None):
     """A proxy with one upstream (no retries, a breaker that opens at once) and an admin token."""
     token = tmp_path / "t"
     token.write_text(TOKEN)
     name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"})
     cfg["admin"]["token_file"] = str(token)
-    return name, cfg, await start_proxy(cfg)
+    return name, cfg, await start_proxy(cfg, clock=clock)
 
 
 async def reload_with(p, cfg) -> tuple[int, dict]:
@@ -26,21 +28,22 @@ async def reload_with(p, cfg) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
-async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, tmp_path):
+async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, tmp_path, metrics):
     name, cfg, p = await _started(upstream, start_proxy, tmp_path)
-    p.upstream.targets[0].breaker.force("open")
-    assert metric("circuit_breaker_state", name=name, track="stable") == 3
+    p.breaker.force("open")  # an operator's decision must survive a bad reload too
+    assert metrics.value("circuit_breaker_state", name=name, track="stable") == 3
     before = p.app.runtime
-    bad = yaml.safe_load(yaml.safe_dump(cfg))
+    bad = copy(cfg)
     bad["upstreams"][name]["breaker"]["fail_max"] = 7  # a new breaker would be built for this spec ...
     bad["upstreams"][name]["retry"]["budget_ratio"] = 0.9
     bad["upstreams"][name]["timeouts"] = {"connect": "forever"}  # ... but the config is invalid
     status, body = await reload_with(p, bad)
     assert status == 422 and "upstreams." + name + ".timeouts.connect" in body["message"]
     assert p.app.runtime is before
-    assert metric("circuit_breaker_state", name=name, track="stable") == 3  # the live gauge untouched
+    assert metrics.value("circuit_breaker_state", name=name, track="stable") == 3  # the live gauge untouched
     assert p.upstream.counters.budget.ratio == 0.2
-    assert metric("config_reload_total", result="failure") >= 1
+    assert metrics.delta("config_reload_total", result="failure") == 1
+    assert metrics.unchanged("config_reload_total", result="success")
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/x") as r:
             assert r.status == 503  # still the old config, breaker still forced open
@@ -49,24 +52,37 @@ async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, t
             assert any(e.startswith(f"upstreams.{name}.timeouts.connect") for e in h["last_reload_error"])
 
 
-async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(upstream, start_proxy, tmp_path):
-    name, cfg, p = await _started(upstream, start_proxy, tmp_path)
+async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(upstream, start_proxy, tmp_path, metrics):
+    clock = ManualClock()
+    name, cfg, p = await _started(upstream, start_proxy, tmp_path, clock)
+    old_hash = p.app.runtime.digest
+    assert metrics.value("config_info", hash=old_hash) == 1
+    upstream.behaviour = failing(503)
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/warm") as r:
-            assert r.status == 200
-    breaker = p.upstream.targets[0].breaker
-    breaker.force("open")
+            assert r.status == 503
+    breaker = p.breaker
+    assert breaker.state == "open"  # tripped by the failure (fail_max 1)
     old_url = p.url
-    moved = yaml.safe_load(yaml.safe_dump(cfg))
+    moved = copy(cfg)
     moved["upstreams"][name]["listen"] = f"127.0.0.1:{free_port()}"
     moved["upstreams"][name]["request_headers"] = {"X-Reloaded": "yes"}
     status, body = await reload_with(p, moved)
     assert status == 200 and body["reloaded"] is True
-    assert p.upstream.targets[0].breaker is breaker  # same spec: same breaker, still open
+    assert p.breaker is breaker and breaker.state == "open"  # same spec: same breaker, still open
+    assert metrics.delta("config_reload_total", result="success") == 1
+    # config_info names the running config, and only it
+    assert body["hash"] == p.app.runtime.digest != old_hash
+    assert metrics.value("config_info", hash=body["hash"]) == 1
+    assert metrics.sample("config_info", hash=old_hash) is None
     async with aiohttp.ClientSession() as s:
-        breaker.force("auto")
+        async with s.get(p.url + "/still-open") as r:
+            assert r.status == 503 and r.headers["X-Fallback-Reason"] == "circuit_breaker_open"
+        upstream.behaviour = None
+        clock.advance(3600)  # its reset_timeout: the probe goes out on the new listener
         async with s.get(p.url + "/after") as r:
             assert r.status == 200
+        assert breaker.state == "closed"
         assert upstream.requests[-1]["headers"]["X-Reloaded"] == "yes"
         try:
             async with s.get(old_url + "/old") as r:
@@ -74,4 +90,3 @@ async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(ups
         except aiohttp.ClientConnectionError:
             closed = True
         assert closed, "the old listener must stop accepting"
-    assert metric("config_reload_total", result="success") >= 1

@@ -9,7 +9,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import upstream_config
+from tests.support.proxy import upstream_config
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,12 @@ async def https_upstream(aiohttp_server, ca, hostname="db.internal", require_cli
     cert = ca.issue_cert(hostname)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
-    seen = {}
+    seen = {"sni": []}
+
+    def sni(sslobj, server_name, _ctx):
+        seen["sni"].append(server_name)  # what the client put in its ClientHello
+
+    ctx.sni_callback = sni
     if require_client_cert:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ca.configure_trust(ctx)
@@ -38,7 +43,7 @@ async def https_upstream(aiohttp_server, ca, hostname="db.internal", require_cli
 
 
 async def test_https_upstream_verifies_with_ca_file_and_server_name(aiohttp_server, start_proxy, ca, tmp_path):
-    server, _ = await https_upstream(aiohttp_server, ca)
+    server, seen = await https_upstream(aiohttp_server, ca)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     name, cfg = upstream_config(f"https://127.0.0.1:{server.port}")
@@ -47,6 +52,7 @@ async def test_https_upstream_verifies_with_ca_file_and_server_name(aiohttp_serv
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/x") as r:
             assert r.status == 200 and (await r.json()) == {"tls": True}
+    assert seen["sni"] == ["db.internal"]  # SNI is the configured server_name, not the target's IP
 
 
 async def test_wrong_ca_gives_502_naming_the_reason(aiohttp_server, start_proxy, tmp_path):
@@ -62,7 +68,9 @@ async def test_wrong_ca_gives_502_naming_the_reason(aiohttp_server, start_proxy,
         async with s.get(p.url + "/x") as r:
             assert r.status == 502
             err = (await r.json())["error"]
-            assert err["type"] == "tls_error" and "certificate verify failed" in err["message"]
+            assert err["type"] == "tls_error"
+            assert err["message"] == ("TLS certificate verification failed for target 'stable': "
+                                      "certificate verify failed: unable to get local issuer certificate")
 
 
 async def test_wrong_name_gives_502(aiohttp_server, start_proxy, ca, tmp_path):
@@ -75,8 +83,10 @@ async def test_wrong_name_gives_502(aiohttp_server, start_proxy, ca, tmp_path):
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/x") as r:
             assert r.status == 502
-            msg = (await r.json())["error"]["message"]
-            assert "Hostname mismatch" in msg or "doesn't match" in msg or "certificate verify failed" in msg
+            err = (await r.json())["error"]
+            assert err["type"] == "tls_error"
+            assert err["message"] == ("TLS certificate verification failed for target 'stable': certificate verify "
+                                      "failed: Hostname mismatch, certificate is not valid for 'not-the-db.internal'.")
 
 
 async def test_mtls_client_certificate_presented(aiohttp_server, start_proxy, ca, tmp_path):

@@ -1,4 +1,4 @@
-"""Tools the Kubernetes checks drive: kustomize (built by scripts/test.sh with go install), promtool and
+"""Tools the Kubernetes checks drive: kustomize (built by scripts/tools.sh with go install), promtool and
 amtool (Debian's prometheus and prometheus-alertmanager)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tool  # noqa: F401 — the k8s tests import both from here
+from tests.support.tools import ROOT, tool
 
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s/overlays").iterdir() if (p / "kustomization.yaml").exists())
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.k8s import webhook
 from proxy.k8s.inject import inject_text
 from proxy.k8s.sidecar import InjectError, Options
-from tests.k8s.conftest import ROOT
+from tests.support.tools import ROOT
 
 GOLDEN = ROOT / "tests/k8s/golden"
 KINDS = sorted(p.name.removesuffix(".in.yaml") for p in GOLDEN.glob("*.in.yaml"))

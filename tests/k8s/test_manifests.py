@@ -11,7 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.k8s.conftest import OVERLAYS, ROOT, tool
+from tests.k8s.conftest import OVERLAYS
+from tests.support.tools import ROOT, tool
 
 CORE = {"v1", "apps/v1", "policy/v1", "batch/v1", "admissionregistration.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
 # CRD kind → (apiVersion, required dotted paths under the object)

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.conftest import free_port, upstream_config
-from tests.k8s.conftest import ROOT, kustomize_build, tool
+from tests.k8s.conftest import kustomize_build
+from tests.support.net import free_port
+from tests.support.proxy import upstream_config
+from tests.support.tools import ROOT, tool
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from proxy.obs.metrics import METRICS
 from proxy.policy.base import Verdict
 from proxy.policy.breaker import BreakerState
 from proxy.settings.spec import BreakerSpec
-from tests.conftest import metric
 
 F, S = Verdict.FAILURE, Verdict.SUCCESS
 
@@ -32,7 +31,7 @@ def test_consecutive_resets_on_success():
     assert b.state == "open" and not b.admit()
 
 
-def test_half_open_admits_at_most_max_calls_and_success_threshold():
+def test_half_open_admits_at_most_max_calls_and_success_threshold(metrics):
     b, clock = make("bh", fail_max=1, reset_timeout=10, half_open_max_calls=2, success_threshold=2)
     run(b, F)
     assert b.admit() is None
@@ -45,8 +44,8 @@ def test_half_open_admits_at_most_max_calls_and_success_threshold():
     assert b.state == "half_open"
     b.record(t2, S, 0.01)
     assert b.state == "closed"
-    assert metric("circuit_breaker_state", name="bh", track="stable") == 0
-    assert metric("circuit_breaker_opened_total", name="bh", track="stable") == 1
+    assert metrics.value("circuit_breaker_state", name="bh", track="stable") == 0
+    assert metrics.delta("circuit_breaker_opened_total", name="bh", track="stable") == 1
 
 
 def test_half_open_failure_reopens_and_restarts_the_timer():
@@ -145,11 +144,11 @@ def test_slow_calls_count_when_their_ratio_is_reached():
     assert b.state == "open"
 
 
-def test_forced_states():
+def test_forced_states(metrics):
     b, _ = make("bf", fail_max=1)
     b.force("open")
     assert b.admit() is None and b.state == "forced_open"
-    assert metric("circuit_breaker_state", name="bf", track="stable") == 3
+    assert metrics.value("circuit_breaker_state", name="bf", track="stable") == 3
     b.force("closed")
     for _ in range(5):
         run(b, F)  # forced closed: failures do not open it

@@ -11,7 +11,6 @@ from proxy.policy.breaker import BreakerState
 from proxy.route.rollback import CanaryState, Window
 from proxy.route.tracks import BadOverride, TrackChooser
 from proxy.settings.spec import BreakerSpec, CanarySpec, RollbackSpec
-from tests.conftest import metric
 
 
 class T:
@@ -73,7 +72,7 @@ def test_open_breaker_hands_over_unless_forced():
     assert c.choose(CIMultiDict({"X-Canary": "always"}))[0] is ts[1]
 
 
-def test_rollback_on_error_rate_only_after_min_requests():
+def test_rollback_on_error_rate_only_after_min_requests(metrics):
     clock = ManualClock()
     s = CanaryState("tracks-err", "canary", RollbackSpec(min_requests=100), clock, METRICS, (5, "http://c"))
     for _i in range(99):
@@ -82,10 +81,10 @@ def test_rollback_on_error_rate_only_after_min_requests():
     assert s.aborted is None  # 99 requests: below min_requests, even if all failed
     assert s.record(True, 0.01)
     assert s.aborted == "error_rate"
-    assert metric("canary_aborts_total", name="tracks-err", track="canary", reason="error_rate") == 1
+    assert metrics.delta("canary_aborts_total", name="tracks-err", track="canary", reason="error_rate") == 1
 
 
-def test_rollback_on_p99_and_config_change_clears_it():
+def test_rollback_on_p99_and_config_change_clears_it(metrics):
     clock = ManualClock()
     s = CanaryState("tracks-p99", "canary", RollbackSpec(min_requests=10, max_p99=1.0), clock, METRICS, (5, "http://c"))
     for _ in range(9):
@@ -95,7 +94,7 @@ def test_rollback_on_p99_and_config_change_clears_it():
         s.record(False, 3.0)
         clock.advance(0.3)
     assert s.aborted == "latency_p99"
-    assert metric("canary_aborts_total", name="tracks-p99", track="canary", reason="latency_p99") == 1
+    assert metrics.delta("canary_aborts_total", name="tracks-p99", track="canary", reason="latency_p99") == 1
     s.reconfigure(RollbackSpec(min_requests=10, max_p99=1.0), (5, "http://c"))
     assert s.aborted == "latency_p99"  # an unrelated reload keeps it
     s.reconfigure(RollbackSpec(min_requests=10, max_p99=1.0), (10, "http://c"))

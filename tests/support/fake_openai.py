@@ -1,5 +1,6 @@
-"""A fake OpenAI-compatible upstream (OpenRouter-shaped paths): streams chunks with delays, fails on
-demand per model, rate-limits, and records every request (with every Authorization value)."""
+"""A fake OpenAI-compatible upstream (OpenRouter-shaped paths): streams chunks (paced by delays or by a
+gate the test opens chunk by chunk), fails on demand per model or for the first N calls, rate-limits,
+stalls or cuts a stream mid-answer, and records every request (with every Authorization value)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ class FakeOpenAI:
         self.fail_all: int | None = None  # every call answers this status
         self.retry_after: str | None = None
         self.slow: float = 0.0            # delay before answering at all
+        self.hang = False                 # never answer (until the proxy gives up)
         self.stream_done = True           # send [DONE] at the end
+        self.fail_first = 0               # the first N completions answer fail_all's status (then heal)
+        self.rate_limit_reset: str | None = None  # X-RateLimit-Reset on failures
+        self.gate: asyncio.Queue | None = None    # a stream sends chunk i > 0 only after a token is put
+        self.stall_after: int | None = None       # a stream goes silent after this many chunks
+        self.cut_after: int | None = None         # a stream's connection is dropped after this many chunks
+        self.completions = 0
 
     def app(self) -> web.Application:
         a = web.Application(client_max_size=64 * 1024 * 1024)
@@ -49,10 +57,16 @@ class FakeOpenAI:
         return body, await self._gate(body)
 
     async def _gate(self, body):
+        self.completions += 1
+        if self.hang:
+            await asyncio.Event().wait()
         if self.slow:
             await asyncio.sleep(self.slow)
-        if self.fail_all is not None:
+        failing = self.fail_all is not None and (not self.fail_first or self.completions <= self.fail_first)
+        if failing:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            if self.rate_limit_reset:
+                headers["X-RateLimit-Reset"] = self.rate_limit_reset
             return web.json_response({"error": {"message": "fake failure", "code": self.fail_all}},
                                      status=self.fail_all, headers=headers)
         if body.get("model") in self.fail_models:
@@ -75,6 +89,13 @@ class FakeOpenAI:
         pieces = [text[i * len(text) // self.chunks:(i + 1) * len(text) // self.chunks] for i in range(self.chunks)]
         try:
             for i, piece in enumerate(pieces):
+                if i == self.stall_after:
+                    await asyncio.Event().wait()  # silent from here on
+                if i == self.cut_after:
+                    request.transport.close()  # the provider's connection dies mid-answer
+                    return resp
+                if i and self.gate is not None:
+                    await self.gate.get()
                 delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
                 chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}

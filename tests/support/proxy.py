@@ -1,0 +1,116 @@
+"""Running the proxy under test: in-process (`Running`, from the start_proxy fixture) or as the process
+users run (`Process`), always on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.support.net import free_port
+from tests.support.tools import ROOT
+from tests.support.wait import DEADLINE, eventually
+
+_names = itertools.count(1)
+
+
+def upstream_config(url: str, **sections: Any) -> tuple[str, dict]:
+    """A one-upstream config on free ports; returns (upstream name, config dict)."""
+    name = f"u{next(_names)}"
+    up: dict[str, Any] = {"protocol": "http", "listen": f"127.0.0.1:{free_port()}",
+                          "targets": [{"name": "stable", "url": url}]}
+    up.update(sections)
+    return name, {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "upstreams": {name: up}}
+
+
+def copy(cfg: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(cfg))
+
+
+class Running:
+    """A ProxyApp started in this process, and where to reach it."""
+
+    def __init__(self, app, name: str | None) -> None:
+        self.app, self.name = app, name
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.app.runtime.settings.upstreams[self.name].listen}"
+
+    @property
+    def port(self) -> int:
+        return int(self.app.runtime.settings.upstreams[self.name].listen.rsplit(":", 1)[1])
+
+    @property
+    def admin(self) -> str:
+        return f"http://{self.app.runtime.settings.admin.listen}"
+
+    @property
+    def upstream(self):
+        return self.app.runtime.upstreams[self.name]
+
+    @property
+    def breaker(self):
+        """The first track's breaker."""
+        return self.upstream.targets[0].breaker
+
+    def rewrite(self, config: dict) -> None:
+        """Replace the running proxy's config file (a reload, the watcher's or an explicit one, reads it)."""
+        with open(self.app.config_path, "w") as f:
+            f.write(yaml.safe_dump(config))
+
+
+class Process:
+    """`python -m proxy <args>` as users run it, its output collected."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})})
+        self._out: str | None = None
+        self._err: str | None = None
+
+    @classmethod
+    def run(cls, config: dict, path, *extra: str, env: dict | None = None) -> Process:
+        path.write_text(yaml.safe_dump(config))
+        return cls("run", "--config", str(path), *extra, env=env)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = DEADLINE) -> int:
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    async def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await self.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await self.wait(15)
+
+    def output(self) -> tuple[str, str]:
+        """stdout and stderr, once the process has ended."""
+        if self._out is None:
+            self._out, self._err = (s.decode(errors="replace") for s in self.proc.communicate())
+        return self._out, self._err
+
+
+async def wait_http(url: str, timeout: float = DEADLINE, ok=lambda status: status < 500) -> int:
+    """Until `url` answers with a status `ok` accepts; returns that status."""
+
+    async def answered():
+        try:
+            async with aiohttp.ClientSession() as s, s.get(url) as r:
+                return r.status if ok(r.status) else None
+        except aiohttp.ClientError:
+            return None
+
+    return await eventually(answered, timeout, interval=0.05, what=f"{url} answers")
