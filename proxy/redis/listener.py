@@ -406,6 +406,9 @@ class RedisClientProtocol(asyncio.Protocol):
             up.cache.store(cmd.db, cmd.proto, cmd.raw, cmd.keys, raw)
         elif cmd.cls == "write" and up.cache is not None and cmd.keys:
             up.cache.invalidate(cmd.db, cmd.keys)  # a read that raced the write must not survive it
+        elif (kind == "ok" and cmd.cls == "admin" and cmd.name == b"CLIENT" and len(cmd.args) == 3
+              and cmd.args[1].upper() == b"SETNAME"):
+            self.client_name = cmd.args[2] or None  # a new connection (after a reset) is named the same
         self._resolve(cmd.slot, raw)
 
     def _failed(self, cmd: Command, kind: str, conn=None) -> None:
