@@ -216,6 +216,42 @@ async def test_status_command_shows_a_table(upstream, start_proxy):
     assert "BREAKER" in r.stdout and "P99" in r.stdout
 
 
+async def test_status_watch_refreshes_and_reads_admin_with_a_token_file(upstream, start_proxy, tmp_path):
+    """`status --watch` redraws every second; `--token-file` is what lets it read /admin/upstreams from
+    an admin listener that needs a token for reads (not on loopback)."""
+    token = tmp_path / "token"
+    token.write_text("status-token\n")
+    name, cfg = upstream_config(upstream.url)
+    port = free_port()
+    cfg["admin"] = {"listen": f"0.0.0.0:{port}", "token_file": str(token)}
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/cached") as r:
+        assert r.status == 200
+    admin = f"http://127.0.0.1:{port}"
+
+    async def screens(*args: str, n: int) -> list[str]:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "status", "--admin", admin, *args,
+                                                    stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+        out = b""
+        try:
+            while out.count(b"\x1b[2J\x1b[H") < n + 1:  # n whole screens, and the start of the next
+                chunk = await asyncio.wait_for(proc.stdout.read(4096), 60)
+                assert chunk, out
+                out += chunk
+        finally:
+            proc.terminate()
+            await proc.wait()
+        return out.decode().split("\x1b[2J\x1b[H")[1:n + 1]
+
+    shown = await screens("--watch", "--token-file", str(token), n=2)
+    for screen in shown:
+        assert "pass --token-file" not in screen
+        row = next(ln for ln in screen.splitlines() if ln.startswith(name)).split()
+        assert (row[1], row[2], row[8], row[9]) == ("stable", "closed", "1", "up")  # CACHE from /admin/upstreams
+    without = await screens("--watch", n=1)
+    assert "(/admin/upstreams: HTTP 401; pass --token-file)" in without[0]
+
+
 # -- ConfigMap-style reload ----------------------------------------------------------------------------
 
 class ConfigMapDir:

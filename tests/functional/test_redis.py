@@ -403,6 +403,8 @@ async def test_a_client_that_stops_reading_is_bounded_and_others_carry_on(rp):
         assert await other.set(f"{key}-o{i}", "v") is True
         await asyncio.sleep(0.02)
     assert proc.memory_info().rss - before < 120 * 1024 * 1024  # 32 replies in flight, not 400
+    # and it was being answered all along, as far as it let itself be: the replies are there to read
+    assert await asyncio.wait_for(reader.readexactly(10), 30) == b"$1048576\r\n"
     await other.aclose()
     writer.close()
 

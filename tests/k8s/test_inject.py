@@ -147,3 +147,36 @@ def test_injected_sidecar_can_run_the_shipped_config():
     assert any(config_arg.startswith(m + "/") for m in mounts)
     token_file = yaml.safe_load(cfg_text)["admin"]["token_file"]
     assert any(token_file.startswith(m + "/") for m in mounts)
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxy", "inject", *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_cli_app_probes_point_the_apps_probes_at_the_sidecar():
+    r = _cli("--app-probes", "-f", str(GOLDEN / "deployment.in.yaml"))
+    assert r.returncode == 0, r.stderr
+    deploy, service = [d for d in yaml.safe_load_all(r.stdout) if d]
+    spec = deploy["spec"]["template"]["spec"]
+    app, = spec["containers"]
+    assert app["readinessProbe"] == {"httpGet": {"path": "/app-health/ready", "port": 9901}}
+    assert "livenessProbe" not in app  # only probes the app has are redirected, none are invented
+    assert "env" not in app  # --app-env not given
+    assert spec["initContainers"][0]["name"] == "resilience-proxy"
+    plain = next(yaml.safe_load_all(inject_text((GOLDEN / "deployment.in.yaml").read_text(), Options())))
+    assert plain["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] == {
+        "httpGet": {"path": "/ready", "port": 8000}}  # without the flag the app's probes stay its own
+
+
+def test_cli_classic_mode_and_image():
+    r = _cli("--classic", "--image", "registry.local/rp:9.9", "-f", str(GOLDEN / "daemonset.in.yaml"))
+    assert r.returncode == 0, r.stderr
+    spec = yaml.safe_load(r.stdout)["spec"]["template"]["spec"]
+    first = spec["containers"][0]
+    assert first["name"] == "resilience-proxy" and first["image"] == "registry.local/rp:9.9"
+    assert first["lifecycle"]["postStart"]["exec"]["command"][:2] == ["resilience-proxy", "wait-ready"]
+    assert "restartPolicy" not in first
+    assert all(c["name"] != "resilience-proxy" for c in spec.get("initContainers", []))
+    r = _cli("--classic", "-f", str(GOLDEN / "job.in.yaml"))
+    assert r.returncode == 1 and "Job" in r.stderr and r.stdout == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -60,13 +61,30 @@ def test_assembly_is_independent_of_chunking(text, size, cuts, tool):
     assert again.completion() == done
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=2000))
-def test_parser_never_raises_on_garbage(data):
+@settings(max_examples=300, deadline=timedelta(seconds=5))  # a hang fails; 5 s is 1,000× what a feed takes
+@given(st.binary(max_size=2000), st.integers(1, 64))
+def test_parser_on_garbage_stays_bounded_and_never_calls_it_complete(data, step):
+    """Any bytes, in any chunking: no exception, the parser never holds more than max_event, every event
+    it returns came from a data: line of the input, and garbage is never taken for a complete answer
+    (which would be cached and served as one)."""
     parser, asm = sse.SSEParser(max_event=512), sse.Assembler()
-    for d in parser.feed(data):
-        asm.add(d)
-    assert isinstance(asm.complete, bool)
+    events = []
+    for i in range(0, len(data), step):
+        for d in parser.feed(data[i:i + step]):
+            events.append(d)
+            asm.add(d)
+        assert len(parser._buf) <= 512 + step
+    if events:
+        assert b"data:" in data
+    assert asm.complete is False
+
+
+def test_a_complete_stream_is_complete_and_one_that_is_cut_is_not():
+    """The property above must be able to fail: a real stream is complete, its truncations are not."""
+    stream = chunks_of("hello world", 3)
+    assert assemble(stream, []).complete is True
+    for cut in range(0, len(stream) - 1, 7):
+        assert assemble(stream[:cut], []).complete is False, cut
 
 
 def test_crlf_events_and_multiline_data():

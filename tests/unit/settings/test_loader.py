@@ -12,11 +12,19 @@ from proxy.cli import main
 from proxy.settings import ConfigError, load, redacted
 from proxy.settings.units import parse_duration, parse_size
 
+# Every key the spec has, each set to a value other than its default (the test below checks both: a key
+# added to the spec and missing here fails it, and so does a key here that loading ignores).
 FULL = {
-    "admin": {"listen": "0.0.0.0:9901", "token_file": "/tmp/token"},
-    "shutdown": {"drain_timeout": "20s", "quiet_period": "2s"},
+    "admin": {"listen": "127.0.0.1:9911", "token_file": "/tmp/token"},
+    "shutdown": {"drain_timeout": "21s", "quiet_period": "3s"},
     "log": {"level": "debug", "access": True},
-    "reload": {"interval": "5s"},
+    "reload": {"interval": "6s"},
+    "liveness": {"max_loop_lag": "3s"},
+    "app": {"ready_url": "http://127.0.0.1:8000/ready", "live_url": "http://127.0.0.1:8000/live",
+            "interval": "7s", "timeout": "3s"},
+    "inbound": {"listen": "0.0.0.0:8081", "app_url": "http://127.0.0.1:8001", "track": "canary",
+                "max_header_bytes": "32KiB", "max_request_body": "2MiB", "idle_timeout": "6m",
+                "buckets": [0.01, 0.1, 1]},
     "upstreams": {
         "database": {
             "protocol": "http",
@@ -24,26 +32,49 @@ FULL = {
             "targets": [{"name": "stable", "url": "https://db:8443", "weight": 90,
                          "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem", "server_name": "db.svc"}},
                         {"name": "canary", "url": "http://db2:8080", "weight": 10}],
-            "timeouts": {"connect": "250ms", "attempt": "10s", "total": "1m", "idle": "1h"},
-            "pool": {"max_connections": 50, "idle_timeout": "30s", "max_lifetime": "5m"},
-            "limits": {"max_header_bytes": "16KiB", "max_request_body": "1MiB", "max_in_flight": 10,
-                       "max_pending": 5, "pending_timeout": "1s"},
+            "timeouts": {"connect": "250ms", "attempt": "11s", "total": "1m", "idle": "1h", "first_byte": "61s"},
+            "pool": {"max_connections": 50, "idle_timeout": "31s", "max_lifetime": "6m"},
+            "limits": {"max_header_bytes": "17KiB", "max_request_body": "1MiB", "max_in_flight": 10,
+                       "max_pending": 5, "pending_timeout": "2s", "client_idle_timeout": "1h",
+                       "client_header_timeout": "10s"},
             "request_headers": {"X-Team": "core"},
-            "retry": {"attempts": 2, "backoff_base": "100ms", "backoff_max": "2s", "on": ["reset", "503"],
+            "retry": {"attempts": 2, "backoff_base": "150ms", "backoff_max": "3s", "on": ["reset", "503"],
                       "non_idempotent": True, "max_replay_body": "512KiB", "budget_ratio": 0.3, "budget_min": 4},
             "breaker": {"mode": "ratio", "fail_max": 3, "reset_timeout": "30s", "success_threshold": 2,
                         "half_open_max_calls": 2, "failure_statuses": ["5xx", 429],
                         "ratio": {"failure_ratio": 0.4, "window": "10s", "min_requests": 10},
                         "slow_call": {"duration": "2s", "ratio": 0.5}},
-            "fallback": {"methods": ["GET"], "cache_entries": 10, "cache_bytes": "1MiB", "cache_ttl": "1m",
-                         "stale_ttl": "1h", "max_body": "64KiB", "vary": ["Accept"],
-                         "static": {"status": 200, "content_type": "application/json", "body": "{}", "headers": {"X-A": "b"}}},
+            "fallback": {"methods": ["GET"], "cache_entries": 10, "cache_bytes": "1MiB", "cache_ttl": "2m",
+                         "stale_ttl": "2h", "max_body": "64KiB", "vary": ["Accept"],
+                         "static": {"status": 203, "content_type": "text/plain", "body": "{}", "headers": {"X-A": "b"}}},
             "routes": [{"name": "reports", "match": {"methods": ["GET"], "path_prefix": "/reports"},
-                        "timeouts": {"total": "2m"}, "retry": {"attempts": 1}}],
+                        "timeouts": {"total": "2m"}, "retry": {"attempts": 1}, "fallback": {"cache_ttl": "5m"}}],
             "metrics": {"buckets": [0.1, 1, 10]},
-        }
+            "health": {"enabled": False, "path": "/healthz", "interval": "11s", "timeout": "3s",
+                       "healthy_threshold": 2, "unhealthy_threshold": 4, "critical": True},
+            "canary": {"override_header": "X-Track", "sticky_header": "X-Session", "sticky_cookie": "uid",
+                       "track_header": "X-Served-By",
+                       "rollback": {"enabled": False, "window": "2m", "min_requests": 50, "max_error_rate": 0.05,
+                                    "min_success_rate": 0.9, "max_p99": "2s"}},
+        },
+        "openrouter": {
+            "protocol": "openai",
+            "listen": "127.0.0.1:9001",
+            "targets": [{"name": "stable", "url": "https://openrouter.ai"}],
+            "llm": {"cache_key_fields": ["model", "messages"], "fallback_models": ["openai/gpt-4o-mini"],
+                    "models": ["anthropic/claude-3.5-sonnet"],
+                    "degraded": {"enabled": False, "message": "try later", "status": 503}},
+        },
+        "cache": {
+            "protocol": "redis",
+            "listen": "127.0.0.1:6380",
+            "targets": [{"name": "stable", "url": "redis://redis:6379/0", "password_file": "/run/redis-password"}],
+            "client_auth": {"password_file": "/run/client-password"},
+        },
     },
 }
+# Keys that name a thing rather than tune it: required, so there is no default to differ from.
+IDENTITY = {"protocol", "listen", "name", "url"}
 
 
 def write(tmp_path, data) -> str:
@@ -58,27 +89,121 @@ def errors_of(tmp_path, data) -> list[str]:
     return ei.value.errors
 
 
-def test_every_documented_key_round_trips(tmp_path):
+def _spec_keys(model: type, prefix: tuple = ()) -> set[tuple]:
+    """Every leaf key path of the config, walked from the spec itself: ("upstreams", "*", "targets", "[]",
+    "tls", "ca_file"), ... A sub-section (a Spec) is walked into; anything else is a leaf."""
+    import typing
+
+    from proxy.settings.spec import Spec
+
+    out = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if isinstance(ann, type) and issubclass(ann, Spec):
+            out |= _spec_keys(ann, (*prefix, name))
+        elif typing.get_origin(ann) is dict and args and isinstance(args[-1], type) and issubclass(args[-1], Spec):
+            out |= _spec_keys(args[-1], (*prefix, name, "*"))  # upstreams.<name>
+        elif typing.get_origin(ann) is tuple and args and isinstance(args[0], type) and issubclass(args[0], Spec):
+            out |= _spec_keys(args[0], (*prefix, name, "[]"))  # targets[], routes[]
+        elif len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], Spec):
+            out |= _spec_keys(args[0], (*prefix, name))  # an optional section (inbound, static)
+        else:
+            out.add((*prefix, name))
+    return out
+
+
+def _given(node: dict, spec: set[tuple], prefix: tuple = (), concrete: tuple = ()) -> dict[tuple, tuple]:
+    """The key paths a config dict sets: concrete path ("upstreams", "database", "targets", 0, "weight")
+    → its generic form in the spec's terms."""
+    out = {}
+    for k, v in node.items():
+        generic = (*prefix, "*") if prefix == ("upstreams",) else (*prefix, k)
+        here = (*concrete, k)
+        if generic in spec or not isinstance(v, dict | list):
+            out[here] = generic
+        elif isinstance(v, dict):
+            out |= _given(v, spec, generic, here)
+        else:  # a list of sections: targets, routes
+            for i, item in enumerate(v):
+                out |= _given(item, spec, (*generic, "[]"), (*here, i))
+    return out
+
+
+_ABSENT = object()
+
+
+def _at(obj, path: tuple):
+    for part in path:
+        if obj is None:
+            return _ABSENT  # an optional section the config leaves out (inbound, fallback.static)
+        obj = obj[part] if isinstance(obj, dict | list | tuple) else getattr(obj, part)
+    return obj
+
+
+def test_every_key_of_the_spec_is_set_read_and_documented(tmp_path):
+    """Generated from the spec: every key is in FULL (a key added to the spec cannot be forgotten here),
+    loading FULL gives each one a value other than the one the same config without it gets (so no key
+    is silently ignored), and every key is named in the README's reference block."""
+    from proxy.settings.loader import Settings
+
+    spec = _spec_keys(Settings)
+    given = _given(FULL, spec)
+    assert spec - set(given.values()) == set(), "keys of the spec that FULL does not set"
+    assert set(given.values()) - spec == set(), "keys in FULL the spec does not have"
+    full = load(write(tmp_path, FULL)).settings
+    minimal = {"inbound": {}, "upstreams": {
+        name: {"protocol": up["protocol"], "listen": up["listen"],
+               "targets": [{"name": t["name"], "url": t["url"]} for t in up["targets"]],
+               **({"routes": [{"name": r["name"]} for r in up["routes"]]} if "routes" in up else {})}
+        for name, up in FULL["upstreams"].items()}}
+    bare = load(write(tmp_path, minimal)).settings
+    for concrete in given:
+        got = _at(full, concrete)
+        if concrete[-1] in IDENTITY:
+            assert got == _at(FULL, concrete), concrete
+        else:
+            assert got != _at(bare, concrete), f"{'.'.join(map(str, concrete))}: set in FULL, but loads as the default"
+    block = README_REFERENCE()
+    import re
+
+    missing = sorted({".".join(k) for k in spec for part in k if part not in ("*", "[]")
+                      and not re.search(rf"\b{re.escape(part)}\b", block)})
+    assert missing == [], "keys the README's reference block does not name"
+
+
+def README_REFERENCE() -> str:
+    from tests.support.tools import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("Every key with its default:")
+    return text[start:text.index("```", text.index("```yaml", start) + 7)]
+
+
+def test_key_values_are_converted(tmp_path):
     s = load(write(tmp_path, FULL)).settings
     up = s.upstreams["database"]
     assert s.admin.token_file == "/tmp/token" and s.log.level == "debug" and s.log.access
-    assert s.shutdown.drain_timeout == 20 and s.shutdown.quiet_period == 2 and s.reload.interval == 5
+    assert s.shutdown.drain_timeout == 21 and s.shutdown.quiet_period == 3 and s.reload.interval == 6
     assert [t.weight for t in up.targets] == [90, 10]
     assert up.targets[0].tls.server_name == "db.svc"
     assert (up.timeouts.connect, up.timeouts.total, up.timeouts.idle) == (0.25, 60, 3600)
-    assert (up.pool.max_connections, up.pool.max_lifetime) == (50, 300)
-    assert (up.limits.max_header_bytes, up.limits.max_request_body) == (16384, 1048576)
-    assert (up.limits.max_in_flight, up.limits.max_pending, up.limits.pending_timeout) == (10, 5, 1)
+    assert (up.pool.max_connections, up.pool.max_lifetime) == (50, 360)
+    assert (up.limits.max_header_bytes, up.limits.max_request_body) == (17408, 1048576)
+    assert (up.limits.max_in_flight, up.limits.max_pending, up.limits.pending_timeout) == (10, 5, 2)
     assert up.retry.on == ("reset", "503") and up.retry.max_replay_body == 512 * 1024 and up.retry.budget_min == 4
     assert up.breaker.mode == "ratio" and up.breaker.failure_statuses == ("5xx", "429")
     assert up.breaker.ratio.min_requests == 10 and up.breaker.slow_call.duration == 2
     assert up.fallback.vary == ("accept",) and up.fallback.static.headers == {"X-A": "b"}
     timeouts, retry, fallback = up.route_sections(up.routes[0])
-    assert timeouts.total == 120 and timeouts.attempt == 10 and retry.attempts == 1 and retry.budget_min == 4
+    assert timeouts.total == 120 and timeouts.attempt == 11 and retry.attempts == 1 and retry.budget_min == 4
+    assert fallback.cache_ttl == 300 and fallback.stale_ttl == 7200
     assert up.metrics.buckets == (0.1, 1, 10)
+    assert s.inbound.buckets == (0.01, 0.1, 1) and s.inbound.idle_timeout == 360
+    assert s.upstreams["openrouter"].llm.degraded.status == 503
     # the effective config re-validates to the same settings
     again = load(write(tmp_path, {**redacted(load(write(tmp_path, FULL))), "admin": FULL["admin"]})).settings
-    assert again.upstreams["database"] == up
+    assert again.upstreams == s.upstreams and again.inbound == s.inbound and again.app == s.app
 
 
 def test_defaults(tmp_path):
