@@ -20,6 +20,17 @@ PROXY_CORE, LOAD_CORE = "0", "1"
 BODY = '{"id":42,"name":"product","price":12.5,"tags":["a","b"]}'
 
 
+def tool(name: str) -> str | None:
+    """A command on PATH, or one scripts/tools.sh built into its cache (outside the clone)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    cache = Path(os.environ.get("RESILIENCE_PROXY_TOOLS")
+                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resilience-proxy/tools")
+    c = cache / "bin" / name
+    return str(c) if os.access(c, os.X_OK) else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

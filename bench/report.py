@@ -49,7 +49,9 @@ def machine() -> dict:
 
 
 def _tool(name: str) -> str:
-    return str(Path(__file__).resolve().parents[1] / ".tools/bin" / name)
+    from bench.peers import tool
+
+    return tool(name) or name
 
 
 def _go_module_version(binary: str) -> str | None:
@@ -154,6 +156,22 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         out.append(("S7 RSS idle ≤ 50 MB", f"{m['idle_mb']:.1f} MB", "", m["idle_mb"] <= 50))
         out.append(("S7 ≤ 120 MB with 10k entries + 1k conns", f"{m['cache_10k_plus_1k_conns_mb']:.1f} MB", "",
                     m["cache_10k_plus_1k_conns_mb"] <= 120))
+    return out
+
+
+def problems(r: dict) -> list[str]:
+    """What makes this run prove nothing (a CI run fails on any): answers other than 2xx or socket
+    errors in a measured run, a scenario that measured nothing. A target not met is not a problem."""
+    out = []
+    for system, kind, run in (r.get("throughput") or {}).get("invalid") or []:
+        out.append(f"{system} ({kind}): {run.get('non2xx', 0)} non-2xx answers, {run.get('socket_errors', 0)} "
+                   f"socket errors, {len(run.get('errors') or [])} errors, {run.get('requests')} requests")
+    c = r.get("chaos")
+    if c is not None and not c.get("requests"):
+        out.append("S6: no request was answered")
+    m = r.get("memory")
+    if m is not None and m.get("cache_entries", 0) < 10_000:
+        out.append(f"S7: the cache held {m.get('cache_entries')} entries after 10,000 distinct requests")
     return out
 
 

@@ -90,7 +90,7 @@ def sse(tmp: Path, streams: int, progress) -> dict:
 import asyncio, sys, uvloop
 sys.path.insert(0, {str(ROOT)!r})
 from aiohttp import web
-from tests.fakes import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI
 f = FakeOpenAI(); f.chunks = 50; f.delay = 0.005
 web.run_app(f.app(), host='127.0.0.1', port={fake_port}, print=None, access_log=None)
 """], fake_port, LOAD_CORE, cwd=ROOT)
@@ -163,7 +163,7 @@ def redis(tmp: Path, requests: int, rounds: int, progress) -> dict:
 def chaos(tmp: Path, ups: list[int], seconds: float, progress) -> dict:
     """Scenario 6: load while toxiproxy cuts the upstream for a third of the run."""
     tport, api = free_port(), free_port()
-    tox_bin = str(ROOT / ".tools/bin/toxiproxy-server")
+    tox_bin = peers.tool("toxiproxy-server")
     tox = Proc("toxiproxy", [tox_bin, "-host", "127.0.0.1", "-port", str(api)], api, LOAD_CORE)
     import requests as rq
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -216,6 +217,7 @@ async def test_status_command_shows_a_table(upstream, start_proxy):
     assert "BREAKER" in r.stdout and "P99" in r.stdout
 
 
+@pytest.mark.timeout(150)  # three subprocess screens of a second's sampling each, on a loaded machine too
 async def test_status_watch_refreshes_and_reads_admin_with_a_token_file(upstream, start_proxy, tmp_path):
     """`status --watch` redraws every second; `--token-file` is what lets it read /admin/upstreams from
     an admin listener that needs a token for reads (not on loopback)."""

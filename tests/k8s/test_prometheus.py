@@ -50,6 +50,7 @@ async def query(s, prom, q):
         return body["data"]["result"]
 
 
+@pytest.mark.timeout(150)  # Prometheus must start, scrape for a minute's worth of rate() and evaluate
 async def test_analysis_and_alert_queries_on_real_traffic(scraped_proxy):
     p, inbound, prom, name = scraped_proxy
     docs = kustomize_build(ROOT / "k8s/overlays/argo-rollouts")
@@ -63,7 +64,7 @@ async def test_analysis_and_alert_queries_on_real_traffic(scraped_proxy):
     def args(q):
         return q.replace("{{args.namespace}}", "shop").replace("{{args.canary-hash}}", "abc123")
 
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 120
     async with aiohttp.ClientSession() as s:
         async def traffic():
             while time.monotonic() < deadline:

