@@ -3,8 +3,6 @@ attempts, sleeps and breaker states. Time is a ManualClock: nothing here sleeps.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from multidict import CIMultiDict
 
@@ -18,6 +16,7 @@ from proxy.policy.retry import Retry, RetryBudget
 from proxy.policy.shed import Shed
 from proxy.policy.timeout import AttemptTimeout, TotalTimeout
 from proxy.settings.spec import BreakerSpec, FallbackSpec, RetrySpec, status_matcher
+from tests.support.wait import eventually
 
 
 class Target:
@@ -281,8 +280,7 @@ async def test_pool_retires_connections_after_max_lifetime():
     g2 = pool.session()
     assert g2 is not g1 and g1.retired and not g1.session.closed  # still one user on the old one
     pool.done(g1)
-    await asyncio.sleep(0.01)
-    assert g1.session.closed  # closed once its last response was released
+    await eventually(lambda: g1.session.closed, what="closed once its last response was released")
     pool.done(g2)
     await pool.close()
 
