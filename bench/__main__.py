@@ -1,5 +1,7 @@
 """`python -m bench [--quick] [--only S1,S5,...]`: runs the scenarios side by side and writes
-bench/results/<date>.md, .json and PNG plots. `--quick` is a smoke run of about a minute."""
+bench/results/<date>.md, .json and PNG plots. `--quick` is a smoke run of about two minutes. Exits 1 when
+a run proves nothing (an invalid answer of the proxy or of the direct baseline, a scenario that measured
+nothing); a target not met is a result, never a failure."""
 
 from __future__ import annotations
 

@@ -161,9 +161,12 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
 
 def problems(r: dict) -> list[str]:
     """What makes this run prove nothing (a CI run fails on any): answers other than 2xx or socket
-    errors in a measured run, a scenario that measured nothing. A target not met is not a problem."""
+    errors in a run of the proxy or of the direct baseline, a scenario that measured nothing. A target
+    not met is not a problem."""
     out = []
     for system, kind, run in (r.get("throughput") or {}).get("invalid") or []:
+        if system not in ("resilience-proxy", "direct"):
+            continue  # a peer's bad run leaves its comparison unjudged (markdown says so), it does not fail
         out.append(f"{system} ({kind}): {run.get('non2xx', 0)} non-2xx answers, {run.get('socket_errors', 0)} "
                    f"socket errors, {len(run.get('errors') or [])} errors, {run.get('requests')} requests")
     c = r.get("chaos")

@@ -79,12 +79,14 @@ Ctrl-C stops.
 def _with_port_base(path: str, base: int, tmp: str) -> tuple[str, int]:
     """The demo config with its listener, admin and gateway on base, base+1, base+2 → (path, gateway port)."""
     with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f)
+        cfg = yaml.safe_load(f) or {}
     gateway = base + 2
-    cfg["admin"]["listen"] = f"127.0.0.1:{base + 1}"
-    db = cfg["upstreams"]["database"]
-    db["listen"] = f"127.0.0.1:{base}"
-    for t in db["targets"]:
+    cfg.setdefault("admin", {})["listen"] = f"127.0.0.1:{base + 1}"
+    up = next(iter((cfg.get("upstreams") or {}).values()), None)  # the demo's one upstream, whatever its name
+    if up is None:
+        raise ValueError(f"{path}: the demo needs an upstream to put in front of its gateway")
+    up["listen"] = f"127.0.0.1:{base}"
+    for t in up.get("targets") or []:
         t["url"] = f"http://127.0.0.1:{gateway}"
     out = os.path.join(tmp, "demo.yaml")
     with open(out, "w", encoding="utf-8") as f:
@@ -105,7 +107,11 @@ async def run_demo(config: str | None = None, port_base: int | None = None) -> i
     path = config or demo_config_path()
     gateway = DEMO_PORT
     if port_base is not None:
-        path, gateway = _with_port_base(path, port_base, tmp)
+        try:
+            path, gateway = _with_port_base(path, port_base, tmp)
+        except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as exc:
+            print(f"demo: {exc}", file=sys.stderr)
+            return 1
     try:
         loaded = load(path)
     except ConfigError as exc:
@@ -124,7 +130,9 @@ async def run_demo(config: str | None = None, port_base: int | None = None) -> i
 
     async def announce(app) -> None:
         s = app.runtime.settings
-        print(CURLS.format(port=gateway, token_file=token_file, listen=s.upstreams["database"].listen.rsplit(":", 1)[1],
+        first = next(iter(s.upstreams.values()), None)
+        listen = first.listen.rsplit(":", 1)[1] if first is not None else "(no upstream)"
+        print(CURLS.format(port=gateway, token_file=token_file, listen=listen,
                            admin=s.admin.listen.rsplit(":", 1)[1]), flush=True)
 
     try:

@@ -4,7 +4,7 @@
 # holds them; `--bench` adds what only the benchmark needs.
 #   PATH="$(bash scripts/tools.sh):$PATH"
 set -euo pipefail
-CACHE="${RESILIENCE_PROXY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/resilience-proxy/tools}"
+CACHE="${RESILIENCE_PROXY_TOOLS:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/resilience-proxy/tools}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
 

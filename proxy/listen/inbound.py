@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.listen.http import HOP_BY_HOP, connection_listed, error_body, forwardable, new_request_id
+from proxy.upstream import aio
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _DROP = HOP_BY_HOP | {"content-length"}  # Host is kept: the app may route or check on it
@@ -35,7 +36,9 @@ class InboundListener:
             self.session = aiohttp.ClientSession(
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=None, connect=5),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"))
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+                **aio.session_options())
+            aio.no_hidden_replay(self.session)  # never retried: only aio.request's replay of a stale keep-alive
         return self.session
 
     def _observe(self, method: str, status: str, track: str, seconds: float | None, buckets) -> None:
@@ -84,8 +87,8 @@ class InboundListener:
                 return resp
             body = self._body(request, spec, rid) if (cl or request.body_exists) else None
             try:
-                r = await self._session().request(request.method, url, headers=headers, data=body,
-                                                  allow_redirects=False)
+                r = await aio.request(self._session(), request.method, url, headers=headers, data=body,
+                                      allow_redirects=False)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 fault = self._client_fault.pop(rid, None)
                 if fault is not None:

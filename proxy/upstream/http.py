@@ -14,6 +14,7 @@ from yarl import URL
 
 from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.settings.units import format_duration
+from proxy.upstream import aio
 from proxy.upstream.h1 import UpstreamClosed
 from proxy.upstream.pool import ConnectFailed, Overloaded
 
@@ -106,8 +107,8 @@ class HttpTerminal:
             return await self._lean(req, pool, body)
         gen = pool.session()
         try:
-            cr = await gen.session.request(
-                req.method, URL(target.base + req.path_qs, encoded=True), headers=req.headers,
+            cr = await aio.request(
+                gen.session, req.method, URL(target.base + req.path_qs, encoded=True), headers=req.headers,
                 data=req.body, allow_redirects=False, server_hostname=pool.server_hostname,
                 proxy=pool.proxy, proxy_auth=pool.proxy_auth,
             )

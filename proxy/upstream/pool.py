@@ -137,7 +137,7 @@ class HttpPool:
     def _new_generation(self) -> _Generation:
         import aiohttp  # only for what the lean client does not do (egress proxy, HEAD, streamed bodies)
 
-        from proxy.upstream import h1
+        from proxy.upstream import aio, h1
 
         h1.aiohttp_in_use()
         connector = aiohttp.TCPConnector(
@@ -156,12 +156,9 @@ class HttpPool:
             cookie_jar=aiohttp.DummyCookieJar(),
             read_bufsize=2**16,
             max_line_size=65536, max_field_size=65536,
+            **aio.session_options(),
         )
-        # aiohttp re-sends an idempotent request once, by itself, when its connection drops (even a fresh
-        # one): behind the retry policy that is a retry no budget, breaker or metric sees. It has no
-        # public switch; its own test client turns it off the same way.
-        if hasattr(session, "_retry_connection"):
-            session._retry_connection = False
+        aio.no_hidden_replay(session)  # the replay rule is aio.request's (see proxy/upstream/aio.py)
         return _Generation(session, self.clock.monotonic())
 
     def session(self) -> _Generation:

@@ -15,8 +15,8 @@ from proxy.clock import ManualClock
 from tests.support.proxy import upstream_config
 from tests.support.toxiproxy import add_toxic, heal
 
-TOTAL = 1.0
-SLACK = 4.0  # a loaded machine answers late; every fault below lasts far longer than TOTAL + SLACK
+TOTAL = 3.0
+SLACK = 5.0  # a loaded machine answers late; every fault below lasts far longer than TOTAL + SLACK
 FAULT = 30_000  # ms: a latency the proxy must never wait out
 
 
@@ -32,7 +32,7 @@ async def timed_get(s, url):
 
 def chaos_config(url, **over):
     sections = dict(
-        timeouts={"connect": "500ms", "attempt": "300ms", "total": f"{TOTAL:g}s", "idle": "1s"},
+        timeouts={"connect": "1s", "attempt": "1s", "total": f"{TOTAL:g}s", "idle": "3s"},
         retry={"attempts": 2, "backoff_base": "10ms", "backoff_max": "50ms"},
         breaker={"fail_max": 3, "reset_timeout": "30s"},
     )
@@ -59,7 +59,7 @@ async def test_disabled_link_gives_502_within_connect_timeout_then_recovers(upst
         proxy.disable()
         status, headers, body, waited = await timed_get(s, p.url + "/b")
         assert status == 502 and b"connect_failure" in body
-        assert waited < 0.5 + SLACK
+        assert waited < 1 + SLACK
         proxy.enable()
         assert (await timed_get(s, p.url + "/c"))[0] == 200
 

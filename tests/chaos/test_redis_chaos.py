@@ -57,7 +57,7 @@ async def test_redis_down_reads_from_cache_writes_fail_fast_no_connection_attemp
 
 async def test_slow_redis_pipelined_commands_get_errors_not_other_replies(redis_server, start_proxy, toxic_link):
     proxy, url = toxic_link(redis_server)
-    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "1s"},
                                 retry={"attempts": 1}, breaker={"fail_max": 100})
     p = await start_proxy(cfg)
     port = p.port
@@ -65,13 +65,13 @@ async def test_slow_redis_pipelined_commands_get_errors_not_other_replies(redis_
     for i in range(5):
         await c.set(f"k{i}", f"v{i}")
     await c.get("k0")  # cached
-    add_toxic(proxy, "latency", latency=1000)
+    add_toxic(proxy, "latency", latency=30_000)
     t0 = time.monotonic()
     pipe = c.pipeline(transaction=False)
     for i in range(5):
         pipe.get(f"k{i}")
     res = await pipe.execute(raise_on_error=False)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 10  # timed out at 1 s (plus a loaded machine), never waited 30 s out
     assert res[0] == b"v0"  # the timed-out read answered from the cache
     for r in res[1:]:
         assert isinstance(r, redis.ResponseError) and "UNAVAILABLE" in str(r), res
@@ -108,14 +108,14 @@ async def test_one_timeout_on_a_shared_connection_charges_the_breaker_once(redis
     """Ten clients' commands wait on one shared connection when it times out: all of them fail (or are
     served from the cache), but the breaker hears of one failure, not ten."""
     proxy, url = toxic_link(redis_server)
-    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "200ms"},
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "1s"},
                                 retry={"attempts": 1}, breaker={"fail_max": 3, "reset_timeout": "30s"})
     p = await start_proxy(cfg)
     port = p.port
     cs = [aredis.Redis(port=port, protocol=2, retry=None, socket_timeout=30) for _ in range(10)]
     for i, c in enumerate(cs):
         assert await c.set(f"t{i}", "v") is True  # all on the shared connection
-    add_toxic(proxy, "latency", latency=1000)
+    add_toxic(proxy, "latency", latency=30_000)
     res = await asyncio.gather(*(c.set(f"t{i}", "w") for i, c in enumerate(cs)), return_exceptions=True)
     assert all(isinstance(r, redis.ResponseError) and "UNAVAILABLE" in str(r) for r in res), res
     br = p.upstream.targets[0].breaker

@@ -354,9 +354,7 @@ async def test_inbound_never_retries_and_enforces_its_limits(make_upstream, star
         async with s.post(inbound + "/c", data=chunks()) as r:
             assert r.status == 413
         assert len(app.requests) == 2  # none of the refused ones reached the app (the chunked one cut short)
-    # the app resetting its connections: a 502, no retry. An idempotent request whose connection dropped
-    # before any answer is sent once more (RFC 9112 §9.3.1: a keep-alive connection the app had just
-    # closed must not become a 502); anything else exactly once.
+    # the app resetting its connections: a 502, never a retry (GET or POST: one connection each)
     relay = await CountingRelay(1).start()
     relay.down = True
     cfg["inbound"]["app_url"] = f"http://127.0.0.1:{relay.port}"
@@ -369,9 +367,31 @@ async def test_inbound_never_retries_and_enforces_its_limits(make_upstream, star
         assert relay.accepted == 1
         async with s.get(inbound + "/gone") as r:
             assert r.status == 502
-        assert relay.accepted == 3
+        assert relay.accepted == 2
     relay.close()
     assert metrics.delta("http_requests_total", method="GET", status="503", track=track) == 1
     assert metrics.delta("http_requests_total", method="GET", status="431", track=track) == 1
     assert metrics.delta("http_requests_total", method="POST", status="413", track=track) == 2
     assert metrics.delta("http_requests_total", method="POST", status="502", track=track) == 1
+    assert metrics.delta("http_requests_total", method="GET", status="502", track=track) == 1
+
+
+async def test_inbound_replays_a_get_on_a_kept_alive_connection_the_app_closed(start_proxy):
+    """The one replay: the app closed a kept-alive connection just as it was reused, nothing answered.
+    Idempotent: sent once more, on a new connection. A POST is not."""
+    from tests.support.upstreams import ClosesKeptAlive
+
+    app = await ClosesKeptAlive().start()
+    name, cfg = upstream_config(app.url)
+    cfg["inbound"] = {"listen": f"127.0.0.1:{free_port()}", "app_url": app.url, "track": f"t{free_port()}"}
+    await start_proxy(cfg)
+    inbound = f"http://{cfg['inbound']['listen']}"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.get(inbound + "/page") as r:
+                assert r.status == 200 and await r.text() == "ok"
+        assert (app.connections, len(app.answered), app.dropped) == (2, 2, [b"GET /page HTTP/1.1"])
+        async with s.post(inbound + "/order", data=b"x") as r:
+            assert r.status == 502
+    assert app.dropped[-1] == b"POST /order HTTP/1.1" and len(app.answered) == 2
+    app.close()

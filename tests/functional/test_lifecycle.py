@@ -311,7 +311,7 @@ atexit.register(report)
 from proxy.cli import main
 sys.exit(main())
 """)
-    proc = subprocess.Popen([sys.executable, str(probe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, str(probe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         listen = f"http://{cfg['upstreams'][name]['listen']}"
         down = f"http://{cfg['upstreams']['down']['listen']}"

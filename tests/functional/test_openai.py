@@ -81,7 +81,8 @@ async def test_key_injected_placeholder_never_forwarded(fake, start_proxy, tmp_p
     await eventually(lambda: fake.model_requests, what="an active health check reached /models")
     assert all(r["auth"] == ["Bearer sk-or-real-secret-key"] for r in fake.requests + fake.model_requests)
     assert len(fake.requests) == 1
-    assert p.upstream.targets[0].health.healthy is True
+    health = p.upstream.targets[0].health
+    assert health.healthy is True and health.last_check is not None  # a check's result, not the initial state
     async with aiohttp.ClientSession() as s:
         async with s.get(p.admin + "/admin/config") as r:
             assert "sk-or-real-secret-key" not in await r.text()
@@ -355,7 +356,7 @@ async def test_mid_stream_cut_ends_with_the_exact_error_event_then_done(fake, st
 async def test_stream_idle_timeout_between_events(fake, start_proxy):
     """Silence between events longer than `idle` ends the stream in-band; a long stream with steady
     events is never cut (streams have no total timeout)."""
-    name, cfg = llm_config(fake.url, timeouts={"idle": "300ms", "total": "1s", "attempt": "1s"},
+    name, cfg = llm_config(fake.url, timeouts={"idle": "1s", "total": "1s", "attempt": "1s"},
                            breaker={"fail_max": 100})
     p = await start_proxy(cfg)
     fake.stall_after = 3
@@ -366,7 +367,7 @@ async def test_stream_idle_timeout_between_events(fake, start_proxy):
     assert events[4] == sse.DONE
     assert p.breaker.cb.fail_counter == 1
     # steady events, each well inside `idle`, for longer than total and attempt: never cut
-    fake.stall_after, fake.chunks, fake.delay = None, 30, 0.05
+    fake.stall_after, fake.chunks, fake.delay = None, 30, 0.1
     events = _events(await _raw_stream(p))
     assert events[-1] == sse.DONE and b'"error"' not in b"".join(events)
     assert len(events) == 32

@@ -378,9 +378,9 @@ async def test_egress_honours_http_proxy_and_no_proxy(start_proxy, monkeypatch):
 
     fp = await asyncio.start_server(forward_proxy, "127.0.0.1", 0)
     fp_port = fp.sockets[0].getsockname()[1]
+    for v in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(v, raising=False)  # the lowercase ones win in urllib: none may leak in
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{fp_port}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
     name, cfg = upstream_config("http://127.0.0.3:8080")  # loopback only: nothing here may leave the machine
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
@@ -436,9 +436,9 @@ async def test_egress_honours_https_proxy_with_a_connect_tunnel(start_proxy, mon
         await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
 
     fp = await asyncio.start_server(forward_proxy, "127.0.0.1", 0)
+    for v in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{fp.sockets[0].getsockname()[1]}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     name, cfg = upstream_config(f"https://db.internal:{tls_server.port}", retry={"attempts": 1})

@@ -99,3 +99,29 @@ async def test_aiohttp_path_never_retries_behind_the_retry_policy(start_proxy, m
     relay.close()
     assert metrics.delta("upstream_requests_total", name=name, track="stable", route="default", status="502",
                          outcome="rejected") == 2
+
+
+async def test_a_kept_alive_connection_the_upstream_closed_is_replayed_once_uncounted(start_proxy, metrics):
+    """HEAD (aiohttp's path) on a kept-alive connection the upstream closes as it is reused: sent once
+    more on a new connection, not a 502, not a retry, not a breaker failure. A streamed body cannot be
+    sent twice: that one is the upstream's failure."""
+    from tests.support.upstreams import ClosesKeptAlive
+
+    up = await ClosesKeptAlive().start()
+    name, cfg = upstream_config(up.url, retry={"attempts": 1}, breaker={"fail_max": 1})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.head(p.url + "/h") as r:
+                assert r.status == 200
+        assert (up.connections, len(up.answered), len(up.dropped)) == (2, 2, 1)
+        assert p.breaker.state == "closed" and p.breaker.cb.fail_counter == 0
+
+        async def body():
+            yield b"streamed"
+
+        async with s.post(p.url + "/p", data=body()) as r:
+            assert r.status == 502 and (await r.json())["error"]["type"] == "upstream_reset"
+    assert up.dropped[-1] == b"POST /p HTTP/1.1" and up.connections == 2  # never sent again
+    assert metrics.sample("upstream_retries_total", name=name, reason="reset") is None
+    up.close()

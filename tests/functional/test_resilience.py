@@ -519,6 +519,8 @@ async def test_request_id_in_every_request_log_line_and_no_access_log_unless_ask
     dead, dead_cfg = upstream_config(f"http://127.0.0.1:{free_port()}", retry={"attempts": 1})
     dead_cfg["log"] = {"access": True}
     d = await start_proxy(dead_cfg)
+    await eventually(lambda: p.app.checks_done and d.app.checks_done)  # start-up's own lines are out
+    started = len(json_log.lines())
     async with aiohttp.ClientSession() as s:
         assert (await get(s, p.url + "/quiet", headers={"X-Request-Id": "rid-quiet"}))[0] == 200
         assert json_log.events("access") == []  # log.access is off by default
@@ -534,3 +536,6 @@ async def test_request_id_in_every_request_log_line_and_no_access_log_unless_ask
         rid = r.headers["X-Request-Id"]
     assert json_log.events("access", path="/no-id")[0]["request_id"] == rid
     assert json_log.events("upstream_failed", request_id=rid)
+    # and no line written while requests ran lacks one
+    during = json_log.lines()[started:]
+    assert len(during) == 6 and [ln["event"] for ln in during if "request_id" not in ln] == []

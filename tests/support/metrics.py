@@ -38,9 +38,10 @@ class Baseline:
         now = value(name, **labels)
         return now - self.before.get((name, frozenset(labels.items())), 0.0)
 
-    def unchanged(self, name: str, /, **labels: str) -> bool:
-        """Nothing happened to the series since the baseline (absent then and now counts too)."""
-        return sample(name, **labels) == self.before.get((name, frozenset(labels.items())))
+    def family_delta(self, name: str) -> float:
+        """How much every series of a sample name grew together: one event counted under any label."""
+        now = sum(v for (n, _), v in _snapshot().items() if n == name)
+        return now - sum(v for (n, _), v in self.before.items() if n == name)
 
     value = staticmethod(value)
     sample = staticmethod(sample)

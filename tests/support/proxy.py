@@ -68,13 +68,15 @@ class Running:
 
 
 class Process:
-    """`python -m proxy <args>` as users run it, its output collected."""
+    """`python -m proxy <args>` as users run it. Its output goes to files, never to a pipe nobody reads
+    while it runs (a chatty process would block on a full pipe)."""
 
     def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})})
-        self._out: str | None = None
-        self._err: str | None = None
+        import tempfile
+
+        self._files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=self._files[0],
+                                     stderr=self._files[1], cwd=ROOT, env={**os.environ, **(env or {})})
 
     @classmethod
     def run(cls, config: dict, path, *extra: str, env: dict | None = None) -> Process:
@@ -97,10 +99,12 @@ class Process:
                 await self.wait(15)
 
     def output(self) -> tuple[str, str]:
-        """stdout and stderr, once the process has ended."""
-        if self._out is None:
-            self._out, self._err = (s.decode(errors="replace") for s in self.proc.communicate())
-        return self._out, self._err
+        """stdout and stderr so far (all of it once the process has ended)."""
+        out = []
+        for f in self._files:
+            f.seek(0)
+            out.append(f.read().decode(errors="replace"))
+        return out[0], out[1]
 
 
 async def wait_http(url: str, timeout: float = DEADLINE, ok=lambda status: status < 500) -> int:

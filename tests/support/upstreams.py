@@ -73,3 +73,52 @@ class Gate:
 async def hang(request):
     """A behaviour that never answers (until the connection goes away)."""
     await asyncio.Event().wait()
+
+
+class ClosesKeptAlive:
+    """A raw HTTP/1.1 server that answers the first request of every connection (keep-alive) and closes
+    the connection, unanswered, when a second request arrives on it: the race of a kept-alive connection
+    the server closes just as the client reuses it, made certain."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered: list[bytes] = []   # request lines answered
+        self.dropped: list[bytes] = []    # request lines the connection was closed on
+
+    async def start(self) -> ClosesKeptAlive:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _conn(self, reader, writer) -> None:
+        self.connections += 1
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0]
+                n += 1
+                if n > 1:
+                    self.dropped.append(line)
+                    writer.transport.abort()
+                    return
+                length = 0
+                chunked = b"transfer-encoding: chunked" in head.lower()
+                for h in head.split(b"\r\n"):
+                    if h.lower().startswith(b"content-length:"):
+                        length = int(h.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                elif chunked:
+                    while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)):
+                        await reader.readexactly(size + 2)
+                    await reader.readuntil(b"\r\n")
+                self.answered.append(line)
+                body = b"" if line.startswith(b"HEAD ") else b"ok"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def close(self) -> None:
+        self.server.close()

@@ -65,3 +65,9 @@ def test_scenarios_that_measured_nothing_are_problems():
     assert problems({"chaos": {"requests": 0}, "memory": {"cache_entries": 12, "idle_mb": 1,
                                                           "cache_10k_plus_1k_conns_mb": 1}}) == [
         "S6: no request was answered", "S7: the cache held 12 entries after 10,000 distinct requests"]
+
+
+def test_a_peers_invalid_run_leaves_its_comparison_unjudged_but_is_not_a_problem():
+    peer = ("caddy", "64conn", {"non2xx": 0, "socket_errors": 3, "requests": 900})
+    r = {"throughput": throughput(invalid=[peer])}
+    assert problems(r) == [] and set(judged(r).values()) == {None}
