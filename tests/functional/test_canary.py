@@ -11,17 +11,12 @@ from aiohttp import web
 from tests.support.net import free_port
 from tests.support.proxy import upstream_config
 from tests.support.toxiproxy import add_toxic
-from tests.support.upstreams import Upstream, failing
+from tests.support.upstreams import failing
 from tests.support.wait import eventually
 
 
-async def two_tracks(aiohttp_server, canary_behaviour=None):
-    stable, canary = Upstream(), Upstream()
-    canary.behaviour = canary_behaviour
-    s1 = await aiohttp_server(stable.app())
-    s2 = await aiohttp_server(canary.app())
-    stable.url, canary.url = f"http://127.0.0.1:{s1.port}", f"http://127.0.0.1:{s2.port}"
-    return stable, canary
+async def two_tracks(make_upstream, canary_behaviour=None):
+    return await make_upstream(), await make_upstream(canary_behaviour)
 
 
 def canary_config(stable_up, canary_up, weights=(95, 5), **sections):
@@ -31,8 +26,8 @@ def canary_config(stable_up, canary_up, weights=(95, 5), **sections):
     return name, cfg
 
 
-async def test_split_headers_and_override(aiohttp_server, start_proxy, metrics):
-    stable, canary = await two_tracks(aiohttp_server)
+async def test_split_headers_and_override(make_upstream, start_proxy, metrics):
+    stable, canary = await two_tracks(make_upstream)
     name, cfg = canary_config(stable, canary, (80, 20))
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
@@ -66,11 +61,11 @@ async def test_split_headers_and_override(aiohttp_server, start_proxy, metrics):
     assert metrics.value("canary_weight", name=name, track="canary") == 20
 
 
-async def test_canary_breaker_open_unforced_traffic_on_stable_forced_gets_error(aiohttp_server, start_proxy):
+async def test_canary_breaker_open_unforced_traffic_on_stable_forced_gets_error(make_upstream, start_proxy):
     async def down(request):
         return web.Response(status=503)
 
-    stable, canary = await two_tracks(aiohttp_server, down)
+    stable, canary = await two_tracks(make_upstream, down)
     name, cfg = canary_config(stable, canary, (50, 50), retry={"attempts": 1},
                               breaker={"fail_max": 2, "reset_timeout": "1h"},
                               canary={"rollback": {"enabled": False}})
@@ -93,13 +88,13 @@ async def test_canary_breaker_open_unforced_traffic_on_stable_forced_gets_error(
             assert r.status == 503 and r.headers["X-Fallback-Reason"] == "circuit_breaker_open"  # nothing cached: the error
 
 
-async def test_auto_abort_on_canary_errors_not_on_stable(aiohttp_server, start_proxy, metrics):
+async def test_auto_abort_on_canary_errors_not_on_stable(make_upstream, start_proxy, metrics):
     rng = random.Random(7)
 
     async def flaky(request):
         return web.Response(status=500 if rng.random() < 0.03 else 200, text="c")
 
-    stable, canary = await two_tracks(aiohttp_server, flaky)
+    stable, canary = await two_tracks(make_upstream, flaky)
     name, cfg = canary_config(stable, canary, (50, 50), retry={"attempts": 1}, breaker={"fail_max": 1000},
                               canary={"rollback": {"min_requests": 100, "window": "60s"}})
     p = await start_proxy(cfg)
@@ -123,7 +118,7 @@ async def test_auto_abort_on_canary_errors_not_on_stable(aiohttp_server, start_p
     async def bad(request):
         return web.Response(status=500)
 
-    st2, ca2 = await two_tracks(aiohttp_server)
+    st2, ca2 = await two_tracks(make_upstream)
     st2.behaviour = bad
     n2, cfg2 = canary_config(st2, ca2, (50, 50), retry={"attempts": 1}, breaker={"fail_max": 1000},
                              canary={"rollback": {"min_requests": 10}})
@@ -135,11 +130,11 @@ async def test_auto_abort_on_canary_errors_not_on_stable(aiohttp_server, start_p
     assert p2.upstream.weights == {"stable": 50, "canary": 50}
 
 
-async def test_abort_survives_an_unrelated_reload_and_clears_on_weight_change(aiohttp_server, start_proxy, tmp_path):
+async def test_abort_survives_an_unrelated_reload_and_clears_on_weight_change(make_upstream, start_proxy, tmp_path):
     async def bad(request):
         return web.Response(status=500)
 
-    stable, canary = await two_tracks(aiohttp_server, bad)
+    stable, canary = await two_tracks(make_upstream, bad)
     name, cfg = canary_config(stable, canary, (95, 5), retry={"attempts": 1}, breaker={"fail_max": 1000},
                               canary={"rollback": {"min_requests": 20}})
     token = tmp_path / "tok"
@@ -166,8 +161,8 @@ async def test_abort_survives_an_unrelated_reload_and_clears_on_weight_change(ai
             assert r.status == 400
 
 
-async def test_p99_abort_with_toxiproxy_latency(aiohttp_server, start_proxy, toxic_link, metrics):
-    stable, canary = await two_tracks(aiohttp_server)
+async def test_p99_abort_with_toxiproxy_latency(make_upstream, start_proxy, toxic_link, metrics):
+    stable, canary = await two_tracks(make_upstream)
     proxy, url = toxic_link(canary.url)
     name, cfg = upstream_config(stable.url, retry={"attempts": 1},
                                 canary={"rollback": {"min_requests": 20, "max_p99": "100ms"}})
@@ -183,8 +178,8 @@ async def test_p99_abort_with_toxiproxy_latency(aiohttp_server, start_proxy, tox
     assert metrics.delta("canary_aborts_total", name=name, track="canary", reason="latency_p99") == 1
 
 
-async def test_blue_green_switch_by_reload_under_load(aiohttp_server, start_proxy, tmp_path):
-    blue, green = await two_tracks(aiohttp_server)
+async def test_blue_green_switch_by_reload_under_load(make_upstream, start_proxy, tmp_path):
+    blue, green = await two_tracks(make_upstream)
     name, cfg = canary_config(blue, green, (100, 0))
     cfg["reload"] = {"interval": "100ms"}
     p = await start_proxy(cfg)
@@ -216,12 +211,10 @@ async def test_blue_green_switch_by_reload_under_load(aiohttp_server, start_prox
     assert set(after[switched:]) == {"canary"}  # no request went back to blue once the switch happened
 
 
-async def test_abort_cleared_when_the_canary_url_changes(aiohttp_server, start_proxy, tmp_path):
+async def test_abort_cleared_when_the_canary_url_changes(make_upstream, start_proxy, tmp_path):
     """A new canary build (its URL changed) is a new canary: the abort of the old one does not hold it."""
-    stable, canary = await two_tracks(aiohttp_server, failing(500))
-    fixed = Upstream()
-    s3 = await aiohttp_server(fixed.app())
-    fixed.url = f"http://127.0.0.1:{s3.port}"
+    stable, canary = await two_tracks(make_upstream, failing(500))
+    fixed = await make_upstream()
     name, cfg = canary_config(stable, canary, (90, 10), retry={"attempts": 1}, breaker={"fail_max": 1000},
                               canary={"rollback": {"min_requests": 20}})
     p = await start_proxy(cfg)
@@ -241,7 +234,7 @@ async def test_abort_cleared_when_the_canary_url_changes(aiohttp_server, start_p
     assert fixed.hits == 1
 
 
-async def test_min_success_rate_aborts_the_canary(aiohttp_server, start_proxy, metrics):
+async def test_min_success_rate_aborts_the_canary(make_upstream, start_proxy, metrics):
     """With the error-rate rule out of the way (max_error_rate 1.0), the success-rate rule alone aborts
     a canary whose share of good answers falls under min_success_rate."""
     rng = random.Random(11)
@@ -249,7 +242,7 @@ async def test_min_success_rate_aborts_the_canary(aiohttp_server, start_proxy, m
     async def mostly(request):
         return web.Response(status=503 if rng.random() < 0.3 else 200)
 
-    stable, canary = await two_tracks(aiohttp_server, mostly)
+    stable, canary = await two_tracks(make_upstream, mostly)
     name, cfg = canary_config(stable, canary, (90, 10), retry={"attempts": 1}, breaker={"fail_max": 1000},
                               canary={"rollback": {"min_requests": 50, "max_error_rate": 1.0,
                                                    "min_success_rate": 0.9}})

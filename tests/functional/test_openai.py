@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 
 import aiohttp
@@ -16,6 +15,7 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.llm import sse
 from tests.support.proxy import upstream_config
+from tests.support.volume import MountedVolume
 from tests.support.wait import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -94,39 +94,16 @@ async def test_key_injected_placeholder_never_forwarded(fake, start_proxy, tmp_p
     assert caplog.records and "sk-or-real-secret-key" not in logged
 
 
-class SecretDir:
-    """A directory laid out as the kubelet lays out a mounted Secret: `..<ts>/api-key`, a `..data`
-    symlink to it, `api-key → ..data/api-key`. A rotation swaps `..data` atomically."""
-
-    def __init__(self, root) -> None:
-        self.root, self.n = root, 0
-
-    def write(self, value: str) -> str:
-        self.n += 1
-        d = self.root / f"..2026_12_01_{self.n:04d}"
-        d.mkdir()
-        (d / "api-key").write_text(value + "\n")
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(d.name)
-        os.replace(tmp, self.root / "..data")
-        link = self.root / "api-key"
-        if not link.is_symlink():
-            link.symlink_to("..data/api-key")
-        return str(link)
-
-
 async def test_key_rotated_by_a_secret_data_swap_reaches_completions_and_checks(fake, start_proxy, tmp_path):
-    secret_dir = tmp_path / "secret"
-    secret_dir.mkdir()
-    secrets = SecretDir(secret_dir)
-    path = secrets.write("sk-or-before-rotation")
+    secrets = MountedVolume(tmp_path / "secret", "api-key")
+    path = secrets.write("sk-or-before-rotation\n")
     name, cfg = llm_config(fake.url, request_headers={"Authorization": f"Bearer ${{file:{path}}}"},
                            health={"interval": "200ms"})
     cfg["reload"] = {"interval": "200ms"}
     p = await start_proxy(cfg)
     await client(p).chat.completions.create(model="m", messages=MSG)
     assert fake.requests[-1]["auth"] == ["Bearer sk-or-before-rotation"]
-    secrets.write("sk-or-after-rotation")  # the kubelet's ..data swap: the file itself is never written
+    secrets.write("sk-or-after-rotation\n")  # the kubelet's ..data swap: the file itself is never written
     await eventually(lambda: p.app.runtime.upstreams[name].request_headers["Authorization"]
                      == "Bearer sk-or-after-rotation", what="the rotated key is applied")
     await client(p).chat.completions.create(model="m", messages=[{"role": "user", "content": "after"}])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from tests.support.net import free_port
 from tests.support.proxy import upstream_config
 from tests.support.tools import ROOT
 from tests.support.upstreams import Gate, failing
+from tests.support.volume import MountedVolume
 from tests.support.wait import eventually
 
 
@@ -256,31 +256,9 @@ async def test_status_watch_refreshes_and_reads_admin_with_a_token_file(upstream
 
 # -- ConfigMap-style reload ----------------------------------------------------------------------------
 
-class ConfigMapDir:
-    """A directory laid out as the kubelet lays out a mounted ConfigMap: `..<ts>/config.yaml`, a `..data`
-    symlink to it, and `config.yaml → ..data/config.yaml`. Updates swap `..data` atomically."""
-
-    def __init__(self, root) -> None:
-        self.root = root
-        self.n = 0
-
-    def write(self, cfg: dict) -> str:
-        self.n += 1
-        d = self.root / f"..2026_11_29_{self.n:04d}"
-        d.mkdir()
-        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(d.name)
-        os.replace(tmp, self.root / "..data")
-        link = self.root / "config.yaml"
-        if not link.is_symlink():
-            link.symlink_to("..data/config.yaml")
-        return str(link)
-
-
 async def test_configmap_swap_reloads_keeps_state_and_never_fails_a_request(upstream, tmp_path, aiohttp_server):
     other = await aiohttp_server(upstream.app())
-    cm = ConfigMapDir(tmp_path)
+    cm = MountedVolume(tmp_path, "config.yaml")
     name, cfg = upstream_config(upstream.url, retry={"attempts": 1}, breaker={"fail_max": 100})
     cfg["upstreams"][name]["targets"] = [{"name": "blue", "url": upstream.url, "weight": 100},
                                          {"name": "green", "url": f"http://127.0.0.1:{other.port}", "weight": 0}]
@@ -289,7 +267,7 @@ async def test_configmap_swap_reloads_keeps_state_and_never_fails_a_request(upst
     db = {"listen": f"127.0.0.1:{free_port()}", "targets": [{"name": "stable", "url": f"http://127.0.0.1:{free_port()}"}],
           "retry": {"attempts": 1}, "breaker": {"fail_max": 1, "reset_timeout": "1h"}}
     cfg["upstreams"]["db"] = db
-    path = cm.write(cfg)
+    path = cm.write(yaml.safe_dump(cfg))
     app = ProxyApp(path)
     await app.start(load(path))
     url = lambda: f"http://{app.runtime.settings.upstreams[name].listen}"  # noqa: E731
@@ -318,7 +296,7 @@ async def test_configmap_swap_reloads_keeps_state_and_never_fails_a_request(upst
         await eventually(lambda: len(cache) >= 1, what="the load loop warmed the cache")
         # 1: a weight-only change (blue/green switch): breakers and cache kept, traffic moves
         cfg["upstreams"][name]["targets"][0]["weight"], cfg["upstreams"][name]["targets"][1]["weight"] = 0, 100
-        cm.write(cfg)
+        cm.write(yaml.safe_dump(cfg))
         await eventually(lambda: app.runtime.upstreams[name].by_name["blue"].weight == 0)
         up = app.runtime.upstreams[name]
         assert up.by_name["blue"].breaker is blue.breaker and up.default_route.cache is cache
@@ -327,14 +305,14 @@ async def test_configmap_swap_reloads_keeps_state_and_never_fails_a_request(upst
         hash_before = app.runtime.digest
         bad = yaml.safe_load(yaml.safe_dump(cfg))
         bad["upstreams"][name]["retry"]["attempts"] = 0
-        cm.write(bad)
+        cm.write(yaml.safe_dump(bad))
         await eventually(lambda: app.last_reload_error is not None)
         assert app.runtime.digest == hash_before
         assert any("retry.attempts" in e for e in app.last_reload_error)
         # 3: a port change moves the listener (the loop follows the new port)
         old_url = url()
         cfg["upstreams"][name]["listen"] = f"127.0.0.1:{free_port()}"
-        cm.write(cfg)
+        cm.write(yaml.safe_dump(cfg))
         await eventually(lambda: url() != old_url)
         n = len(upstream.requests)
         await eventually(lambda: len(upstream.requests) > n + 20, what="the loop goes on on the new port")
