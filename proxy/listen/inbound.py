@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.listen.http import HOP_BY_HOP, connection_listed, error_body, forwardable, new_request_id
+from proxy.settings.spec import IDEMPOTENT_METHODS
 from proxy.upstream import aio
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -33,12 +34,10 @@ class InboundListener:
 
     def _session(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
-            self.session = aiohttp.ClientSession(
+            self.session = aio.session(  # never retried: only aio.request's re-send of a stale keep-alive
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=None, connect=5),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
-                **aio.session_options())
-            aio.no_hidden_replay(self.session)  # never retried: only aio.request's replay of a stale keep-alive
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"))
         return self.session
 
     def _observe(self, method: str, status: str, track: str, seconds: float | None, buckets) -> None:
@@ -88,6 +87,7 @@ class InboundListener:
             body = self._body(request, spec, rid) if (cl or request.body_exists) else None
             try:
                 r = await aio.request(self._session(), request.method, url, headers=headers, data=body,
+                                      replayable=body is None and request.method in IDEMPOTENT_METHODS,
                                       allow_redirects=False)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 fault = self._client_fault.pop(rid, None)

@@ -109,6 +109,7 @@ class HttpTerminal:
         try:
             cr = await aio.request(
                 gen.session, req.method, URL(target.base + req.path_qs, encoded=True), headers=req.headers,
+                replayable=req.idempotent and (req.body is None or req.body.__class__ is bytes),
                 data=req.body, allow_redirects=False, server_hostname=pool.server_hostname,
                 proxy=pool.proxy, proxy_auth=pool.proxy_auth,
             )

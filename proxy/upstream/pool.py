@@ -146,7 +146,7 @@ class HttpPool:
             ssl=self.ssl if self.ssl is not None else True,
             enable_cleanup_closed=False,
         )
-        session = aiohttp.ClientSession(
+        session = aio.session(  # the replay rule is aio.request's
             connector=connector,
             auto_decompress=False,      # compressed bodies pass through untouched
             trust_env=False,            # egress proxy resolved once in __init__, not per request
@@ -156,9 +156,7 @@ class HttpPool:
             cookie_jar=aiohttp.DummyCookieJar(),
             read_bufsize=2**16,
             max_line_size=65536, max_field_size=65536,
-            **aio.session_options(),
         )
-        aio.no_hidden_replay(session)  # the replay rule is aio.request's (see proxy/upstream/aio.py)
         return _Generation(session, self.clock.monotonic())
 
     def session(self) -> _Generation:
