@@ -6,6 +6,7 @@ the upstream for as long as it needs instead of timing a sleep."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.support.net import free_port, free_ports
-from tests.support.proxy import Process, copy, upstream_config, wait_http
+from tests.support.proxy import Process, upstream_config, wait_http
 from tests.support.tools import ROOT
 from tests.support.upstreams import Gate, failing
 from tests.support.wait import eventually
@@ -140,7 +141,7 @@ async def test_sighup_reloads_the_config(upstream, tmp_path):
     listen = f"http://{cfg['upstreams'][name]['listen']}"
     try:
         await wait_http(f"http://{cfg['admin']['listen']}/health/ready", ok=lambda st: st == 200)
-        changed = copy(cfg)
+        changed = copy.deepcopy(cfg)
         changed["upstreams"][name]["request_headers"] = {"X-After-Hup": "yes"}
         path.write_text(json.dumps(changed))  # YAML is a superset of JSON
         proc.signal(signal.SIGHUP)
@@ -226,7 +227,7 @@ async def test_secret_file_rotation_is_picked_up_and_never_logged(tmp_path, upst
             async with s.get(admin + "/admin/config") as r:
                 shown = await r.text()
             # a broken config that would quote the secret in its error message
-            bad = copy(cfg)
+            bad = copy.deepcopy(cfg)
             bad["upstreams"][name]["targets"][0]["url"] = f"${{file:{secret_dir / 'key'}}}"
             path.write_text(json.dumps(bad))
 

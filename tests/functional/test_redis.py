@@ -14,6 +14,7 @@ import redis.asyncio as aredis
 
 from proxy.clock import ManualClock
 from tests.support.proxy import upstream_config
+from tests.support.redis import read_len, read_until
 from tests.support.wait import eventually
 
 
@@ -27,16 +28,6 @@ async def rp(redis_server, start_proxy):
     p = await start_proxy(cfg)
     p.direct_port = int(redis_server.rsplit(":", 1)[1])
     return p
-
-
-async def _read_len(reader: asyncio.StreamReader, n: int) -> bytes:
-    """At least n bytes of replies, however many writes they came in."""
-    data = b""
-    while len(data) < n:
-        chunk = await asyncio.wait_for(reader.read(4096), 30)
-        assert chunk, data
-        data += chunk
-    return data
 
 
 def clients(p, proto):
@@ -306,28 +297,17 @@ async def test_existing_connections_follow_a_reload(redis_server, start_proxy, a
     await c.aclose()
 
 
-async def _read_until(reader, *needles, timeout=30.0):
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not all(n in data for n in needles) and time.monotonic() < deadline:
-        chunk = await asyncio.wait_for(reader.read(4096), timeout)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 async def test_subscribe_with_a_partial_command_behind_it_and_ping_before_it(rp):
     reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
     writer.write(b"*1\r\n$4\r\nPING\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n*2\r\n$11\r\nUNSUBSCRIBE\r\n$1")
     await writer.drain()
     # the first packet was read and parsed (its PING answered, the SUBSCRIBE confirmed) before the rest of
     # the UNSUBSCRIBE is sent: the partial command really waited in the proxy, whatever the machine's speed
-    first = await _read_until(reader, b"subscribe")
+    first = await read_until(reader, b"subscribe")
     assert first.startswith(b"+PONG\r\n")  # the reply owed first comes first
     writer.write(b"\r\na\r\n")
     await writer.drain()
-    data = first + await _read_until(reader, b"unsubscribe")
+    data = first + await read_until(reader, b"unsubscribe")
     writer.close()
     assert data.index(b"$9\r\nsubscribe") < data.index(b"$11\r\nunsubscribe")  # nothing lost in between
 
@@ -384,7 +364,7 @@ async def test_a_client_moving_to_its_own_connection_keeps_its_command_order(rp)
                  f"*2\r\n$3\r\nGET\r\n${len(key) + 1}\r\n{key}z\r\n".encode())
     await writer.drain()
     want = b":1\r\n*2\r\n$%d\r\n%s\r\n$1\r\nx\r\n$-1\r\n" % (len(key), key.encode())
-    assert await _read_len(reader, len(want)) == want
+    assert await read_len(reader, len(want)) == want
     writer.close()
 
 
@@ -450,5 +430,5 @@ async def test_select_pipelined_behind_shared_commands_answers_everything_in_its
                  + b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n"
                  + b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
     want = b"+OK\r\n+OK\r\n$3\r\nin1\r\n+OK\r\n+OK\r\n$3\r\nin0\r\n"
-    assert await _read_len(reader, len(want)) == want
+    assert await read_len(reader, len(want)) == want
     writer.close()

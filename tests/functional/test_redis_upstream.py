@@ -14,7 +14,7 @@ import redis.asyncio as aredis
 import trustme
 
 from tests.support.proxy import upstream_config
-from tests.support.redis import start_redis_tls
+from tests.support.redis import read_len, read_until, start_redis
 from tests.support.relay import CountingRelay
 from tests.support.tools import stop_process
 from tests.support.wait import eventually
@@ -36,7 +36,7 @@ async def test_rediss_target_verified_with_its_ca_and_server_name(start_proxy, t
                    ("other", other.cert_pem)):
         files[n] = str(tmp_path / f"{n}.pem")
         pem.write_to_path(files[n])
-    proc, port = start_redis_tls(files["cert"], files["key"], files["ca"])
+    proc, port = start_redis(tls=(files["cert"], files["key"], files["ca"]))
     try:
         name, cfg = redis_config(f"rediss://127.0.0.1:{port}/0", health={"interval": "200ms"})
         cfg["upstreams"][name]["targets"][0]["tls"] = {"ca_file": files["ca"], "server_name": "redis.internal"}
@@ -154,9 +154,7 @@ async def test_monitor_and_xread_block_pass_through(redis_server, start_proxy):
     assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 30) == b"+OK\r\n"
     other = client(p.port, protocol=2)
     await other.set(key, "seen")
-    seen = b""
-    while f'"{key}"'.encode() not in seen:
-        seen += await asyncio.wait_for(reader.read(4096), 30)
+    seen = await read_until(reader, f'"{key}"'.encode())
     assert f'"SET" "{key}" "seen"'.encode() in seen
     writer.close()
     # XREAD BLOCK: no per-command timeout of the proxy's (200 ms) cuts a blocking read short
@@ -222,45 +220,51 @@ async def test_ping_health_check_and_status_labels(redis_server, start_proxy, me
     assert "WRONGPASS" in h2.last_error and "wrong-one" not in h2.last_error
 
 
-async def _fake_cluster_node(reader, writer):
-    """A Redis Cluster node that owns none of the slots asked for: MOVED for `a`, ASK for `b`."""
-    from proxy.redis.codec import RequestParser
+def _two_node_cluster(another_redis, tmp_path) -> tuple[int, int]:
+    """A real Redis Cluster: node A owns slots 0-8191, node B 8192-16383."""
+    from tests.support.net import free_port
 
-    parser = RequestParser()
-    while data := await reader.read(65536):
-        for args in parser.feed(data):
-            name, key = args[0].upper(), args[1] if len(args) > 1 else b""
-            if name == b"PING":
-                writer.write(b"+PONG\r\n")
-            elif key == b"a":
-                writer.write(b"-MOVED 3999 127.0.0.1:7001\r\n")
-            elif key == b"b":
-                writer.write(b"-ASK 3999 127.0.0.1:7002\r\n")
-            else:
-                writer.write(b"+OK\r\n")
-    writer.close()
+    bus = [free_port(), free_port()]  # the cluster bus: the default, port + 10000, may not exist
+    ports = [another_redis("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / f"nodes-{n}.conf"),
+                           "--cluster-port", str(bus[i])) for i, n in enumerate("ab")]
+    a, b = (redis.Redis(port=p) for p in ports)
+    a.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)
+    b.execute_command("CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
+    a.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[1], bus[1])
+    return ports[0], ports[1]
 
 
-async def test_moved_and_ask_are_passed_back_unchanged(start_proxy):
-    node = await asyncio.start_server(_fake_cluster_node, "127.0.0.1", 0)
-    port = node.sockets[0].getsockname()[1]
-    name, cfg = redis_config(f"redis://127.0.0.1:{port}/0", breaker={"fail_max": 1})
+async def test_moved_and_ask_are_passed_back_unchanged(start_proxy, another_redis, tmp_path):
+    """Not cluster-aware, the proxy fronts one node: a real node's redirections reach the client byte for
+    byte, so a cluster-aware client can follow them, and they are answers, not failures."""
+    from redis.crc import key_slot
+
+    port_a, port_b = _two_node_cluster(another_redis, tmp_path)
+    a, b = redis.Redis(port=port_a), redis.Redis(port=port_b)
+
+    def formed() -> bool:
+        return all(b"cluster_state:ok" in n.execute_command("CLUSTER", "INFO")
+                   and b"cluster_known_nodes:2" in n.execute_command("CLUSTER", "INFO") for n in (a, b))
+
+    await eventually(formed, what="the two nodes form a cluster")
+    moved_key, ask_key = b"a", b"b"
+    assert key_slot(moved_key) >= 8192 > key_slot(ask_key)  # a on node B, b on node A
+    slot = key_slot(ask_key)  # node A hands this slot to B: a key it no longer has is asked of B
+    b.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", a.execute_command("CLUSTER", "MYID"))
+    a.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", b.execute_command("CLUSTER", "MYID"))
+    name, cfg = redis_config(f"redis://127.0.0.1:{port_a}/0", breaker={"fail_max": 1})
     p = await start_proxy(cfg)
     reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
     for _ in range(5):
         writer.write(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*2\r\n$3\r\nGET\r\n$1\r\nb\r\n")
-    want = (b"-MOVED 3999 127.0.0.1:7001\r\n-ASK 3999 127.0.0.1:7002\r\n") * 5
-    got = b""
-    while len(got) < len(want):
-        got += await asyncio.wait_for(reader.read(4096), 30)
-    assert got == want  # byte for byte: a cluster-aware client can follow them
+    want = (f"-MOVED {key_slot(moved_key)} 127.0.0.1:{port_b}\r\n-ASK {slot} 127.0.0.1:{port_b}\r\n" * 5).encode()
+    assert await read_len(reader, len(want)) == want
     writer.close()
     c = client(p.port, protocol=2)
-    with pytest.raises(redis.exceptions.MovedError, match="^3999 127.0.0.1:7001$"):
+    with pytest.raises(redis.exceptions.MovedError, match=f"^{key_slot(moved_key)} 127.0.0.1:{port_b}$"):
         await c.get("a")
     await c.aclose()
     assert p.breaker.state == "closed"  # answers, not failures (fail_max 1)
-    node.close()
 
 
 async def test_each_client_connection_keeps_one_track(start_proxy, another_redis):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import aiohttp
 
 from proxy.clock import ManualClock
 from tests.support.net import free_port
-from tests.support.proxy import copy, upstream_config
+from tests.support.proxy import upstream_config
 from tests.support.upstreams import failing
 
 TOKEN = "tok-reload"
@@ -33,7 +35,7 @@ async def test_failed_reload_keeps_everything_as_it_was(upstream, start_proxy, t
     p.breaker.force("open")  # an operator's decision must survive a bad reload too
     assert metrics.value("circuit_breaker_state", name=name, track="stable") == 3
     before = p.app.runtime
-    bad = copy(cfg)
+    bad = copy.deepcopy(cfg)
     bad["upstreams"][name]["breaker"]["fail_max"] = 7  # a new breaker would be built for this spec ...
     bad["upstreams"][name]["retry"]["budget_ratio"] = 0.9
     bad["upstreams"][name]["timeouts"] = {"connect": "forever"}  # ... but the config is invalid
@@ -64,7 +66,7 @@ async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(ups
     breaker = p.breaker
     assert breaker.state == "open"  # tripped by the failure (fail_max 1)
     old_url = p.url
-    moved = copy(cfg)
+    moved = copy.deepcopy(cfg)
     moved["upstreams"][name]["listen"] = f"127.0.0.1:{free_port()}"
     moved["upstreams"][name]["request_headers"] = {"X-Reloaded": "yes"}
     status, body = await reload_with(p, moved)

@@ -5,16 +5,22 @@ Breaker resets and cache ages run on an injected clock: nothing here waits for a
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from proxy.clock import ManualClock
-from tests.support.net import raw_head
+from tests.support.net import free_port, raw_head
 from tests.support.proxy import upstream_config
 from tests.support.upstreams import Gate, failing, hang
 from tests.support.wait import eventually
+
+
+def json_error(body: bytes) -> tuple[str, str]:
+    e = json.loads(body)["error"]
+    return e["type"], e["message"]
 
 
 async def get(s, url, **kw):
@@ -391,8 +397,6 @@ async def test_mutating_admin_calls_forbidden_without_token_configured(upstream,
 
 
 async def test_admin_reads_need_a_token_off_loopback(upstream, start_proxy, tmp_path):
-    from tests.support.net import free_port
-
     token = tmp_path / "token"
     token.write_text("tok-123456")
     name, cfg = upstream_config(upstream.url, request_headers={"X-Auth-Token": "literal-credential",
@@ -502,18 +506,8 @@ async def test_idle_timeout_both_ways(upstream, start_proxy):
     assert [r["method"] for r in upstream.requests] == ["GET"]
 
 
-def json_error(body: bytes) -> tuple[str, str]:
-    import json
-
-    e = json.loads(body)["error"]
-    return e["type"], e["message"]
-
-
-async def test_request_id_in_every_request_log_line_and_no_access_log_unless_asked(
-        upstream, start_proxy, json_log, make_upstream):
+async def test_request_id_in_every_request_log_line_and_no_access_log_unless_asked(upstream, start_proxy, json_log):
     """Each line about a request carries its X-Request-Id; access lines only with `log.access`."""
-    from tests.support.net import free_port
-
     name, cfg = upstream_config(upstream.url, retry={"attempts": 1})
     p = await start_proxy(cfg)
     dead, dead_cfg = upstream_config(f"http://127.0.0.1:{free_port()}", retry={"attempts": 1})

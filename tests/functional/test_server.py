@@ -380,8 +380,7 @@ async def test_drain_aborts_a_client_that_stopped_reading(upstream, start_proxy)
     writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
     # the proxy's write buffer and the sockets' fill up: the upstream stops getting its writes through
     await eventually(lambda: written > 8)
-    stuck = written
-    await eventually(lambda: _upstream_blocked(lambda: written, stuck))
+    await eventually(stopped_moving(lambda: written))
     assert p.upstream.counters.in_flight == 1
     await asyncio.wait_for(_server(p).shutdown(0.3), 30)
     await eventually(lambda: p.upstream.counters.in_flight == 0)
@@ -389,15 +388,17 @@ async def test_drain_aborts_a_client_that_stopped_reading(upstream, start_proxy)
     writer.close()
 
 
-_last: dict = {}
+def stopped_moving(count):
+    """A condition: true once `count()` has not moved between two polls (back-pressure reached the writer)."""
+    seen: list = []
 
+    def check() -> bool:
+        now = count()
+        still = bool(seen) and seen[-1] == now
+        seen.append(now)
+        return still
 
-def _upstream_blocked(count, floor) -> bool:
-    """True once the count has stopped moving between two polls (back-pressure reached the upstream)."""
-    now = count()
-    blocked = _last.get("n") == now and now >= floor
-    _last["n"] = now
-    return blocked
+    return check
 
 
 async def test_target_url_credentials_host_override_and_encoded_paths_reach_the_upstream(upstream, start_proxy):

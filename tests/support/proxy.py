@@ -30,10 +30,6 @@ def upstream_config(url: str, **sections: Any) -> tuple[str, dict]:
     return name, {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "upstreams": {name: up}}
 
 
-def copy(cfg: dict) -> dict:
-    return yaml.safe_load(yaml.safe_dump(cfg))
-
-
 class Running:
     """A ProxyApp started in this process, and where to reach it."""
 

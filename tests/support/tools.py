@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tool_dirs() -> list[Path]:
-    """Where scripts/tools.sh puts the tools it builds (outside the clone, keyed by version)."""
-    cache = os.environ.get("RESILIENCE_PROXY_TOOLS")
-    if cache:
-        return [Path(cache) / "bin"]
-    return [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resilience-proxy/tools/bin"]
-
-
 def tool(name: str) -> str:
-    """A tool the tests drive: on PATH, or where scripts/tools.sh built it."""
-    for c in (shutil.which(name), *(d / name for d in tool_dirs())):
-        if c and os.access(c, os.X_OK):
-            return str(c)
-    raise RuntimeError(f"{name} not found: run `make test` (scripts/tools.sh builds it) or .ci/run")
+    """A tool the tests drive: on PATH, or where scripts/tools.sh built it (the bench looks it up the same)."""
+    from bench.peers import tool as find
+
+    found = find(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: run `make test` (scripts/tools.sh builds it) or .ci/run")
+    return found
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -33,3 +25,26 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def start_process(argv: list[str], answers, what: str) -> subprocess.Popen:
+    """Start a server and return once `answers()` is true (30 s at most); a server that exits or never
+    answers is killed and fails the test with `what`."""
+    from tests.support.wait import eventually_sync
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            return answers()
+        except OSError:
+            return False
+
+    try:
+        eventually_sync(up, interval=0.05, what=f"{what} answers")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc

@@ -4,32 +4,28 @@ toxiproxy-python swallows some errors: every toxic created is checked."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import requests
 from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 
 from tests.support.net import free_port
-from tests.support.tools import tool
+from tests.support.tools import start_process, tool
 
 
 def start_server() -> tuple[subprocess.Popen, Toxiproxy]:
     port = free_port()
-    proc = subprocess.Popen([tool("toxiproxy-server"), "-host", "127.0.0.1", "-port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_process([tool("toxiproxy-server"), "-host", "127.0.0.1", "-port", str(port)],
+                         lambda: _answers(port), "toxiproxy-server")
     APIConsumer.host, APIConsumer.port = "127.0.0.1", port
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/version", timeout=1).ok:
-                return proc, Toxiproxy()
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("toxiproxy-server did not start")
-        time.sleep(0.05)
+    return proc, Toxiproxy()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/version", timeout=1).ok
+    except requests.RequestException:
+        return False
 
 
 def add_toxic(proxy, type_: str, stream: str = "downstream", **attributes) -> str:

@@ -17,7 +17,6 @@ class Upstream:
         self.requests: list[dict[str, Any]] = []
         self.behaviour: Callable | None = None
         self.url = ""
-        self.closed_peers: list[int] = []  # client ports whose connection to us ended
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
