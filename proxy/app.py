@@ -17,12 +17,9 @@ import signal
 from proxy.admin.probes import cache_samples, health_samples, in_flight_samples
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
-from proxy.listen.http import HttpListener
-from proxy.listen.openai import OpenAIListener
 from proxy.listen.server import Server as ListenerServer
 from proxy.obs import log
 from proxy.obs.metrics import METRICS, Metrics
-from proxy.redis.listener import RedisClientProtocol
 from proxy.runtime import Runtime
 from proxy.settings import ConfigError, Loaded, load
 from proxy.settings.loader import digest
@@ -40,9 +37,15 @@ def os_reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
 
 
-def _apply_limits(server: ListenerServer, limits) -> None:
-    server.keepalive_timeout = limits.client_idle_timeout
-    server.header_timeout = limits.client_header_timeout
+async def listen_on(where: str, address: str, factory, backlog: int = 1024):
+    """Bind one listener: every listener of the proxy (egress, inbound, admin) is bound here, and a bind
+    that fails is a StartupError naming the config field."""
+    host, port = parse_listen(address)
+    try:
+        return await asyncio.get_running_loop().create_server(factory, host, port, reuse_address=True,
+                                                             backlog=backlog)
+    except OSError as exc:
+        raise StartupError(f"{where} {host}:{port}: {os_reason(exc)}") from None
 
 
 class _Bound:
@@ -139,12 +142,8 @@ class ProxyApp:
         t.add_done_callback(self._tasks.discard)
 
     async def _bind_admin(self, listen: str) -> None:
-        host, port = parse_listen(listen)
         ws = ListenerServer(self._admin.handle, max_header_bytes=65536)
-        try:
-            server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True)
-        except OSError as exc:
-            raise StartupError(f"admin.listen {host}:{port}: {os_reason(exc)}") from None
+        server = await listen_on("admin.listen", listen, ws, backlog=100)
         old, self._admin_bound = self._admin_bound, _Bound(listen, server, ws)
         if old is not None:
             self._spawn(self._close_listener(old, timeout=1.0))
@@ -174,35 +173,22 @@ class ProxyApp:
 
     async def _bind(self, runtime: Runtime) -> None:
         """Open listeners the runtime needs and do not exist yet; close the ones it dropped (after swap)."""
-        loop = asyncio.get_running_loop()
         opened: dict[str, _Bound] = {}
         try:
             for name, up in runtime.upstreams.items():
                 key = (up.spec.listen, up.spec.protocol)
                 current = self._bound.get(name)
                 if current is not None and current.key == key:
-                    if isinstance(current.web_server, ListenerServer):
-                        _apply_limits(current.web_server, up.spec.limits)  # a reload's new timeouts, live
+                    if current.web_server is not None:
+                        up.protocol.reconfigure_listener(current.web_server, up.spec)  # new timeouts, live
                     continue
-                host, port = parse_listen(up.spec.listen)
                 for other_name, other in list(self._bound.items()):
                     # the same address, held by a listener this runtime replaces: hand it over
                     if other.key[0] == up.spec.listen and (other_name != name or other.key != key):
                         other.server.close()
-                # Parser limits well above max_header_bytes, so an oversized header gets our JSON 431.
-                max_field = max(65536, 4 * up.spec.limits.max_header_bytes)
-                if up.spec.protocol == "redis":
-                    ws = None
-                    factory = functools.partial(RedisClientProtocol, self, name)
-                else:
-                    listener = (OpenAIListener if up.spec.protocol == "openai" else HttpListener)(self, name)
-                    factory = ws = ListenerServer(listener.handle, max_header_bytes=max_field, max_line=max_field)
-                    _apply_limits(ws, up.spec.limits)
-                try:
-                    server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
-                except OSError as exc:
-                    raise StartupError(f"upstreams.{name}.listen {host}:{port}: {os_reason(exc)}") from None
-                opened[name] = _Bound(key, server, ws)
+                listening = up.protocol.listener(self, name, up.spec)
+                server = await listen_on(f"upstreams.{name}.listen", up.spec.listen, listening.factory)
+                opened[name] = _Bound(key, server, listening.server)
         except BaseException:
             for b in opened.values():
                 b.server.close()
@@ -221,8 +207,7 @@ class ProxyApp:
         if current is not None and current.key == listen:
             return
         if listen is not None:
-            host, port = parse_listen(listen)
-            if current is not None and parse_listen(current.key)[1] == port:
+            if current is not None and parse_listen(current.key)[1] == parse_listen(listen)[1]:
                 current.server.close()
             from aiohttp import web  # the inbound listener (WebSockets to the app) stays on aiohttp's server
 
@@ -231,10 +216,7 @@ class ProxyApp:
             if self.inbound is None:
                 self.inbound = InboundListener(self)
             ws = web.Server(self.inbound.handle, access_log=None, max_line_size=65536, max_field_size=65536)
-            try:
-                server = await asyncio.get_running_loop().create_server(ws, host, port, reuse_address=True, backlog=1024)
-            except OSError as exc:
-                raise StartupError(f"inbound.listen {host}:{port}: {os_reason(exc)}") from None
+            server = await listen_on("inbound.listen", listen, ws)
             self._inbound_bound = _Bound(listen, server, ws)
         else:
             self._inbound_bound = None

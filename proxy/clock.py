@@ -15,6 +15,10 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+    def call_later(self, seconds: float, fn, *args) -> asyncio.Handle:
+        """`sleep` for code that runs without a coroutine (the Redis path): fn(*args) after `seconds`."""
+        return asyncio.get_running_loop().call_later(seconds, fn, *args)
+
 
 class ManualClock(Clock):
     """A clock that only moves when told to, or when someone sleeps on it (which returns at once).
@@ -36,6 +40,11 @@ class ManualClock(Clock):
         self.sleeps.append(seconds)
         self.now += max(0.0, seconds)
         await asyncio.sleep(0)
+
+    def call_later(self, seconds: float, fn, *args) -> asyncio.Handle:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+        return asyncio.get_running_loop().call_soon(fn, *args)
 
 
 REAL = Clock()

@@ -179,9 +179,9 @@ class Admin:
                     "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
                                 "last_failure": b.last_failure},
                 }
-                if t.pool is not None:
-                    targets[t.name]["pool"] = {"busy": t.pool.busy, "pending": t.pool.pending,
-                                               "max_connections": t.pool.max_connections}
+                pool = t.pool.snapshot()
+                if pool is not None:
+                    targets[t.name]["pool"] = pool
             caches = {r.name: {"entries": len(r.cache), "bytes": r.cache.bytes} for r in up.routes}
             if up.cache is not None:
                 caches = {"default": {"entries": len(up.cache), "bytes": up.cache.bytes},

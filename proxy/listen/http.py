@@ -18,9 +18,9 @@ import time
 
 from multidict import CIMultiDict
 
+from proxy.exchange import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.listen.server import BodyTooLarge, MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
-from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Verdict
 from proxy.route.tracks import BadOverride
 from proxy.upstream import h1
 

@@ -14,12 +14,13 @@ import time
 
 from multidict import CIMultiDict
 
+from proxy.exchange import ProxyRequest, ProxyResponse, Verdict
 from proxy.listen.http import _REQ_DROP, HttpListener, Refused, collect
 from proxy.listen.server import Request, Response, StreamResponse
 from proxy.llm import sse
+from proxy.llm.call import LLMCall
 from proxy.llm.policy import cache_key, error_event
 from proxy.obs import log
-from proxy.policy.base import ProxyRequest, ProxyResponse, Verdict
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
 from proxy.upstream import h1
@@ -56,14 +57,13 @@ class OpenAIListener(HttpListener):
 
     async def prepare(self, request: Request, up, route, preq: ProxyRequest):
         h = request.headers
-        extra: dict = {"t0": time.monotonic()}
-        preq.extra = extra
+        call = preq.llm = LLMCall(time.monotonic())
         mode = h.get("X-Proxy-Cache")
         if mode is not None:
             mode = mode.strip().lower()
             if mode not in CACHE_MODES:
                 raise Refused(400, "invalid_header", f"X-Proxy-Cache must be one of {', '.join(CACHE_MODES)}")
-            extra["cache"] = mode
+            call.cache_mode = mode
         wanted = h.get("X-Proxy-Timeout")
         if wanted is not None:
             try:
@@ -72,7 +72,7 @@ class OpenAIListener(HttpListener):
                     raise ValueError
             except ValueError:
                 raise Refused(400, "invalid_header", "X-Proxy-Timeout must be a duration such as 45s or 1m") from None
-            extra["timeout"] = seconds  # policies cap it by the configured timeouts
+            preq.timeout = seconds  # policies cap it by the configured timeouts
         stream = False
         if request.method == "POST":
             try:
@@ -81,17 +81,16 @@ class OpenAIListener(HttpListener):
                 raise Refused(400, "invalid_json", "request body must be JSON (and not nested absurdly deep)") from None
             if not isinstance(doc, dict):
                 raise Refused(400, "invalid_json", f"request body must be a JSON object, got {type(doc).__name__}")
-            extra["json"] = doc
-            stream = doc.get("stream") is True
-            extra["stream"] = stream
-            extra["model"] = up.metrics.model_label(doc.get("model"))
-            extra["key"] = cache_key(preq.path, doc, up.spec.llm.cache_key_fields)
+            call.doc = doc
+            stream = call.stream = doc.get("stream") is True
+            call.model = up.metrics.model_label(doc.get("model"))
+            call.key = cache_key(preq.path, doc, up.spec.llm.cache_key_fields)
         if mode == "only-if-cached":
             return self._from_cache(route, preq, stream)
         return route.stream_chain if stream else route.chain
 
     def _from_cache(self, route, preq: ProxyRequest, stream: bool) -> StreamResponse:
-        key = preq.extra.get("key") or http_cache_key(preq, route.fallback.vary)
+        key = preq.llm.key or http_cache_key(preq, route.fallback.vary)
         entry = route.cache.get(key)
         if entry is None:
             raise Refused(504, "cache_miss", "X-Proxy-Cache: only-if-cached and nothing is cached for this request")
@@ -104,18 +103,18 @@ class OpenAIListener(HttpListener):
 
     async def respond(self, request: Request, up, route, preq: ProxyRequest,
                       resp: ProxyResponse) -> tuple[str, StreamResponse]:
-        extra = preq.extra
-        if extra.get("model_fallback") and resp.headers is not None:
+        call = preq.llm
+        if call.model_fallback and resp.headers is not None:
             if resp.stream is not None:
                 resp.headers = CIMultiDict(resp.headers)
-            resp.headers["X-Model-Fallback"] = extra["model_fallback"]
-        if extra.get("stream") and resp.body is not None and resp.outcome == "fallback" and resp.status == 200:
+            resp.headers["X-Model-Fallback"] = call.model_fallback
+        if call.stream and resp.body is not None and resp.outcome == "fallback" and resp.status == 200:
             return await self._replay(request, preq, resp)
-        if extra.get("stream") and resp.stream is not None and resp.status == 200:
+        if call.stream and resp.stream is not None and resp.status == 200:
             return await self._relay(request, up, preq, resp)
-        if resp.stream is not None and resp.status == 200 and "json" in extra:
+        if resp.stream is not None and resp.status == 200 and call.doc is not None:
             # count the tokens of a non-streamed completion on the copy the listener keeps anyway
-            capture, model = resp.capture, extra["model"]
+            capture, model = resp.capture, call.model
 
             def counted(body: bytes) -> None:
                 try:
@@ -141,16 +140,16 @@ class OpenAIListener(HttpListener):
 
     async def _relay(self, request, up, preq: ProxyRequest, resp: ProxyResponse):
         """Pass SSE events through as they arrive; assemble a copy for the cache and the token count."""
-        extra = preq.extra
-        model = extra.get("model", "other")
-        up.metrics.first_byte(model, time.monotonic() - extra["t0"])
+        call = preq.llm
+        model = call.model
+        up.metrics.first_byte(model, time.monotonic() - call.started)
         headers = self.response_headers(resp, preq.request_id, up.track_header, preq.target.name)
         headers.popall("Content-Length", None)
         sr = StreamResponse(status=200, headers=headers)
         await sr.prepare(request)
         parser = sse.SSEParser(max_event=up.spec.fallback.max_body)
         asm = sse.Assembler()
-        chunk = extra.pop("first_chunk", b"")
+        chunk, call.first_chunk = call.first_chunk, b""
         sent = 0
         pending = b""  # the tail of an event still arriving: only whole events are forwarded
         try:

@@ -19,8 +19,8 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.llm import sse
-from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.policy.fallback import Fallback
 from proxy.settings.spec import DegradedSpec
 from proxy.upstream import h1
@@ -42,7 +42,7 @@ def is_completion(path: str) -> bool:
 
 
 def degraded_completion(req: ProxyRequest, spec: DegradedSpec, reason: Reason) -> dict[str, Any]:
-    body = req.extra["json"] if req.extra and "json" in req.extra else {}
+    body = req.llm.doc if req.llm is not None and req.llm.doc is not None else {}
     chat = req.path.rstrip("/").endswith("/chat/completions")
     choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
     if chat:
@@ -66,14 +66,14 @@ class LLMFallback(Fallback):
         self.degraded = degraded
 
     def _key(self, req: ProxyRequest) -> bytes | None:
-        extra = req.extra
-        if extra is not None and "key" in extra:
-            return extra["key"] if req.method in self.methods else None
+        call = req.llm
+        if call is not None and call.key is not None:
+            return call.key if req.method in self.methods else None
         return super()._key(req)
 
     def _keep(self, req: ProxyRequest, resp: ProxyResponse, key: bytes) -> None:
         """A completion is stored as JSON once the listener has it whole (streams are assembled first)."""
-        no_store = req.extra is not None and req.extra.get("cache") == "no-store"
+        no_store = req.llm is not None and req.llm.cache_mode == "no-store"
         if not no_store and resp.status == 200:
             store, headers = self.cache.store, CIMultiDict({"Content-Type": _JSON})
             resp.capture = lambda body: store(key, 200, headers, body)
@@ -99,8 +99,7 @@ class LLMFallback(Fallback):
         out.source, out.reason = "degraded", reason
         out.headers["X-Fallback"] = "degraded"
         out.headers["X-Fallback-Reason"] = f"{reason.value}_no_cache"
-        self.metrics.fallback("degraded", reason.value)
-        self._count_episode(reason)
+        self.served("degraded", reason)
         return out
 
 
@@ -114,10 +113,10 @@ class ModelFailover:
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)
-        extra = req.extra
-        if resp.verdict is not Verdict.FAILURE or extra is None or not isinstance(extra.get("json"), dict):
+        call = req.llm
+        if resp.verdict is not Verdict.FAILURE or call is None or call.doc is None:
             return resp
-        original = extra["json"]
+        original = call.doc
         for model in self.models:
             if req.target.breaker.is_open or resp.reason is Reason.CIRCUIT_BREAKER_OPEN:
                 return resp  # every model goes to the same target: straight to the cache
@@ -130,7 +129,7 @@ class ModelFailover:
             req.headers["Content-Length"] = str(len(req.body))
             resp = await call_next(req)
             if resp.verdict is Verdict.SUCCESS:
-                extra["model_fallback"] = model
+                call.model_fallback = model
                 return resp
             if resp.verdict is not Verdict.FAILURE:
                 return resp
@@ -163,7 +162,7 @@ class FirstEvent:
             f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
                         f"target '{req.target.name}' closed the stream before the first event")
             return ProxyResponse(502, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
-        req.extra["first_chunk"] = first
+        req.llm.first_chunk = first
         return resp
 
 

@@ -1,5 +1,8 @@
 """Every Prometheus collector the proxy exports, defined once, here.
 
+Policies and state report events (`retry(reason)`, `shed()`, `breaker.changed(state)`, `fallback(source,
+reason)`, `canary_aborted(...)`); this module turns them into samples. Nothing else touches the registry.
+
 Per-upstream children are created when the runtime is built (`UpstreamMetrics`), so the request path
 only calls `inc()`/`observe()` on objects it already holds. No label takes an unbounded value: `status`
 is an HTTP status code or a fixed word, `route` a configured name or `default`, `name`/`track` come
@@ -167,9 +170,36 @@ class Metrics:
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 
+    def breaker_events(self, upstream: str, track: str) -> BreakerEvents:
+        return BreakerEvents(self.breaker_state.labels(upstream, track), self.breaker_opened.labels(upstream, track))
+
+    def canary_aborted(self, upstream: str, track: str, reason: str) -> None:
+        self.canary_aborts.labels(upstream, track, reason).inc()
+
+    def track_weight(self, upstream: str, track: str, weight: int) -> None:
+        self.canary_weight.labels(upstream, track).set(weight)
+
     def set_config_hash(self, digest: str) -> None:
         self.config_info.clear()
         self.config_info.labels(digest).set(1)
+
+
+BREAKER_GAUGE = {"closed": 0, "open": 1, "half_open": 2, "forced_open": 3, "forced_closed": 4}
+
+
+class BreakerEvents:
+    """What one breaker reports: its state (the gauge) and each opening (the counter)."""
+
+    __slots__ = ("_state", "_opened")
+
+    def __init__(self, state, opened) -> None:
+        self._state, self._opened = state, opened
+
+    def changed(self, state: str) -> None:
+        self._state.set(BREAKER_GAUGE[state])
+
+    def opened(self) -> None:
+        self._opened.inc()
 
 
 METRICS = Metrics()
@@ -179,13 +209,13 @@ class UpstreamMetrics:
     """The children one upstream uses, created at build time. Status children are cached per code on
     first use: the set of codes is bounded (100-599) and each costs one `labels()` call once."""
 
-    __slots__ = ("name", "m", "buckets", "_req", "_dur", "shed", "budget_exhausted",
+    __slots__ = ("name", "m", "buckets", "_req", "_dur", "_shed", "_budget_exhausted",
                  "_retries", "_fallbacks", "_models", "_first_byte", "_tokens")
 
     def __init__(self, name: str, tracks: Iterable[str], buckets: tuple[float, ...], m: Metrics = METRICS) -> None:
         self.name, self.m, self.buckets = name, m, buckets
-        self.shed = m.shed.labels(name)
-        self.budget_exhausted = m.budget_exhausted.labels(name)
+        self._shed = m.shed.labels(name)
+        self._budget_exhausted = m.budget_exhausted.labels(name)
         self._req: dict[tuple[str, str, str, str], object] = {}
         self._dur = {t: m.duration.labels(name, t, buckets=buckets) for t in tracks}
         self._retries: dict[str, object] = {}
@@ -235,6 +265,12 @@ class UpstreamMetrics:
         if h is None:
             h = self._dur[track] = self.m.duration.labels(self.name, track, buckets=self.buckets)
         h.observe(seconds)
+
+    def shed(self) -> None:
+        self._shed.inc()
+
+    def budget_exhausted(self) -> None:
+        self._budget_exhausted.inc()
 
     def retry(self, reason: str) -> None:
         c = self._retries.get(reason)

@@ -15,8 +15,8 @@ import functools
 import math
 
 from proxy.clock import Clock
+from proxy.exchange import Call, Failure, Handler, ProxyRequest, ProxyResponse, Verdict, open_response
 from proxy.obs import log
-from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.settings.spec import BreakerSpec
 
 
@@ -42,7 +42,6 @@ def _import_pybreaker():
 pybreaker = _import_pybreaker()
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
-GAUGE = {"closed": 0, "open": 1, "half_open": 2, "forced_open": 3, "forced_closed": 4}
 _NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 _NEVER = 10**9  # pybreaker's own wall-clock reset: out of reach, our clock decides
 
@@ -114,17 +113,14 @@ class BreakerState:
         self.episode = 0      # half-open episodes so far: a probe's token
         self.opened_total = 0
         self.last_failure: str | None = None
-        self._gauge = self._opened = None
+        self.events = metrics.breaker_events(upstream, track) if metrics is not None else None
         self.clean = False  # closed, automatic, no failure on record, nothing to count: the fast path
         self._refresh_clean()
-        if metrics is not None:
-            self._gauge = metrics.breaker_state.labels(upstream, track)
-            self._opened = metrics.breaker_opened.labels(upstream, track)
 
     def activate(self) -> None:
         """Made live by a config load: the gauge now speaks for this breaker."""
-        if self._gauge is not None:
-            self._gauge.set(GAUGE[self.state])
+        if self.events is not None:
+            self.events.changed(self.state)
 
     # -- reading -------------------------------------------------------------------------------------
     @property
@@ -256,11 +252,11 @@ class BreakerState:
                 self.window.clear()
         elif mode == "open":
             self.opened_total += 1
-            if self._opened is not None:
-                self._opened.inc()
+            if self.events is not None:
+                self.events.opened()
         self._refresh_clean()
-        if self._gauge is not None:
-            self._gauge.set(GAUGE[self.state])
+        if self.events is not None:
+            self.events.changed(self.state)
         log.warning("breaker_forced", upstream=self.upstream, track=self.track, state=self.state, previous=prev)
 
     def _on_state(self, old: str, new: str) -> None:
@@ -273,15 +269,15 @@ class BreakerState:
             self.opened_at = self.clock.monotonic()
             self.opened_total += 1
             self.probes = 0
-            if self._opened is not None:
-                self._opened.inc()
+            if self.events is not None:
+                self.events.opened()
         elif new == CLOSED:
             self.opened_at = None
             self.probes = 0
             if self.window is not None:
                 self.window.clear()
-        if self._gauge is not None:
-            self._gauge.set(GAUGE[_NAMES[new]])
+        if self.events is not None:
+            self.events.changed(_NAMES[new])
         fields = dict(upstream=self.upstream, track=self.track, state=_NAMES[new], previous=_NAMES.get(old, old),
                       failures=self.cb.fail_counter)
         if new == OPEN:
@@ -298,14 +294,6 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self.state._on_state(old_state.name if old_state else CLOSED, new_state.name)
 
 
-def open_response(breaker: BreakerState) -> ProxyResponse:
-    f = Failure("circuit_breaker_open", Reason.CIRCUIT_BREAKER_OPEN, 503, "circuit_breaker_open",
-                f"circuit breaker for track '{breaker.track}' is open"
-                + (f" (last failure: {breaker.last_failure})" if breaker.last_failure else ""),
-                retry_after=breaker.retry_after())
-    return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
-
-
 class Breaker:
     """The policy. Reads the request's target breaker: one chain serves every track of an upstream.
 
@@ -318,11 +306,32 @@ class Breaker:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
+    @staticmethod
+    def admit(req: Call) -> int | None:
+        """May this attempt go upstream? None: the breaker is open (no I/O at all); else the token
+        `record` needs."""
+        return req.target.breaker.admit()
+
+    @staticmethod
+    def refusal(req: Call) -> ProxyResponse:
+        br: BreakerState = req.target.breaker
+        return open_response(br.track, br.last_failure, br.retry_after())
+
+    @staticmethod
+    def record(req: Call, token: int, verdict: Verdict | None, elapsed: float, failure: Failure | str | None = None) -> None:
+        """The attempt's verdict (None: it ended without one — cancelled, or lost with a shared
+        connection another attempt broke: it frees its probe slot and counts nothing)."""
+        br: BreakerState = req.target.breaker
+        if verdict is None:
+            br.cancel(token)
+        else:
+            br.record(token, verdict, elapsed, failure)
+
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         br: BreakerState = req.target.breaker
         token = br.admit()
         if token is None:
-            return open_response(br)
+            return self.refusal(req)
         start = self.clock.monotonic()
         try:
             resp = await call_next(req)

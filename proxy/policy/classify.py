@@ -1,11 +1,18 @@
 """The one classifier: it turns each attempt into a Verdict that retry, breaker and fallback all read.
 
-Sits directly under the breaker, so it sees each attempt (attempt timeouts included) exactly once.
+Sits directly under the breaker, so it sees each attempt (attempt timeouts included) exactly once. An
+HTTP attempt is a response (`verdict`); a Redis attempt is a reply or a failure value (`reply`,
+`failure`): the RESP rules are stated there, beside the HTTP ones.
 """
 
 from __future__ import annotations
 
-from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+
+# A value failure whose fault is not the upstream's: the proxy closed the connection, or the client's
+# own connection state (a SELECT of a db that does not exist) failed its setup.
+_NOT_THE_UPSTREAMS = frozenset({"closed", "client-setup"})
+_COLLATERAL = "-collateral"
 
 _PROXY_MADE = frozenset({"overloaded", "circuit_breaker_open", "bad_request"})
 
@@ -32,6 +39,27 @@ class Classify:
             resp.reason = Reason.UPSTREAM_5XX
             return Verdict.FAILURE
         return Verdict.SUCCESS
+
+    @staticmethod
+    def reply(kind: str) -> Verdict:
+        """RESP: any reply is the upstream answering, an error reply (`-ERR`, `-WRONGTYPE`) included."""
+        return Verdict.SUCCESS
+
+    @staticmethod
+    def failure(kind: str) -> Verdict | None:
+        """RESP: connect-failure, reset and timeout are the upstream's failures. A command lost with a
+        shared connection another command broke (`<kind>-collateral`) gets no verdict: the connection's
+        failure charges the breaker once, not once per command riding on it."""
+        if kind in _NOT_THE_UPSTREAMS:
+            return Verdict.REJECTED
+        if kind.endswith(_COLLATERAL):
+            return None
+        return Verdict.FAILURE
+
+    @staticmethod
+    def condition(kind: str) -> str:
+        """The retry condition a value failure matches (`timeout-collateral` is a timeout)."""
+        return kind.removesuffix(_COLLATERAL)
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)

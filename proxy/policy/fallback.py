@@ -15,8 +15,8 @@ from cachetools import TTLCache
 from multidict import CIMultiDict
 
 from proxy.clock import Clock
+from proxy.exchange import Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.obs import log
-from proxy.policy.base import Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.settings.spec import FallbackSpec
 
 # Headers that describe one transfer, not the stored representation.
@@ -70,9 +70,14 @@ class BoundedCache(TTLCache):
 
 
 class CacheSize:
-    """What /admin/upstreams and the gauges read of a cache held in `self.cache` (a BoundedCache)."""
+    """What /admin/upstreams and the gauges read of a cache held in `self.cache` (a BoundedCache), and
+    the fallback episode in progress (for its log lines), whatever the protocol."""
 
     cache: BoundedCache
+    upstream: str
+    episode: str | None = None   # the reason of the fallback episode in progress, for logs
+    served_in_episode = 0
+    last_served = 0.0
 
     def __len__(self) -> int:
         self.cache.expire()
@@ -90,10 +95,6 @@ class FallbackCache(CacheSize):
         self.upstream, self.spec, self.clock = upstream, spec, clock
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
                                   getsizeof=lambda e: e.size)
-        self.episode: str | None = None   # the reason of the fallback episode in progress, for logs
-        self.served_in_episode = 0
-        self.last_served = 0.0
-
 
 
     def store(self, key: Hashable, status: int, headers, body: bytes) -> None:
@@ -166,8 +167,7 @@ class Fallback:
         key = self._key(req)
         resp = await call_next(req)
         if resp.verdict is Verdict.SUCCESS:
-            if self.cache.episode is not None:
-                self._end_episode()
+            self.fresh()
             if key is not None:
                 self._keep(req, resp, key)
             return resp
@@ -188,10 +188,24 @@ class Fallback:
             status, headers, store = resp.status, resp.headers, self.cache.store
             resp.capture = lambda body: store(key, status, headers, body)
 
+    def source(self, stored_at: float) -> str:
+        """`cache` while an entry is younger than cache_ttl, `stale` after (until stale_ttl evicts it)."""
+        return "cache" if self.clock.monotonic() - stored_at < self.spec.cache_ttl else "stale"
+
+    def served(self, source: str, reason: Reason) -> None:
+        """A fallback answered (any protocol): the metric, and the episode's log lines."""
+        self.metrics.fallback(source, reason.value)
+        self._count_episode(reason)
+
+    def fresh(self) -> None:
+        """A fresh upstream answer: the fallback episode in progress (if any) may be over."""
+        if self.cache.episode is not None:
+            self._end_episode()
+
     def serve(self, key: Hashable | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
         entry = self.cache.get(key) if key is not None else None
         if entry is not None:
-            source = "cache" if self.clock.monotonic() - entry.stored_at < self.spec.cache_ttl else "stale"
+            source = self.source(entry.stored_at)
             out = ProxyResponse(entry.status, CIMultiDict(entry.headers), entry.body, outcome="fallback")
             out.headers["Age"] = str(int(self.clock.monotonic() - entry.stored_at))
         elif self.static is not None:
@@ -204,8 +218,7 @@ class Fallback:
         out.source, out.reason = source, reason
         out.headers["X-Fallback"] = source
         out.headers["X-Fallback-Reason"] = reason.value
-        self.metrics.fallback(source, reason.value)
-        self._count_episode(reason)
+        self.served(source, reason)
         return out
 
     def _count_episode(self, reason: Reason) -> None:

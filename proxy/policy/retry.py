@@ -18,7 +18,7 @@ import random
 from email.utils import parsedate_to_datetime
 
 from proxy.clock import Clock
-from proxy.policy.base import Handler, ProxyRequest, ProxyResponse, Verdict
+from proxy.exchange import Call, Handler, ProxyRequest, ProxyResponse, Verdict
 from proxy.settings.spec import RetrySpec
 
 # Attempts the upstream provably did not act on: retried even for non-idempotent requests.
@@ -103,45 +103,53 @@ class Retry:
     def backoff(self, retry_number: int) -> float:
         return backoff(self.spec, retry_number, self.rand)
 
-    def _delay(self, req: ProxyRequest, resp: ProxyResponse, retry_number: int) -> float | None:
-        """Seconds to wait before the next attempt, or None when this answer must stand."""
-        f = resp.failure
-        kind = f.kind if f is not None else str(resp.status)
-        listed = kind in self.conditions
-        if not listed and resp.status != 429:
+    def delay(self, req: Call, kind: str, status: int | None, headers, retry_number: int) -> float | None:
+        """Seconds to wait before retry `retry_number`, or None when this answer must stand. `kind` is
+        the failed attempt's condition (connect-failure, reset, timeout) or its status as text."""
+        if kind not in self.conditions and status != 429:
             return None
         if not req.idempotent and kind not in _NOTHING_DONE:
             return None
         delay = self.backoff(retry_number)
-        if resp.status in (429, 503) and resp.headers is not None:
-            ra = parse_retry_after(resp.headers.get("Retry-After"))
+        if (status == 429 or status == 503) and headers is not None:
+            ra = parse_retry_after(headers.get("Retry-After"))
             if ra is None:
-                ra = parse_ratelimit_reset(resp.headers.get("X-RateLimit-Reset"))
+                ra = parse_ratelimit_reset(headers.get("X-RateLimit-Reset"))
             if ra is not None:
                 if ra > self.spec.backoff_max:
                     return None
                 delay = ra
-            elif resp.status == 429:
+            elif status == 429:
                 return None  # a rate limit without a stated wait: retrying now only adds load
         if req.deadline is not None and self.clock.monotonic() + delay >= req.deadline:
             return None
+        return delay
+
+    def acquire(self, req: Call, kind: str, status: int | None, headers, retry_number: int) -> float | None:
+        """The whole rule as one plain call: the wait before retry `retry_number` with its share of the
+        budget taken, or None. The caller gives the budget back (`budget.release()`) once the retried
+        attempt has an outcome."""
+        if retry_number >= self.spec.attempts or not req.replayable:
+            return None
+        delay = self.delay(req, kind, status, headers, retry_number)
+        if delay is None or req.target.breaker.is_open:
+            return None
+        if not self.budget.try_acquire():
+            self.metrics.budget_exhausted()
+            return None
+        self.metrics.retry(kind)
         return delay
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)
         if resp.verdict is Verdict.SUCCESS or not req.replayable:
             return resp
-        attempts = self.spec.attempts
         n = 1
-        while n < attempts and (resp.verdict is Verdict.FAILURE or resp.verdict is Verdict.RETRYABLE):
-            delay = self._delay(req, resp, n)
-            if delay is None or req.target.breaker.is_open:
+        while resp.verdict is Verdict.FAILURE or resp.verdict is Verdict.RETRYABLE:
+            f = resp.failure
+            delay = self.acquire(req, f.kind if f is not None else str(resp.status), resp.status, resp.headers, n)
+            if delay is None:
                 return resp
-            if not self.budget.try_acquire():
-                self.metrics.budget_exhausted.inc()
-                return resp
-            reason = resp.failure.kind if resp.failure else str(resp.status)
-            self.metrics.retry(reason)
             resp.release()
             try:
                 if delay > 0:

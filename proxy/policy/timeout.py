@@ -17,14 +17,8 @@ import math
 import time
 
 from proxy.clock import Clock
-from proxy.policy.base import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.exchange import Call, Handler, ProxyRequest, ProxyResponse, timeout_response
 from proxy.settings.units import format_duration
-
-
-def timeout_response(which: str, seconds: float) -> ProxyResponse:
-    f = Failure("timeout", Reason.TIMEOUT, 504, "timeout",
-                f"{which} timeout ({format_duration(seconds)}) expired before the upstream answered")
-    return ProxyResponse(504, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
 
 
 class TotalTimeout:
@@ -37,12 +31,16 @@ class TotalTimeout:
     def __init__(self, seconds: float, clock: Clock) -> None:
         self.seconds, self.clock = seconds, clock
 
-    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+    def start(self, req: Call, now: float | None = None) -> None:
+        """Fix the request's deadline: `now` is when the proxy has the request (default: the clock now)."""
         seconds = self.seconds
-        if req.extra and "timeout" in req.extra:  # a per-request override, already capped by config
-            seconds = min(seconds, req.extra["timeout"])
-        req.deadline = self.clock.monotonic() + seconds
+        if req.timeout is not None:  # a per-request cap, never longer than the config's
+            seconds = min(seconds, req.timeout)
+        req.deadline = (self.clock.monotonic() if now is None else now) + seconds
         req.total = seconds
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        self.start(req)
         return await call_next(req)
 
 
@@ -108,36 +106,44 @@ class Deadlines:
         self._handle = loop.call_later(self.resolution, self._sweep) if slots else None
 
 
-DEADLINES = Deadlines()
-
-
 class AttemptTimeout:
-    __slots__ = ("seconds", "which", "clock")
+    __slots__ = ("seconds", "which", "clock", "deadlines")
 
-    def __init__(self, seconds: float, clock: Clock, which: str = "attempt") -> None:
+    def __init__(self, seconds: float, clock: Clock, deadlines: Deadlines, which: str = "attempt") -> None:
         self.seconds, self.clock, self.which = seconds, clock, which  # which: attempt | first_byte
+        self.deadlines = deadlines
 
-    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+    def budget(self, req: Call) -> tuple[float, str]:
+        """How long this attempt may take, and which timeout that is: the attempt's own, cut to a
+        per-request cap and to what is left of the total."""
         seconds = self.seconds
         which = self.which
-        if req.extra and "timeout" in req.extra:
-            seconds = min(seconds, req.extra["timeout"])
+        if req.timeout is not None:
+            seconds = min(seconds, req.timeout)
         if req.deadline is not None:
             left = req.deadline - self.clock.monotonic()
             if left < seconds:
                 seconds, which = max(left, 0.0), "total"
+        return seconds, which
+
+    def expired(self, req: Call, which: str) -> ProxyResponse:
+        return timeout_response(which, format_duration(self.seconds if which != "total" else req.total))
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        seconds, which = self.budget(req)
         if seconds == math.inf:  # `attempt: .inf`: no deadline to arm
             return await call_next(req)
-        armed = DEADLINES.arm(seconds)
+        deadlines = self.deadlines
+        armed = deadlines.arm(seconds)
         try:
             resp = await call_next(req)
         except asyncio.CancelledError:
             # ours only when our deadline fired and nobody else asked to cancel the task meanwhile
             if armed.fired and armed.task.uncancel() <= armed.cancelling:
-                return timeout_response(which, self.seconds if which != "total" else req.total)
+                return self.expired(req, which)
             raise
         finally:
-            DEADLINES.disarm(armed)
+            deadlines.disarm(armed)
         if armed.fired:
             armed.task.uncancel()  # something below swallowed our cancellation: leave no count behind
         return resp

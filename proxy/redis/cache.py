@@ -1,6 +1,8 @@
 """Stale-read fallback for Redis: the last successful reply per (db, protocol version, full command),
 bounded by entries and bytes (cachetools), with an index from key to cached commands so a write drops
-exactly the reads it affects. Answers only when the upstream failed or the breaker is open."""
+exactly the reads it affects. State: survives a reload while (upstream, fallback spec) is unchanged. The
+fallback policy (proxy/policy/fallback.py) answers from it only when the upstream failed, the breaker
+is open or the command was shed."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ _REFRESH = 0.25  # seconds: an unchanged answer is re-stored at most this often 
 
 
 class RedisCache(CacheSize):
-    def __init__(self, spec: FallbackSpec, clock: Clock) -> None:
-        self.spec, self.clock = spec, clock
+    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock) -> None:
+        self.upstream, self.spec, self.clock = upstream, spec, clock
         self.index: dict[tuple[int, bytes], set[tuple]] = {}   # (db, key) → cache keys
         self.by_db: dict[int, set[tuple]] = {}
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
@@ -47,12 +49,10 @@ class RedisCache(CacheSize):
         for k in keys:
             self.index.setdefault((db, k), set()).add(ckey)
 
-    def get(self, db: int, proto: int, raw_command: bytes, keys: list[bytes]) -> tuple[bytes, str] | None:
+    def get(self, db: int, proto: int, raw_command: bytes, keys: list[bytes]) -> tuple[bytes, float] | None:
+        """→ (the reply, when it was stored): the fallback policy says whether that is fresh or stale."""
         hit = self.cache.get((db, proto, raw_command, tuple(keys)))
-        if hit is None:
-            return None
-        age = self.clock.monotonic() - hit[2]
-        return hit[1], "cache" if age < self.spec.cache_ttl else "stale"
+        return (hit[1], hit[2]) if hit is not None else None
 
     def invalidate(self, db: int, keys: list[bytes]) -> None:
         for k in keys:

@@ -40,10 +40,15 @@ class RedisTarget:
 
 
 class Pending:
-    __slots__ = ("on_reply", "on_failure", "timeout", "raw", "conn")
+    """A command's place in a connection's queue. `timeout` bounds its wait once it is at the head;
+    `until` (loop time) is the command's total deadline, which no wait passes."""
 
-    def __init__(self, raw: bytes, on_reply: Callable, on_failure: Callable, timeout: float | None) -> None:
+    __slots__ = ("on_reply", "on_failure", "timeout", "until", "raw", "conn")
+
+    def __init__(self, raw: bytes, on_reply: Callable, on_failure: Callable, timeout: float | None,
+                 until: float | None = None) -> None:
         self.raw, self.on_reply, self.on_failure, self.timeout = raw, on_reply, on_failure, timeout
+        self.until = until
         self.conn: UpstreamConnection | None = None  # set when the connection fails: whose error it was
 
 
@@ -167,7 +172,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.paused:
             return
         if self.pending and self.pending[0].timeout is not None and self.transport is not None:
-            self._timer = self._loop.call_later(self.pending[0].timeout, self._timed_out)
+            head = self.pending[0]
+            timeout = head.timeout
+            if head.until is not None:
+                timeout = max(0.0, min(timeout, head.until - self._loop.time()))
+            self._timer = self._loop.call_later(timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -290,12 +299,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 class SharedRedis:
     """The shared connections to one target, one per (protocol, db) in use. State: it survives a reload
-    that leaves the target unchanged, and closes (after the drain) when one drops it."""
+    that leaves the target unchanged, and closes (after the drain) when one drops it. `batch` corks the
+    clients' replies around each read (proxy/redis/replies.py)."""
 
-    on_batch: Callable[[bool], None] | None = None  # set by the listener: replies of one read, one write each
-
-    def __init__(self, target: RedisTarget, connect_timeout: float) -> None:
-        self.target, self.connect_timeout = target, connect_timeout
+    def __init__(self, target: RedisTarget, connect_timeout: float, batch: Callable[[bool], None]) -> None:
+        self.target, self.connect_timeout, self.batch = target, connect_timeout, batch
         self.conns: dict[tuple[int, int], UpstreamConnection] = {}
         self.checked_dbs: set[tuple[int, int]] = set()  # (protocol, db) a SELECT has been checked for
         self.closed = False
@@ -310,7 +318,7 @@ class SharedRedis:
         c = self.conns.get(key)
         if c is None or c.failed or c.retiring:
             c = UpstreamConnection(self.target, proto, db, None, self.connect_timeout, _ignore, _ignore, shared=True)
-            c.on_batch = SharedRedis.on_batch
+            c.on_batch = self.batch
             if self.closed:
                 c.close()  # dropped by a reload: a late retry fails instead of reaching the old target
                 return c

@@ -123,7 +123,7 @@ class CanaryState:
         if reason is None:
             return False
         self.aborted = reason
-        self.metrics.canary_aborts.labels(self.upstream, self.track, reason).inc()
+        self.metrics.canary_aborted(self.upstream, self.track, reason)
         log.error("canary_aborted", upstream=self.upstream, track=self.track, reason=reason, requests=n,
                   errors=e, error_rate=round(e / n, 4), p99_seconds=round(p99, 3) if p99 else None,
                   thresholds={"max_error_rate": self.spec.max_error_rate, "min_success_rate": self.spec.min_success_rate,

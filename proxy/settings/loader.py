@@ -25,6 +25,7 @@ from proxy.settings.spec import (
     ShutdownSpec,
     UpstreamSpec,
     parse_listen,
+    protocol_table,
 )
 
 DEFAULT_PATH = "/etc/resilience-proxy/config.yaml"
@@ -202,7 +203,16 @@ def digest(path: str, files: set[str] | tuple[str, ...]) -> str:
 def redacted(loaded: Loaded) -> dict[str, Any]:
     """The effective config for /admin/config: resolved defaults, with every secret replaced."""
     data = loaded.settings.model_dump(mode="json")
+    table = protocol_table()
     for name, up in data.get("upstreams", {}).items():
+        own = table[up["protocol"]]
+        for other in table.values():  # another protocol's sections do not apply (and would not load)
+            if other is not own:
+                for section in other.sections:
+                    up.pop(section, None)
+                for t in up.get("targets", []):
+                    for key in other.target_keys:
+                        t.pop(key, None)
         raw_headers = ((loaded.raw.get("upstreams") or {}).get(name) or {}).get("request_headers") or {}
         for key in list(up.get("request_headers", {})):
             template = raw_headers.get(key)

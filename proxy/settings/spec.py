@@ -94,8 +94,9 @@ class TargetSpec(Spec):
     @classmethod
     def _url(cls, v: str) -> str:
         scheme, sep, rest = v.partition("://")
-        if not sep or scheme not in ("http", "https", "redis", "rediss") or not rest.split("/")[0]:
-            raise ValueError(f"must be an absolute http(s):// or redis(s):// URL, got {v!r}")
+        schemes = sorted({x for p in protocol_table().values() for x in p.schemes})
+        if not sep or scheme not in schemes or not rest.split("/")[0]:
+            raise ValueError(f"must be an absolute URL ({', '.join(s + '://' for s in schemes)}), got {v!r}")
         return v
 
 
@@ -279,26 +280,6 @@ class LLMSpec(Spec):
     degraded: DegradedSpec = DegradedSpec()
 
 
-_OPENAI_DEFAULTS = {
-    "health": {"path": "/api/v1/models"},
-    "limits": {"max_request_body": 10 * 1024 * 1024},
-    "timeouts": {"attempt": 30.0, "total": 60.0, "first_byte": 30.0, "idle": 60.0},
-    "fallback": {"methods": ["POST", "GET"], "cache_ttl": 3600.0, "stale_ttl": 86400.0},
-    # Completions and embeddings change nothing upstream: a POST may be retried (before the first byte).
-    "retry": {"non_idempotent": True},
-    "metrics": {"buckets": [0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]},
-}
-
-
-_REDIS_DEFAULTS = {
-    "timeouts": {"connect": 1.0, "attempt": 1.0, "total": 3.0},
-    # the largest bulk string a client may send: bounded well below the sidecar's memory limit
-    "limits": {"max_request_body": 64 * 1024 * 1024},
-    "retry": {"backoff_base": 0.01, "backoff_max": 0.2},
-    "metrics": {"buckets": [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0]},
-}
-
-
 class ClientAuthSpec(Spec):
     """`protocol: redis`: when set, clients must AUTH with this password (compared in constant time)."""
 
@@ -347,8 +328,16 @@ class CanarySpec(Spec):
     rollback: RollbackSpec = RollbackSpec()
 
 
+def protocol_table():
+    """The protocol table (proxy/protocols), read while validating. Imported here, not at the top:
+    the protocols build on these specs, so the table is only complete once this module is."""
+    from proxy.protocols import PROTOCOLS
+
+    return PROTOCOLS
+
+
 class UpstreamSpec(Spec):
-    protocol: Literal["http", "openai", "redis"] = "http"
+    protocol: str = "http"
     listen: str
     targets: tuple[TargetSpec, ...] = Field(min_length=1)
     timeouts: TimeoutsSpec = TimeoutsSpec()
@@ -368,13 +357,26 @@ class UpstreamSpec(Spec):
     @model_validator(mode="before")
     @classmethod
     def _protocol_defaults(cls, data: object) -> object:
-        """Per-protocol defaults for keys the config leaves out (an LLM call runs to minutes and POSTs;
-        a Redis command takes a millisecond)."""
-        if isinstance(data, dict) and data.get("protocol") == "openai":
-            return _with_defaults(data, _OPENAI_DEFAULTS)
-        if isinstance(data, dict) and data.get("protocol") == "redis":
-            return _with_defaults(data, _REDIS_DEFAULTS)
-        return data
+        """The protocol's defaults for keys the config leaves out (an LLM call runs to minutes and POSTs;
+        a Redis command takes a millisecond), and no section another protocol owns."""
+        if not isinstance(data, dict):
+            return data
+        table = protocol_table()
+        name = data.get("protocol", "http")
+        protocol = table.get(name) if isinstance(name, str) else None
+        if protocol is None:
+            raise ValueError(f"protocol: must be one of {', '.join(sorted(table))}, got {name!r}")
+        for other in table.values():
+            if other is protocol:
+                continue
+            for section in other.sections:
+                if section in data:
+                    raise ValueError(f"{section}: only for protocol {other.name} (this upstream is {name})")
+            for i, t in enumerate(data.get("targets") or ()):
+                for key in other.target_keys:
+                    if isinstance(t, dict) and key in t:
+                        raise ValueError(f"targets.{i}.{key}: only for protocol {other.name} (this upstream is {name})")
+        return _with_defaults(data, protocol.defaults)
 
     @field_validator("request_headers")
     @classmethod
@@ -401,7 +403,7 @@ class UpstreamSpec(Spec):
             raise ValueError("targets: names must be unique")
         if sum(t.weight for t in self.targets) == 0:
             raise ValueError("targets: at least one target needs a weight above 0")
-        schemes = ("redis", "rediss") if self.protocol == "redis" else ("http", "https")
+        schemes = protocol_table()[self.protocol].schemes
         for t in self.targets:
             if t.url.split("://")[0] not in schemes:
                 raise ValueError(f"targets: {t.name}: protocol {self.protocol} needs a {' or '.join(schemes)} URL")

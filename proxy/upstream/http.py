@@ -12,7 +12,7 @@ import sys
 
 from yarl import URL
 
-from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.exchange import Failure, ProxyRequest, ProxyResponse, Reason, Verdict, client_fault, shed_response
 from proxy.settings.units import format_duration
 from proxy.upstream import aio
 from proxy.upstream.h1 import UpstreamClosed
@@ -20,17 +20,6 @@ from proxy.upstream.pool import ConnectFailed, Overloaded
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _SAFE_IDLE = 1.0  # a non-replayable request only reuses a connection used within the last second
-
-
-def shed_response(message: str) -> ProxyResponse:
-    f = Failure("overloaded", Reason.OVERLOADED, 503, "overloaded", message, retry_after=1.0)
-    return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="shed", body=None)
-
-
-def client_fault(status: int, error_type: str, message: str) -> ProxyResponse:
-    """The client broke its own request (body too large, stalled, gone): not the upstream's failure."""
-    f = Failure("bad_request", Reason.UPSTREAM_ERROR, status, error_type, message)
-    return ProxyResponse(status, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
 
 
 # One vocabulary for what went wrong, whichever client (the lean one or aiohttp) met it:

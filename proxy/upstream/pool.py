@@ -134,6 +134,10 @@ class HttpPool:
     def pending(self) -> int:
         return len(self._waiters)
 
+    def snapshot(self) -> dict:
+        """For /admin/upstreams."""
+        return {"busy": self.busy, "pending": self.pending, "max_connections": self.max_connections}
+
     def _new_generation(self) -> _Generation:
         import aiohttp  # only for what the lean client does not do (egress proxy, HEAD, streamed bodies)
 

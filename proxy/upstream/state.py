@@ -8,17 +8,19 @@ nothing); `prune` closes what the new runtime no longer uses.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 from proxy.clock import Clock
 from proxy.policy.breaker import BreakerState
-from proxy.policy.fallback import FallbackCache
 from proxy.policy.retry import RetryBudget
+from proxy.policy.timeout import Deadlines
+from proxy.route.rollback import CanaryState
 from proxy.settings.spec import TargetSpec, UpstreamSpec
-from proxy.upstream.pool import HttpPool
+from proxy.upstream.health import TargetHealth
 
 
-def _k(spec) -> str:
+def spec_key(spec) -> str:
     """A spec's identity for state keys (specs may hold dicts, so they are not hashable themselves)."""
     return spec.model_dump_json()
 
@@ -37,13 +39,15 @@ class TargetState:
 
 
 class Counters:
-    """Live per-upstream counts, kept across reloads."""
+    """Live per-upstream counts, kept across reloads. `waiting` holds the listeners' clients that wait
+    for room under max_in_flight (Redis), woken as commands finish."""
 
-    __slots__ = ("in_flight", "budget")
+    __slots__ = ("in_flight", "budget", "waiting")
 
     def __init__(self, budget: RetryBudget) -> None:
         self.in_flight = 0
         self.budget = budget
+        self.waiting: collections.deque = collections.deque()
         budget.counters = self
 
 
@@ -54,6 +58,8 @@ class StateStore:
 
     def __init__(self, clock: Clock, metrics) -> None:
         self.clock, self.metrics = clock, metrics
+        self.deadlines = Deadlines()    # the attempt-timeout wheel every chain of this process arms
+        self.shared: dict[str, Any] = {}  # process-wide helpers a protocol keeps here (built once, by it)
         self.live: dict[tuple, Any] = {}          # breakers, pools, caches, counters by key
         self._staged: dict[tuple, Any] = {}
         self._used: set[tuple] = set()
@@ -75,32 +81,26 @@ class StateStore:
         return obj
 
     def breaker(self, upstream: str, up: UpstreamSpec, target: TargetSpec) -> BreakerState:
-        key = ("breaker", upstream, target.name, target.url, _k(up.breaker))
+        key = ("breaker", upstream, target.name, target.url, spec_key(up.breaker))
         return self._get(key, lambda: BreakerState(upstream, target.name, up.breaker, self.clock, self.metrics))
 
-    def http_pool(self, up: UpstreamSpec, target: TargetSpec) -> HttpPool:
-        key = ("pool", target.url, _k(target.tls), _k(up.pool), up.timeouts.connect, up.timeouts.idle,
-               up.limits.max_pending, up.limits.pending_timeout)
-        return self._get(key, lambda: HttpPool(target, up.pool, up.timeouts, up.limits, self.clock))
+    def pool(self, key: tuple, make):
+        """A transport (connection pool) keyed by what it depends on; closed once a reload drops it."""
+        return self._get(("pool", *key), make)
 
-    def cache(self, upstream: str, spec) -> FallbackCache:
-        key = ("cache", upstream, _k(spec))
-        return self._get(key, lambda: FallbackCache(upstream, spec, self.clock))
+    def cache(self, key: tuple, make):
+        """A fallback cache keyed by (upstream, spec): a warm cache survives an unrelated reload."""
+        return self._get(("cache", *key), make)
 
-    def health(self, upstream: str, up: UpstreamSpec, target: TargetSpec, pool, redis_target, headers):
-        from proxy.upstream.health import TargetHealth
-
-        key = ("health", upstream, target.name, target.url, up.protocol, _k(up.health))
-        return self._get(key, lambda: TargetHealth(upstream, target, up.health, up.protocol, pool, redis_target,
-                                                   headers))
+    def health(self, upstream: str, up: UpstreamSpec, target: TargetSpec, protocol, transport, headers):
+        key = ("health", upstream, target.name, target.url, up.protocol, spec_key(up.health))
+        return self._get(key, lambda: TargetHealth(upstream, target, up.health, protocol, transport, headers))
 
     def canary(self, upstream: str, up: UpstreamSpec, target: TargetSpec):
-        from proxy.route.rollback import CanaryState
-
         key = ("canary", upstream, target.name)  # not keyed by spec: an abort holds across reloads
         state = self._get(key, lambda: CanaryState(upstream, target.name, up.canary.rollback, self.clock, self.metrics,
                                                    (target.weight, target.url)))
-        self._reconfigure.append((state, up.canary.rollback, (target.weight, target.url)))
+        self.reconfigure_at_commit(state, up.canary.rollback, (target.weight, target.url))
         return state
 
     def operator_weights(self, upstream: str, configured: dict[str, int]) -> dict[str, int] | None:
@@ -110,19 +110,9 @@ class StateStore:
             return None
         return entry[1]
 
-    def redis_shared(self, up: UpstreamSpec, target: TargetSpec, redis_target):
-        from proxy.redis.upstream import SharedRedis
-
-        key = ("pool", "redis", target.url, target.password_file, _k(target.tls), up.timeouts.connect)
-        shared = self._get(key, lambda: SharedRedis(redis_target, up.timeouts.connect))
-        self._reconfigure.append((shared, redis_target, None))  # the new target info, at commit only
-        return shared
-
-    def redis_cache(self, upstream: str, spec):
-        from proxy.redis.cache import RedisCache
-
-        key = ("rcache", upstream, _k(spec))
-        return self._get(key, lambda: RedisCache(spec, self.clock))
+    def reconfigure_at_commit(self, state, spec, configured=None) -> None:
+        """`state.reconfigure(spec, configured)` at the swap, not during a build that may be abandoned."""
+        self._reconfigure.append((state, spec, configured))
 
     def counters_for(self, upstream: str, up: UpstreamSpec) -> Counters:
         c = self._get(("counters", upstream),

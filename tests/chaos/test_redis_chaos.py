@@ -89,7 +89,7 @@ async def test_reads_retried_on_reset_within_budget_writes_never(redis_server, s
     c = aredis.Redis(port=port, protocol=2, retry=None)
     await c.set("r", "1")
     relay.cut()
-    shared = p.upstream.redis_shared["stable"]
+    shared = p.upstream.by_name["stable"].pool.shared
     await eventually(lambda: not shared.conns, what="the proxy saw its shared connection reset")
     before = relay.accepted
     p.upstream.targets[0].breaker.force("closed")  # keep the breaker out of this test

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from proxy.clock import ManualClock
+from proxy.exchange import Verdict
 from proxy.obs.metrics import METRICS
-from proxy.policy.base import Verdict
 from proxy.policy.breaker import BreakerState
 from proxy.settings.spec import BreakerSpec
 

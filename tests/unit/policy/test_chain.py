@@ -7,14 +7,15 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.clock import ManualClock
+from proxy.exchange import Failure, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.obs.metrics import UpstreamMetrics
-from proxy.policy.base import Failure, ProxyRequest, ProxyResponse, Reason, Verdict, build_chain
+from proxy.policy.base import build_chain
 from proxy.policy.breaker import Breaker, BreakerState
 from proxy.policy.classify import Classify
 from proxy.policy.fallback import Fallback, FallbackCache
 from proxy.policy.retry import Retry, RetryBudget
 from proxy.policy.shed import Shed
-from proxy.policy.timeout import AttemptTimeout, TotalTimeout
+from proxy.policy.timeout import AttemptTimeout, Deadlines, TotalTimeout
 from proxy.settings.spec import BreakerSpec, FallbackSpec, RetrySpec, status_matcher
 from tests.support.wait import eventually
 
@@ -70,12 +71,12 @@ def make_chain(outcomes, clock=None, retry=None, breaker=None, fallback=None, in
     script = Script(outcomes)
     chain = build_chain([
         Fallback(fspec, cache, clock, metrics),
-        Shed(counters, 1000, metrics.shed),
+        Shed(counters, 1000, metrics),
         TotalTimeout(30, clock),
         Retry(rspec, budget, clock, metrics, rand=lambda: 0.5),
         Breaker(clock),
         Classify(status_matcher(bspec.failure_statuses)),
-        AttemptTimeout(10, clock),
+        AttemptTimeout(10, clock, Deadlines()),
     ], script)
     return chain, script, clock, br, budget, cache
 
@@ -123,7 +124,7 @@ async def test_retry_stops_when_wait_would_pass_the_total_deadline():
     assert (await chain(request(br))).status == 200  # a 2 s wait fits in the 30 s total
     chain, script, clock, br, *_ = make_chain(["503/2", "ok"], breaker={"fail_max": 100})
     req = request(br)
-    req.extra = {"timeout": 1.5}  # a total of 1.5 s: the 2 s Retry-After does not fit
+    req.timeout = 1.5  # a total of 1.5 s: the 2 s Retry-After does not fit
     resp = await chain(req)
     assert resp.status == 503 and script.calls == 1 and clock.sleeps == []
 

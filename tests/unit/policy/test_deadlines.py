@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from proxy.clock import ManualClock
-from proxy.policy.base import ProxyRequest, ProxyResponse
-from proxy.policy.timeout import DEADLINES, AttemptTimeout, TotalTimeout
+from proxy.exchange import ProxyRequest, ProxyResponse
+from proxy.policy.timeout import AttemptTimeout, Deadlines, TotalTimeout
 
 
 def _req() -> ProxyRequest:
@@ -23,7 +23,7 @@ async def test_expired_attempt_becomes_a_504_and_the_call_is_cancelled():
             cancelled.set()
             raise
 
-    resp = await AttemptTimeout(0.02, ManualClock())(_req(), never)
+    resp = await AttemptTimeout(0.02, ManualClock(), Deadlines())(_req(), never)
     assert resp.status == 504 and resp.failure.kind == "timeout"
     assert cancelled.is_set()
     assert asyncio.current_task().cancelling() == 0  # no stray cancellation left on the task
@@ -34,9 +34,10 @@ async def test_answer_in_time_disarms_and_leaves_the_task_clean():
         await asyncio.sleep(0)
         return ProxyResponse(200)
 
+    wheel = Deadlines()
     for _ in range(100):
-        assert (await AttemptTimeout(5, ManualClock())(_req(), quick)).status == 200
-    assert not any(DEADLINES._slots.values())
+        assert (await AttemptTimeout(5, ManualClock(), wheel)(_req(), quick)).status == 200
+    assert not any(wheel._slots.values())
     assert asyncio.current_task().cancelling() == 0
 
 
@@ -48,7 +49,7 @@ async def test_a_foreign_cancellation_is_not_turned_into_a_timeout():
         await asyncio.sleep(10)
         return ProxyResponse(200)
 
-    task = asyncio.ensure_future(AttemptTimeout(5, ManualClock())(_req(), slow))
+    task = asyncio.ensure_future(AttemptTimeout(5, ManualClock(), Deadlines())(_req(), slow))
     await entered.wait()
     task.cancel()
     try:
@@ -68,7 +69,7 @@ async def test_attempt_is_cut_to_what_is_left_of_the_total():
 
     async def inner(req):
         clock.advance(4.99)  # most of the 5 s total spent before the attempt starts
-        return await AttemptTimeout(60, clock)(req, never)
+        return await AttemptTimeout(60, clock, Deadlines())(req, never)
 
     resp = await TotalTimeout(5, clock)(_req(), inner)
     assert resp.status == 504 and "total timeout (5s)" in resp.failure.message
@@ -82,7 +83,7 @@ async def test_a_cancellation_swallowed_below_leaves_no_count_behind():
             pass  # code below the policy that eats the cancellation and answers anyway
         return ProxyResponse(200)
 
-    resp = await AttemptTimeout(0.02, ManualClock())(_req(), stubborn)
+    resp = await AttemptTimeout(0.02, ManualClock(), Deadlines())(_req(), stubborn)
     assert resp.status == 200
     assert asyncio.current_task().cancelling() == 0
     await asyncio.sleep(0)  # and the task is not cancelled at its next await
@@ -92,4 +93,4 @@ async def test_infinite_attempt_timeout_arms_nothing():
     async def quick(req):
         return ProxyResponse(200)
 
-    assert (await AttemptTimeout(float("inf"), ManualClock())(_req(), quick)).status == 200
+    assert (await AttemptTimeout(float("inf"), ManualClock(), Deadlines())(_req(), quick)).status == 200

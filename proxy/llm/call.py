@@ -1,0 +1,21 @@
+"""The LLM path's view of one request (`ProxyRequest.llm`): parsed once by the openai listener, read by
+the LLM policies (cache key, model failover, degraded answer) and by the listener again for the answer
+(stream relay, first-byte time, token counts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LLMCall:
+    __slots__ = ("started", "cache_mode", "doc", "stream", "model", "key", "model_fallback", "first_chunk")
+
+    def __init__(self, started: float) -> None:
+        self.started = started                  # monotonic, for the first-byte histogram
+        self.cache_mode: str | None = None      # X-Proxy-Cache: no-store | only-if-cached
+        self.doc: dict[str, Any] | None = None  # the JSON body of a POST
+        self.stream = False
+        self.model = "other"                    # the model's metric label
+        self.key: bytes | None = None           # the cache key (the request's meaning)
+        self.model_fallback: str | None = None  # the fallback model that answered
+        self.first_chunk = b""                  # a stream's first bytes, read to end its attempt

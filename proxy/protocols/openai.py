@@ -1,0 +1,59 @@
+"""`protocol: openai` — an OpenAI-compatible LLM API (OpenRouter), with SSE streaming.
+
+listener (proxy/listen/openai.py: JSON bodies, X-Proxy-Cache/-Timeout, SSE relay) → route → the shared
+chain with the LLM's own fallback (cached completions, a degraded answer) and model failover:
+LLMFallback → shed → total timeout → ModelFailover → retry → breaker → classify → attempt timeout →
+HttpTerminal. A stream runs a second chain without total or attempt timeout (answers run for minutes):
+its attempt ends at the first event (FirstEvent), bounded by `first_byte`; the idle timeout guards each
+event after that. Owns the `llm:` section.
+"""
+
+from __future__ import annotations
+
+from proxy.listen.openai import OpenAIListener
+from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover
+from proxy.policy.base import build_chain
+from proxy.policy.timeout import AttemptTimeout
+from proxy.protocols.http import HttpProtocol
+from proxy.upstream.http import HttpTerminal
+
+
+class OpenAIProtocol(HttpProtocol):
+    name = "openai"
+    sections = ("llm",)
+    listener_class = OpenAIListener
+    defaults = {
+        "health": {"path": "/api/v1/models"},
+        "limits": {"max_request_body": 10 * 1024 * 1024},
+        "timeouts": {"attempt": 30.0, "total": 60.0, "first_byte": 30.0, "idle": 60.0},
+        "fallback": {"methods": ["POST", "GET"], "cache_ttl": 3600.0, "stale_ttl": 86400.0},
+        # Completions and embeddings change nothing upstream: a POST may be retried (before the first byte).
+        "retry": {"non_idempotent": True},
+        "metrics": {"buckets": [0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]},
+    }
+
+    def build(self, up, store, clock) -> None:
+        up.metrics.llm_models((*up.spec.llm.models, *up.spec.llm.fallback_models))
+        super().build(up, store, clock)
+
+    def fallback_policy(self, up, fallback, cache, clock):
+        return LLMFallback(fallback, cache, clock, up.metrics, up.spec.llm.degraded)
+
+    def failover_policy(self, up, clock):
+        models = up.spec.llm.fallback_models
+        return ModelFailover(models, clock) if models else None
+
+    def chains(self, up, store, clock, timeouts, retry, fallback, cache):
+        fb, shed, _total, failover, retrying, breaker, classify, _attempt = policies = self.policies(
+            up, store, clock, timeouts, retry, fallback, cache)
+        terminal = HttpTerminal()
+        stream = build_chain([fb, shed, failover, retrying, breaker, classify,
+                              AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
+                             FirstEvent(terminal))
+        return build_chain(policies, terminal), stream
+
+    def stand_in(self, up) -> bool:
+        return up.spec.llm.degraded.enabled or super().stand_in(up)
+
+
+OPENAI = OpenAIProtocol()

@@ -1,0 +1,169 @@
+"""Session commands of a Redis client connection (a part of the listener's protocol): QUIT, AUTH, HELLO,
+SELECT and RESET are answered here, so a client connects (and reads its cached values) even while Redis
+is down; CLIENT SETINFO and MAINT_NOTIFICATIONS are taken here so they do not cost the client its place
+on a shared connection; WAIT after multiplexed writes is refused. What a new upstream connection must
+replay for the client (protocol, db, name) is kept on the client and sent by proxy/redis/upstream.py.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from proxy.redis import codec
+from proxy.redis.upstream import Pending
+
+_WRONGPASS = codec.error("WRONGPASS invalid username-password pair or user is disabled.")
+
+
+def error_reply(err: str) -> bytes:
+    """Redis's own error text (`ERR …`, `WRONGPASS …`) as it came, anything else as an ERR."""
+    code = err.split(" ", 1)[0]
+    return codec.error(err if code.isupper() and code.isalpha() else f"ERR {err}")
+
+
+class SessionCommands:
+    """Expects the listener's client state (`db`, `proto`, `client_name`, `authenticated`, `conn`, `up`,
+    `target`, `dedicated`, ...) on the protocol it is mixed into."""
+
+    def _session(self, name: bytes, args: list[bytes]) -> bool:
+        """CLIENT SETINFO / MAINT_NOTIFICATIONS and WAIT, answered here: True when it was."""
+        if name == b"CLIENT" and len(args) > 1:
+            sub = args[1].upper()
+            if sub == b"SETINFO" and len(args) == 4:
+                # redis-py and other clients send their library name and version on connect: metadata
+                # of the app's connection, which upstream is a shared one. Taken here, so it does not
+                # cost the client its place on the shared connection.
+                if args[2].upper() in (b"LIB-NAME", b"LIB-VER"):
+                    self._reply_now(codec.OK)
+                else:
+                    self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))
+                return True
+            if sub == b"MAINT_NOTIFICATIONS":
+                # redis-py 6+ asks for maintenance push notifications on RESP3 connections ("auto": an
+                # error is fine). They would arrive on a shared connection, where no client can be
+                # told: refused, as a Redis server without the feature refuses it.
+                self._reply_now(codec.error("ERR unknown subcommand 'MAINT_NOTIFICATIONS': not relayed by this proxy"))
+                return True
+        if (name == b"WAIT" or name == b"WAITAOF") and self.wrote_shared:
+            # WAIT counts the replicas that have this connection's writes; this client's writes went
+            # over a connection shared with others, so any answer would be a guess. Refused, loudly.
+            self._reply_now(codec.error(
+                "ERR WAIT/WAITAOF after writes multiplexed by the proxy cannot be honoured: "
+                "send them from a connection that started with MULTI, a blocking command or CLIENT SETNAME"))
+            return True
+        return False
+
+    def _local(self, name: bytes, args: list[bytes]) -> None:
+        if name == b"QUIT":
+            self._reply_now(codec.OK)
+            self._close_after_flush()
+        elif name == b"AUTH":
+            self._auth(args[1:])
+        elif name == b"HELLO":
+            self._hello(args[1:])
+        elif name == b"SELECT":
+            if len(args) != 2 or not args[1].isdigit():
+                self._reply_now(codec.error("ERR value is not an integer or out of range"))
+                return
+            db = int(args[1])
+            if self.conn is not None and not self.conn.failed and not self.conn.retiring:
+                # let Redis validate it on the live connection; a new connection replays it
+                slot = self._new_slot()
+                before = self.db
+                self.db = db  # commands pipelined behind it belong to the new db (cache keys, retries)
+
+                def selected(raw, kind, s=slot, before=before) -> None:
+                    if kind != "ok":
+                        self.db = before  # Redis refused it and stayed where it was
+                    self._resolve(s, raw)
+
+                def lost(kind, s=slot, before=before) -> None:
+                    self.db = before  # not confirmed: the client is where it was
+                    self._resolve(s, codec.error("ERR the upstream connection failed during SELECT"))
+
+                self.conn.send(codec.encode_command(args), Pending(b"", selected, lost, self.up.spec.timeouts.attempt))
+            elif (not self.dedicated and self.target.breaker.state == "closed"
+                  and (self.proto, db) not in self.target.pool.shared.checked_dbs):
+                self._select_shared(db)
+            else:
+                self.db = db  # validated when the next connection opens (a bad db fails only this client)
+                self._reply_now(codec.OK)
+        elif name == b"RESET":
+            self._drop_upstream()
+            self.db, self.proto, self.client_name, self.in_multi, self.watching = None, 2, None, False, False
+            self.authenticated = self.up.wire.client_password is None
+            self._reply_now(b"+RESET\r\n")
+
+    def _select_shared(self, db: int) -> None:
+        """SELECT for a client on shared connections: check the db on the shared connection for it (its
+        setup runs SELECT), holding back what follows, so a db that does not exist is an error now — as
+        Redis answers — and the client stays where it was. With Redis unreachable it is accepted as
+        before (checked when a connection opens), so clients still connect and read the cache."""
+        slot = self._new_slot()
+        self._validating = True
+        self._hold()
+
+        def done(reply: bytes, switch: bool) -> None:
+            if switch:
+                self.db = db
+            self._validating = False
+            self._resolve(slot, reply)
+            self._release_parked()
+
+        shared = self.target.pool.shared
+
+        def answered(raw: bytes, kind: str) -> None:
+            if kind != "error":
+                shared.checked_dbs.add((self.proto, db))  # the next SELECT of it is answered at once
+            done(codec.OK if kind != "error" else raw, kind != "error")
+
+        def failed(kind: str, p=None) -> None:
+            conn = pending.conn
+            if kind == "client-setup" and conn is not None and conn.setup_failed_on == b"SELECT":
+                done(error_reply(conn.error or "ERR DB index is out of range"), False)
+            else:
+                done(codec.OK, True)  # unreachable or reset: the check is for later
+
+        # a short wait: a SELECT must not hold the client's setup for a whole attempt timeout
+        pending = Pending(b"", answered, failed, min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect))
+        shared.get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
+
+    def _auth(self, creds: list[bytes]) -> None:
+        want = self.up.wire.client_password
+        if want is None or (len(creds) in (1, 2) and hmac.compare_digest(creds[-1], want)):
+            self.authenticated = True
+            self._reply_now(codec.OK)
+        else:
+            self._reply_now(_WRONGPASS)
+
+    def _hello(self, args: list[bytes]) -> None:
+        proto = self.proto
+        rest = args
+        if rest:
+            if not rest[0].isdigit() or int(rest[0]) not in (2, 3):
+                self._reply_now(codec.error("NOPROTO unsupported protocol version"))
+                return
+            proto, rest = int(rest[0]), rest[1:]
+        i = 0
+        while i < len(rest):
+            opt = rest[i].upper()
+            if opt == b"AUTH" and i + 2 < len(rest):
+                if self.up.wire.client_password is not None and not hmac.compare_digest(rest[i + 2], self.up.wire.client_password):
+                    self._reply_now(_WRONGPASS)
+                    return
+                self.authenticated = True
+                i += 3
+            elif opt == b"SETNAME" and i + 1 < len(rest):
+                self.client_name = rest[i + 1]
+                i += 2
+            else:
+                self._reply_now(codec.error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+                return
+        if not self.authenticated:
+            self._reply_now(codec.error("NOAUTH HELLO must be called with the client already authenticated"))
+            return
+        if proto != self.proto:
+            self._drop_upstream()  # the upstream connection speaks the old protocol
+            self.proto = proto
+        self._reply_now(codec.hello_reply(proto, conn_id=id(self) & 0xFFFF))
+
