@@ -177,6 +177,8 @@ class CommandChain:
     # -- when the upstream cannot answer --------------------------------------------------------------
     def stand_in(self, cmd: Command, track: str, reason: Reason) -> bytes:
         """A cached read (fresh or stale), or a clear error. Never queued, never dropped."""
+        if reason is Reason.OVERLOADED:
+            self.up.metrics.shed()  # shed, whether the cache then answers or not (as on HTTP)
         if cmd.cls == "read":
             hit = self.cache.get(cmd.db, cmd.proto, cmd.raw, cmd.keys)
             if hit is not None:
@@ -184,8 +186,6 @@ class CommandChain:
                 self.fallback.served(self.fallback.source(stored_at), reason)
                 self.count(track, cmd.cls, "ok", "fallback")
                 return reply
-        if reason is Reason.OVERLOADED:
-            self.up.metrics.shed()
         self.count(track, cmd.cls, _REASON_STATUS[reason], _REASON_OUTCOME.get(reason, "rejected"))
         return self.unavailable(reason)
 

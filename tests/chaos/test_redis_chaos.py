@@ -147,3 +147,136 @@ async def test_swapdb_and_move_drop_the_cached_reads_of_every_db(redis_server, s
     await c0.aclose()
     await c1.aclose()
     relay.close()
+
+
+async def test_a_read_retried_under_latency_ends_within_the_total_timeout(redis_server, start_proxy, toxic_link,
+                                                                           metrics):
+    """attempt 2 s, total 4 s, ten attempts allowed, Redis 30 s slow: one retry, cut to what is left of
+    the total, then the timeout answer — not ten attempts of 2 s each."""
+    proxy, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "2s", "total": "4s"},
+                                retry={"attempts": 10, "backoff_base": 0, "backoff_max": 0},
+                                breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    c = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60)
+    await c.ping()
+    add_toxic(proxy, "latency", latency=30_000)
+    with pytest.raises(redis.ResponseError, match=rf"UNAVAILABLE redis upstream '{name}' is unavailable \(timeout\)"):
+        await c.get("slow")
+    assert metrics.delta("upstream_retries_total", name=name, reason="timeout") == 1
+    assert metrics.delta("upstream_requests_total", name=name, track="stable", route="default", status="timeout",
+                         outcome="rejected") == 1
+    heal(proxy)
+    await c.aclose()
+
+
+async def test_retry_on_is_honoured_a_timeout_not_listed_is_not_retried(redis_server, start_proxy, toxic_link,
+                                                                         metrics):
+    proxy, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "1s", "total": "30s"},
+                                retry={"attempts": 5, "on": ["connect-failure", "reset"]},
+                                breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    c = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60)
+    await c.ping()
+    add_toxic(proxy, "latency", latency=30_000)
+    with pytest.raises(redis.ResponseError, match=r"\(timeout\)"):
+        await c.get("slow")
+    assert metrics.family_delta("upstream_retries_total", name=name) == 0
+    heal(proxy)
+    proxy.disable()  # now a connect failure: listed, so retried up to the attempts
+    await c.connection_pool.disconnect()
+    p.upstream.by_name["stable"].pool.shared.conns.clear()
+    with pytest.raises(redis.ResponseError, match=r"\(upstream_error\)"):
+        await c.get("down")
+    assert metrics.delta("upstream_retries_total", name=name, reason="connect-failure") == 4
+    proxy.enable()
+    await c.aclose()
+
+
+async def test_commands_over_max_in_flight_wait_unread_then_go(redis_server, start_proxy, toxic_link, metrics):
+    """max_in_flight 2 and Redis 1 s slow: of four clients' reads two go out, two wait (the proxy stops
+    reading them) and go as the first two are answered. Nobody is refused."""
+    proxy, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "20s", "total": "30s"},
+                                limits={"max_in_flight": 2, "pending_timeout": "20s"}, breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    clients = [aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60) for _ in range(4)]
+    await clients[0].set("k", "v")
+    for c in clients:
+        await c.ping()
+    add_toxic(proxy, "latency", latency=1_000)
+    gets = [asyncio.create_task(c.get("k")) for c in clients]
+    await eventually(lambda: len(p.upstream.counters.waiting) == 2 and p.upstream.counters.in_flight == 2)
+    assert await asyncio.gather(*gets) == [b"v"] * 4
+    assert metrics.family_delta("upstream_shed_total", name=name) == 0
+    assert not p.upstream.counters.waiting
+    heal(proxy)
+    for c in clients:
+        await c.aclose()
+
+
+async def test_a_command_still_waiting_after_pending_timeout_is_shed_overloaded_or_served_stale(
+        redis_server, start_proxy, toxic_link, metrics):
+    proxy, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "20s", "total": "30s"},
+                                limits={"max_in_flight": 1, "pending_timeout": "1s"}, breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    a, b, c = (aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60) for _ in range(3))
+    await a.set("cached", "v")
+    assert await b.get("cached") == b"v"
+    await c.ping()
+    add_toxic(proxy, "latency", latency=15_000)
+    stuck = asyncio.create_task(a.get("cached"))  # takes the one slot for 15 s
+    await eventually(lambda: p.upstream.counters.in_flight == 1)
+    assert await b.get("cached") == b"v"  # waited 1 s for room, then the stale-read cache answered
+    with pytest.raises(redis.ResponseError) as ei:
+        await c.get("cold")
+    assert str(ei.value) == f"UNAVAILABLE redis upstream '{name}' is unavailable (overloaded)"
+    assert "BUSY" not in str(ei.value)
+    assert metrics.delta("upstream_shed_total", name=name) == 2
+    assert metrics.delta("fallback_responses_total", name=name, source="cache", reason="overloaded") == 1
+    assert metrics.delta("upstream_requests_total", name=name, track="stable", route="default", status="error",
+                         outcome="shed") == 1
+    heal(proxy)
+    assert await stuck == b"v"
+    for x in (a, b, c):
+        await x.aclose()
+
+
+async def test_a_client_over_max_in_flight_is_not_read_so_nothing_queues_in_the_proxy(redis_server, start_proxy,
+                                                                                      toxic_link):
+    """While the client waits for room the proxy does not read its socket: a 64 MB pipeline stops at
+    the kernel's buffers instead of piling up in the proxy."""
+    proxy, url = toxic_link(redis_server)
+    _, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "30s", "total": "40s"},
+                             limits={"max_in_flight": 1, "pending_timeout": "30s"}, breaker={"fail_max": 100})
+    p = await start_proxy(cfg)
+    a = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60)
+    await a.ping()
+    add_toxic(proxy, "latency", latency=20_000)
+    stuck = asyncio.create_task(a.get("x"))
+    await eventually(lambda: p.upstream.counters.in_flight == 1)
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", p.port))
+    s.setblocking(False)
+    command = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    chunk = command * 4096
+    sent = 0
+    deadline = time.monotonic() + 30
+    while sent < 64 << 20 and time.monotonic() < deadline:
+        try:
+            sent += s.send(chunk)
+        except BlockingIOError:
+            await asyncio.sleep(0.2)
+            try:
+                sent += s.send(chunk)
+            except BlockingIOError:
+                break  # the proxy stopped reading: the kernel's buffers are full
+    assert sent < 32 << 20, f"the proxy kept reading ({sent} bytes) while over max_in_flight"
+    await eventually(lambda: len(p.upstream.counters.waiting) == 1)
+    s.close()
+    heal(proxy)
+    assert await stuck is None
+    await a.aclose()

@@ -38,10 +38,15 @@ class Baseline:
         now = value(name, **labels)
         return now - self.before.get((name, frozenset(labels.items())), 0.0)
 
-    def family_delta(self, name: str) -> float:
-        """How much every series of a sample name grew together: one event counted under any label."""
-        now = sum(v for (n, _), v in _snapshot().items() if n == name)
-        return now - sum(v for (n, _), v in self.before.items() if n == name)
+    def family_delta(self, name: str, /, **labels: str) -> float:
+        """How much every series of a sample name (with these labels, whatever the others) grew together:
+        one event counted under any label."""
+        want = set(labels.items())
+
+        def total(snapshot) -> float:
+            return sum(v for (n, ls), v in snapshot.items() if n == name and want <= ls)
+
+        return total(_snapshot()) - total(self.before)
 
     value = staticmethod(value)
     sample = staticmethod(sample)
