@@ -113,7 +113,7 @@ class AttemptTimeout:
         self.seconds, self.clock, self.which = seconds, clock, which  # which: attempt | first_byte
         self.deadlines = deadlines
 
-    def budget(self, req: Call) -> tuple[float, str]:
+    def budget(self, req: Call, now: float | None = None) -> tuple[float, str]:
         """How long this attempt may take, and which timeout that is: the attempt's own, cut to a
         per-request cap and to what is left of the total."""
         seconds = self.seconds
@@ -121,7 +121,7 @@ class AttemptTimeout:
         if req.timeout is not None:
             seconds = min(seconds, req.timeout)
         if req.deadline is not None:
-            left = req.deadline - self.clock.monotonic()
+            left = req.deadline - (self.clock.monotonic() if now is None else now)
             if left < seconds:
                 seconds, which = max(left, 0.0), "total"
         return seconds, which

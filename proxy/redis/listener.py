@@ -92,6 +92,7 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         up = self.app.runtime.upstreams.get(self.name)
         self.up, self.chain = up, up.wire.chain
         self.target = up.pick()  # a connection keeps its track between commands (see _refresh)
@@ -362,7 +363,8 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
             return
         target = cmd.target = self.target
         retry = cmd.attempts > 0
-        timeout = chain.timeout(cmd)
+        now = self.clock.monotonic()
+        timeout = chain.timeout(cmd, now)
         if timeout is not None and timeout <= 0:  # the total ran out while the command waited
             chain.released(cmd)
             self._unavailable(cmd, Reason.TIMEOUT)
@@ -388,13 +390,12 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
             conn = self.conn
             if conn is None or conn.failed or conn.retiring:
                 conn = self.conn = self._new_upstream()
-        now = self.clock.monotonic()
         cmd.started = now
         self.seq += 1
         cmd.seq = self.seq
         until = None
         if cmd.deadline is not None:  # the connection times the head of its queue on the loop's clock
-            until = asyncio.get_running_loop().time() + (cmd.deadline - now)
+            until = self._loop.time() + (cmd.deadline - now)
         conn.send(cmd.raw, _CommandPending(self, cmd, timeout, until))
 
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:

@@ -50,8 +50,12 @@ class Command(Call):
                  "shared", "budgeted")
 
     def __init__(self, slot, name, args, raw, cls, keys, db, proto, shared=False) -> None:
-        read = cls == "read"
-        Call.__init__(self, None, read, read)
+        # Call's fields set here rather than by Call.__init__: a call less on every command
+        self.target = None
+        self.idempotent = self.replayable = cls == "read"
+        self.deadline = self.timeout = None
+        self.total = 0.0
+        self.attempts = 0
         self.slot, self.name, self.args, self.raw, self.cls, self.keys = slot, name, args, raw, cls, keys
         self.db, self.proto, self.shared = db, proto, shared
         self.seq = 0
@@ -101,11 +105,11 @@ class CommandChain:
         if cmd.cls not in NO_TOTAL:
             self.total.start(cmd, read_at)
 
-    def timeout(self, cmd: Command) -> float | None:
+    def timeout(self, cmd: Command, now: float) -> float | None:
         """This attempt's timeout: None for a blocking command; <= 0 when the total is already spent."""
         if cmd.cls == "blocking":
             return None
-        return self.attempt.budget(cmd)[0]
+        return self.attempt.budget(cmd, now)[0]
 
     def admit(self, cmd: Command) -> bool:
         """The breaker's admission for this attempt (False: open, no I/O at all)."""
@@ -128,9 +132,11 @@ class CommandChain:
     def answered(self, cmd: Command, raw: bytes, kind: str, elapsed: float) -> None:
         """A reply (an error reply included) came back for the command's attempt."""
         up = self.up
-        self._settled(cmd)
+        if cmd.budgeted:
+            self._settled(cmd)
         self.breaker.record(cmd, cmd.token, self.classify.reply(kind), elapsed)
-        self.fallback.fresh()
+        if self.cache.episode is not None:
+            self.fallback.fresh()
         up.metrics.duration(cmd.target.name, elapsed)
         self.count(cmd.target.name, cmd.cls, "error" if kind == "error" else "ok", "upstream")
         if cmd.target.canary is not None:
