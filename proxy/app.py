@@ -1,5 +1,5 @@
-"""Composition root: binds the listeners and the admin server, owns the current Runtime, reloads it,
-and drains on SIGTERM.
+"""Composition root: `run()` starts the proxy; `ProxyApp` binds the listeners (each from its upstream's
+protocol) and the admin server, owns the current Runtime, reloads it, and drains on SIGTERM.
 
 Hot reload is build → validate → swap with one assignment → drain the old: a request reads
 `app.runtime` once at entry. A changed `listen` binds the new address before the swap and closes the
@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 
 from proxy.admin.probes import cache_samples, health_samples, in_flight_samples
 from proxy.admin.server import Admin
@@ -26,6 +27,44 @@ from proxy.settings.loader import digest
 from proxy.settings.spec import parse_listen
 from proxy.upstream.health import AppHealth
 from proxy.upstream.state import StateStore
+
+EXIT_CONFIG, EXIT_RUNTIME = 1, 3  # the exit codes of `resilience-proxy run` (proxy/cli.py)
+
+
+async def run(path: str, loaded: Loaded, ready_hook=None) -> int:
+    """Start the proxy on a loaded config, serve until SIGTERM/SIGINT, and return the exit code: 1 for a
+    config the runtime refuses (an unreadable certificate), 3 for a runtime failure (a port in use).
+    `ready_hook(app)` runs once it is serving (the demo prints its commands)."""
+    app = ProxyApp(path)
+    try:
+        await app.start(loaded)
+    except ConfigError as exc:
+        print(f"{path}: invalid config, not starting:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if ready_hook is not None:
+        await ready_hook(app)
+    _settle_memory()
+    return await app.serve()
+
+
+def _settle_memory() -> None:
+    """Once started: everything imported and built so far lives as long as the process, so move it out
+    of the collector's reach (gc.freeze: later collections walk only what requests allocate) and give
+    the heap that start-up freed back to the system (glibc's malloc_trim; absent elsewhere, skipped)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class StartupError(Exception):

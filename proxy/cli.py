@@ -1,4 +1,5 @@
-"""Command line: `run`, `check-config`, `demo`.
+"""Command line: `run`, `check-config`, `demo`, ... It parses arguments and calls what does the work
+(`proxy.app.run()` owns the proxy's start-up).
 
 Exit codes everywhere: 0 ok, 1 invalid config, 2 usage error, 3 runtime failure (e.g. a port in use).
 """
@@ -13,7 +14,7 @@ import sys
 from proxy import __version__
 from proxy.settings import DEFAULT_PATH, ConfigError, load
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3  # app.run() returns the same
 
 
 def _config_path(arg: str | None) -> str:
@@ -66,42 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     log.configure(loaded.settings.log.level)
     _install_uvloop()
-    return asyncio.run(_serve(path, loaded))
+    from proxy.app import run
 
-
-async def _serve(path, loaded, ready_hook=None) -> int:
-    from proxy.app import ProxyApp, StartupError
-
-    app = ProxyApp(path)
-    try:
-        await app.start(loaded)
-    except ConfigError as exc:
-        print(f"{path}: invalid config, not starting:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StartupError as exc:
-        print(f"cannot start: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    if ready_hook is not None:
-        await ready_hook(app)
-    _settle_memory()
-    return await app.serve()
-
-
-def _settle_memory() -> None:
-    """Once started: everything imported and built so far lives as long as the process, so move it out
-    of the collector's reach (gc.freeze: later collections walk only what requests allocate) and give
-    the heap that start-up freed back to the system (glibc's malloc_trim; absent elsewhere, skipped)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return asyncio.run(run(path, loaded))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

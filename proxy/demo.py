@@ -95,7 +95,7 @@ def _with_port_base(path: str, base: int, tmp: str) -> tuple[str, int]:
 
 
 async def run_demo(config: str | None = None, port_base: int | None = None) -> int:
-    from proxy.cli import _serve
+    from proxy.app import run
     from proxy.obs import log
     from proxy.settings import ConfigError, load
 
@@ -136,6 +136,6 @@ async def run_demo(config: str | None = None, port_base: int | None = None) -> i
                            admin=s.admin.listen.rsplit(":", 1)[1]), flush=True)
 
     try:
-        return await _serve(path, loaded, ready_hook=announce)
+        return await run(path, loaded, ready_hook=announce)
     finally:
         await runner.cleanup()
