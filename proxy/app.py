@@ -18,7 +18,7 @@ import sys
 from proxy.admin.probes import cache_samples, health_samples, in_flight_samples
 from proxy.admin.server import Admin
 from proxy.clock import REAL, Clock
-from proxy.listen.server import Server as ListenerServer
+from proxy.http1.server import Server as ListenerServer
 from proxy.obs import log
 from proxy.obs.metrics import METRICS, Metrics
 from proxy.runtime import Runtime

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.admin.probes import readiness
-from proxy.listen.server import BodyTooLarge, Request, Response, json_response
+from proxy.http1.server import BodyTooLarge, Request, Response, json_response
 from proxy.obs import log
 from proxy.settings import redacted
 from proxy.settings.loader import redact_url

@@ -19,10 +19,10 @@ import time
 from multidict import CIMultiDict
 
 from proxy.exchange import Failure, ProxyRequest, ProxyResponse, Verdict
-from proxy.listen.server import BodyTooLarge, MalformedBody, Request, Response, StreamResponse
+from proxy.http1.client import BODY_ERRORS
+from proxy.http1.server import BodyTooLarge, MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
 from proxy.route.tracks import BadOverride
-from proxy.upstream import h1
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
@@ -146,7 +146,7 @@ async def collect(content, idle: float, max_body: int | None, keep: int | None =
 
 
 class HttpListener:
-    """The request handler of one upstream's listener (proxy/listen/server.py); reads the runtime per request."""
+    """The request handler of one upstream's listener (proxy/http1/server.py); reads the runtime per request."""
 
     drop_headers = _REQ_DROP
     plain = True  # no prepare() step: the route's chain runs as is (the openai listener has one)
@@ -326,7 +326,7 @@ class HttpListener:
                 # is still before anything reached the client, so it gets a clean 502.
                 try:
                     resp.body = await cr.read()
-                except h1.BODY_ERRORS as exc:
+                except BODY_ERRORS as exc:
                     return self._failed_before_headers(preq, resp, exc)
                 cr = None
                 if resp.capture is not None:
@@ -358,7 +358,7 @@ class HttpListener:
                         buf = None
                     else:
                         buf.append(chunk)
-        except h1.BODY_ERRORS as exc:
+        except BODY_ERRORS as exc:
             self._failed_after_headers(request, preq, resp, exc, size)
             return "reset", sr
         if buf is not None and capture is not None:

@@ -15,15 +15,15 @@ import time
 from multidict import CIMultiDict
 
 from proxy.exchange import ProxyRequest, ProxyResponse, Verdict
+from proxy.http1.client import BODY_ERRORS
+from proxy.http1.server import Request, Response, StreamResponse
 from proxy.listen.http import _REQ_DROP, HttpListener, Refused, collect
-from proxy.listen.server import Request, Response, StreamResponse
 from proxy.llm import sse
 from proxy.llm.call import LLMCall
 from proxy.llm.policy import cache_key, error_event
 from proxy.obs import log
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
-from proxy.upstream import h1
 
 CACHE_MODES = ("no-store", "only-if-cached")
 _MAX_PENDING = 1 << 20  # an "event" that never ends is forwarded anyway past this size
@@ -166,7 +166,7 @@ class OpenAIListener(HttpListener):
                 chunk = await resp.stream.content.readany()
             if pending:
                 await sr.write(pending)
-        except h1.BODY_ERRORS as exc:
+        except BODY_ERRORS as exc:
             resp.finish(Verdict.FAILURE)
             log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
                         request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)

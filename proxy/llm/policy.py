@@ -20,10 +20,10 @@ from typing import Any
 from multidict import CIMultiDict
 
 from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.http1.client import BODY_ERRORS
 from proxy.llm import sse
 from proxy.policy.fallback import Fallback
 from proxy.settings.spec import DegradedSpec
-from proxy.upstream import h1
 from proxy.upstream.http import failure_response
 
 COMPLETION_PATHS = ("/chat/completions", "/completions")
@@ -151,7 +151,7 @@ class FirstEvent:
             return resp
         try:
             first = await cr.content.readany()
-        except (*h1.BODY_ERRORS, OSError) as exc:
+        except (*BODY_ERRORS, OSError) as exc:
             resp.release()
             return failure_response(exc, req.target.pool, req.target.name)
         except BaseException:

@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict
 
+from proxy.http1.server import Server
 from proxy.listen.http import HttpListener
-from proxy.listen.server import Server
 from proxy.policy.base import build_chain
 from proxy.policy.breaker import Breaker
 from proxy.policy.classify import Classify

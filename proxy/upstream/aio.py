@@ -6,9 +6,53 @@ re-sends on a fresh connection that failed, is turned off: behind the retry poli
 budget, breaker or metric sees, and on the inbound side it would be the proxy retrying the app's own
 traffic.
 
-The lean client (h1.py) keeps the same rule by its own means."""
+The lean client (proxy/http1/client.py) keeps the same rule by its own means. `Answer` gives an aiohttp
+response the lean client's shape and error vocabulary, so the listeners read one kind of answer."""
 
 from __future__ import annotations
+
+from proxy.http1.client import UpstreamClosed
+
+
+class Answer:
+    """An aiohttp ClientResponse as the listeners read answers: status, reason, headers, content.readany()
+    / iter_any() / read(), release(); a body read that fails raises TimeoutError or UpstreamClosed, as
+    the lean client's does (proxy/http1/client.py: BODY_ERRORS)."""
+
+    __slots__ = ("cr", "status", "reason", "headers", "content")
+
+    def __init__(self, cr) -> None:
+        self.cr, self.status, self.reason, self.headers = cr, cr.status, cr.reason, cr.headers
+        self.content = self
+
+    async def readany(self) -> bytes:
+        try:
+            return await self.cr.content.readany()
+        except TimeoutError:
+            raise
+        except Exception as exc:  # aiohttp's payload and connection errors: the answer was cut
+            if isinstance(exc, _client_error()):
+                raise UpstreamClosed(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def iter_any(self):
+        while chunk := await self.readany():
+            yield chunk
+
+    def release(self) -> None:
+        self.cr.release()
+
+
+def _client_error() -> type[BaseException]:
+    import aiohttp  # loaded already: an Answer exists only once aiohttp made a request
+
+    return aiohttp.ClientError
 
 
 def session(**kw):

@@ -13,9 +13,9 @@ import sys
 from yarl import URL
 
 from proxy.exchange import Failure, ProxyRequest, ProxyResponse, Reason, Verdict, client_fault, shed_response
+from proxy.http1.client import UpstreamClosed
 from proxy.settings.units import format_duration
 from proxy.upstream import aio
-from proxy.upstream.h1 import UpstreamClosed
 from proxy.upstream.pool import ConnectFailed, Overloaded
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -121,7 +121,7 @@ class HttpTerminal:
             pool.done(gen)
             pool.release()
 
-        return ProxyResponse(cr.status, cr.headers, None, stream=cr, release=release)
+        return ProxyResponse(cr.status, cr.headers, None, stream=aio.Answer(cr), release=release)
 
     async def _lean(self, req: ProxyRequest, pool, body: bytes | None) -> ProxyResponse:
         """The lean client: the request as one write, the answer parsed by llhttp."""

@@ -17,6 +17,7 @@ import ssl
 from yarl import URL
 
 from proxy.clock import Clock
+from proxy.http1.client import ClientConnection
 from proxy.settings.spec import LimitsSpec, PoolSpec, TargetSpec, TimeoutsSpec
 from proxy.settings.units import format_duration
 
@@ -114,7 +115,7 @@ class HttpPool:
             import base64
 
             self.basic_auth = "Basic " + base64.b64encode(f"{u.user}:{u.password or ''}".encode()).decode()
-        self.fast = self.proxy is None  # the lean client (proxy/upstream/h1.py) unless an egress proxy is set
+        self.fast = self.proxy is None  # the lean client (proxy/http1/client.py) unless an egress proxy is set
         self._idle_conns: list = []
 
     def request_head(self, method: str, target: str, headers) -> list[str]:
@@ -141,9 +142,8 @@ class HttpPool:
     def _new_generation(self) -> _Generation:
         import aiohttp  # only for what the lean client does not do (egress proxy, HEAD, streamed bodies)
 
-        from proxy.upstream import aio, h1
+        from proxy.upstream import aio
 
-        h1.aiohttp_in_use()
         connector = aiohttp.TCPConnector(
             limit=0,  # bounded by our own slots
             keepalive_timeout=self.spec.idle_timeout,
@@ -221,14 +221,12 @@ class HttpPool:
 
     # -- the lean HTTP/1.1 client's connections ----------------------------------------------------------
     async def h1_connect(self):
-        from proxy.upstream.h1 import Connection
-
         loop = asyncio.get_running_loop()
         now = self.clock.monotonic()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(self, now), self.host, self.port, ssl=self.ssl,
+                    lambda: ClientConnection(self, now), self.host, self.port, ssl=self.ssl,
                     server_hostname=(self.server_hostname or self.host) if self.ssl else None)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(exc) from None

@@ -1,4 +1,4 @@
-"""The egress listeners' HTTP/1.1 server (proxy/listen/server.py) at the socket: framing, keep-alive,
+"""The egress listeners' HTTP/1.1 server (proxy/http1/server.py) at the socket: framing, keep-alive,
 pipelining and hostile input, spoken to with raw bytes so nothing in a client library smooths it over."""
 
 from __future__ import annotations

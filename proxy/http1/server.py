@@ -1,4 +1,5 @@
-"""The HTTP/1.1 server side of the egress listeners: bytes from the app → a Request for the listener.
+"""The HTTP/1.1 server side of the egress listeners (and the admin API): bytes from the app → a Request
+for the listener; its client side is proxy/http1/client.py.
 
 listener (this, then proxy/listen/http.py) → route → policy chain → upstream pool. One asyncio protocol
 per client connection, llhttp (through httptools) for parsing — never a hand-written parser — and the
@@ -76,7 +77,7 @@ def http_date() -> str:
     return _date_cache[1]
 
 
-class Body:
+class RequestBody:
     """The request body as it arrives. Reading drains the buffer and lets a paused client send on."""
 
     __slots__ = ("chunks", "size", "eof", "exc", "waiter", "proto")
@@ -202,7 +203,7 @@ class Request:
         cl = headers.get("Content-Length")
         self.content_length = int(cl) if cl is not None else None  # llhttp has validated it
         self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
-        self.content = Body(proto) if self.body_exists else NO_BODY
+        self.content = RequestBody(proto) if self.body_exists else NO_BODY
         self._path: str | None = None
 
     @property

@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 client for the upstream side of the data path: one asyncio protocol per connection,
+"""The HTTP/1.1 client side: a lean client for the upstream end of the data path (upstream pool →
+this → the target), beside the server side (proxy/http1/server.py). One asyncio protocol per connection,
 llhttp (through httptools) for parsing, the request written in one call, keep-alive connections reused
 LIFO. It exists because a general-purpose aiohttp ClientSession request costs more than the rest of the
 proxy together; it is used for what it handles fully (a body in memory, no egress proxy, not HEAD) and
@@ -21,19 +22,12 @@ class UpstreamClosed(ConnectionError):
     """The connection ended before the whole answer arrived."""
 
 
-# What reading an upstream answer's body can raise. aiohttp's client errors join once an aiohttp session
-# exists (pool.py): aiohttp is imported only when something needs it. Read it as `h1.BODY_ERRORS`.
+# What reading an upstream answer's body can raise, whichever client read it (proxy/upstream/aio.py turns
+# aiohttp's errors into these).
 BODY_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, UpstreamClosed)
 
 
-def aiohttp_in_use() -> None:
-    global BODY_ERRORS
-    import aiohttp
-
-    BODY_ERRORS = (aiohttp.ClientError, TimeoutError, UpstreamClosed)
-
-
-class Body:
+class ClientBody:
     """The response body as it arrives: a queue of chunks with one waiter, bounded by the idle timeout."""
 
     __slots__ = ("chunks", "eof", "exc", "waiter", "idle", "conn")
@@ -86,10 +80,10 @@ class Body:
             yield chunk
 
 
-class Response:
+class ClientResponse:
     __slots__ = ("status", "reason", "headers", "content", "_conn", "_released")
 
-    def __init__(self, status: int, reason: str, headers: CIMultiDict, body: Body, conn) -> None:
+    def __init__(self, status: int, reason: str, headers: CIMultiDict, body: ClientBody, conn) -> None:
         self.status, self.reason, self.headers, self.content = status, reason, CIMultiDictProxy(headers), body
         self._conn, self._released = conn, False
 
@@ -102,7 +96,7 @@ class Response:
             self._conn.finished(self.content.eof and self.content.exc is None)
 
 
-class Connection(asyncio.Protocol):
+class ClientConnection(asyncio.Protocol):
     def __init__(self, pool, created: float) -> None:
         self.pool, self.created = pool, created
         self.transport: asyncio.Transport | None = None
@@ -115,7 +109,7 @@ class Connection(asyncio.Protocol):
         self._raw: list[tuple[str, str]] = []
         self._reason = ""
         self._waiter: asyncio.Future | None = None
-        self._body: Body | None = None
+        self._body: ClientBody | None = None
         self._done = False
         self._keep_alive = False
         self._close_delimited = False
@@ -186,14 +180,14 @@ class Connection(asyncio.Protocol):
             self._reason = ""
             return
         self._headers = CIMultiDict(self._raw)  # one C call, not one add() per header
-        self._body = Body(self, self.pool.idle_timeout)
+        self._body = ClientBody(self, self.pool.idle_timeout)
         self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message completes
         h = self._headers
         self._close_delimited = (status not in (204, 304) and "Content-Length" not in h
                                  and "chunked" not in h.get("Transfer-Encoding", "").lower())
         w = self._waiter
         if w is not None and not w.done():
-            w.set_result(Response(status, self._reason, self._headers, self._body, self))
+            w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self))
 
     def on_body(self, body: bytes) -> None:
         b = self._body
@@ -208,7 +202,7 @@ class Connection(asyncio.Protocol):
         self._body._wake()
 
     # -- request ------------------------------------------------------------------------------------
-    async def request(self, data: bytes) -> Response:
+    async def request(self, data: bytes) -> ClientResponse:
         self._headers, self._reason, self._body, self._done = None, "", None, False
         self.got_bytes = False
         self._waiter = asyncio.get_running_loop().create_future()
