@@ -13,6 +13,8 @@ from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason
 # own connection state (a SELECT of a db that does not exist) failed its setup.
 _NOT_THE_UPSTREAMS = frozenset({"closed", "client-setup"})
 _COLLATERAL = "-collateral"
+# A command whose total ran out while it waited behind others: answered as a timeout, no verdict.
+_DEADLINE = "deadline"
 
 _PROXY_MADE = frozenset({"overloaded", "circuit_breaker_open", "bad_request"})
 
@@ -49,17 +51,19 @@ class Classify:
     def failure(kind: str) -> Verdict | None:
         """RESP: connect-failure, reset and timeout are the upstream's failures. A command lost with a
         shared connection another command broke (`<kind>-collateral`) gets no verdict: the connection's
-        failure charges the breaker once, not once per command riding on it."""
+        failure charges the breaker once, not once per command riding on it. Nor does a command whose
+        total ran out before its attempt timeout (`deadline`): it waited, the upstream did not fail."""
         if kind in _NOT_THE_UPSTREAMS:
             return Verdict.REJECTED
-        if kind.endswith(_COLLATERAL):
+        if kind == _DEADLINE or kind.endswith(_COLLATERAL):
             return None
         return Verdict.FAILURE
 
     @staticmethod
     def condition(kind: str) -> str:
-        """The retry condition a value failure matches (`timeout-collateral` is a timeout)."""
-        return kind.removesuffix(_COLLATERAL)
+        """The retry condition a value failure matches (`timeout-collateral` is a timeout; so is a
+        `deadline`, which no retry can fit anyway)."""
+        return "timeout" if kind == _DEADLINE else kind.removesuffix(_COLLATERAL)
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)

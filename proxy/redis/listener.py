@@ -107,13 +107,18 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
         self.closing = self.gone = True
         self.up.connections -= 1
         self._leave_room()
-        self.counters.in_flight -= len(self.slots)
+        # Commands still out on a shared connection stay in flight until Redis answers them (then
+        # _shared_done uncounts each): a client that pipelines and hangs up must not free room the
+        # upstream has not freed. The rest (not sent, or on a connection closed below) go now.
+        self.counters.in_flight -= len(self.slots) - self.shared_out
         self.slots.clear()
         for old in list(self._retired):
             old.close()  # e.g. a BLPOP on a retired connection must not pop for nobody
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+        if self.counters.waiting:
+            self._room_freed()
 
     # -- input ---------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -218,7 +223,7 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
             return
         keys = commands.keys_of(name, args) if cls in ("read", "write") else None
         db = self.db if self.db is not None else self.up_target.db
-        if not self.in_multi and not self.chain.admits():
+        if not self.in_multi and cls != "blocking" and not self.chain.admits():
             if not self._shedding:
                 self._wait_for_room(args, read_at)
                 return
@@ -226,7 +231,8 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
             cmd = Command(self._new_slot(), name, args, codec.encode_command(args), cls, keys or [], db, self.proto)
             self._unavailable(cmd, Reason.OVERLOADED)
             return
-        self._room_since = None
+        if self._room_since is not None:
+            self._leave_room()  # admitted (room freed without a wake-up reaching this client)
         if cls == "write":  # inside MULTI too: the write will happen at EXEC
             cache = self.chain.cache
             if name in _ALL_DBS:
@@ -274,7 +280,11 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
 
     def _shared_done(self) -> None:
         self.shared_out -= 1
-        if self._parked is not None:
+        if self.gone:  # its slot is gone with the client; the command was counted until now
+            self.counters.in_flight -= 1
+            if self.counters.waiting:
+                self._room_freed()
+        elif self._parked is not None:
             self._release_parked()
 
     def _release_parked(self) -> None:
@@ -318,6 +328,8 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
             self._room_timer = self.clock.call_later(left, self._room_timeout)
 
     def _leave_room(self) -> None:
+        """No longer waiting for room (admitted another way, or gone)."""
+        self._room_since = None
         if self._room_timer is not None:
             self._room_timer.cancel()
             self._room_timer = None
@@ -327,19 +339,31 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
                 pass  # already woken
 
     def _room_freed(self) -> None:
-        """Commands of this upstream finished: wake waiting clients, oldest first, while there is room."""
-        waiting = self.counters.waiting
-        chain = self.chain
-        while waiting and chain.admits():
-            c = waiting.popleft()
-            timer, c._room_timer = c._room_timer, None
-            c._release_parked()  # its first command takes the room, or it waits again (a new timer)
-            if c._room_timer is None and c._room_since is not None and not c.gone:
-                c._room_timer = timer  # it could not run just now: it keeps its place and its deadline
-                waiting.appendleft(c)
-                return
-            if timer is not None:
-                timer.cancel()
+        """Commands of this upstream finished: wake waiting clients, oldest first, while there is room.
+        One loop per upstream at a time: a client woken here may finish commands at once (breaker open,
+        total spent) and free room again, which the running loop then uses, instead of waking clients
+        from ever deeper frames."""
+        counters = self.counters
+        if counters.waking:
+            return
+        counters.waking = True
+        waiting, chain = counters.waiting, self.chain
+        skipped = []
+        try:
+            while waiting and chain.admits():
+                c = waiting.popleft()
+                timer, c._room_timer = c._room_timer, None
+                c._release_parked()  # its first command takes the room, or it waits again (a new timer)
+                if c._room_timer is None and c._room_since is not None and not c.gone:
+                    # it could not run just now (not reading its replies, a SELECT being checked): it
+                    # keeps its place and its deadline, and the next waiter gets the room
+                    c._room_timer = timer
+                    skipped.append(c)
+                elif timer is not None and c._room_timer is not timer:
+                    timer.cancel()
+        finally:
+            waiting.extendleft(reversed(skipped))
+            counters.waking = False
 
     def _room_timeout(self) -> None:
         """pending_timeout passed without room: what is held is answered (stale read, or overloaded)."""
@@ -358,14 +382,16 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
     # -- forwarding ----------------------------------------------------------------------------------
     def forward(self, cmd: Command) -> None:
         chain = self.chain
+        retry = cmd.attempts > 0
         if self.gone:
             chain.released(cmd)
+            if cmd.shared and retry:
+                self._shared_done()
             return
         target = cmd.target = self.target
-        retry = cmd.attempts > 0
         now = self.clock.monotonic()
-        timeout = chain.timeout(cmd, now)
-        if timeout is not None and timeout <= 0:  # the total ran out while the command waited
+        left = chain.timeout(cmd, now)
+        if left is not None and left <= 0:  # the total ran out while the command waited
             chain.released(cmd)
             self._unavailable(cmd, Reason.TIMEOUT)
             if cmd.shared and retry:
@@ -396,7 +422,9 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
         until = None
         if cmd.deadline is not None:  # the connection times the head of its queue on the loop's clock
             until = self._loop.time() + (cmd.deadline - now)
-        conn.send(cmd.raw, _CommandPending(self, cmd, timeout, until))
+        # The connection gets the whole attempt timeout (a timeout there means a slow upstream and
+        # closes the connection) and, apart, the total's deadline (answered alone: see _expired).
+        conn.send(cmd.raw, _CommandPending(self, cmd, chain.attempt.seconds if left is not None else None, until))
 
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
         self.chain.answered(cmd, raw, kind, self.clock.monotonic() - cmd.started)

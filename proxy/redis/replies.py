@@ -87,15 +87,17 @@ class ReplyOrder:
         out = []
         while slots and slots[0].reply is not None:
             out.append(slots.popleft().reply)
-        if out:
-            self.counters.in_flight -= len(out)
-            if self.counters.waiting:
-                self._room_freed()
+        freed = len(out)
         if not slots and self._after:
             out.extend(self._after)
             self._after = []
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if freed:
+            # after the write: a waiter woken now may be this client, whose next replies follow these
+            self.counters.in_flight -= freed
+            if self.counters.waiting:
+                self._room_freed()
         if self.paused and len(slots) < MAX_PENDING_SLOTS // 2:
             self.paused = False
             if not self.write_paused and self._parked is None:

@@ -21,8 +21,9 @@ and Redis alike. The rules where RESP differs are stated here, and only here:
   commands have no attempt timeout either.
 - Over `max_in_flight` the listener stops reading from the client; a command still waiting after
   `limits.pending_timeout` is answered from the stale-read cache, or `-UNAVAILABLE … (overloaded)` (never
-  `-BUSY`: that means a script is running). Commands queued inside MULTI are not shed: the transaction
-  would run without them.
+  `-BUSY`: that means a script is running). Commands queued inside MULTI are not shed (the transaction
+  would run without them), nor are blocking commands (a queue worker's BLPOP is meant to wait); both
+  count as in flight.
 """
 
 from __future__ import annotations

@@ -173,14 +173,35 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.pending and self.pending[0].timeout is not None and self.transport is not None:
             head = self.pending[0]
-            timeout = head.timeout
             if head.until is not None:
-                timeout = max(0.0, min(timeout, head.until - self._loop.time()))
-            self._timer = self._loop.call_later(timeout, self._timed_out)
+                left = head.until - self._loop.time()
+                if left < head.timeout:
+                    self._timer = self._loop.call_later(max(0.0, left), self._expired)
+                    return
+            self._timer = self._loop.call_later(head.timeout, self._timed_out)
 
     def _timed_out(self) -> None:
+        """The head command's attempt timeout: the upstream is too slow, the connection goes."""
         self._timer = None
         self._fail("timeout", TimeoutError("command timeout"))
+
+    def _expired(self) -> None:
+        """The head command's total ran out before its attempt timeout (it had waited before it was
+        sent): that is not the upstream failing. The command is answered (`deadline`) and its reply,
+        when it comes, dropped; the connection and the commands behind it (other clients' too, on a
+        shared one) carry on. The placeholder still times the connection out after a whole attempt."""
+        self._timer = None
+        if not self.pending:
+            return
+        head = self.pending[0]
+        self.pending[0] = Pending(b"", _drop_reply, _ignore, head.timeout)
+        head.conn = self
+        try:
+            head.on_failure("deadline")
+        except Exception as exc:  # noqa: BLE001 — one client's bug must not break the connection for all
+            log.error("redis_failure_callback", error=type(exc).__name__, message=str(exc)[:200])
+        if not self.failed:
+            self._arm()
 
     # -- receive -----------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -342,5 +363,10 @@ class SharedRedis:
         self.conns.clear()
 
 
-def _ignore(data: bytes) -> None:
-    """A push on a shared connection (nobody subscribed on it): nobody to give it to."""
+def _ignore(data) -> None:
+    """A push on a shared connection (nobody subscribed on it): nobody to give it to. Also what an
+    expired command's placeholder does with a failure."""
+
+
+def _drop_reply(raw: bytes, kind: str) -> None:
+    """The reply of a command already answered `deadline`: nobody waits for it."""

@@ -10,7 +10,7 @@ import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from proxy.settings.units import Duration, Size
 
@@ -358,7 +358,7 @@ class UpstreamSpec(Spec):
     @classmethod
     def _protocol_defaults(cls, data: object) -> object:
         """The protocol's defaults for keys the config leaves out (an LLM call runs to minutes and POSTs;
-        a Redis command takes a millisecond), and no section another protocol owns."""
+        a Redis command takes a millisecond)."""
         if not isinstance(data, dict):
             return data
         table = protocol_table()
@@ -366,17 +366,46 @@ class UpstreamSpec(Spec):
         protocol = table.get(name) if isinstance(name, str) else None
         if protocol is None:
             raise ValueError(f"protocol: must be one of {', '.join(sorted(table))}, got {name!r}")
-        for other in table.values():
-            if other is protocol:
-                continue
-            for section in other.sections:
-                if section in data:
-                    raise ValueError(f"{section}: only for protocol {other.name} (this upstream is {name})")
-            for i, t in enumerate(data.get("targets") or ()):
-                for key in other.target_keys:
-                    if isinstance(t, dict) and key in t:
-                        raise ValueError(f"targets.{i}.{key}: only for protocol {other.name} (this upstream is {name})")
         return _with_defaults(data, protocol.defaults)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _owned_section(cls, v: object, info: ValidationInfo) -> object:
+        """A section only another protocol reads is an error at its own path — unless it is empty or
+        its defaults, as /admin/config shows every section (such a config must load again)."""
+        table = protocol_table()
+        owner = next((p for p in table.values() if info.field_name in p.sections), None)
+        protocol = table.get(info.data.get("protocol"))
+        if owner is None or protocol is None or owner is protocol:
+            return v
+        default = cls.model_fields[info.field_name].default
+        if v is None or v == {} or v == default.model_dump(mode="json"):
+            return default
+        raise ValueError(f"only for protocol {owner.name} (this upstream is {protocol.name})")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _owned_target_keys(cls, v: object, info: ValidationInfo) -> object:
+        table = protocol_table()
+        protocol = table.get(info.data.get("protocol"))
+        if protocol is None or not isinstance(v, list | tuple):
+            return v
+        out, errors = [], []
+        for i, t in enumerate(v):
+            if isinstance(t, dict):
+                t = dict(t)
+                for other in table.values():
+                    for key in other.target_keys if other is not protocol else ():
+                        if key in t and t[key] is None:
+                            del t[key]  # as /admin/config shows it: not set
+                        elif key in t:
+                            errors.append((f"{i}.{key}", other.name))
+            out.append(t)
+        if errors:
+            (where, owner), more = errors[0], len(errors) - 1
+            also = f"; {more} more target{'s' if more > 1 else ''} the same" if more else ""
+            raise ValueError(f"{where}: only for protocol {owner} (this upstream is {protocol.name}{also})")
+        return out
 
     @field_validator("request_headers")
     @classmethod

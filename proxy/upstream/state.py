@@ -42,12 +42,13 @@ class Counters:
     """Live per-upstream counts, kept across reloads. `waiting` holds the listeners' clients that wait
     for room under max_in_flight (Redis), woken as commands finish."""
 
-    __slots__ = ("in_flight", "budget", "waiting")
+    __slots__ = ("in_flight", "budget", "waiting", "waking")
 
     def __init__(self, budget: RetryBudget) -> None:
         self.in_flight = 0
         self.budget = budget
         self.waiting: collections.deque = collections.deque()
+        self.waking = False  # a wake-up loop is running: a nested one returns, the running one carries on
         budget.counters = self
 
 

@@ -136,3 +136,25 @@ def test_each_protocols_defaults_and_schemes_are_what_the_config_gets(tmp_path, 
     other = next(s for q in protocols.PROTOCOLS.values() if q is not p for s in q.schemes if s not in p.schemes)
     errors = _errors(tmp_path, {"protocol": name, "targets": [{"name": "s", "url": f"{other}://h"}]})
     assert errors == [f"upstreams.x.targets: s: protocol {name} needs a {' or '.join(p.schemes)} URL"]
+
+
+def test_a_config_saved_from_the_old_admin_config_still_loads(tmp_path):
+    """/admin/config used to show every section on every upstream (defaults, nulls): such a dump loads;
+    only a section that says something is refused."""
+    from proxy.settings.spec import ClientAuthSpec, LLMSpec
+
+    dump = {"targets": [{"name": "s", "url": "http://h", "password_file": None}],
+            "llm": LLMSpec().model_dump(mode="json"), "client_auth": ClientAuthSpec().model_dump(mode="json")}
+    spec = load(_write(tmp_path, dump)).settings.upstreams["x"]
+    assert spec.llm == LLMSpec() and spec.targets[0].password_file is None
+
+
+def test_every_misplaced_section_is_reported_at_once(tmp_path):
+    errors = _errors(tmp_path, {"targets": [{"name": "s", "url": "http://h", "password_file": "/p"},
+                                            {"name": "t", "url": "http://h2", "password_file": "/q"}],
+                                "llm": {"models": ["m"]}, "client_auth": {"password_file": "/c"}})
+    assert sorted(errors) == sorted([
+        "upstreams.x.llm: only for protocol openai (this upstream is http)",
+        "upstreams.x.client_auth: only for protocol redis (this upstream is http)",
+        "upstreams.x.targets.0.password_file: only for protocol redis (this upstream is http; 1 more target the same)",
+    ])

@@ -1,0 +1,137 @@
+"""The Redis listener without sockets: clients on recording transports, the real runtime behind them.
+What waiting for room under max_in_flight must never do — answer out of order, strand a client, let one
+client that cannot run block the others, or free room the upstream has not freed."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+from proxy.clock import REAL, ManualClock
+from proxy.exchange import Reason
+from proxy.obs.metrics import METRICS
+from proxy.redis import codec
+from proxy.redis.listener import RedisClientProtocol
+from proxy.runtime import UpstreamRuntime
+from proxy.settings.spec import UpstreamSpec
+from proxy.upstream.state import StateStore
+
+_n = iter(range(10**6))
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.reading, self.closed = True, False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def upstream(clock=REAL, **limits):
+    name = f"rl{next(_n)}"
+    spec = UpstreamSpec.model_validate({
+        "protocol": "redis", "listen": "127.0.0.1:6390", "targets": [{"name": "stable", "url": "redis://r:6379/0"}],
+        "limits": {"max_in_flight": 1, "pending_timeout": "100s", **limits}, "health": {"enabled": False}})
+    up = UpstreamRuntime(name, spec, StateStore(clock, METRICS), clock)
+    app = types.SimpleNamespace(runtime=types.SimpleNamespace(upstreams={name: up}), clock=clock)
+
+    def client() -> RedisClientProtocol:
+        c = RedisClientProtocol(app, name)
+        c.connection_made(Transport())
+        return c
+
+    return up, client
+
+
+def get(key: bytes) -> bytes:
+    return codec.encode_command([b"GET", key])
+
+
+def open_breaker(up) -> None:
+    up.targets[0].breaker.force("open")  # a command that goes out is answered at once, without I/O
+
+
+async def test_the_reply_owed_first_goes_first_when_the_same_client_is_woken():
+    up, client = upstream()
+    c = client()
+    first = c._new_slot()  # GET a, in flight: the one unit of room
+    c.data_received(get(b"b"))  # waits for room, unread
+    assert list(up.counters.waiting) == [c] and not c.transport.reading
+    open_breaker(up)
+    c._resolve(first, b"$1\r\na\r\n")
+    assert b"".join(c.transport.out) == b"$1\r\na\r\n" + up.wire.chain.unavailable(Reason.CIRCUIT_BREAKER_OPEN)
+    assert c.transport.reading and not up.counters.waiting
+
+
+async def test_many_waiting_clients_are_all_answered_without_deep_recursion():
+    up, client = upstream()
+    holder = client()
+    slot = holder._new_slot()
+    waiting = [client() for _ in range(300)]
+    for w in waiting:
+        w.data_received(get(b"k"))
+    assert len(up.counters.waiting) == 300
+    open_breaker(up)
+    holder._resolve(slot, b"+OK\r\n")
+    assert all(w.transport.out for w in waiting), "a client was left without its reply"
+    assert all(w._parked is None and w.transport.reading for w in waiting)
+    assert up.counters.in_flight == 0 and not up.counters.waiting
+
+
+async def test_a_waiter_that_cannot_run_keeps_its_place_and_the_next_one_gets_the_room():
+    up, client = upstream()
+    holder = client()
+    slot = holder._new_slot()
+    slow, other = client(), client()
+    slow.data_received(get(b"a"))
+    other.data_received(get(b"b"))
+    slow.pause_writing()  # its socket is full: it may not take a command now
+    open_breaker(up)
+    holder._resolve(slot, b"+OK\r\n")
+    assert other.transport.out and not slow.transport.out
+    assert list(up.counters.waiting) == [slow] and slow._room_timer is not None  # its deadline kept
+    slow.resume_writing()
+    assert slow.transport.out and not up.counters.waiting
+
+
+async def test_a_client_that_hangs_up_frees_only_what_redis_has_answered():
+    up, client = upstream()
+    c = client()
+    c._new_slot()
+    c._new_slot()
+    c.shared_out = 1  # one of the two is out on a shared connection, unanswered
+    waiter = client()
+    waiter.data_received(get(b"k"))
+    c.connection_lost(None)
+    assert up.counters.in_flight == 1 and list(up.counters.waiting) == [waiter]
+    open_breaker(up)
+    c._shared_done()  # Redis answers the abandoned command: now the room is free
+    assert up.counters.in_flight == 0 and waiter.transport.out and not up.counters.waiting
+
+
+async def test_a_command_still_waiting_after_pending_timeout_is_shed(metrics):
+    clock = ManualClock()
+    up, client = upstream(clock, pending_timeout="2s")
+    holder = client()
+    holder._new_slot()
+    c = client()
+    c.data_received(get(b"cold") + codec.encode_command([b"PING"]))
+    assert not c.transport.out
+    await asyncio.sleep(0)  # the manual clock runs the pending_timeout timer at once
+    assert clock.sleeps == [2.0]
+    assert c.transport.out[0] == codec.error(f"UNAVAILABLE redis upstream '{up.name}' is unavailable (overloaded)")
+    assert metrics.delta("upstream_shed_total", name=up.name) == 2  # the PING behind it waited too
+    assert c.transport.reading and not up.counters.waiting
