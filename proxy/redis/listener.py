@@ -3,9 +3,8 @@
 listener (this, one asyncio protocol per client connection) → track chosen when the connection opens →
 per command the resilience chain (proxy/redis/resilience.py, the same policies as HTTP) → upstream
 connection (proxy/redis/upstream.py) → reply in order (proxy/redis/replies.py). Session commands
-(AUTH, HELLO, SELECT, CLIENT SETINFO, ...) are proxy/redis/session.py. This module reads commands,
-decides where each goes and when it may go, and keeps a slow or overloading client from making the
-proxy buffer without bound.
+(AUTH, HELLO, SELECT, CLIENT SETINFO, ...) are proxy/redis/session.py; when a command must wait, and when
+the client is not read, proxy/redis/flow.py. This module reads commands and decides where each goes.
 
 Plain reads and writes go over a connection shared by all clients (one write per loop turn for all of
 them); a client that needs connection state of its own (MULTI/WATCH, blocking commands, pub/sub,
@@ -23,12 +22,12 @@ import collections
 from proxy.exchange import Reason
 from proxy.obs import log
 from proxy.redis import codec, commands
+from proxy.redis.flow import FlowControl
 from proxy.redis.replies import MAX_PENDING_SLOTS, ReplyOrder
 from proxy.redis.resilience import Command
 from proxy.redis.session import SessionCommands, error_reply
 from proxy.redis.upstream import Pending, UpstreamConnection
 
-_DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connection that can be paused
 _ALL_DBS = frozenset({b"FLUSHALL", b"SWAPDB", b"MOVE", b"COPY"})  # touch another db than the client's too
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
@@ -52,7 +51,7 @@ class _CommandPending(Pending):
         self.client._failed(self.cmd, kind, self.conn)
 
 
-class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
+class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Protocol):
     def __init__(self, app, name: str) -> None:
         self.app, self.name = app, name
         self.clock = app.clock
@@ -266,119 +265,6 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
         """A plain read or write of a client with no connection state the upstream must hold for it."""
         return (name in commands.READS or name in commands.WRITES or name in _STATELESS) and self.client_name is None
 
-    # -- holding commands back -----------------------------------------------------------------------
-    def _hold(self) -> None:
-        """From now on commands wait in `_parked` (and the client's input with them)."""
-        if self._parked is None:
-            self._parked = collections.deque()
-            if self.transport is not None:
-                self.transport.pause_reading()
-
-    def _park(self, args: list[bytes], read_at: float) -> None:
-        self._hold()
-        self._parked.append((args, read_at))
-
-    def _shared_done(self) -> None:
-        self.shared_out -= 1
-        if self.gone:  # its slot is gone with the client; the command was counted until now
-            self.counters.in_flight -= 1
-            if self.counters.waiting:
-                self._room_freed()
-        elif self._parked is not None:
-            self._release_parked()
-
-    def _release_parked(self) -> None:
-        """Dispatch held-back commands in order until one has to wait again."""
-        if self._parked is None or self.closing or self._releasing or self._validating:
-            return
-        parked, self._parked = self._parked, None
-        self._releasing = True  # a command failing at once re-enters _shared_done: no recursion
-        try:
-            self._corked(self._dispatch_held, parked)
-        finally:
-            self._releasing = False
-        if self._parked is None and self.transport is not None and not self.paused and not self.write_paused:
-            self.transport.resume_reading()
-        elif (self._parked is not None and not self.shared_out and not self.write_paused and not self.retrying
-              and not self._validating and self._room_since is None):
-            self._release_parked()  # everything it waited for was answered while it was being parked
-
-    def _dispatch_held(self, parked: collections.deque) -> None:
-        while parked and not self.closing:
-            args, read_at = parked.popleft()
-            self.dispatch(args, read_at)
-            if self._parked is not None:  # it (or a SELECT being checked) waits again: the rest behind
-                self._parked.extend(parked)
-                return
-            if self.tunnel:  # SUBSCRIBE/MONITOR: what follows it (and a command still arriving) is raw
-                self._forward_rest([a for a, _ in parked])
-                parked.clear()
-
-    # -- room under max_in_flight --------------------------------------------------------------------
-    def _wait_for_room(self, args: list[bytes], read_at: float) -> None:
-        """Over max_in_flight: hold this command (and stop reading) until a command of this upstream
-        finishes, for at most pending_timeout in all."""
-        self._park(args, read_at)
-        now = self.clock.monotonic()
-        if self._room_since is None:
-            self._room_since = now
-        if self._room_timer is None:
-            self.counters.waiting.append(self)
-            left = max(0.0, self._room_since + self.chain.pending_timeout - now)
-            self._room_timer = self.clock.call_later(left, self._room_timeout)
-
-    def _leave_room(self) -> None:
-        """No longer waiting for room (admitted another way, or gone)."""
-        self._room_since = None
-        if self._room_timer is not None:
-            self._room_timer.cancel()
-            self._room_timer = None
-            try:
-                self.counters.waiting.remove(self)
-            except ValueError:
-                pass  # already woken
-
-    def _room_freed(self) -> None:
-        """Commands of this upstream finished: wake waiting clients, oldest first, while there is room.
-        One loop per upstream at a time: a client woken here may finish commands at once (breaker open,
-        total spent) and free room again, which the running loop then uses, instead of waking clients
-        from ever deeper frames."""
-        counters = self.counters
-        if counters.waking:
-            return
-        counters.waking = True
-        waiting, chain = counters.waiting, self.chain
-        skipped = []
-        try:
-            while waiting and chain.admits():
-                c = waiting.popleft()
-                timer, c._room_timer = c._room_timer, None
-                c._release_parked()  # its first command takes the room, or it waits again (a new timer)
-                if c._room_timer is None and c._room_since is not None and not c.gone:
-                    # it could not run just now (not reading its replies, a SELECT being checked): it
-                    # keeps its place and its deadline, and the next waiter gets the room
-                    c._room_timer = timer
-                    skipped.append(c)
-                elif timer is not None and c._room_timer is not timer:
-                    timer.cancel()
-        finally:
-            waiting.extendleft(reversed(skipped))
-            counters.waking = False
-
-    def _room_timeout(self) -> None:
-        """pending_timeout passed without room: what is held is answered (stale read, or overloaded)."""
-        self._room_timer = None
-        try:
-            self.counters.waiting.remove(self)
-        except ValueError:
-            pass
-        self._room_since = None
-        self._shedding = True
-        try:
-            self._release_parked()
-        finally:
-            self._shedding = False
-
     # -- forwarding ----------------------------------------------------------------------------------
     def forward(self, cmd: Command) -> None:
         chain = self.chain
@@ -498,38 +384,6 @@ class RedisClientProtocol(SessionCommands, ReplyOrder, asyncio.Protocol):
                 self._retired.add(old)
                 old.on_closed = self._retired.discard
             self.conn = None
-
-    # -- back-pressure: a slow client must not make the proxy buffer everything Redis sends ------------
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        for c in (self.conn, *self._retired):
-            if c is not None:
-                c.pause()
-        # A shared connection cannot stop for one slow reader: stop taking this client's commands
-        # instead, and move it to a connection of its own (which can be paused) once what it is owed
-        # on the shared one is answered — its replies in the proxy stay bounded by what a pause holds.
-        if not self.dedicated and self._demote_timer is None:
-            self._demote_timer = asyncio.get_running_loop().call_later(_DEMOTE_AFTER, self._demote)
-        if self.transport is not None and not self.paused:
-            self.transport.pause_reading()
-
-    def _demote(self) -> None:
-        self._demote_timer = None
-        if self.write_paused and not self.gone:
-            self.demote = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self._demote_timer is not None:
-            self._demote_timer.cancel()
-            self._demote_timer = None
-        for c in (self.conn, *self._retired):
-            if c is not None:
-                c.resume()
-        if self._parked is not None:
-            self._release_parked()
-        elif self.transport is not None and not self.paused and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     # -- pub/sub, MONITOR -----------------------------------------------------------------------------
     def _enter_tunnel(self, args: list[bytes]) -> None:
