@@ -85,9 +85,18 @@ class ProxyRequest(Call):
         self.llm: LLMCall | None = None         # the LLM path's view of the request (openai only)
 
 
+AfterBody = Callable[["Verdict | None", "bytes | None"], None]
+
+
 class ProxyResponse:
+    """An answer on its way back up the chain. Work that must wait for the end of its body — the
+    breaker's verdict on a streamed success, the fallback's copy, the LLM token count — joins the
+    after-body phase (`after_body`); the listener runs it once (`body_done`) when the body is through
+    (SUCCESS, with the body if some hook asked to keep it and it fit), failed (FAILURE) or was
+    abandoned (None)."""
+
     __slots__ = ("status", "headers", "body", "stream", "verdict", "failure", "outcome", "source",
-                 "reason", "capture", "elapsed", "target", "settle", "_release")
+                 "reason", "elapsed", "target", "keep", "_after", "_release")
 
     def __init__(self, status: int, headers: CIMultiDict | None = None, body: bytes | None = b"",
                  stream: Any = None, verdict: Verdict = Verdict.SUCCESS, failure: Failure | None = None,
@@ -96,22 +105,32 @@ class ProxyResponse:
         self.verdict, self.failure, self.outcome = verdict, failure, outcome
         self.source: str | None = None      # fallback source: cache|stale|static|degraded
         self.reason: Reason | None = failure.reason if failure else None
-        self.capture: Callable[[bytes], None] | None = None   # set by fallback: store the body once streamed
         self.elapsed = 0.0
         self.target: Any = None
-        self.settle: Callable[[Verdict | None], None] | None = None  # the breaker's deferred verdict
+        self.keep = -1                      # body bytes an after-body hook wants kept (-1: none)
+        self._after: list[AfterBody] | None = None
         self._release = release
 
-    def finish(self, verdict: Verdict | None) -> None:
-        """The body is done (SUCCESS), failed (FAILURE) or was abandoned (None): settle the breaker."""
-        s, self.settle = self.settle, None
-        if s is not None:
-            s(verdict)
+    def after_body(self, hook: AfterBody, keep: int = -1) -> None:
+        """Run hook(verdict, body) once the body is done; `keep`: it wants the body, up to that size."""
+        if self._after is None:
+            self._after = []
+        self._after.append(hook)
+        if keep > self.keep:
+            self.keep = keep
+
+    def body_done(self, verdict: Verdict | None, body: bytes | None = None) -> None:
+        """The after-body phase, once: later calls do nothing."""
+        hooks, self._after = self._after, None
+        if hooks is not None:
+            for hook in hooks:
+                hook(verdict, body)
 
     def release(self) -> None:
-        """Give the upstream connection back (or drop it). Safe to call more than once."""
-        if self.settle is not None:
-            self.finish(None)
+        """Give the upstream connection back (or drop it); a body never finished is abandoned. Safe to
+        call more than once."""
+        if self._after is not None:
+            self.body_done(None)
         r, self._release = self._release, None
         if r is not None:
             r()

@@ -260,7 +260,7 @@ class HttpListener:
                 up.metrics.duration(track, time.monotonic() - started)
             try:
                 status, sent = await self.respond(request, up, route, preq, resp)
-                resp.finish(Verdict.SUCCESS)  # the body is through (a failure settled it already)
+                resp.body_done(Verdict.SUCCESS)  # the body is through (a no-op when respond ended the phase)
             except ConnectionResetError:
                 status, sent = "client_closed", Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
@@ -329,8 +329,7 @@ class HttpListener:
                 except BODY_ERRORS as exc:
                     return self._failed_before_headers(preq, resp, exc)
                 cr = None
-                if resp.capture is not None:
-                    resp.capture(resp.body)
+                resp.body_done(Verdict.SUCCESS, resp.body if len(resp.body) <= resp.keep else None)
         if cr is None:
             r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
                          body=None if no_body and not head else resp.body)
@@ -345,9 +344,8 @@ class HttpListener:
         if no_body:
             await sr.write_eof()
             return str(resp.status), sr
-        capture = resp.capture
-        keep = route.fallback.max_body if capture is not None else -1
-        buf: list[bytes] | None = [] if capture is not None else None
+        keep = resp.keep
+        buf: list[bytes] | None = [] if keep >= 0 else None
         size = 0
         try:
             async for chunk in cr.content.iter_any():
@@ -361,8 +359,7 @@ class HttpListener:
         except BODY_ERRORS as exc:
             self._failed_after_headers(request, preq, resp, exc, size)
             return "reset", sr
-        if buf is not None and capture is not None:
-            capture(b"".join(buf))
+        resp.body_done(Verdict.SUCCESS, b"".join(buf) if buf is not None else None)
         await sr.write_eof()
         return str(resp.status), sr
 
@@ -370,7 +367,7 @@ class HttpListener:
                               exc: BaseException, sent: int) -> None:
         """Headers are out: nothing can be retried or replaced. Abort the client connection so it sees
         a truncated answer, not a complete-looking one, and count the failure."""
-        resp.finish(Verdict.FAILURE)
+        resp.body_done(Verdict.FAILURE)
         log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
                     request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
         if request.transport is not None:
@@ -378,7 +375,7 @@ class HttpListener:
 
     def _failed_before_headers(self, preq: ProxyRequest, resp: ProxyResponse,
                                exc: BaseException) -> tuple[str, Response]:
-        resp.finish(Verdict.FAILURE)
+        resp.body_done(Verdict.FAILURE)
         log.warning("upstream_failed_mid_body", upstream=self.name, track=preq.target.name,
                     request_id=preq.request_id, error=type(exc).__name__, bytes_sent=0)
         status = 504 if isinstance(exc, TimeoutError) else 502

@@ -114,17 +114,16 @@ class OpenAIListener(HttpListener):
             return await self._relay(request, up, preq, resp)
         if resp.stream is not None and resp.status == 200 and call.doc is not None:
             # count the tokens of a non-streamed completion on the copy the listener keeps anyway
-            capture, model = resp.capture, call.model
+            model = call.model
 
-            def counted(body: bytes) -> None:
-                try:
-                    up.metrics.tokens(model, json.loads(body).get("usage"))
-                except (ValueError, AttributeError):
-                    pass
-                if capture is not None:
-                    capture(body)
+            def counted(verdict: Verdict | None, body: bytes | None) -> None:
+                if verdict is Verdict.SUCCESS and body is not None:
+                    try:
+                        up.metrics.tokens(model, json.loads(body).get("usage"))
+                    except (ValueError, AttributeError):
+                        pass
 
-            resp.capture = counted
+            resp.after_body(counted, route.fallback.max_body)
         return await super().respond(request, up, route, preq, resp)
 
     async def _replay(self, request, preq: ProxyRequest, resp: ProxyResponse):
@@ -167,7 +166,7 @@ class OpenAIListener(HttpListener):
             if pending:
                 await sr.write(pending)
         except BODY_ERRORS as exc:
-            resp.finish(Verdict.FAILURE)
+            resp.body_done(Verdict.FAILURE)
             log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
                         request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
             message = ("the upstream stream was interrupted" if not isinstance(exc, TimeoutError)
@@ -177,14 +176,16 @@ class OpenAIListener(HttpListener):
             return "reset", sr
         if not asm.done:
             # the upstream closed without [DONE]: tell the client in-band, count the failure
-            resp.finish(Verdict.FAILURE)
+            resp.body_done(Verdict.FAILURE)
             await sr.write(error_event("the upstream stream ended early", "upstream_error", 502) + sse.DONE)
             await sr.write_eof()
             return "reset", sr
+        assembled = None
         if asm.complete:
             completion = asm.completion()
             up.metrics.tokens(model, completion.get("usage"))
-            if resp.capture is not None and not parser.overflow:
-                resp.capture(json.dumps(completion).encode())
+            if not parser.overflow:
+                assembled = json.dumps(completion).encode()
+        resp.body_done(Verdict.SUCCESS, assembled if assembled is not None and len(assembled) <= resp.keep else None)
         await sr.write_eof()
         return "200", sr

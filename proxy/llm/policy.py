@@ -11,6 +11,7 @@ attempt end at its first event, so everything before the first byte reached the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -22,7 +23,7 @@ from multidict import CIMultiDict
 from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.http1.client import BODY_ERRORS
 from proxy.llm import sse
-from proxy.policy.fallback import Fallback
+from proxy.policy.fallback import Fallback, _store
 from proxy.settings.spec import DegradedSpec
 from proxy.upstream.http import failure_response
 
@@ -72,11 +73,12 @@ class LLMFallback(Fallback):
         return super()._key(req)
 
     def _keep(self, req: ProxyRequest, resp: ProxyResponse, key: bytes) -> None:
-        """A completion is stored as JSON once the listener has it whole (streams are assembled first)."""
+        """A completion is stored as JSON once the listener has it whole (streams are assembled first:
+        the listener ends the after-body phase with the assembled completion)."""
         no_store = req.llm is not None and req.llm.cache_mode == "no-store"
         if not no_store and resp.status == 200:
-            store, headers = self.cache.store, CIMultiDict({"Content-Type": _JSON})
-            resp.capture = lambda body: store(key, 200, headers, body)
+            resp.after_body(functools.partial(_store, self.cache, key, 200, CIMultiDict({"Content-Type": _JSON})),
+                            self.spec.max_body)
 
     def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
         out = super().serve(key, reason, req)

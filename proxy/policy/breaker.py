@@ -298,8 +298,8 @@ class Breaker:
     """The policy. Reads the request's target breaker: one chain serves every track of an upstream.
 
     A success whose body is still to be streamed is not recorded at the headers: its verdict waits for
-    the end of the body (`resp.finish`), so a failure after the headers counts, and a half-open probe
-    holds its slot until it is really done."""
+    the end of the body (the response's after-body phase), so a failure after the headers counts, and a
+    half-open probe holds its slot until it is really done."""
 
     __slots__ = ("clock",)
 
@@ -340,7 +340,11 @@ class Breaker:
             raise
         resp.elapsed = elapsed = self.clock.monotonic() - start
         if resp.verdict is Verdict.SUCCESS and resp.stream is not None:
-            resp.settle = functools.partial(br.settle, token, elapsed)
+            resp.after_body(functools.partial(_settle, br, token, elapsed))
         else:
             br.record(token, resp.verdict, elapsed, resp.failure)
         return resp
+
+
+def _settle(br: BreakerState, token: int, elapsed: float, verdict: Verdict | None, body: bytes | None) -> None:
+    br.settle(token, elapsed, verdict)

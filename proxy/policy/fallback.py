@@ -9,6 +9,7 @@ requests without `Authorization`/`Cookie` unless those are listed in `vary` (the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 
 from cachetools import TTLCache
@@ -144,6 +145,12 @@ def storable(resp: ProxyResponse) -> bool:
     return "no-store" not in cc and "private" not in cc
 
 
+def _store(cache, key, status: int, headers, verdict: Verdict | None, body: bytes | None) -> None:
+    """After the body: a whole, successful body is stored (one over max_body is not kept)."""
+    if verdict is Verdict.SUCCESS and body is not None:
+        cache.store(key, status, headers, body)
+
+
 class Fallback:
     __slots__ = ("spec", "cache", "metrics", "clock", "methods", "vary", "private_ok", "static")
 
@@ -185,8 +192,7 @@ class Fallback:
         if resp.body is not None and resp.stream is None:
             self.cache.store(key, resp.status, resp.headers, resp.body)
         else:
-            status, headers, store = resp.status, resp.headers, self.cache.store
-            resp.capture = lambda body: store(key, status, headers, body)
+            resp.after_body(functools.partial(_store, self.cache, key, resp.status, resp.headers), self.spec.max_body)
 
     def source(self, stored_at: float) -> str:
         """`cache` while an entry is younger than cache_ttl, `stale` after (until stale_ttl evicts it)."""
