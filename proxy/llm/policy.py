@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
 from proxy.http1.client import BODY_ERRORS
 from proxy.llm import sse
-from proxy.policy.fallback import Fallback, _store
+from proxy.policy.fallback import Fallback, store_after_body
 from proxy.settings.spec import DegradedSpec
 from proxy.upstream.http import failure_response
 
@@ -77,7 +77,7 @@ class LLMFallback(Fallback):
         the listener ends the after-body phase with the assembled completion)."""
         no_store = req.llm is not None and req.llm.cache_mode == "no-store"
         if not no_store and resp.status == 200:
-            resp.after_body(functools.partial(_store, self.cache, key, 200, CIMultiDict({"Content-Type": _JSON})),
+            resp.after_body(functools.partial(store_after_body, self.cache, key, 200, CIMultiDict({"Content-Type": _JSON})),
                             self.spec.max_body)
 
     def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:

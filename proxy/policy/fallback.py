@@ -145,7 +145,7 @@ def storable(resp: ProxyResponse) -> bool:
     return "no-store" not in cc and "private" not in cc
 
 
-def _store(cache, key, status: int, headers, verdict: Verdict | None, body: bytes | None) -> None:
+def store_after_body(cache, key, status: int, headers, verdict: Verdict | None, body: bytes | None) -> None:
     """After the body: a whole, successful body is stored (one over max_body is not kept)."""
     if verdict is Verdict.SUCCESS and body is not None:
         cache.store(key, status, headers, body)
@@ -192,7 +192,7 @@ class Fallback:
         if resp.body is not None and resp.stream is None:
             self.cache.store(key, resp.status, resp.headers, resp.body)
         else:
-            resp.after_body(functools.partial(_store, self.cache, key, resp.status, resp.headers), self.spec.max_body)
+            resp.after_body(functools.partial(store_after_body, self.cache, key, resp.status, resp.headers), self.spec.max_body)
 
     def source(self, stored_at: float) -> str:
         """`cache` while an entry is younger than cache_ttl, `stale` after (until stale_ttl evicts it)."""
