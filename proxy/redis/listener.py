@@ -204,7 +204,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             # that client's back-pressure.
             self._park(args, read_at)
             return
-        if self.authenticated and not self.in_multi and self._session(name, args):
+        if ((name == b"CLIENT" or name == b"WAIT" or name == b"WAITAOF") and self.authenticated and not self.in_multi
+                and self._session(name, args)):
             return
         if not self.slots and not self.in_multi and not self.watching:
             self._refresh()

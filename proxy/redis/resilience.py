@@ -28,6 +28,8 @@ and Redis alike. The rules where RESP differs are stated here, and only here:
 
 from __future__ import annotations
 
+import functools
+
 from proxy.exchange import Call, Reason, Verdict
 from proxy.policy.breaker import Breaker
 from proxy.policy.classify import Classify
@@ -69,7 +71,7 @@ class CommandChain:
     """Built once per config load for a Redis upstream (`up`), from its specs."""
 
     __slots__ = ("up", "name", "cache", "fallback", "shed", "total", "retry", "breaker", "classify", "attempt",
-                 "pending_timeout", "_counts")
+                 "pending_timeout", "_counts", "admits", "_answered")
 
     def __init__(self, up, cache, deadlines, clock) -> None:
         spec = up.spec
@@ -82,6 +84,9 @@ class CommandChain:
         self.classify = Classify(frozenset())
         self.attempt = AttemptTimeout(spec.timeouts.attempt, clock, deadlines)
         self.pending_timeout = spec.limits.pending_timeout
+        # Room for one more command in flight (max_in_flight)? The shed policy's rule, bound once.
+        self.admits = functools.partial(self.shed.admits, 1)
+        self._answered = self.classify.reply("")  # any reply is an answer: the verdict needs no reply
         m = up.metrics.m
         self._counts = {}
         for t in up.targets:
@@ -98,10 +103,6 @@ class CommandChain:
         b.inc()
 
     # -- before the command goes out -----------------------------------------------------------------
-    def admits(self) -> bool:
-        """Room for one more command in flight (max_in_flight)?"""
-        return self.shed.admits(1)
-
     def start(self, cmd: Command, read_at: float) -> None:
         if cmd.cls not in NO_TOTAL:
             self.total.start(cmd, read_at)
@@ -114,7 +115,8 @@ class CommandChain:
 
     def admit(self, cmd: Command) -> bool:
         """The breaker's admission for this attempt (False: open, no I/O at all)."""
-        token = self.breaker.admit(cmd)
+        br = cmd.target.breaker
+        token = 0 if br.clean else self.breaker.admit(cmd)  # clean: closed, nothing on record (one read)
         if token is None:
             return False
         cmd.token = token
@@ -135,7 +137,8 @@ class CommandChain:
         up = self.up
         if cmd.budgeted:
             self._settled(cmd)
-        self.breaker.record(cmd, cmd.token, self.classify.reply(kind), elapsed)
+        if cmd.token or not cmd.target.breaker.clean:  # a success on a clean record changes nothing
+            self.breaker.record(cmd, cmd.token, self._answered, elapsed)
         if self.cache.episode is not None:
             self.fallback.fresh()
         up.metrics.duration(cmd.target.name, elapsed)
