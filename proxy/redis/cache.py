@@ -20,6 +20,7 @@ class RedisCache(CacheSize):
         self.by_db: dict[int, set[tuple]] = {}
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
                                   getsizeof=lambda v: len(v[1]) + len(v[0]) + 64, on_evict=self._forget)
+        self._refresh = min(_REFRESH, spec.stale_ttl)  # never skip re-storing an entry that has expired
 
 
     def _forget(self, ckey: tuple) -> None:
@@ -41,8 +42,8 @@ class RedisCache(CacheSize):
             return  # larger than the whole cache: never stored (cachetools would raise)
         ckey = (db, proto, raw_command, tuple(keys))
         now = self.clock.monotonic()
-        old = self.cache.get(ckey)
-        if old is not None and old[1] == reply and now - old[2] < _REFRESH:
+        old = self.cache.peek(ckey)  # one dict lookup, expired or not (an expired one is older than this)
+        if old is not None and old[1] == reply and now - old[2] < self._refresh:
             return  # the same answer stored a moment ago: a hot key costs a lookup, not an insert
         self.cache[ckey] = (raw_command, reply, now)
         self.by_db.setdefault(db, set()).add(ckey)
