@@ -329,7 +329,7 @@ class HttpListener:
                 except BODY_ERRORS as exc:
                     return self._failed_before_headers(preq, resp, exc)
                 cr = None
-                resp.body_done(Verdict.SUCCESS, resp.body if len(resp.body) <= resp.keep else None)
+                resp.body_done(Verdict.SUCCESS, resp.body)  # in memory anyway: each hook applies its limit
         if cr is None:
             r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
                          body=None if no_body and not head else resp.body)

@@ -61,9 +61,14 @@ class Classify:
 
     @staticmethod
     def condition(kind: str) -> str:
-        """The retry condition a value failure matches (`timeout-collateral` is a timeout; so is a
-        `deadline`, which no retry can fit anyway)."""
-        return "timeout" if kind == _DEADLINE else kind.removesuffix(_COLLATERAL)
+        """The retry condition a value failure matches (`timeout-collateral` is a timeout). A `deadline`
+        matches none: its total is spent, no retry fits."""
+        return kind.removesuffix(_COLLATERAL)
+
+    @staticmethod
+    def timed_out(kind: str) -> bool:
+        """The attempt, or the command's total, ran out of time (for the answer's reason)."""
+        return kind == _DEADLINE or kind.removesuffix(_COLLATERAL) == "timeout"
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)

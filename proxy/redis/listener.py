@@ -42,13 +42,20 @@ class _CommandPending(Pending):
 
     def __init__(self, client, cmd, timeout, until) -> None:
         self.client, self.cmd, self.timeout, self.until, self.raw = client, cmd, timeout, until, cmd.raw
-        self.conn = None
+        self.conn = self.at_head = None
 
     def on_reply(self, raw: bytes, kind: str) -> None:
         self.client._replied(self.cmd, raw, kind)
 
     def on_failure(self, kind: str) -> None:
         self.client._failed(self.cmd, kind, self.conn)
+
+    def late(self, raw: bytes, kind: str) -> None:
+        """A write answered `deadline` has run (or failed) after all: a read that raced it must not
+        stay cached, as when its reply comes in time (CommandChain.answered)."""
+        cmd = self.cmd
+        if cmd.cls == "write" and cmd.keys:
+            self.client.chain.cache.invalidate(cmd.db, cmd.keys)
 
 
 class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Protocol):

@@ -182,7 +182,7 @@ class CommandChain:
 
     def reason(self, kind: str) -> Reason:
         """Why a failed command got no fresh answer (for the fallback and its error)."""
-        return Reason.TIMEOUT if self.classify.condition(kind) == "timeout" else Reason.UPSTREAM_ERROR
+        return Reason.TIMEOUT if self.classify.timed_out(kind) else Reason.UPSTREAM_ERROR
 
     # -- when the upstream cannot answer --------------------------------------------------------------
     def stand_in(self, cmd: Command, track: str, reason: Reason) -> bytes:

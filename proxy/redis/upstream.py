@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from proxy.obs import log
 from proxy.redis.codec import ProtocolError, ReplyFramer, encode_command
 from proxy.upstream.pool import ssl_context
+
+# uvloop's loop.time() moves in whole milliseconds, once per loop turn: a timer set for a deadline may
+# run a little before it by that clock
+_SLACK = 0.002
 
 
 class RedisTarget:
@@ -40,16 +45,21 @@ class RedisTarget:
 
 
 class Pending:
-    """A command's place in a connection's queue. `timeout` bounds its wait once it is at the head;
-    `until` (loop time) is the command's total deadline, which no wait passes."""
+    """A command's place in a connection's queue. `timeout` bounds its wait once it is at the head (the
+    attempt timeout, restarted by every read that brings bytes); `until` (loop time) is the command's
+    total deadline, wherever it is in the queue."""
 
-    __slots__ = ("on_reply", "on_failure", "timeout", "until", "raw", "conn")
+    __slots__ = ("on_reply", "on_failure", "timeout", "until", "raw", "conn", "at_head")
 
     def __init__(self, raw: bytes, on_reply: Callable, on_failure: Callable, timeout: float | None,
                  until: float | None = None) -> None:
         self.raw, self.on_reply, self.on_failure, self.timeout = raw, on_reply, on_failure, timeout
         self.until = until
         self.conn: UpstreamConnection | None = None  # set when the connection fails: whose error it was
+        self.at_head: float | None = None  # loop time its attempt timer started
+
+    def late(self, raw: bytes, kind: str) -> None:
+        """The reply (or failure) of a command already answered `deadline`: nobody waits for it."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -74,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.setup_failed_on: bytes | None = None
         self.paused_at_start = False
         self._timer: asyncio.TimerHandle | None = None
+        self._soonest: float | None = None  # no total deadline in the queue comes before this
         self.shared = shared
         self._flush_due = False
         self._loop = asyncio.get_running_loop()
@@ -144,8 +155,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.backlog.append(raw)  # one write for the batch (uncork), or when the connection is up
         else:
             self.transport.write(raw)
-        if pending is not None and len(self.pending) == 1:
-            self._arm()
+        if pending is not None:
+            u = pending.until
+            if u is not None and (self._soonest is None or u < self._soonest):
+                self._soonest = u  # the earliest total deadline in the queue (a lower bound)
+                self._arm()
+            elif len(self.pending) == 1:
+                self._arm()
 
     def _write_backlog(self) -> None:
         if self.backlog and self.transport is not None and not self.failed:
@@ -165,41 +181,59 @@ class UpstreamConnection(asyncio.Protocol):
         self.corked = False
         self._write_backlog()
 
-    def _arm(self) -> None:
+    def _arm(self, progress: bool = False) -> None:
+        """One timer per connection: the head's attempt timeout, or the earliest total deadline in the
+        queue, whichever comes first. `progress`: bytes arrived, the head's attempt timer restarts."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.paused:
+        if self.paused or self.transport is None or not self.pending:
             return
-        if self.pending and self.pending[0].timeout is not None and self.transport is not None:
-            head = self.pending[0]
-            if head.until is not None:
-                left = head.until - self._loop.time()
-                if left < head.timeout:
-                    self._timer = self._loop.call_later(max(0.0, left), self._expired)
-                    return
-            self._timer = self._loop.call_later(head.timeout, self._timed_out)
-
-    def _timed_out(self) -> None:
-        """The head command's attempt timeout: the upstream is too slow, the connection goes."""
-        self._timer = None
-        self._fail("timeout", TimeoutError("command timeout"))
-
-    def _expired(self) -> None:
-        """The head command's total ran out before its attempt timeout (it had waited before it was
-        sent): that is not the upstream failing. The command is answered (`deadline`) and its reply,
-        when it comes, dropped; the connection and the commands behind it (other clients' too, on a
-        shared one) carry on. The placeholder still times the connection out after a whole attempt."""
-        self._timer = None
-        if not self.pending:
-            return
+        now = self._loop.time()
         head = self.pending[0]
-        self.pending[0] = Pending(b"", _drop_reply, _ignore, head.timeout)
-        head.conn = self
-        try:
-            head.on_failure("deadline")
-        except Exception as exc:  # noqa: BLE001 — one client's bug must not break the connection for all
-            log.error("redis_failure_callback", error=type(exc).__name__, message=str(exc)[:200])
+        fire = None
+        if head.timeout is not None:
+            if head.at_head is None or progress:
+                head.at_head = now
+            fire = head.at_head + head.timeout
+        soonest = self._soonest
+        if soonest is not None and (fire is None or soonest < fire):
+            fire = soonest
+        if fire is not None:
+            self._timer = self._loop.call_later(max(0.0, fire - now), self._tick)
+
+    def _tick(self) -> None:
+        """The head's attempt timed out: the upstream is too slow, the connection goes. Or commands' totals
+        ran out while they waited in the queue (behind others, or at the head): that is no failure of the
+        upstream. Each is answered alone (`deadline`) and leaves a placeholder that takes its reply when it
+        comes; the connection and every other command on it (other clients', on a shared one) carry on."""
+        self._timer = None
+        if self.failed or not self.pending:
+            return
+        now = self._loop.time() + _SLACK
+        head = self.pending[0]
+        if head.timeout is not None and head.at_head is not None and now >= head.at_head + head.timeout:
+            self._fail("timeout", TimeoutError("command timeout"))
+            return
+        expired, kept, soonest = [], collections.deque(), None
+        for p in self.pending:
+            u = p.until
+            if u is not None and u <= now:
+                placeholder = Pending(b"", p.late, functools.partial(p.late, b""), p.timeout)
+                placeholder.at_head = p.at_head
+                kept.append(placeholder)
+                expired.append(p)
+                continue
+            if u is not None and (soonest is None or u < soonest):
+                soonest = u
+            kept.append(p)
+        self.pending, self._soonest = kept, soonest
+        for p in expired:
+            p.conn = self
+            try:
+                p.on_failure("deadline")
+            except Exception as exc:  # noqa: BLE001 — one client's bug must not break the connection for all
+                log.error("redis_failure_callback", error=type(exc).__name__, message=str(exc)[:200])
         if not self.failed:
             self._arm()
 
@@ -247,7 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.framer.buf.clear()
             self.on_raw(rest)
         if not self.failed:
-            self._arm()
+            self._arm(progress=True)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
@@ -315,7 +349,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and self.paused:
             self.paused = False
             self.transport.resume_reading()
-            self._arm()
+            self._arm(progress=True)  # the head's attempt starts again: the pause was the client's
 
 
 class SharedRedis:
@@ -364,9 +398,4 @@ class SharedRedis:
 
 
 def _ignore(data) -> None:
-    """A push on a shared connection (nobody subscribed on it): nobody to give it to. Also what an
-    expired command's placeholder does with a failure."""
-
-
-def _drop_reply(raw: bytes, kind: str) -> None:
-    """The reply of a command already answered `deadline`: nobody waits for it."""
+    """A push on a shared connection (nobody subscribed on it): nobody to give it to."""
