@@ -308,9 +308,16 @@ class ProxyApp:
             await self._bind(runtime)
             if loaded.settings.admin.listen != self.runtime.settings.admin.listen:
                 await self._bind_admin(loaded.settings.admin.listen)
-        except (ConfigError, StartupError) as exc:
+        except Exception as exc:  # noqa: BLE001 — whatever a config does, the running one stays
             self.store.abort()
-            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            if isinstance(exc, ConfigError):
+                errors = exc.errors
+            elif isinstance(exc, StartupError):
+                errors = [str(exc)]
+            else:
+                # not a config error the loader knows how to word: say what broke, not its text (which
+                # may quote the config), and keep serving
+                errors = [f"<reload>: the new config could not be built ({type(exc).__name__}); the running one stays"]
             self.last_reload_error = errors
             self._failed_digest = attempted
             self.metrics.reloads.labels("failure").inc()
@@ -330,10 +337,10 @@ class ProxyApp:
             await asyncio.sleep(self.runtime.settings.reload.interval)
             try:
                 current = digest(self.config_path, self.runtime.loaded.files)
-            except Exception:  # never let the watcher die
-                continue
-            if current != self.runtime.digest and current != self._failed_digest:
-                await self.reload("file_changed")
+                if current != self.runtime.digest and current != self._failed_digest:
+                    await self.reload("file_changed")
+            except Exception as exc:  # noqa: BLE001 — the watcher must outlive anything a reload meets
+                log.error("config_watch_failed", error=type(exc).__name__)
 
     # -- shutdown --------------------------------------------------------------------------------------
     def in_flight(self) -> int:

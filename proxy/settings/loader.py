@@ -140,6 +140,9 @@ def _resolve(node: Any, path: str, errors: list[str], files: set[str], secrets: 
             except OSError as exc:
                 errors.append(f"{path}: cannot read {ref}: {exc.strerror or exc}")
                 return _UNRESOLVED
+            except UnicodeDecodeError:
+                errors.append(f"{path}: {ref} is not UTF-8 text")  # never its bytes: it may be a secret
+                return _UNRESOLVED
         if value:
             secrets.add(value)
         return value
@@ -159,6 +162,8 @@ def read_yaml(path: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"<file>: {path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"<file>: {path}: nested too deep"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -172,11 +177,16 @@ def load(path: str, *, strict_refs: bool = True) -> Loaded:
     ref_errors: list[str] = []
     files: set[str] = set()
     secrets: set[str] = set()
-    resolved = _resolve(raw, "", ref_errors, files, secrets)
+    try:
+        resolved = _resolve(raw, "", ref_errors, files, secrets)
+    except RecursionError:
+        raise ConfigError([f"<file>: {path}: nested too deep"]) from None
     if ref_errors and strict_refs:
         raise ConfigError(ref_errors)
     try:
         settings = Settings(**resolved)
+    except RecursionError:
+        raise ConfigError([f"<file>: {path}: nested too deep"]) from None
     except ValidationError as exc:
         raise ConfigError(_scrub(_messages(exc), frozenset(secrets)) + (ref_errors if strict_refs else [])) from None
     except ValueError as exc:  # pydantic-settings raises plain errors for unparsable env values

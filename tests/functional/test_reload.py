@@ -10,6 +10,7 @@ from proxy.clock import ManualClock
 from tests.support.net import free_port
 from tests.support.proxy import upstream_config
 from tests.support.upstreams import failing
+from tests.support.wait import eventually
 
 TOKEN = "tok-reload"
 
@@ -92,3 +93,64 @@ async def test_valid_reload_swaps_keeps_unchanged_state_and_moves_a_listener(ups
         except aiohttp.ClientConnectionError:
             closed = True
         assert closed, "the old listener must stop accepting"
+
+
+async def test_the_watcher_survives_what_breaks_a_reload_and_applies_the_next_valid_change(
+        upstream, start_proxy, tmp_path, metrics, json_log, monkeypatch):
+    """A Secret rotated to bytes that are not text, a config nested 10,000 deep, and an error no config
+    check knows: each is reported once (log line, metric, /health), the running config keeps serving,
+    and the next valid change is applied by the watcher itself — nobody calls /admin/reload."""
+    secret = tmp_path / "api-key"
+    secret.write_text("key-1")
+    name, cfg = upstream_config(upstream.url, request_headers={"X-Key": "${file:" + str(secret) + "}"})
+    cfg["reload"] = {"interval": "50ms"}
+    p = await start_proxy(cfg)
+
+    async def header() -> str:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(p.url + "/x") as r:
+                assert r.status == 200
+        return upstream.requests[-1]["headers"]["X-Key"]
+
+    async def failures(n: int) -> None:
+        await eventually(lambda: metrics.delta("config_reload_total", result="failure") == n)
+
+    assert await header() == "key-1"
+    secret.write_bytes(b"\xff\xfe not text")
+    await failures(1)
+    assert await header() == "key-1"  # the running config serves on
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.admin + "/health") as r:
+            assert (await r.json())["last_reload_error"] == [
+                f"upstreams.{name}.request_headers.X-Key: {secret} is not UTF-8 text"]
+    secret.write_text("key-2")
+    await eventually(lambda: metrics.delta("config_reload_total", result="success") == 1)
+    assert await header() == "key-2"
+
+    deep = copy.deepcopy(cfg)
+    deep["upstreams"][name]["request_headers"] = {"X-Deep": "x"}
+    p.rewrite(deep)
+    with open(p.app.config_path, "a") as f:
+        f.write("extra: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    await failures(2)
+
+    import proxy.app
+
+    real = proxy.app.Runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something no config check knows")
+
+    monkeypatch.setattr(proxy.app, "Runtime", broken)
+    renamed = copy.deepcopy(cfg)
+    renamed["upstreams"][name]["request_headers"]["X-Other"] = "1"
+    p.rewrite(renamed)
+    await failures(3)
+    assert len(json_log.events("reload_failed")) == 3  # once each, not at every poll
+    assert "something no config check knows" not in str(json_log.events("reload_failed")[-1])
+    monkeypatch.setattr(proxy.app, "Runtime", real)
+    renamed["upstreams"][name]["request_headers"]["X-Other"] = "2"
+    p.rewrite(renamed)
+    await eventually(lambda: metrics.delta("config_reload_total", result="success") == 2)
+    await header()
+    assert upstream.requests[-1]["headers"]["X-Other"] == "2"
