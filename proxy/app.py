@@ -303,7 +303,9 @@ class ProxyApp:
     async def _reload(self, reason: str) -> tuple[bool, str]:
         attempted = digest(self.config_path, self.runtime.loaded.files)
         try:
-            loaded = load(self.config_path)
+            # parsing and validating a file runs in a thread: a large or hostile file must not stall
+            # every listener while it is read (the build below touches live state: it stays here)
+            loaded = await asyncio.to_thread(load, self.config_path)
             runtime = Runtime(loaded, self.store, self.clock)
             await self._bind(runtime)
             if loaded.settings.admin.listen != self.runtime.settings.admin.listen:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from proxy.settings import yaml12
 from proxy.settings.spec import (
     AdminSpec,
     AppSpec,
@@ -151,13 +152,17 @@ def _resolve(node: Any, path: str, errors: list[str], files: set[str], secrets: 
 
 
 def read_yaml(path: str) -> dict[str, Any]:
+    """The config file as YAML 1.2, within yaml12's bounds (size, depth, alias expansion, no key twice)."""
     try:
         with open(path, "rb") as f:
-            data = yaml.safe_load(f)
+            raw = f.read(yaml12.MAX_BYTES + 1)
+        data = yaml12.load(raw)
     except FileNotFoundError:
         raise ConfigError([f"<file>: {path}: no such file"]) from None
     except OSError as exc:
         raise ConfigError([f"<file>: {path}: {exc.strerror or exc}"]) from None
+    except ValueError as exc:
+        raise ConfigError([f"<file>: {path}: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
