@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from proxy.obs import redact
+
 _LOGGER = logging.getLogger("resilience-proxy")
 _SECRETS: frozenset[str] = frozenset()
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -25,7 +27,21 @@ def scrub(text: str) -> str:
     for s in _SECRETS:
         if s in text:
             text = text.replace(s, "<redacted>")
-    return text
+    return redact.userinfo(text)
+
+
+def _scrub_fields(value):
+    """Scrubbed before JSON encoding: encoded, a secret with a backslash, a quote or a non-ASCII
+    character no longer matches itself."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrub_fields(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub_fields(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub(str(value))
 
 
 class JSONFormatter(logging.Formatter):
@@ -41,7 +57,7 @@ class JSONFormatter(logging.Formatter):
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return scrub(json.dumps(line, default=str, separators=(",", ":")))
+        return scrub(json.dumps(_scrub_fields(line), separators=(",", ":")))
 
 
 def configure(level: str = "info", stream=None) -> None:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from proxy.obs import redact
 from proxy.settings import yaml12
 from proxy.settings.spec import (
     AdminSpec,
@@ -34,8 +35,10 @@ _REF = re.compile(r"\$\{(env|file):([^}]+)\}")
 # Stands in for an unresolved reference when check-config only warns about it (a plain word, so the rest
 # of the value still validates).
 _UNRESOLVED = "unresolved"
-# Header names whose literal values are credentials: shown redacted in /admin/config.
-_SENSITIVE = re.compile(r"auth|token|key|secret|passw|cookie|session|signature|credential", re.I)
+# Literal header values /admin/config shows as they are: these say nothing secret. Every other literal
+# value is redacted (a credential's header name need not look like one: X-Tenant, X-Goog-Api-...).
+_HARMLESS_HEADERS = frozenset({"accept", "accept-encoding", "accept-language", "cache-control", "content-type",
+                               "user-agent", "x-forwarded-proto", "x-request-source", "http-referer", "x-title"})
 
 
 class Settings(BaseSettings):
@@ -114,7 +117,7 @@ def _messages(exc: ValidationError) -> list[str]:
             sub, _, rest = reason.partition(": ")
             if re.match(r"^[\w.-]+$", sub):
                 loc, reason = f"{loc}.{sub}" if loc else sub, rest
-        out.append(f"{loc or '<root>'}: {reason}")
+        out.append(redact.userinfo(f"{loc or '<root>'}: {reason}"))
     return out
 
 
@@ -233,10 +236,15 @@ def redacted(loaded: Loaded) -> dict[str, Any]:
             template = raw_headers.get(key)
             if isinstance(template, str) and "${" in template:
                 up["request_headers"][key] = template  # the reference, not its value
-            elif _SENSITIVE.search(key):
+            elif key.lower() not in _HARMLESS_HEADERS:
                 up["request_headers"][key] = "<redacted>"
         for t in up.get("targets", []):
             t["url"] = redact_url(t["url"])
+    for key in ("ready_url", "live_url"):
+        if data.get("app", {}).get(key):
+            data["app"][key] = redact_url(data["app"][key])
+    if data.get("inbound"):
+        data["inbound"]["app_url"] = redact_url(data["inbound"]["app_url"])
     return _scrub(data, loaded.sensitive)
 
 

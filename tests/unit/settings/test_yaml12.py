@@ -55,3 +55,22 @@ def test_a_billion_laughs_is_refused_before_it_expands(tmp_path):
         lines.append(b"l%d: &l%d [" % (i, i) + b", ".join([b"*l%d" % (i - 1)] * 10) + b"]")
     (e,) = errors(tmp_path, b"\n".join(lines) + b"\n")
     assert "aliases of this node expand to more than 1000 nodes" in e
+
+
+def test_a_credential_in_a_mistyped_url_is_not_shown_back(tmp_path):
+    e = errors(tmp_path, b"upstreams:\n  db:\n    listen: 127.0.0.1:9002\n"
+                         b"    targets: [{name: s, url: 'htp://app:s3cr3t@db:8080'}]\n")
+    assert e[0] == ("upstreams.db.targets.0.url: must be an absolute URL (http://, https://, redis://, rediss://), "
+                    "got 'htp://<redacted>@db:8080'")
+    assert "s3cr3t" not in str(e)
+
+
+def test_admin_config_redacts_app_urls_and_literal_header_values(tmp_path):
+    from proxy.settings import redacted
+
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"app: {ready_url: 'http://u:pw1234@127.0.0.1:8000/ready'}\n" + GOOD.replace(
+        b"    retry:", b"    request_headers: {X-Tenant: acme-9, Accept: application/json}\n    retry:"))
+    dump = redacted(load(str(p)))
+    assert dump["app"]["ready_url"] == "http://<redacted>@127.0.0.1:8000/ready"
+    assert dump["upstreams"]["db"]["request_headers"] == {"X-Tenant": "<redacted>", "Accept": "application/json"}
