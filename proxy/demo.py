@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from proxy.settings import yaml12
+
 DEMO_PORT = 18002
 MODES = ("ok", "fail", "slow")
 
@@ -78,8 +80,8 @@ Ctrl-C stops.
 
 def _with_port_base(path: str, base: int, tmp: str) -> tuple[str, int]:
     """The demo config with its listener, admin and gateway on base, base+1, base+2 → (path, gateway port)."""
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
+    with open(path, "rb") as f:
+        cfg = yaml12.load(f.read()) or {}  # the proxy's own reading (YAML 1.2: `on:` stays a key)
     gateway = base + 2
     cfg.setdefault("admin", {})["listen"] = f"127.0.0.1:{base + 1}"
     up = next(iter((cfg.get("upstreams") or {}).values()), None)  # the demo's one upstream, whatever its name
