@@ -149,19 +149,25 @@ async def test_swapdb_and_move_drop_the_cached_reads_of_every_db(redis_server, s
     relay.close()
 
 
+async def _slow_redis(redis_server, start_proxy, toxic_link, **cfg):
+    """A proxy in front of Redis through toxiproxy, a connected client, then Redis made 30 s slow."""
+    proxy, url = toxic_link(redis_server)
+    name, config = upstream_config(url + "/0", protocol="redis", breaker={"fail_max": 100}, **cfg)
+    p = await start_proxy(config)
+    c = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60)
+    await c.ping()
+    add_toxic(proxy, "latency", latency=30_000)
+    return proxy, name, p, c
+
+
 async def test_a_read_retried_under_latency_ends_within_the_total_timeout(redis_server, start_proxy, toxic_link,
                                                                            metrics):
     """attempt 2 s, total 3 s, ten attempts allowed, Redis 30 s slow: the first attempt times out (the
     breaker hears of it), the one retry is cut by the total — answered on its own, its connection left
     up for the other commands on it — and no third attempt starts."""
-    proxy, url = toxic_link(redis_server)
-    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "2s", "total": "3s"},
-                                retry={"attempts": 10, "backoff_base": 0, "backoff_max": 0},
-                                breaker={"fail_max": 100})
-    p = await start_proxy(cfg)
-    c = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60)
-    await c.ping()
-    add_toxic(proxy, "latency", latency=30_000)
+    proxy, name, p, c = await _slow_redis(redis_server, start_proxy, toxic_link,
+                                          timeouts={"attempt": "2s", "total": "3s"},
+                                          retry={"attempts": 10, "backoff_base": 0, "backoff_max": 0})
     with pytest.raises(redis.ResponseError, match=rf"UNAVAILABLE redis upstream '{name}' is unavailable \(timeout\)"):
         await c.get("slow")
     assert metrics.delta("upstream_retries_total", name=name, reason="timeout") == 1
@@ -176,14 +182,9 @@ async def test_a_read_retried_under_latency_ends_within_the_total_timeout(redis_
 
 async def test_retry_on_is_honoured_a_timeout_not_listed_is_not_retried(redis_server, start_proxy, toxic_link,
                                                                          metrics):
-    proxy, url = toxic_link(redis_server)
-    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "1s", "total": "30s"},
-                                retry={"attempts": 5, "on": ["connect-failure", "reset"]},
-                                breaker={"fail_max": 100})
-    p = await start_proxy(cfg)
-    c = aredis.Redis(port=p.port, protocol=2, retry=None, socket_timeout=60)
-    await c.ping()
-    add_toxic(proxy, "latency", latency=30_000)
+    proxy, name, p, c = await _slow_redis(redis_server, start_proxy, toxic_link,
+                                          timeouts={"attempt": "1s", "total": "30s"},
+                                          retry={"attempts": 5, "on": ["connect-failure", "reset"]})
     with pytest.raises(redis.ResponseError, match=r"\(timeout\)"):
         await c.get("slow")
     assert metrics.family_delta("upstream_retries_total", name=name) == 0

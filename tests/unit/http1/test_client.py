@@ -8,23 +8,7 @@ import asyncio
 import pytest
 
 from proxy.http1.client import BODY_ERRORS, ClientConnection, UpstreamClosed
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.written, self.closed, self.paused = [], False, False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
+from tests.support.transport import RecordingTransport
 
 
 class Pool:
@@ -41,7 +25,7 @@ class Pool:
 
 
 def connect():
-    pool, t = Pool(), Transport()
+    pool, t = Pool(), RecordingTransport()
     conn = ClientConnection(pool, 0.0)
     conn.connection_made(t)
     return conn, pool, t
@@ -62,7 +46,7 @@ async def test_a_complete_keep_alive_answer_goes_back_to_the_pool():
     assert await r.read() == b"hello"
     r.release()
     assert pool.idle == [conn] and pool.released == 1 and not t.closed
-    assert t.written == [b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"]  # the request in one write
+    assert t.out == [b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"]  # the request in one write
 
 
 async def test_connection_close_and_unread_bodies_are_not_reused():
@@ -111,7 +95,7 @@ async def test_a_slow_reader_pauses_the_upstream_and_resumes_it_when_drained():
     r = await answer(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
     for _ in range(70):
         conn.data_received(b"1\r\nx\r\n")
-    assert t.paused
+    assert not t.reading
     for _ in range(60):
         await r.content.readany()
-    assert not t.paused
+    assert t.reading

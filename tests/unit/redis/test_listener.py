@@ -15,29 +15,9 @@ from proxy.redis.listener import RedisClientProtocol
 from proxy.runtime import UpstreamRuntime
 from proxy.settings.spec import UpstreamSpec
 from proxy.upstream.state import StateStore
+from tests.support.transport import RecordingTransport
 
 _n = iter(range(10**6))
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.reading, self.closed = True, False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def upstream(clock=REAL, **limits):
@@ -50,7 +30,7 @@ def upstream(clock=REAL, **limits):
 
     def client() -> RedisClientProtocol:
         c = RedisClientProtocol(app, name)
-        c.connection_made(Transport())
+        c.connection_made(RecordingTransport())
         return c
 
     return up, client

@@ -8,27 +8,8 @@ import asyncio
 from proxy.redis.codec import encode_command
 from proxy.redis.upstream import Pending, RedisTarget, UpstreamConnection
 from proxy.settings.spec import TargetSpec
+from tests.support.transport import RecordingTransport
 from tests.support.wait import eventually
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def abort(self) -> None:
-        self.closed = True
-
-    close = abort
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 class Recorded(Pending):
@@ -46,11 +27,11 @@ class Recorded(Pending):
         self.seen.append((self.name, "late", raw or kind))
 
 
-async def connected() -> tuple[UpstreamConnection, Transport]:
+async def connected() -> tuple[UpstreamConnection, RecordingTransport]:
     conn = UpstreamConnection(RedisTarget(TargetSpec(name="s", url="redis://127.0.0.1:1/0")), 2, 0, None, 5.0,
                               lambda d: None, lambda d: None, shared=True)
     conn.connecting.cancel()  # no socket: the test is the upstream
-    t = Transport()
+    t = RecordingTransport()
     conn.connection_made(t)
     return conn, t
 
