@@ -5,6 +5,7 @@ state of the runtime or of the app, never of the protocol."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -19,34 +20,37 @@ class Listening:
         self.factory, self.server = factory, server
 
 
-class Protocol:
+class Protocol(abc.ABC):
     name: str = ""
     schemes: tuple[str, ...] = ()
     defaults: dict[str, Any] = {}
     sections: tuple[str, ...] = ()      # upstream sections only this protocol reads
     target_keys: tuple[str, ...] = ()   # target keys only this protocol reads
 
+    @abc.abstractmethod
     def transport(self, store, upstream: str, spec, target) -> Any:
         """The per-target transport state (a pool), from the store: it survives unchanged reloads."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build(self, up, store, clock) -> None:
         """Fill in the protocol's part of the upstream runtime `up` (routes and their chains)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def listener(self, app, name: str, spec) -> Listening:
-        raise NotImplementedError
+        """What serves the upstream's local listener (built at each bind)."""
 
     def reconfigure_listener(self, server, spec) -> None:
-        """A reload kept the listener's address: apply what may change live (client timeouts)."""
+        """A reload kept the listener's address: apply what may change live (client timeouts). Most
+        protocols have nothing to apply."""
+        return None
 
     def checks(self, health_spec) -> bool:
         """Whether targets get an active check with this health spec."""
         return health_spec.enabled
 
+    @abc.abstractmethod
     async def probe(self, health) -> None:
         """One active check of `health.transport` (raises on failure)."""
-        raise NotImplementedError
 
     def stand_in(self, up) -> bool:
         """Something other than the cache can answer while the upstream is down (static, degraded)."""
