@@ -17,9 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import __version__
 from proxy.admin.probes import readiness
 from proxy.http1.server import BodyTooLarge, Request, Response, json_response
-from proxy.obs import log
+from proxy.obs import log, redact
 from proxy.settings import redacted
-from proxy.settings.loader import redact_url
 from proxy.settings.spec import is_loopback, parse_listen
 
 
@@ -174,7 +173,7 @@ class Admin:
             for t in up.targets:
                 b = t.breaker
                 targets[t.name] = {
-                    "url": redact_url(t.spec.url), "weight": t.weight, "effective_weight": up.weights.get(t.name, 0),
+                    "url": redact.url(t.spec.url), "weight": t.weight, "effective_weight": up.weights.get(t.name, 0),
                     "canary": t.canary.snapshot() if t.canary is not None else None,
                     "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
                                 "last_failure": b.last_failure},

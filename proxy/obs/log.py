@@ -57,7 +57,7 @@ class JSONFormatter(logging.Formatter):
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return scrub(json.dumps(_scrub_fields(line), separators=(",", ":")))
+        return json.dumps(_scrub_fields(line), separators=(",", ":"))
 
 
 def configure(level: str = "info", stream=None) -> None:

@@ -13,3 +13,15 @@ _USERINFO = re.compile(r"(?<=://)[^/?#\s'\"<>]*@")
 
 def userinfo(text: str) -> str:
     return _USERINFO.sub("<redacted>@", text) if "@" in text else text
+
+
+def url(value: str) -> str:
+    """A URL for display: user info and query values out (either may carry a credential)."""
+    scheme, sep, rest = value.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "<redacted>@" + netloc.rpartition("@")[2]
+    path, q, query = path.partition("?")
+    if q:
+        query = "&".join(f"{p.partition('=')[0]}=<redacted>" if "=" in p else p for p in query.split("&"))
+    return f"{scheme}{sep}{netloc}{slash}{path}{q}{query}"

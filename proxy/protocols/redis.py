@@ -86,9 +86,6 @@ class RedisProtocol(Protocol):
     def listener(self, app, name: str, spec) -> Listening:
         return Listening(functools.partial(RedisClientProtocol, app, name))
 
-    def checks(self, health_spec) -> bool:
-        return health_spec.enabled  # PING needs no path
-
     async def probe(self, health) -> None:
         t = health.transport.info
         reader, writer = await asyncio.open_connection(t.host, t.port, ssl=t.ssl, server_hostname=t.server_hostname)

@@ -136,7 +136,7 @@ class CommandChain:
         """A reply (an error reply included) came back for the command's attempt."""
         up = self.up
         if cmd.budgeted:
-            self._settled(cmd)
+            self.released(cmd)
         if cmd.token or not cmd.target.breaker.clean:  # a success on a clean record changes nothing
             self.breaker.record(cmd, cmd.token, self._answered, elapsed)
         if self.cache.episode is not None:
@@ -155,7 +155,7 @@ class CommandChain:
         the verdict; → the wait before a retry (its budget taken), or None: the failure stands.
         `may_retry` is the listener's order rule: the command is still the client's last, outside
         MULTI/WATCH, and the client is still there."""
-        self._settled(cmd)
+        self.released(cmd)
         verdict = self.classify.failure(kind)
         self.breaker.record(cmd, cmd.token, verdict, elapsed)
         if verdict is Verdict.FAILURE and cmd.target.canary is not None:
@@ -168,17 +168,14 @@ class CommandChain:
 
     def abandoned(self, cmd: Command) -> None:
         """The attempt ended without an outcome (the proxy or the client closed its connection)."""
-        self._settled(cmd)
+        self.released(cmd)
         self.breaker.record(cmd, cmd.token, None, 0.0)
 
-    def _settled(self, cmd: Command) -> None:
+    def released(self, cmd: Command) -> None:
+        """The attempt has an outcome, or a retry will not go out after all: its budget back."""
         if cmd.budgeted:
             cmd.budgeted = False
             self.up.counters.budget.release()
-
-    def released(self, cmd: Command) -> None:
-        """A retry that will not go out after all (breaker open, total spent): its budget back."""
-        self._settled(cmd)
 
     def reason(self, kind: str) -> Reason:
         """Why a failed command got no fresh answer (for the fallback and its error)."""

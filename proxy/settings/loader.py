@@ -239,25 +239,13 @@ def redacted(loaded: Loaded) -> dict[str, Any]:
             elif key.lower() not in _HARMLESS_HEADERS:
                 up["request_headers"][key] = "<redacted>"
         for t in up.get("targets", []):
-            t["url"] = redact_url(t["url"])
+            t["url"] = redact.url(t["url"])
     for key in ("ready_url", "live_url"):
         if data.get("app", {}).get(key):
-            data["app"][key] = redact_url(data["app"][key])
+            data["app"][key] = redact.url(data["app"][key])
     if data.get("inbound"):
-        data["inbound"]["app_url"] = redact_url(data["inbound"]["app_url"])
+        data["inbound"]["app_url"] = redact.url(data["inbound"]["app_url"])
     return _scrub(data, loaded.sensitive)
-
-
-def redact_url(url: str) -> str:
-    """User info and query values out of a URL (either may carry a credential)."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "<redacted>@" + netloc.rpartition("@")[2]
-    path, q, query = path.partition("?")
-    if q:
-        query = "&".join(f"{p.partition('=')[0]}=<redacted>" if "=" in p else p for p in query.split("&"))
-    return f"{scheme}{sep}{netloc}{slash}{path}{q}{query}"
 
 
 def _scrub(node: Any, secrets: frozenset[str]) -> Any:

@@ -8,6 +8,7 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.exchange import Reason
+from proxy.obs.metrics import METRICS
 from proxy.redis import codec, commands
 from proxy.redis.replies import Slot
 from proxy.redis.resilience import Command
@@ -24,8 +25,6 @@ def make(retry=None, timeouts=None, breaker=None, limits=None, clock=None):
         "protocol": "redis", "listen": "127.0.0.1:6390", "targets": [{"name": "stable", "url": "redis://r:6379/0"}],
         "retry": {"backoff_base": 0, "backoff_max": 0, **(retry or {})}, "timeouts": timeouts or {},
         "breaker": {"fail_max": 100, **(breaker or {})}, "limits": limits or {}})
-    from proxy.obs.metrics import METRICS
-
     up = UpstreamRuntime(f"rchain{next(_n)}", spec, StateStore(clock, METRICS), clock)
     return up, up.wire.chain, clock
 
