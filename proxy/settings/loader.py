@@ -79,9 +79,11 @@ class Settings(BaseSettings):
 
 
 class ConfigError(Exception):
-    """An invalid config: `errors` holds one `path: reason` line per problem."""
+    """An invalid config: `errors` holds one `path: reason` line per problem. Every line is redacted here,
+    whoever raised it (a validator, the runtime build, a transport), so no error path can show user info."""
 
     def __init__(self, errors: list[str]):
+        errors = [redact.userinfo(e) for e in errors]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -117,7 +119,7 @@ def _messages(exc: ValidationError) -> list[str]:
             sub, _, rest = reason.partition(": ")
             if re.match(r"^[\w.-]+$", sub):
                 loc, reason = f"{loc}.{sub}" if loc else sub, rest
-        out.append(redact.userinfo(f"{loc or '<root>'}: {reason}"))
+        out.append(f"{loc or '<root>'}: {reason}")
     return out
 
 

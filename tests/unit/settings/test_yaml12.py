@@ -74,3 +74,12 @@ def test_admin_config_redacts_app_urls_and_literal_header_values(tmp_path):
     dump = redacted(load(str(p)))
     assert dump["app"]["ready_url"] == "http://<redacted>@127.0.0.1:8000/ready"
     assert dump["upstreams"]["db"]["request_headers"] == {"X-Tenant": "<redacted>", "Accept": "application/json"}
+
+
+def test_a_config_error_raised_after_validation_is_redacted_too():
+    from proxy.settings import ConfigError
+
+    # the runtime build and the transports raise their own lines (a bad target URL, an unreadable CA)
+    err = ConfigError(["upstreams.db.targets[0].url: bad port in 'redis://app:s3cr3t@db:99999'"])
+    assert err.errors == ["upstreams.db.targets[0].url: bad port in 'redis://<redacted>@db:99999'"]
+    assert "s3cr3t" not in str(err)
