@@ -155,6 +155,13 @@ class Metrics:
         self.redis_commands = Counter(
             "redis_commands", "Redis commands by class (read|write|blocking|transaction|tunnel|admin) and outcome.",
             ["name", "command_class", "outcome"], registry=r)
+        self.redis_refused = Counter(
+            "redis_refused_commands", "Redis commands the listener refused by its command policy, by rule "
+            "('CONFIG SET', 'pub/sub' for a command not relayed on a pub/sub connection).", ["name", "rule"],
+            registry=r)
+        self.redis_auth_failures = Counter(
+            "redis_client_auth_failures", "Failed client AUTH attempts, result: wrongpass | throttled (refused "
+            "unchecked, too many failures).", ["name", "result"], registry=r)
         self.upstream_health = CallbackGauge(
             "upstream_health", "1 when the track can take traffic (active checks passing or none, breaker not "
             "open), else 0.", ("name", "track"), r)
@@ -268,6 +275,12 @@ class UpstreamMetrics:
 
     def shed(self) -> None:
         self._shed.inc()
+
+    def refused(self, rule: str) -> None:
+        self.m.redis_refused.labels(self.name, rule).inc()  # rare: no child kept
+
+    def auth_failed(self, result: str) -> None:
+        self.m.redis_auth_failures.labels(self.name, result).inc()
 
     def budget_exhausted(self) -> None:
         self._budget_exhausted.inc()

@@ -15,6 +15,7 @@ import functools
 from proxy.protocols.base import Listening, Protocol
 from proxy.redis.cache import RedisCache
 from proxy.redis.codec import ReplyFramer, encode_command
+from proxy.redis.guard import AuthThrottle, CommandGuard
 from proxy.redis.listener import RedisClientProtocol
 from proxy.redis.replies import SharedBatch
 from proxy.redis.resilience import CommandChain
@@ -39,16 +40,17 @@ class RedisEndpoint:
 class RedisUpstream:
     """The Redis part of an upstream runtime, built per config load."""
 
-    __slots__ = ("chain", "client_password")
+    __slots__ = ("chain", "client_password", "guard", "auth")
 
-    def __init__(self, chain: CommandChain, client_password: bytes | None) -> None:
-        self.chain, self.client_password = chain, client_password
+    def __init__(self, chain: CommandChain, client_password: bytes | None, guard: CommandGuard,
+                 auth: AuthThrottle) -> None:
+        self.chain, self.client_password, self.guard, self.auth = chain, client_password, guard, auth
 
 
 class RedisProtocol(Protocol):
     name = "redis"
     schemes = ("redis", "rediss")
-    sections = ("client_auth",)
+    sections = ("client_auth", "redis")
     target_keys = ("password_file",)
     defaults = {
         "timeouts": {"connect": 1.0, "attempt": 1.0, "total": 3.0},
@@ -81,7 +83,9 @@ class RedisProtocol(Protocol):
             except OSError as exc:
                 raise ConfigError([f"upstreams.{up.name}.client_auth.password_file: cannot read "
                                    f"{spec.client_auth.password_file}: {exc.strerror}"]) from None
-        up.wire = RedisUpstream(CommandChain(up, cache, store.deadlines, clock), password)
+        auth = store.keep(("redis-auth", up.name), AuthThrottle)  # failures outlive a reload
+        up.wire = RedisUpstream(CommandChain(up, cache, store.deadlines, clock), password,
+                                CommandGuard(up.name, spec.redis), auth)
 
     def listener(self, app, name: str, spec) -> Listening:
         return Listening(functools.partial(RedisClientProtocol, app, name))

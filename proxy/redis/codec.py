@@ -216,6 +216,41 @@ class ReplyFramer:
                 return True
 
 
+def mask_pairs(raw: bytes, names: frozenset[bytes], mask: bytes) -> bytes | None:
+    """A flat aggregate of name/value bulk strings (a RESP2 array of 2N, a RESP3 map of N; what CONFIG GET
+    answers) with the value of each name in `names` replaced by `mask`; None when `raw` is not one."""
+    if raw[:1] not in (b"*", b"%") or not raw.endswith(b"\r\n"):
+        return None
+    eol = raw.find(b"\r\n")
+    head = raw[1:eol]
+    if not head.isdigit():
+        return None
+    n = int(head) * (2 if raw[:1] == b"%" else 1)
+    if n % 2:
+        return None
+    items, pos = [], eol + 2
+    for _ in range(n):
+        if raw[pos:pos + 1] != b"$":
+            return None
+        eol = raw.find(b"\r\n", pos)
+        size = raw[pos + 1:eol]
+        if eol < 0 or not size.isdigit():
+            return None
+        start = eol + 2
+        end = start + int(size)
+        if raw[end:end + 2] != b"\r\n":
+            return None
+        items.append(raw[start:end])
+        pos = end + 2
+    if pos != len(raw):
+        return None
+    out = [raw[:raw.find(b"\r\n") + 2]]
+    for i in range(0, n, 2):
+        value = mask if items[i].lower() in names else items[i + 1]
+        out.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(items[i]), items[i], len(value), value))
+    return b"".join(out)
+
+
 def error(message: str) -> bytes:
     return b"-" + message.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
 

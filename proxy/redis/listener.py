@@ -21,7 +21,7 @@ import collections
 
 from proxy.exchange import Reason
 from proxy.obs import log
-from proxy.redis import codec, commands
+from proxy.redis import codec, commands, guard
 from proxy.redis.flow import FlowControl
 from proxy.redis.replies import MAX_PENDING_SLOTS, ReplyOrder
 from proxy.redis.resilience import Command
@@ -69,6 +69,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self.client_name: bytes | None = None
         self.authenticated = False
         self.in_multi = False
+        self.multi_refused = False         # a command inside MULTI was refused here: EXEC must abort
+        self.auth_failures = 0
         self.tunnel = False
         self.conn: UpstreamConnection | None = None
         self.closing = False               # gone, or QUIT: no new commands
@@ -100,7 +102,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self.transport = transport
         self._loop = asyncio.get_running_loop()
         up = self.app.runtime.upstreams.get(self.name)
-        self.up, self.chain = up, up.wire.chain
+        self.up, self.chain, self.guard = up, up.wire.chain, up.wire.guard
         self.target = up.pick()  # a connection keeps its track between commands (see _refresh)
         self.up_target = self.target.pool.info
         self.batch = self.target.pool.shared.batch
@@ -128,21 +130,15 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
 
     # -- input ---------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.tunnel:
-            if self.conn is not None and not self.conn.failed:
-                self.conn.send(data, None)
-            return
         try:
             cmds = self.parser.feed(data)
         except codec.ProtocolError as exc:
             # The stream cannot be resynchronised: say why and close (replies still owed are abandoned).
             log.warning("redis_protocol_error", upstream=self.name, error=str(exc))
-            self.transport.write(codec.error(f"ERR Protocol error: {exc}"))
-            self.transport.close()
-            self.closing = True
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
+            self._refuse_and_close(codec.error(f"ERR Protocol error: {exc}"))
+            return
+        if self.tunnel:
+            self._forward_rest(cmds)
             return
         self.read_at = self.clock.monotonic()
         self._corked(self._dispatch_all, cmds, len(cmds) > 1)
@@ -177,10 +173,37 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             self._forward_rest([])
 
     def _forward_rest(self, cmds: list[list[bytes]]) -> None:
-        """Commands that came in the same read after SUBSCRIBE/MONITOR, and a command still arriving."""
-        rest = b"".join(codec.encode_command(a) for a in cmds) + self.parser.pending_bytes()
-        if self.conn is not None and rest:
-            self.conn.send(rest, None)
+        """Commands on a pub/sub or MONITOR connection (from the same read as SUBSCRIBE on): relayed
+        whole, after the same check as any command, as the replies are not looked at. Anything but
+        (un)subscribing, PING and QUIT ends the connection (guard.TUNNEL_COMMANDS)."""
+        out = []
+        for args in cmds:
+            name = args[0].upper()
+            if name not in guard.TUNNEL_COMMANDS:
+                self._guard_refused("pub/sub")
+                if out and self.conn is not None and not self.conn.failed:
+                    self.conn.send(b"".join(out), None)
+                self._refuse_and_close(codec.error(
+                    f"ERR '{name.decode(errors='replace')}' is not relayed on a pub/sub or MONITOR connection: "
+                    "only (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PING and QUIT"))
+                return
+            out.append(codec.encode_command(args))
+        if out and self.conn is not None and not self.conn.failed:
+            self.conn.send(b"".join(out), None)
+
+    def _refuse_and_close(self, reply: bytes) -> None:
+        """The client's input cannot be served any further: say why, and close at once."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)
+            self.transport.close()
+        self.closing = True
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _guard_refused(self, rule: str) -> None:
+        self.up.metrics.refused(rule)
+        log.warning("redis_command_refused", upstream=self.name, rule=rule)
 
     def _refresh(self) -> None:
         """Between commands: follow a reload, a blue/green switch or a canary abort (a long-lived pooled
@@ -189,7 +212,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         if up is None:
             return
         if up is not self.up or up.weights.get(self.target.name, 0) == 0:
-            self.up, self.chain = up, up.wire.chain
+            self.up, self.chain, self.guard = up, up.wire.chain, up.wire.guard
             target = up.pick()
             if target.name != self.target.name or target.pool.info is not self.up_target:
                 self.target = target
@@ -219,6 +242,16 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         if not self.authenticated and name not in (b"AUTH", b"HELLO", b"QUIT"):
             self._reply_now(codec.error("NOAUTH Authentication required."))
             return
+        if name in self.guard.names:
+            rule = self.guard.refusal(name, args)
+            if rule is not None:
+                self._refused(rule, self.guard.noperm(rule))
+                return
+            if self.in_multi and guard.is_config_get(name, args):
+                # inside MULTI its reply would come back inside EXEC's, unmasked
+                self._refused("CONFIG GET in MULTI", codec.error(
+                    "NOPERM CONFIG GET inside MULTI is not relayed by this proxy (send it outside MULTI)"))
+                return
         if name in commands.LOCAL:
             if name in _SWITCHING:
                 self.seq += 1  # a read sent before it must not be retried after it (other db or protocol)
@@ -250,8 +283,11 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
                 cache.invalidate(db, keys)
         if name == b"MULTI":
             self.in_multi = True
+            self.multi_refused = False
         elif name in (b"EXEC", b"DISCARD"):
-            self.in_multi = False
+            if name == b"EXEC" and self.multi_refused:
+                args = [b"DISCARD"]  # a queued command was refused: the transaction aborts, as in Redis
+            self.in_multi = self.multi_refused = False
             self.watching = False
         elif name == b"WATCH":
             self.watching = True
@@ -325,9 +361,19 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         if (kind == "ok" and cmd.cls == "admin" and cmd.name == b"CLIENT" and len(cmd.args) == 3
                 and cmd.args[1].upper() == b"SETNAME"):
             self.client_name = cmd.args[2] or None  # a new connection (after a reset) is named the same
+        elif cmd.cls == "admin" and guard.is_config_get(cmd.name, cmd.args):
+            raw = guard.masked_config(raw)
+        elif cmd.name == b"EXEC" and cmd.args[0] == b"DISCARD" and kind == "ok":
+            raw = codec.error("EXECABORT Transaction discarded because of previous errors.")
         self._resolve(cmd.slot, raw)
         if cmd.shared:
             self._shared_done()
+
+    def _refused(self, rule: str, reply: bytes) -> None:
+        if self.in_multi:
+            self.multi_refused = True
+        self._guard_refused(rule)
+        self._reply_now(reply)
 
     def _failed(self, cmd: Command, kind: str, conn=None) -> None:
         retried = self._failed_inner(cmd, kind, conn)

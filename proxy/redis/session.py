@@ -13,6 +13,7 @@ from proxy.redis import codec
 from proxy.redis.upstream import Pending
 
 _WRONGPASS = codec.error("WRONGPASS invalid username-password pair or user is disabled.")
+_THROTTLED = codec.error("ERR too many failed AUTH attempts on this listener: try again later")
 
 
 def error_reply(err: str) -> bytes:
@@ -130,11 +131,53 @@ class SessionCommands:
 
     def _auth(self, creds: list[bytes]) -> None:
         want = self.up.wire.client_password
-        if want is None or (len(creds) in (1, 2) and hmac.compare_digest(creds[-1], want)):
-            self.authenticated = True
+        if want is None:
+            self.authenticated = True  # no client_auth: any AUTH is accepted (README)
             self._reply_now(codec.OK)
-        else:
-            self._reply_now(_WRONGPASS)
+            return
+        self._checked(len(creds) in (1, 2) and hmac.compare_digest(creds[-1], want), self._auth_ok)
+
+    def _auth_ok(self) -> None:
+        self.authenticated = True
+        self._reply_now(codec.OK)
+
+    def _checked(self, ok: bool, then) -> None:
+        """A client_auth password check, throttled for the whole upstream (guard.AuthThrottle): `then()`
+        answers a right one, WRONGPASS a wrong one, either after the upstream's current wait, during
+        which this client's later commands wait too. Too many failures close the connection."""
+        throttle = self.up.wire.auth
+        now = self.clock.monotonic()
+        wait = throttle.wait(now)
+        if wait is None:
+            self.up.metrics.auth_failed("throttled")
+            self._reply_now(_THROTTLED)
+            self._close_after_flush()
+            return
+        if not ok:
+            throttle.failed(now)
+            self.auth_failures += 1
+            self.up.metrics.auth_failed("wrongpass")
+        if wait <= 0:
+            self._auth_answer(ok, then)
+            return
+        self._validating = True  # what the client sends meanwhile waits behind the answer
+        self._hold()
+        self.clock.call_later(wait, self._auth_later, ok, then)
+
+    def _auth_later(self, ok: bool, then) -> None:
+        self._validating = False
+        if self.gone or self.closing:
+            return
+        self._auth_answer(ok, then)
+        self._release_parked()
+
+    def _auth_answer(self, ok: bool, then) -> None:
+        if ok:
+            then()
+            return
+        self._reply_now(_WRONGPASS)
+        if self.auth_failures >= self.up.wire.auth.PER_CONNECTION:
+            self._close_after_flush()  # a guesser starts over on a new connection, and the wait with it
 
     def _hello(self, args: list[bytes]) -> None:
         proto = self.proto
@@ -144,24 +187,32 @@ class SessionCommands:
                 self._reply_now(codec.error("NOPROTO unsupported protocol version"))
                 return
             proto, rest = int(rest[0]), rest[1:]
-        i = 0
+        i, password, name = 0, None, None
         while i < len(rest):
             opt = rest[i].upper()
             if opt == b"AUTH" and i + 2 < len(rest):
-                if self.up.wire.client_password is not None and not hmac.compare_digest(rest[i + 2], self.up.wire.client_password):
-                    self._reply_now(_WRONGPASS)
-                    return
-                self.authenticated = True
+                password = rest[i + 2]
                 i += 3
             elif opt == b"SETNAME" and i + 1 < len(rest):
-                self.client_name = rest[i + 1]
+                name = rest[i + 1]
                 i += 2
             else:
                 self._reply_now(codec.error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
                 return
+        want = self.up.wire.client_password
+        if password is not None and want is not None:
+            self._checked(hmac.compare_digest(password, want), lambda: self._hello_done(proto, name, True))
+        else:
+            self._hello_done(proto, name, password is not None)
+
+    def _hello_done(self, proto: int, name: bytes | None, authed: bool) -> None:
+        if authed:
+            self.authenticated = True
         if not self.authenticated:
             self._reply_now(codec.error("NOAUTH HELLO must be called with the client already authenticated"))
             return
+        if name is not None:
+            self.client_name = name
         if proto != self.proto:
             self._drop_upstream()  # the upstream connection speaks the old protocol
             self.proto = proto

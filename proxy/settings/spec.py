@@ -288,6 +288,37 @@ class ClientAuthSpec(Spec):
     password_file: str | None = None
 
 
+_COMMAND_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*([ |][A-Za-z][A-Za-z0-9_-]*)?$")
+
+
+def _command_rules(v: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for x in v:
+        if not _COMMAND_RULE.match(x.strip()):
+            raise ValueError(f"{x!r} is not a command name, or a command and subcommand ('CONFIG SET')")
+        out.append(" ".join(x.strip().upper().replace("|", " ").split()))
+    return tuple(out)
+
+
+class RedisSpec(Spec):
+    """`protocol: redis`: what clients may run through the listener. The default refuses what hands out
+    the upstream's secrets or admin powers (proxy/redis/guard.py); `deny_commands` adds to it and
+    `allow_commands` lets a refused command or subcommand through ('DEBUG', 'CONFIG SET')."""
+
+    deny_commands: tuple[str, ...] = ()
+    allow_commands: tuple[str, ...] = ()
+
+    _coerce = field_validator("deny_commands", "allow_commands", mode="before")(_as_str_tuple)
+    _rules = field_validator("deny_commands", "allow_commands")(_command_rules)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> RedisSpec:
+        both = sorted(set(self.deny_commands) & set(self.allow_commands))
+        if both:
+            raise ValueError(f"allow_commands: {', '.join(both)} is also in deny_commands")
+        return self
+
+
 def _with_defaults(data: dict, defaults: dict) -> dict:
     out = dict(data)
     for key, value in defaults.items():
@@ -353,6 +384,7 @@ class UpstreamSpec(Spec):
     metrics: MetricsSpec = MetricsSpec()
     llm: LLMSpec = LLMSpec()
     client_auth: ClientAuthSpec = ClientAuthSpec()
+    redis: RedisSpec = RedisSpec()
     health: HealthSpec = HealthSpec()
     canary: CanarySpec = CanarySpec()
 

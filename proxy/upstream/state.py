@@ -89,6 +89,10 @@ class StateStore:
         """A transport (connection pool) keyed by what it depends on; closed once a reload drops it."""
         return self._get(("pool", *key), make)
 
+    def keep(self, key: tuple, make):
+        """State of another kind (nothing to close or start), kept while a build asks for it."""
+        return self._get(("keep", *key), make)
+
     def cache(self, key: tuple, make):
         """A fallback cache keyed by (upstream, spec): a warm cache survives an unrelated reload."""
         return self._get(("cache", *key), make)

@@ -71,6 +71,7 @@ FULL = {
             "listen": "127.0.0.1:6380",
             "targets": [{"name": "stable", "url": "redis://redis:6379/0", "password_file": "/run/redis-password"}],
             "client_auth": {"password_file": "/run/client-password"},
+            "redis": {"deny_commands": ["EVAL", "KEYS"], "allow_commands": ["DEBUG"]},
         },
     },
 }
