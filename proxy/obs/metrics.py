@@ -162,6 +162,9 @@ class Metrics:
         self.redis_auth_failures = Counter(
             "redis_client_auth_failures", "Failed client AUTH attempts, result: wrongpass | throttled (refused "
             "unchecked, too many failures).", ["name", "result"], registry=r)
+        self.redis_evicted = Counter(
+            "redis_clients_evicted", "Redis clients closed for holding too much of the proxy's memory, limit: "
+            "client_output_limit | max_client_memory.", ["name", "limit"], registry=r)
         self.upstream_health = CallbackGauge(
             "upstream_health", "1 when the track can take traffic (active checks passing or none, breaker not "
             "open), else 0.", ("name", "track"), r)
@@ -278,6 +281,9 @@ class UpstreamMetrics:
 
     def refused(self, rule: str) -> None:
         self.m.redis_refused.labels(self.name, rule).inc()  # rare: no child kept
+
+    def evicted(self, limit: str) -> None:
+        self.m.redis_evicted.labels(self.name, limit).inc()
 
     def auth_failed(self, result: str) -> None:
         self.m.redis_auth_failures.labels(self.name, result).inc()

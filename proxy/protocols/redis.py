@@ -15,6 +15,7 @@ import functools
 from proxy.protocols.base import Listening, Protocol
 from proxy.redis.cache import RedisCache
 from proxy.redis.codec import ReplyFramer, encode_command
+from proxy.redis.flow import ClientMemory
 from proxy.redis.guard import AuthThrottle, CommandGuard
 from proxy.redis.listener import RedisClientProtocol
 from proxy.redis.replies import SharedBatch
@@ -40,11 +41,12 @@ class RedisEndpoint:
 class RedisUpstream:
     """The Redis part of an upstream runtime, built per config load."""
 
-    __slots__ = ("chain", "client_password", "guard", "auth")
+    __slots__ = ("chain", "client_password", "guard", "auth", "memory", "output_limit")
 
     def __init__(self, chain: CommandChain, client_password: bytes | None, guard: CommandGuard,
-                 auth: AuthThrottle) -> None:
+                 auth: AuthThrottle, memory: ClientMemory, output_limit: int) -> None:
         self.chain, self.client_password, self.guard, self.auth = chain, client_password, guard, auth
+        self.memory, self.output_limit = memory, output_limit
 
 
 class RedisProtocol(Protocol):
@@ -54,7 +56,7 @@ class RedisProtocol(Protocol):
     target_keys = ("password_file",)
     defaults = {
         "timeouts": {"connect": 1.0, "attempt": 1.0, "total": 3.0},
-        # the largest bulk string a client may send: bounded well below the sidecar's memory limit
+        # the largest command a client may send (its arguments together): well below the sidecar's limit
         "limits": {"max_request_body": 64 * 1024 * 1024},
         "retry": {"backoff_base": 0.01, "backoff_max": 0.2},
         "metrics": {"buckets": [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0]},
@@ -84,8 +86,10 @@ class RedisProtocol(Protocol):
                 raise ConfigError([f"upstreams.{up.name}.client_auth.password_file: cannot read "
                                    f"{spec.client_auth.password_file}: {exc.strerror}"]) from None
         auth = store.keep(("redis-auth", up.name), AuthThrottle)  # failures outlive a reload
+        memory = store.keep(("redis-memory", up.name), lambda: ClientMemory(spec.redis.max_client_memory))
+        store.reconfigure_at_commit(memory, spec.redis)
         up.wire = RedisUpstream(CommandChain(up, cache, store.deadlines, clock), password,
-                                CommandGuard(up.name, spec.redis), auth)
+                                CommandGuard(up.name, spec.redis), auth, memory, spec.redis.client_output_limit)
 
     def listener(self, app, name: str, spec) -> Listening:
         return Listening(functools.partial(RedisClientProtocol, app, name))

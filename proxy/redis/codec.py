@@ -17,6 +17,7 @@ MAX_BULK = 512 * 1024 * 1024      # Redis' own proto-max-bulk-len
 MAX_ARGS = 1024 * 1024
 MAX_INLINE = 64 * 1024
 MAX_DEPTH = 64
+_ARG_OVERHEAD = 40  # what Python holds per argument besides its bytes (object header, list slot)
 
 
 def _int(buf: bytes | bytearray, start: int, end: int) -> int:
@@ -37,14 +38,20 @@ def _length_end(buf, pos: int, n: int, what: str) -> int:
 
 class RequestParser:
     """Client → proxy. `feed(data)` returns complete commands; partial input is kept, and parsing resumes
-    where it stopped (a large command arriving in many reads is parsed once, not once per read)."""
+    where it stopped (a large command arriving in many reads is parsed once, not once per read).
+    `max_command` bounds a whole command (its arguments together, as they will be held), not only one
+    bulk; `held` is what the unfinished command holds, for the listener's memory accounting."""
 
-    def __init__(self, max_bulk: int = MAX_BULK, max_buffer: int | None = None) -> None:
+    def __init__(self, max_command: int = MAX_BULK) -> None:
         self.buf = bytearray()
-        self.max_bulk = max_bulk
-        self.max_buffer = max_buffer if max_buffer is not None else max_bulk + 64 * 1024
+        self.max_command = max_command
+        self.held = 0                          # bytes of the unfinished command's arguments so far
         self._args: list[bytes] | None = None  # the command being read
         self._left = 0                         # arguments still to read
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buf) + self.held
 
     def pending_bytes(self) -> bytes:
         """Everything fed but not yet returned, as bytes again (for a connection turning into a raw
@@ -55,7 +62,7 @@ class RequestParser:
                 b"$%d\r\n%s\r\n" % (len(a), a) for a in self._args)
         out = head + bytes(self.buf)
         self.buf.clear()
-        self._args, self._left = None, 0
+        self._args, self._left, self.held = None, 0, 0
         return out
 
     def feed(self, data: bytes) -> list[list[bytes]]:
@@ -97,25 +104,27 @@ class RequestParser:
                 if eol < 0:
                     break
                 size = _int(buf, pos + 1, eol)
-                if size < 0 or size > self.max_bulk:
+                if size < 0:
                     raise ProtocolError("invalid bulk length")
+                if self.held + size + _ARG_OVERHEAD > self.max_command:
+                    raise ProtocolError(f"command larger than {self.max_command} bytes")
                 start = eol + 2
                 if start + size + 2 > n:
                     break
                 if buf[start + size:start + size + 2] != b"\r\n":
                     raise ProtocolError("bulk string not terminated by CRLF")
-                self._args.append(bytes(buf[start:start + size]))
+                with memoryview(buf) as view:  # one copy out of the buffer (a slice would make two)
+                    self._args.append(view[start:start + size].tobytes())
+                self.held += size + _ARG_OVERHEAD
                 self._left -= 1
                 pos = start + size + 2
             if self._left:
                 break
             out.append(self._args)
-            self._args = None
+            self._args, self.held = None, 0
         # drop what is consumed: the unfinished command's bytes stay (its parsed arguments are kept)
         if pos:
             del buf[:pos]
-        if len(buf) > self.max_buffer:
-            raise ProtocolError("request too large")
         return out
 
 
@@ -124,6 +133,23 @@ def encode_command(args: list[bytes]) -> bytes:
     for a in args:
         parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
     return b"".join(parts)
+
+
+_PIECE = 64 * 1024  # an argument larger than this is sent as it is, not copied into the command's bytes
+
+
+def encode_pieces(args: list[bytes]) -> bytes | list[bytes]:
+    """`encode_command`, except that a command with a large argument comes back as a list of pieces
+    that refer to its arguments, written one after another: a 60 MiB value is held once, not twice."""
+    parts = [b"*%d\r\n" % len(args)]
+    big = False
+    for a in args:
+        if len(a) > _PIECE:
+            parts += (b"$%d\r\n" % len(a), a, b"\r\n")
+            big = True
+        else:
+            parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return parts if big else b"".join(parts)
 
 
 # Reply types: simple ones end at the first CRLF; aggregates hold N children (maps 2N).

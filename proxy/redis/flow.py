@@ -15,7 +15,41 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from proxy.obs import log
+
 _DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connection that can be paused
+
+
+class ClientMemory:
+    """Bytes the listener of one upstream holds for its clients, all together: unfinished commands and
+    replies not yet taken by the client (resolved, waiting in order, or in the socket's buffer). State:
+    survives a reload (connections opened before it still count here). Over 3/4 of `max_client_memory`
+    clients are not read (those in the middle of a command are, so they finish it and it drains); over
+    all of it the clients holding the most are closed, as Redis's maxmemory-clients evicts them; under
+    half, reading resumes. So N clients cannot add up past the sidecar's memory limit."""
+
+    __slots__ = ("total", "clients", "paused", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.total = 0
+        self.clients: set = set()
+        self.paused: list = []
+        self.limit = limit
+
+    def reconfigure(self, spec, configured=None) -> None:
+        self.limit = spec.max_client_memory
+        if self.total > self.limit:
+            self.evict()
+
+    def evict(self) -> None:
+        while self.total > self.limit and self.clients:
+            c = max(self.clients, key=lambda c: c.mem)
+            c._evict("max_client_memory", c.mem)
+
+    def resume(self) -> None:
+        paused, self.paused = self.paused, []
+        for c in paused:
+            c._mem_resume()
 
 
 class FlowControl:
@@ -53,7 +87,8 @@ class FlowControl:
             self._corked(self._dispatch_held, parked)
         finally:
             self._releasing = False
-        if self._parked is None and self.transport is not None and not self.paused and not self.write_paused:
+        if (self._parked is None and self.transport is not None and not self.paused and not self.write_paused
+                and not self.mem_paused):
             self.transport.resume_reading()
         elif (self._parked is not None and not self.shared_out and not self.write_paused and not self.retrying
               and not self._validating and self._room_since is None):
@@ -135,6 +170,57 @@ class FlowControl:
         finally:
             self._shedding = False
 
+    # -- memory: per client (`redis.client_output_limit`), per upstream (`redis.max_client_memory`) ------
+    def _account(self, read: bool = False) -> None:
+        """Bring this client's share of ClientMemory up to date (after a read, a write, a drain)."""
+        if self.gone:
+            return
+        transport = self.transport
+        out = self.replies_held + (transport.get_write_buffer_size() if transport is not None else 0)
+        now = self.parser.buffered + out
+        delta = now - self.mem
+        pool = self.memory
+        if delta:
+            self.mem = now
+            pool.total += delta
+            if delta > 0:
+                if out > self.output_limit:
+                    self._evict("client_output_limit", out)
+                    return
+                if pool.total > pool.limit:
+                    pool.evict()
+                    if self.gone:
+                        return
+            elif pool.paused and pool.total * 2 < pool.limit:
+                pool.resume()
+        if read and pool.total * 4 > pool.limit * 3 and not self.parser.buffered and not self.mem_paused:
+            # between commands: take no new one until the clients' memory drains
+            self.mem_paused = True
+            pool.paused.append(self)
+            if transport is not None:
+                transport.pause_reading()
+
+    def _mem_resume(self) -> None:
+        self.mem_paused = False
+        if (self.transport is not None and not self.gone and not self.paused and not self.write_paused
+                and self._parked is None and not self.transport.is_closing()):
+            self.transport.resume_reading()
+
+    def _evict(self, limit: str, held: int) -> None:
+        """Over a memory limit: closed at once, what it is owed dropped — the client, never the process."""
+        log.warning("redis_client_evicted", upstream=self.name, limit=limit, bytes=held)
+        self.up.metrics.evicted(limit)
+        self._forget_memory()
+        if self.transport is not None:
+            self.transport.abort()  # its buffered replies go now, not after they are sent
+
+    def _forget_memory(self) -> None:
+        pool = self.memory
+        pool.total -= self.mem
+        self.mem = 0
+        pool.clients.discard(self)
+        self.gone = True  # nothing more is accounted or answered for it
+
     # -- back-pressure: a slow client must not make the proxy buffer everything Redis sends ------------
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -162,7 +248,9 @@ class FlowControl:
         for c in (self.conn, *self._retired):
             if c is not None:
                 c.resume()
+        self._account()  # its socket's buffer has drained
         if self._parked is not None:
             self._release_parked()
-        elif self.transport is not None and not self.paused and not self.transport.is_closing():
+        elif (self.transport is not None and not self.paused and not self.mem_paused
+              and not self.transport.is_closing()):
             self.transport.resume_reading()

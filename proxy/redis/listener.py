@@ -31,7 +31,8 @@ from proxy.redis.upstream import Pending, UpstreamConnection
 _ALL_DBS = frozenset({b"FLUSHALL", b"SWAPDB", b"MOVE", b"COPY"})  # touch another db than the client's too
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
-_SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
+_SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})
+_LINGER = 2.0  # seconds a refused client's connection stays half-closed, for the reason to reach it  # change the db or protocol shared commands run with
 
 
 class _CommandPending(Pending):
@@ -96,6 +97,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self._room_since: float | None = None
         self._room_timer: asyncio.Handle | None = None
         self._shedding = False
+        self.mem = 0                       # this client's share of ClientMemory
+        self.mem_paused = False
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -106,12 +109,17 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self.target = up.pick()  # a connection keeps its track between commands (see _refresh)
         self.up_target = self.target.pool.info
         self.batch = self.target.pool.shared.batch
-        self.parser = codec.RequestParser(max_bulk=up.limits.max_request_body or codec.MAX_BULK)
+        self.parser = codec.RequestParser(up.limits.max_request_body or codec.MAX_BULK)
         self.authenticated = up.wire.client_password is None
         self.counters = up.counters
+        self.memory, self.output_limit = up.wire.memory, up.wire.output_limit
+        self.memory.clients.add(self)
         up.connections += 1
 
     def connection_lost(self, exc) -> None:
+        self._forget_memory()
+        if self.mem_paused:
+            self.memory.paused.remove(self)
         self.closing = self.gone = True
         self.up.connections -= 1
         self._leave_room()
@@ -130,6 +138,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
 
     # -- input ---------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # after QUIT or a refusal: what the client still sends is not read as commands
         try:
             cmds = self.parser.feed(data)
         except codec.ProtocolError as exc:
@@ -142,6 +152,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             return
         self.read_at = self.clock.monotonic()
         self._corked(self._dispatch_all, cmds, len(cmds) > 1)
+        self._account(read=True)
         if len(self.slots) > MAX_PENDING_SLOTS and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -192,10 +203,17 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             self.conn.send(b"".join(out), None)
 
     def _refuse_and_close(self, reply: bytes) -> None:
-        """The client's input cannot be served any further: say why, and close at once."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply)
-            self.transport.close()
+        """The client's input cannot be served any further: say why and close. The write side is shut
+        first and the socket closed a moment later: closed at once with the client's bytes unread, the
+        kernel would reset the connection and the client might never see why."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(reply)
+            if t.can_write_eof():
+                t.write_eof()
+                self._loop.call_later(_LINGER, t.abort)
+            else:
+                t.close()
         self.closing = True
         if self.conn is not None:
             self.conn.close()
@@ -301,7 +319,10 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             self.dedicated = True
         elif cls == "write":
             self.wrote_shared = True
-        cmd = Command(self._new_slot(), name, args, codec.encode_command(args), cls, keys or [], db, self.proto, shared)
+        raw = codec.encode_pieces(args)
+        if type(raw) is list and cls == "read":
+            raw = b"".join(raw)  # a read's bytes are its cache key
+        cmd = Command(self._new_slot(), name, args, raw, cls, keys or [], db, self.proto, shared)
         self.chain.start(cmd, read_at)
         self.forward(cmd)
 

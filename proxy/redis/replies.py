@@ -54,6 +54,7 @@ class ReplyOrder:
         self.slots: collections.deque[Slot] = collections.deque()
         self.corked = False
         self._after: list[bytes] = []      # out-of-band bytes waiting behind owed replies
+        self.replies_held = 0              # bytes of resolved replies (and out-of-band) not yet written
 
     def _new_slot(self) -> Slot:
         """The place of the next reply owed, in command order."""
@@ -64,10 +65,12 @@ class ReplyOrder:
 
     def _reply_now(self, data: bytes) -> None:
         self._new_slot().reply = data
+        self.replies_held += len(data)
         self._flush()
 
     def _resolve(self, slot: Slot, data: bytes) -> None:
         slot.reply = data
+        self.replies_held += len(data)
         batch = self.batch
         if batch.active and not self.corked:
             self.corked = True  # one write per client for the replies of one shared read
@@ -91,8 +94,12 @@ class ReplyOrder:
         if not slots and self._after:
             out.extend(self._after)
             self._after = []
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if out:
+            data = b"".join(out) if len(out) > 1 else out[0]
+            self.replies_held -= len(data)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
+            self._account()
         if freed:
             # after the write: a waiter woken now may be this client, whose next replies follow these
             self.counters.in_flight -= freed
@@ -100,7 +107,7 @@ class ReplyOrder:
                 self._room_freed()
         if self.paused and len(slots) < MAX_PENDING_SLOTS // 2:
             self.paused = False
-            if not self.write_paused and self._parked is None:
+            if not self.write_paused and self._parked is None and not self.mem_paused:
                 self.transport.resume_reading()
         if self.closing and not slots and self.transport is not None:
             self.transport.close()
@@ -114,8 +121,10 @@ class ReplyOrder:
         self.corked = corked
         if self.slots:
             self._after.append(data)  # still owed replies: it waits behind them
+            self.replies_held += len(data)
         else:
             self.transport.write(data)
+        self._account()
 
     def _close_after_flush(self) -> None:
         """QUIT: answer what is owed, then close."""

@@ -137,7 +137,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail("connect-failure", ConnectionError(raw[1:].strip().decode(errors="replace")))
 
     # -- send --------------------------------------------------------------------------------------------
-    def send(self, raw: bytes, pending: Pending | None) -> None:
+    def send(self, raw: bytes | list[bytes], pending: Pending | None) -> None:
+        """`raw`: a command's bytes, or its pieces (codec.encode_pieces) for one with a large argument."""
         if self.failed:
             if pending is not None:
                 pending.conn = self
@@ -145,7 +146,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if pending is not None:
             self.pending.append(pending)
-        if self.shared:
+        if type(raw) is list:
+            if self.transport is None:
+                self.backlog += raw
+            else:  # what was queued first goes first; the large piece is not joined into a copy
+                self._write_backlog()
+                for piece in raw:
+                    self.transport.write(piece)
+        elif self.shared:
             # every client's command of this loop turn in one write, sent once their reads are done
             self.backlog.append(raw)
             if not self._flush_due and self.transport is not None:

@@ -307,6 +307,11 @@ class RedisSpec(Spec):
 
     deny_commands: tuple[str, ...] = ()
     allow_commands: tuple[str, ...] = ()
+    # memory the listener holds for clients (proxy/redis/flow.py): a client whose replies waiting to be
+    # read pass client_output_limit is closed; past max_client_memory (all clients of the upstream,
+    # unfinished commands too) clients are not read, then the ones holding most are closed
+    client_output_limit: Size = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    max_client_memory: Size = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
 
     _coerce = field_validator("deny_commands", "allow_commands", mode="before")(_as_str_tuple)
     _rules = field_validator("deny_commands", "allow_commands")(_command_rules)

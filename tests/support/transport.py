@@ -24,6 +24,9 @@ class RecordingTransport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def close(self) -> None:
         self.closed = True
 

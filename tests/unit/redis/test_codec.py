@@ -121,9 +121,22 @@ def test_inline_commands_and_limits():
     assert RequestParser().feed(b"PING\r\nSET a  b\n") == [[b"PING"], [b"SET", b"a", b"b"]]
     with pytest.raises(ProtocolError):
         RequestParser().feed(b"A" * 70000)
-    p = RequestParser(max_bulk=10)
-    with pytest.raises(ProtocolError):
-        p.feed(b"*1\r\n$11\r\n")
+    p = RequestParser(max_command=100)
+    with pytest.raises(ProtocolError, match="command larger than 100 bytes"):
+        p.feed(b"*1\r\n$61\r\n")
+
+
+def test_the_bound_is_on_the_whole_command_not_one_bulk():
+    """Three bulks each under the bound, together over it: refused as the third is announced, before
+    its bytes are held (a 3 x 60 MiB command under a 64 MiB bound)."""
+    p = RequestParser(max_command=200)
+    assert p.feed(b"*3\r\n$50\r\n" + b"a" * 50 + b"\r\n$50\r\n" + b"b" * 50 + b"\r\n") == []
+    assert p.held == 2 * (50 + 40) and p.buffered == p.held
+    with pytest.raises(ProtocolError, match="command larger than 200 bytes"):
+        p.feed(b"$50\r\n")
+    q = RequestParser(max_command=200)
+    assert q.feed(b"*2\r\n$50\r\n" + b"a" * 50 + b"\r\n$50\r\n" + b"b" * 50 + b"\r\n") == [[b"a" * 50, b"b" * 50]]
+    assert q.held == 0 and q.buffered == 0
 
 
 def test_attribute_and_hello():

@@ -115,3 +115,64 @@ async def test_a_command_still_waiting_after_pending_timeout_is_shed(metrics):
     assert c.transport.out[0] == codec.error(f"UNAVAILABLE redis upstream '{up.name}' is unavailable (overloaded)")
     assert metrics.delta("upstream_shed_total", name=up.name) == 2  # the PING behind it waited too
     assert c.transport.reading and not up.counters.waiting
+
+
+class _Buffering(RecordingTransport):
+    """A client socket whose peer does not read: everything written stays in its buffer."""
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.out))
+
+
+def memory_upstream(**redis):
+    name = f"rm{next(_n)}"
+    spec = UpstreamSpec.model_validate({
+        "protocol": "redis", "listen": "127.0.0.1:6390", "targets": [{"name": "stable", "url": "redis://r:6379/0"}],
+        "health": {"enabled": False}, "redis": redis})
+    up = UpstreamRuntime(name, spec, StateStore(REAL, METRICS), REAL)
+    app = types.SimpleNamespace(runtime=types.SimpleNamespace(upstreams={name: up}), clock=REAL)
+
+    def client(transport=None) -> RedisClientProtocol:
+        c = RedisClientProtocol(app, name)
+        c.connection_made(transport or RecordingTransport())
+        return c
+
+    return up, client
+
+
+async def test_a_client_past_its_output_limit_is_closed_and_its_memory_given_back():
+    up, client = memory_upstream(client_output_limit="64KiB")
+    slow, fine = client(_Buffering()), client()
+    for _ in range(3):
+        slow._resolve(slow._new_slot(), b"$40000\r\n" + b"x" * 40000 + b"\r\n")  # replies it never reads
+    assert slow.transport.closed and slow.gone
+    assert up.wire.memory.total == 0 and slow not in up.wire.memory.clients
+    fine._resolve(fine._new_slot(), b"+OK\r\n")
+    assert not fine.transport.closed and fine.transport.out == [b"+OK\r\n"]
+
+
+async def test_past_max_client_memory_the_client_holding_most_is_closed():
+    up, client = memory_upstream(max_client_memory="1MiB", client_output_limit="1MiB")
+    small, big = client(_Buffering()), client(_Buffering())
+    small._resolve(small._new_slot(), b"+" + b"s" * 100_000 + b"\r\n")
+    owed = big._new_slot()  # replies held in order behind one still owed count too
+    for _ in range(10):
+        big._resolve(big._new_slot(), b"+" + b"b" * 100_000 + b"\r\n")
+    assert not big.transport.out and big.replies_held > 900_000  # all waiting behind `owed`
+    big._resolve(owed, b"+OK\r\n")  # now they are written, and over the limit
+    assert big.gone and big.transport.closed and not small.gone
+    assert up.wire.memory.total == small.mem <= up.wire.memory.limit
+
+
+async def test_over_three_quarters_clients_between_commands_are_not_read_and_resume_under_half():
+    up, client = memory_upstream(max_client_memory="1MiB")
+    open_breaker(up)  # a finished command is answered at once, without I/O
+    writer, idle = client(), client()
+    head = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$900000\r\n"
+    writer.data_received(head + b"v" * 850_000)  # in the middle of one command: it keeps being read
+    assert writer.transport.reading and up.wire.memory.total > 850_000
+    idle.data_received(b"*1\r\n$4\r\nPING\r\n")
+    assert not idle.transport.reading and idle.mem_paused  # between commands: waits for memory
+    writer.data_received(b"v" * 50_000 + b"\r\n")  # the command completes and is answered
+    assert up.wire.memory.total < 1024 * 1024 // 2
+    assert idle.transport.reading and not idle.mem_paused

@@ -71,7 +71,8 @@ FULL = {
             "listen": "127.0.0.1:6380",
             "targets": [{"name": "stable", "url": "redis://redis:6379/0", "password_file": "/run/redis-password"}],
             "client_auth": {"password_file": "/run/client-password"},
-            "redis": {"deny_commands": ["EVAL", "KEYS"], "allow_commands": ["DEBUG"]},
+            "redis": {"deny_commands": ["EVAL", "KEYS"], "allow_commands": ["DEBUG"],
+                      "client_output_limit": "8MiB", "max_client_memory": "64MiB"},
         },
     },
 }
