@@ -144,11 +144,12 @@ def encode_pieces(args: list[bytes]) -> bytes | list[bytes]:
     parts = [b"*%d\r\n" % len(args)]
     big = False
     for a in args:
-        if len(a) > _PIECE:
-            parts += (b"$%d\r\n" % len(a), a, b"\r\n")
+        n = len(a)
+        if n > _PIECE:
+            parts += (b"$%d\r\n" % n, a, b"\r\n")
             big = True
         else:
-            parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+            parts.append(b"$%d\r\n%s\r\n" % (n, a))
     return parts if big else b"".join(parts)
 
 

@@ -28,16 +28,16 @@ class ClientMemory:
     all of it the clients holding the most are closed, as Redis's maxmemory-clients evicts them; under
     half, reading resumes. So N clients cannot add up past the sidecar's memory limit."""
 
-    __slots__ = ("total", "clients", "paused", "limit")
+    __slots__ = ("total", "clients", "paused", "limit", "soft")
 
     def __init__(self, limit: int) -> None:
         self.total = 0
         self.clients: set = set()
         self.paused: list = []
-        self.limit = limit
+        self.limit, self.soft = limit, limit * 3 // 4
 
     def reconfigure(self, spec, configured=None) -> None:
-        self.limit = spec.max_client_memory
+        self.limit, self.soft = spec.max_client_memory, spec.max_client_memory * 3 // 4
         if self.total > self.limit:
             self.evict()
 
@@ -193,7 +193,7 @@ class FlowControl:
                         return
             elif pool.paused and pool.total * 2 < pool.limit:
                 pool.resume()
-        if read and pool.total * 4 > pool.limit * 3 and not self.parser.buffered and not self.mem_paused:
+        if read and pool.total > pool.soft and not self.parser.buffered and not self.mem_paused:
             # between commands: take no new one until the clients' memory drains
             self.mem_paused = True
             pool.paused.append(self)
@@ -224,6 +224,7 @@ class FlowControl:
     # -- back-pressure: a slow client must not make the proxy buffer everything Redis sends ------------
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._account()  # its socket's buffer is past the high-water mark
         for c in (self.conn, *self._retired):
             if c is not None:
                 c.pause()

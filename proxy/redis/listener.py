@@ -152,7 +152,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             return
         self.read_at = self.clock.monotonic()
         self._corked(self._dispatch_all, cmds, len(cmds) > 1)
-        self._account(read=True)
+        if self.mem or self.parser.buf or self.memory.total > self.memory.soft:
+            self._account(read=True)
         if len(self.slots) > MAX_PENDING_SLOTS and not self.paused:
             self.paused = True
             self.transport.pause_reading()

@@ -14,6 +14,9 @@ import collections
 from proxy.obs import log
 
 MAX_PENDING_SLOTS = 10_000  # past this many unanswered commands the client's reads are paused
+# Memory accounting (flow.py) runs once something may be held: a client already holding some, a write
+# the socket may not take at once, a paused socket. Not on every small reply.
+_ACCOUNT_FROM = 64 * 1024
 
 
 class Slot:
@@ -71,6 +74,8 @@ class ReplyOrder:
     def _resolve(self, slot: Slot, data: bytes) -> None:
         slot.reply = data
         self.replies_held += len(data)
+        if self.replies_held > _ACCOUNT_FROM:
+            self._account()  # replies waiting in order behind one still owed
         batch = self.batch
         if batch.active and not self.corked:
             self.corked = True  # one write per client for the replies of one shared read
@@ -99,7 +104,8 @@ class ReplyOrder:
             self.replies_held -= len(data)
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(data)
-            self._account()
+            if self.mem or self.write_paused or len(data) > _ACCOUNT_FROM:
+                self._account()  # else nothing is held: a small write the socket took at once
         if freed:
             # after the write: a waiter woken now may be this client, whose next replies follow these
             self.counters.in_flight -= freed
