@@ -118,7 +118,17 @@ async def test_a_command_still_waiting_after_pending_timeout_is_shed(metrics):
 
 
 class _Buffering(RecordingTransport):
-    """A client socket whose peer does not read: everything written stays in its buffer."""
+    """A client socket whose peer does not read: everything written stays in its buffer, and past the
+    high-water mark the protocol is told, as asyncio's transports do."""
+
+    protocol = None
+    _told = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.get_write_buffer_size() > 64 * 1024 and not self._told:
+            self._told = True
+            self.protocol.pause_writing()
 
     def get_write_buffer_size(self) -> int:
         return sum(map(len, self.out))
@@ -135,6 +145,7 @@ def memory_upstream(**redis):
     def client(transport=None) -> RedisClientProtocol:
         c = RedisClientProtocol(app, name)
         c.connection_made(transport or RecordingTransport())
+        c.transport.protocol = c
         return c
 
     return up, client
