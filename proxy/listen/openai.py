@@ -20,7 +20,7 @@ from proxy.http1.server import Request, Response, StreamResponse
 from proxy.listen.http import _REQ_DROP, HttpListener, Refused, collect
 from proxy.llm import sse
 from proxy.llm.call import LLMCall
-from proxy.llm.policy import cache_key, error_event
+from proxy.llm.policy import MAX_JSON_DEPTH, cache_key, error_event, json_depth_over
 from proxy.obs import log
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
@@ -81,6 +81,8 @@ class OpenAIListener(HttpListener):
                 raise Refused(400, "invalid_json", "request body must be JSON (and not nested absurdly deep)") from None
             if not isinstance(doc, dict):
                 raise Refused(400, "invalid_json", f"request body must be a JSON object, got {type(doc).__name__}")
+            if json_depth_over(doc):
+                raise Refused(400, "invalid_json", f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
             call.doc = doc
             stream = call.stream = doc.get("stream") is True
             call.model = up.metrics.model_label(doc.get("model"))
@@ -120,7 +122,7 @@ class OpenAIListener(HttpListener):
                 if verdict is Verdict.SUCCESS and body is not None:
                     try:
                         up.metrics.tokens(model, json.loads(body).get("usage"))
-                    except (ValueError, AttributeError):
+                    except (ValueError, AttributeError, RecursionError):
                         pass
 
             resp.after_body(counted, route.fallback.max_body)

@@ -30,11 +30,45 @@ from proxy.upstream.http import failure_response
 COMPLETION_PATHS = ("/chat/completions", "/completions")
 
 
+MAX_JSON_DEPTH = 128  # deeper than any real request, shallow enough that it is always written back
+
+
+def json_depth_over(doc: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `doc` nests deeper than `limit`. Iterative: json.loads reads what json.dumps may not
+    write back (each has its own recursion limit), so a request is bounded before either is asked to."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
 def cache_key(path: str, body: dict[str, Any], fields: tuple[str, ...]) -> bytes:
     picked = {k: body[k] for k in fields if k in body}
     canonical = json.dumps({"path": path, "request": picked}, sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).digest()
+    # JSON may carry a lone surrogate ("\ud800"): Python reads it, UTF-8 cannot hold it; the key keeps it
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()
+
+
+def replayable(body: bytes | None, completion: bool) -> bool:
+    """Only what can be served again as this endpoint's answer is cached: a JSON object (for a completion
+    path, one with `choices` and no `error`) — not a maintenance page, not SSE text a non-boolean
+    `stream` brought back."""
+    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return False
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(doc, dict):
+        return False
+    return not completion or (isinstance(doc.get("choices"), list) and "error" not in doc)
 
 
 def is_completion(path: str) -> bool:
@@ -77,7 +111,7 @@ class LLMFallback(Fallback):
         the listener ends the after-body phase with the assembled completion)."""
         no_store = req.llm is not None and req.llm.cache_mode == "no-store"
         if not no_store and resp.status == 200:
-            resp.after_body(functools.partial(store_after_body, self.cache, key, 200, CIMultiDict({"Content-Type": _JSON})),
+            resp.after_body(functools.partial(_store_replayable, self.cache, key, is_completion(req.path)),
                             self.spec.max_body)
 
     def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
@@ -103,6 +137,11 @@ class LLMFallback(Fallback):
         out.headers["X-Fallback-Reason"] = f"{reason.value}_no_cache"
         self.served("degraded", reason)
         return out
+
+
+def _store_replayable(cache, key: bytes, completion: bool, verdict: Verdict | None, body: bytes | None) -> None:
+    if replayable(body, completion):
+        store_after_body(cache, key, 200, CIMultiDict({"Content-Type": _JSON}), verdict, body)
 
 
 class ModelFailover:
