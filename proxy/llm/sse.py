@@ -7,41 +7,57 @@ from __future__ import annotations
 import json
 from typing import Any
 
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # an event ends at a blank line, however it is written
+
+
+def _boundary(buf: bytes) -> tuple[int, int]:
+    """(start, length) of the first event separator in buf, (-1, 0) if none."""
+    cut, sep = -1, 0
+    for s in _SEPARATORS:
+        i = buf.find(s)
+        if i != -1 and (cut == -1 or i < cut):
+            cut, sep = i, len(s)
+    return cut, sep
+
 
 class SSEParser:
     """Feed bytes, get complete events' `data` payloads (str). Bounded: an event larger than `max_event`
-    stops assembly (the stream still passes through; it just is not cached)."""
+    is skipped, not held (the stream still passes through whole; `overflow` says the copy the listener
+    assembles is missing it, so it is not cached) — and parsing goes on after it, so the end of the
+    stream is still seen."""
 
-    __slots__ = ("_buf", "max_event", "overflow")
+    __slots__ = ("_buf", "max_event", "overflow", "_skipping")
 
     def __init__(self, max_event: int = 1 << 20) -> None:
         self._buf = b""
         self.max_event = max_event
         self.overflow = False
+        self._skipping = False  # inside an event too large to hold: looking for its end
 
     def feed(self, data: bytes) -> list[str]:
-        if self.overflow:
-            return []
         buf = self._buf + data
+        if self._skipping:
+            cut, sep = _boundary(buf)
+            if cut == -1:
+                self._buf = buf[-3:]  # a separator may straddle this read and the next
+                return []
+            buf, self._skipping = buf[cut + sep:], False
         events: list[str] = []
         while True:
-            # Events end at a blank line; accept \n\n, \r\n\r\n and \r\r.
-            cut, sep = -1, 0
-            for s in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-                i = buf.find(s)
-                if i != -1 and (cut == -1 or i < cut):
-                    cut, sep = i, len(s)
+            cut, sep = _boundary(buf)
             if cut == -1:
                 break
             raw, buf = buf[:cut], buf[cut + sep:]
-            lines = [ln for ln in raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")]
-            data_lines = [ln[5:].lstrip(b" ") if ln.startswith(b"data:") else None for ln in lines]
-            payload = [d for d in data_lines if d is not None]
+            if cut > self.max_event:
+                self.overflow = True  # skipped as when it arrives in pieces: the same, however it is read
+                continue
+            lines = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            payload = [ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:")]
             if payload:
                 events.append(b"\n".join(payload).decode("utf-8", "replace"))
         if len(buf) > self.max_event:
-            self.overflow = True
-            buf = b""
+            self.overflow = self._skipping = True
+            buf = buf[-3:]
         self._buf = buf
         return events
 

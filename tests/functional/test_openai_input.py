@@ -96,3 +96,28 @@ async def test_a_valid_completion_is_still_cached_and_replayed(aiohttp_server, s
     assert (await _post(p.url, req))[0] == 200
     status, ctype, body = await _post(p.url, req.replace(b'"model"', b'"stream":true,"model"'))
     assert status == 200 and ctype.startswith("text/event-stream") and b'"content":"ok"' in body
+
+
+async def test_one_event_over_max_body_leaves_a_healthy_stream_healthy(aiohttp_server, start_proxy, metrics):
+    """An event larger than fallback.max_body only stops the caching: the client gets the stream as sent,
+    one [DONE] and no error event, and five such streams do not open the breaker."""
+    import json
+
+    def event(doc) -> bytes:
+        return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    body = (event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]})
+            + event({**chunk, "choices": [{"index": 0, "delta": {"content": "b" * 200_000}}]})
+            + event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + b"data: [DONE]\n\n")
+    url, _ = await _upstream(aiohttp_server, [(200, "text/event-stream", body)])
+    name, cfg = upstream_config(url, protocol="openai", fallback={"max_body": "64KiB"}, breaker={"fail_max": 5})
+    p = await start_proxy(cfg)
+    req = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    for _ in range(6):
+        status, ctype, got = await _post(p.url, req)
+        assert status == 200 and got == body  # as sent: no error event, one [DONE]
+    assert metrics.family_delta("circuit_breaker_opened_total", name=name) == 0
+    assert metrics.family_delta("upstream_requests_total", name=name, status="reset") == 0
+    status, _, _ = await _post(p.url, req, **{"X-Proxy-Cache": "only-if-cached"})
+    assert status == 504  # the copy missed the large event: not cached

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,3 +121,19 @@ def test_replay_text_completion():
     again = assemble(b"".join(events), [])
     assert again.completion()["choices"][0]["text"] == "abc" * 50
     assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 100, 10_000])
+def test_an_event_over_max_event_is_skipped_and_parsing_goes_on_to_the_end(step):
+    """One event larger than the bound (a big tool-call argument, say) must not stop the bookkeeping:
+    the events after it, [DONE] included, are still seen, in any chunking; only the copy is marked."""
+    stream = chunks_of("hello world", 3)
+    big = sse.event({"choices": [{"index": 0, "delta": {"content": "x" * 5000}}]})
+    first = stream.index(b"\n\n") + 2  # after the first event
+    data = stream[:first].replace(b"\n\n", b"\r\n\r\n") + big + stream[first:]  # separators of both kinds
+    parser, asm = sse.SSEParser(max_event=1024), sse.Assembler()
+    for i in range(0, len(data), step):
+        for d in parser.feed(data[i:i + step]):
+            asm.add(d)
+        assert len(parser._buf) <= 1024 + step
+    assert parser.overflow and asm.done
