@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import re
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
+from proxy.admin import bodies
 from proxy.admin.probes import readiness
 from proxy.http1.server import BodyTooLarge, Request, Response, json_response
 from proxy.obs import log, redact
@@ -70,6 +70,8 @@ class Admin:
                     return await handler(request, match.groupdict())
                 except _NotFound:
                     return _json_error(404, "no such upstream")
+                except bodies.BadBody as exc:
+                    return _json_error(400, str(exc))
                 except BodyTooLarge as exc:
                     return _json_error(413, str(exc))
                 except ConnectionResetError:
@@ -199,14 +201,8 @@ class Admin:
     async def breaker(self, request: Request, params: dict) -> Response:
         up = self._upstream(params)
         raw = await request.read()  # over its limit: 413 (handle), not a 400 about the JSON
-        try:
-            data = json.loads(raw)
-            state = data["state"]
-            track = data.get("track") or up.targets[0].name
-        except Exception:
-            return _json_error(400, 'body must be JSON: {"track": "<name>", "state": "open|closed|auto"}')
-        if state not in ("open", "closed", "auto"):
-            return _json_error(400, "state must be open, closed or auto")
+        body = bodies.parse(bodies.BreakerBody, raw, '{"track": "<name>", "state": "open|closed|auto"}')
+        state, track = body.state, body.track or up.targets[0].name
         target = up.by_name.get(track)
         if target is None:
             return _json_error(404, f"no track {track!r} on upstream {up.name!r}")
@@ -218,16 +214,10 @@ class Admin:
         configured weights change; clears an automatic abort of the tracks it names."""
         up = self._upstream(params)
         raw = await request.read()
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict) or not data:
-                raise ValueError
-            weights = {str(k): int(v) for k, v in data.items()}
-        except (ValueError, TypeError):
-            return _json_error(400, 'body must be JSON like {"stable": 95, "canary": 5}')
+        weights = bodies.parse(bodies.WEIGHTS, raw, '{"stable": 95, "canary": 5}: whole numbers 0..100')
         unknown = [k for k in weights if k not in up.by_name]
-        if unknown or any(not 0 <= w <= 100 for w in weights.values()):
-            return _json_error(400, f"weights are 0..100 for tracks {sorted(up.by_name)}; unknown: {unknown}")
+        if unknown:
+            return _json_error(400, f"{unknown[0]}: no such track (tracks: {', '.join(sorted(up.by_name))})")
         merged = {**up.configured_weights, **weights}
         if sum(merged.values()) == 0:
             return _json_error(400, "at least one track needs a weight above 0")
@@ -249,12 +239,7 @@ class Admin:
 
     async def log_level(self, request: Request, params: dict) -> Response:
         raw = await request.read()
-        try:
-            level = json.loads(raw)["level"].lower()
-            if level not in log.LEVELS:
-                raise ValueError
-        except Exception:
-            return _json_error(400, 'body must be {"level": "debug|info|warning|error"}')
+        level = bodies.parse(bodies.LogLevelBody, raw, '{"level": "debug|info|warning|error"}').level.lower()
         log.set_level(level)
         log.info("log_level_changed", level=level)
         return json_response({"level": level})

@@ -98,7 +98,7 @@ class Loaded:
     sensitive: frozenset[str] = field(default_factory=frozenset)  # resolved secret values, never to be logged
 
 
-def _messages(exc: ValidationError) -> list[str]:
+def validation_messages(exc: ValidationError) -> list[str]:
     out = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
@@ -198,7 +198,7 @@ def load(path: str, *, strict_refs: bool = True) -> Loaded:
     except RecursionError:
         raise ConfigError([f"<file>: {path}: nested too deep"]) from None
     except ValidationError as exc:
-        raise ConfigError(_scrub(_messages(exc), frozenset(secrets)) + (ref_errors if strict_refs else [])) from None
+        raise ConfigError(_scrub(validation_messages(exc), frozenset(secrets)) + (ref_errors if strict_refs else [])) from None
     except ValueError as exc:  # pydantic-settings raises plain errors for unparsable env values
         raise ConfigError(_scrub([f"<env>: {exc}"], frozenset(secrets))) from None
     # password files of redis targets are watched like ${file:} references: a rotation reloads
