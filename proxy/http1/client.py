@@ -113,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self._done = False
         self._keep_alive = False
         self._close_delimited = False
+        self.poisoned = False  # bytes came after a complete answer: whatever they are, never reused
         self.last_used = created
 
     # -- transport ---------------------------------------------------------------------------------
@@ -149,6 +150,9 @@ class ClientConnection(asyncio.Protocol):
                 self._body._wake()
             self.close()
             return
+        if self.poisoned:
+            self.close()
+            return
         b = self._body
         if b is not None and len(b.chunks) > 64 and not self.paused and self.transport is not None:
             self.paused = True  # back-pressure: a slow client must not make us buffer a whole download
@@ -165,15 +169,24 @@ class ClientConnection(asyncio.Protocol):
 
     # -- parser callbacks (llhttp) ------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._done:
+            # an answer nobody asked for (bytes past Content-Length, a second response): the next
+            # request on this connection would get it. Nothing of it is read; the connection goes.
+            self.poisoned = True
+            return
         self._raw = []
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status.decode("latin-1")
+        if not self.poisoned:
+            self._reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        if not self.poisoned:
+            self._raw.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        if self.poisoned:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._raw = []  # an interim answer: wait for the final one
@@ -190,12 +203,14 @@ class ClientConnection(asyncio.Protocol):
             w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self))
 
     def on_body(self, body: bytes) -> None:
+        if self.poisoned:
+            return
         b = self._body
         b.chunks.append(body)
         b._wake()
 
     def on_message_complete(self) -> None:
-        if self._body is None:  # the end of an interim answer
+        if self._body is None or self.poisoned:  # the end of an interim answer, or of an unasked one
             return
         self._done = True
         self._body.eof = True
@@ -217,7 +232,7 @@ class ClientConnection(asyncio.Protocol):
 
     def finished(self, complete: bool) -> None:
         """The response was released: back to the pool when it can carry another request."""
-        if complete and self._done and not self.closed and self._keep_alive and not self.paused:
+        if complete and self._done and not self.closed and self._keep_alive and not self.paused and not self.poisoned:
             self.pool.h1_idle(self)
         else:
             self.close()

@@ -399,6 +399,9 @@ class ServerProtocol(asyncio.Protocol):
         self.responded = False  # the current request's status line is out
         self.last_active = 0.0
         self.headers_started: float | None = None  # set while a request's head is arriving
+        self.requests = 0        # heads received: a connection that never sent one gets the header timeout
+        self._hosts = 0          # Host header lines of the head being read
+        self._te_coding: str | None = None  # a transfer coding other than chunked in that head
 
     # -- transport ---------------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -563,7 +566,8 @@ class ServerProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._headers = []
-        self._header_bytes = self._url_bytes = self._head_seen = 0
+        self._header_bytes = self._url_bytes = self._head_seen = self._hosts = 0
+        self._te_coding = None
         self.headers_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
@@ -580,16 +584,35 @@ class ServerProtocol(asyncio.Protocol):
             self._bad_request(431, "headers_too_large",
                               f"request headers exceed max_header_bytes ({self.server.max_header_bytes} bytes)")
             raise httptools.HttpParserError("headers too large")
+        n = len(name)
+        if n == 4 and name.lower() == b"host":
+            self._hosts += 1
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            for coding in value.lower().split(b","):
+                coding = coding.strip()
+                if coding and coding != b"chunked" and self._te_coding is None:
+                    self._te_coding = coding.decode("latin-1")
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self.headers_started = None
+        self.requests += 1
         p = self.parser
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
             self._bad_request(505, "http_version_not_supported",
                               f"HTTP/{version} is not supported here: send HTTP/1.1")
             raise httptools.HttpParserError("unsupported version")
+        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+            # RFC 9112 §3.2: which host was meant cannot be told; a guess is how requests get smuggled
+            self._bad_request(400, "bad_request", "an HTTP/1.1 request needs exactly one Host header"
+                              if self._hosts == 0 else "more than one Host header")
+            raise httptools.HttpParserError("bad host")
+        if self._te_coding is not None:
+            # RFC 9112 §6.1: a coding the proxy does not implement is not silently dropped
+            self._bad_request(501, "not_implemented",
+                              f"Transfer-Encoding {self._te_coding!r} is not implemented here: send chunked only")
+            raise httptools.HttpParserError("transfer coding")
         req = Request(self, p.get_method().decode("ascii", "replace"),
                       b"".join(self._url).decode("utf-8", "surrogateescape"), version,
                       self._headers, self._header_bytes, p.should_keep_alive(), p.should_upgrade())
@@ -708,8 +731,9 @@ class Server:
         try:
             now = time.monotonic()
             for c in list(self.connections):
-                if c.idle and c.headers_started is None and now - c.last_active > self.keepalive_timeout:
-                    c._close()
+                if c.idle and c.headers_started is None and now - c.last_active > (
+                        self.keepalive_timeout if c.requests else self.header_timeout):
+                    c._close()  # idle past keep-alive; or never sent a byte of a request: not kept an hour
                 elif c.idle and c.headers_started is not None and now - c.headers_started > self.header_timeout:
                     c._bad_request(408, "request_timeout", "request headers did not arrive in time")
         finally:

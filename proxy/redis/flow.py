@@ -18,6 +18,7 @@ import collections
 from proxy.obs import log
 
 _DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connection that can be paused
+_RELIEVE_AFTER = 1.0  # clients waiting for memory this long: the ones holding most are closed for them
 
 
 class ClientMemory:
@@ -25,28 +26,48 @@ class ClientMemory:
     replies not yet taken by the client (resolved, waiting in order, or in the socket's buffer). State:
     survives a reload (connections opened before it still count here). Over 3/4 of `max_client_memory`
     clients are not read (those in the middle of a command are, so they finish it and it drains); over
-    all of it the clients holding the most are closed, as Redis's maxmemory-clients evicts them; under
-    half, reading resumes. So N clients cannot add up past the sidecar's memory limit."""
+    all of it the clients holding the most are closed, as Redis's maxmemory-clients evicts them. Clients
+    that hold memory and never read could keep the rest waiting for good: after _RELIEVE_AFTER of waiting
+    the ones holding most are closed until the total is back under 3/4, and reading resumes. So N clients
+    cannot add up past the sidecar's memory limit, and a client that reads is never starved by them."""
 
-    __slots__ = ("total", "clients", "paused", "limit", "soft")
+    __slots__ = ("total", "clients", "paused", "limit", "soft", "timer")
 
     def __init__(self, limit: int) -> None:
         self.total = 0
         self.clients: set = set()
         self.paused: list = []
         self.limit, self.soft = limit, limit * 3 // 4
+        self.timer = None
 
     def reconfigure(self, spec, configured=None) -> None:
         self.limit, self.soft = spec.max_client_memory, spec.max_client_memory * 3 // 4
         if self.total > self.limit:
             self.evict()
 
-    def evict(self) -> None:
-        while self.total > self.limit and self.clients:
+    def evict(self, down_to: int | None = None) -> None:
+        bound = self.limit if down_to is None else down_to
+        while self.total > bound and self.clients:
             c = max(self.clients, key=lambda c: c.mem)
+            if not c.mem:
+                break
             c._evict("max_client_memory", c.mem)
 
+    def wait(self, client, clock) -> None:
+        self.paused.append(client)
+        if self.timer is None:
+            self.timer = clock.call_later(_RELIEVE_AFTER, self.relieve)
+
+    def relieve(self) -> None:
+        self.timer = None
+        if self.paused and self.total > self.soft:
+            self.evict(self.soft)
+        self.resume()
+
     def resume(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         paused, self.paused = self.paused, []
         for c in paused:
             c._mem_resume()
@@ -191,12 +212,12 @@ class FlowControl:
                     pool.evict()
                     if self.gone:
                         return
-            elif pool.paused and pool.total * 2 < pool.limit:
+            elif pool.paused and pool.total <= pool.soft:
                 pool.resume()
         if read and pool.total > pool.soft and not self.parser.buffered and not self.mem_paused:
             # between commands: take no new one until the clients' memory drains
             self.mem_paused = True
-            pool.paused.append(self)
+            pool.wait(self, self.clock)
             if transport is not None:
                 transport.pause_reading()
 

@@ -459,3 +459,83 @@ async def test_admin_api_on_the_listener_server(upstream, start_proxy, tmp_path)
     writer.write(b"POST /admin/log-level HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n")
     assert (await _answer(reader))[0].split(b" ")[1] == b"400"
+
+
+async def test_host_must_be_there_once(upstream, start_proxy):
+    """RFC 9112 §3.2: an HTTP/1.1 request without Host, or any request with two, is a 400 — never
+    forwarded with a guess (the upstream might pick the other one)."""
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    for head in (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                 b"GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n"):
+        reader, writer = await _open(p)
+        writer.write(head)
+        status, _, body = await _answer(reader)
+        assert status.split(b" ")[1] == b"400" and b"Host" in body, head
+        assert await _closed(reader)
+    reader, writer = await _open(p)
+    writer.write(b"GET /old HTTP/1.0\r\n\r\n")  # HTTP/1.0 had no Host: still served
+    assert (await _answer(reader))[0].split(b" ")[1] == b"200"
+    assert upstream.hits == 1
+
+
+async def test_a_transfer_coding_the_proxy_does_not_implement_is_a_501(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url)
+    p = await start_proxy(cfg)
+    for te in (b"gzip, chunked", b"deflate,chunked", b"gzip\r\nTransfer-Encoding: chunked"):
+        reader, writer = await _open(p)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + te + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        status, _, body = await _answer(reader)
+        assert status.split(b" ")[1] == b"501" and b"not implemented" in body, te
+    reader, writer = await _open(p)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert (await _answer(reader))[0].split(b" ")[1] == b"200"
+    assert upstream.hits == 1
+
+
+async def test_a_connection_that_never_sends_a_byte_gets_the_header_timeout(upstream, start_proxy):
+    name, cfg = upstream_config(upstream.url, limits={"client_header_timeout": "300ms", "client_idle_timeout": "1h"})
+    p = await start_proxy(cfg)
+    reader, writer = await _open(p)
+    assert await _closed(reader)  # within the header timeout, not the hour of keep-alive
+    reader, writer = await _open(p)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await _answer(reader))[0].split(b" ")[1] == b"200"
+    await asyncio.sleep(2.5)  # past the header timeout and two sweeps: one that has served keeps its hour
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await _answer(reader))[0].split(b" ")[1] == b"200"
+
+
+async def test_bytes_after_a_complete_answer_are_never_served_to_the_next_request(start_proxy):
+    """An upstream that sends more than it said (bytes past Content-Length, a second answer nobody asked
+    for) must not have them read as the answer to the next request on that pooled connection."""
+    conns = []
+
+    async def serve(reader, writer):
+        conns.append(writer)
+        first = len(conns) == 1
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if first:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON")
+                first = False
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    name, cfg = upstream_config(f"http://127.0.0.1:{port}", retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/a") as r:
+            assert await r.read() == b"ok"
+        for _ in range(3):
+            async with s.get(p.url + "/b") as r:
+                assert r.status == 200 and await r.read() == b"fresh"
+    assert len(conns) == 2  # the poisoned connection was closed, the next one reused
+    server.close()

@@ -134,13 +134,13 @@ class _Buffering(RecordingTransport):
         return sum(map(len, self.out))
 
 
-def memory_upstream(**redis):
+def memory_upstream(clock=REAL, **redis):
     name = f"rm{next(_n)}"
     spec = UpstreamSpec.model_validate({
         "protocol": "redis", "listen": "127.0.0.1:6390", "targets": [{"name": "stable", "url": "redis://r:6379/0"}],
         "health": {"enabled": False}, "redis": redis})
-    up = UpstreamRuntime(name, spec, StateStore(REAL, METRICS), REAL)
-    app = types.SimpleNamespace(runtime=types.SimpleNamespace(upstreams={name: up}), clock=REAL)
+    up = UpstreamRuntime(name, spec, StateStore(clock, METRICS), clock)
+    app = types.SimpleNamespace(runtime=types.SimpleNamespace(upstreams={name: up}), clock=clock)
 
     def client(transport=None) -> RedisClientProtocol:
         c = RedisClientProtocol(app, name)
@@ -175,7 +175,7 @@ async def test_past_max_client_memory_the_client_holding_most_is_closed():
     assert up.wire.memory.total == small.mem <= up.wire.memory.limit
 
 
-async def test_over_three_quarters_clients_between_commands_are_not_read_and_resume_under_half():
+async def test_over_three_quarters_clients_between_commands_are_not_read_and_resume_once_it_drains():
     up, client = memory_upstream(max_client_memory="1MiB")
     open_breaker(up)  # a finished command is answered at once, without I/O
     writer, idle = client(), client()
@@ -187,3 +187,24 @@ async def test_over_three_quarters_clients_between_commands_are_not_read_and_res
     writer.data_received(b"v" * 50_000 + b"\r\n")  # the command completes and is answered
     assert up.wire.memory.total < 1024 * 1024 // 2
     assert idle.transport.reading and not idle.mem_paused
+
+
+async def test_clients_that_hold_memory_and_never_read_do_not_starve_the_rest():
+    """Holders under the bound that never read would keep the total over 3/4 for good: a second of
+    waiting later the biggest are closed until it is back under, and the waiting client is read again."""
+    clock = ManualClock()
+    up, client = memory_upstream(clock, max_client_memory="1MiB", client_output_limit="1MiB")
+    holders = [client(_Buffering()) for _ in range(3)]
+    for h in holders:
+        owed = h._new_slot()  # its replies wait in order behind one still owed: held, never drained
+        h._resolve(h._new_slot(), b"+" + b"h" * 280_000 + b"\r\n")
+        h.owed = owed
+    pool = up.wire.memory
+    assert pool.soft < pool.total <= pool.limit and not any(h.gone for h in holders)
+    reader = client()
+    reader.data_received(b"*1\r\n$4\r\nPING\r\n")
+    assert reader.mem_paused and not reader.transport.reading
+    assert clock.sleeps[-1] == 1.0  # the wait before relief, on the injected clock (it runs next turn)
+    await asyncio.sleep(0)
+    assert sum(h.gone for h in holders) == 1 and pool.total <= pool.soft
+    assert reader.transport.reading and not reader.mem_paused
