@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PATH="$(bash scripts/tools.sh):$PATH"
 export PATH
-for t in redis-server promtool prometheus amtool; do
+for t in redis-server redis-server-7.4 promtool prometheus amtool; do
   command -v "$t" >/dev/null 2>&1 || { echo "missing $t: apt-get install redis-server prometheus prometheus-alertmanager (.ci/run does)" >&2; exit 1; }
 done
 .venv/bin/ruff check .

@@ -103,8 +103,8 @@ def another_redis():
     """`another_redis(*args)` → the port of one more real redis-server, stopped after the test."""
     procs = []
 
-    def start(*args: str) -> int:
-        proc, port = redis_support.start_redis(*args)
+    def start(*args: str, server: str = "redis-server") -> int:
+        proc, port = redis_support.start_redis(*args, server=server)
         procs.append(proc)
         return port
 

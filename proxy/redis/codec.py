@@ -285,17 +285,99 @@ def error(message: str) -> bytes:
 OK = b"+OK\r\n"
 
 
-def hello_reply(proto: int, server_version: str = "7.2.0", conn_id: int = 0) -> bytes:
-    """What HELLO answers, in the protocol just chosen (answered by the proxy itself)."""
-    fields = [(b"server", b"redis"), (b"version", server_version.encode()), (b"proto", proto),
-              (b"id", conn_id), (b"mode", b"standalone"), (b"role", b"master"), (b"modules", [])]
-    out = [b"%" + str(len(fields)).encode() + b"\r\n" if proto == 3 else b"*" + str(len(fields) * 2).encode() + b"\r\n"]
-    for k, v in fields:
-        out.append(b"$%d\r\n%s\r\n" % (len(k), k))
-        if isinstance(v, int):
-            out.append(b":%d\r\n" % v)
-        elif isinstance(v, list):
-            out.append(b"*0\r\n")
-        else:
-            out.append(b"$%d\r\n%s\r\n" % (len(v), v))
-    return b"".join(out)
+class Map(list):
+    """A RESP3 map (or a RESP2 array of pairs) as decoded: its (key, value) pairs, in order."""
+
+
+def decode(raw: bytes, max_depth: int = 8):
+    """One whole reply (as ReplyFramer cut it) as values: bytes for strings, int, None, list, Map; an error
+    raises ProtocolError. For the few replies the proxy reads itself (HELLO), bounded in depth."""
+    value, end = _decode(raw, 0, max_depth)
+    if end != len(raw):
+        raise ProtocolError("trailing bytes after a reply")
+    return value
+
+
+def _decode(raw: bytes, pos: int, depth: int):
+    eol = raw.find(b"\r\n", pos)
+    if eol < 0 or depth < 0:
+        raise ProtocolError("reply cut short or nested too deep")
+    t, line = raw[pos:pos + 1], raw[pos + 1:eol]
+    if t in (b"+", b"(", b","):
+        return line, eol + 2
+    if t in (b"-", b"!"):
+        raise ProtocolError(line.decode(errors="replace"))
+    if t == b":":
+        return _int(line, 0, len(line)), eol + 2
+    if t == b"_":
+        return None, eol + 2
+    if t == b"#":
+        return line == b"t", eol + 2
+    if t in (b"$", b"="):
+        n = _int(line, 0, len(line))
+        if n < 0:
+            return None, eol + 2
+        start = eol + 2
+        if raw[start + n:start + n + 2] != b"\r\n":
+            raise ProtocolError("bulk string cut short")
+        return raw[start:start + n], start + n + 2
+    if t in (b"*", b"~", b">", b"%"):
+        n = _int(line, 0, len(line))
+        pos = eol + 2
+        if n < 0:
+            return None, pos
+        items = []
+        for _ in range(n * 2 if t == b"%" else n):
+            v, pos = _decode(raw, pos, depth - 1)
+            items.append(v)
+        if t == b"%":
+            return Map(zip(items[::2], items[1::2], strict=True)), pos
+        return items, pos
+    raise ProtocolError(f"unknown reply type {t!r}")
+
+
+def encode_value(v, proto: int) -> bytes:
+    """Values back to RESP in the client's protocol (a Map is a RESP2 array of pairs)."""
+    if isinstance(v, Map):
+        head = b"%%%d\r\n" % len(v) if proto == 3 else b"*%d\r\n" % (2 * len(v))
+        return head + b"".join(encode_value(k, proto) + encode_value(x, proto) for k, x in v)
+    if isinstance(v, bool):
+        return (b"#t\r\n" if v else b"#f\r\n") if proto == 3 else b":%d\r\n" % v
+    if isinstance(v, int):
+        return b":%d\r\n" % v
+    if v is None:
+        return b"_\r\n" if proto == 3 else b"$-1\r\n"
+    if isinstance(v, list):
+        return b"*%d\r\n" % len(v) + b"".join(encode_value(x, proto) for x in v)
+    return b"$%d\r\n%s\r\n" % (len(v), v)
+
+
+# What HELLO answers when the upstream has not told its own (unreachable since the proxy started)
+_HELLO_DEFAULT = Map([(b"server", b"redis"), (b"version", b"7.2.0"), (b"mode", b"standalone"), (b"role", b"master"),
+                      (b"modules", [])])
+
+
+def hello_fields(raw: bytes, proto: int) -> Map | None:
+    """What the upstream's own HELLO reply says about the server (server, version, mode, role, modules):
+    what the proxy's HELLO answers with. None when the reply is not a HELLO reply."""
+    try:
+        v = decode(raw)
+    except ProtocolError:
+        return None
+    if proto == 2 and isinstance(v, list) and not isinstance(v, Map) and len(v) % 2 == 0:
+        v = Map(zip(v[::2], v[1::2], strict=True))
+    if not isinstance(v, Map):
+        return None
+    keep = (b"server", b"version", b"mode", b"role", b"modules")
+    out = Map((k, x) for k, x in v if k in keep)
+    return out if any(k == b"version" for k, _ in out) else None
+
+
+def hello_reply(proto: int, conn_id: int = 0, server: Map | None = None) -> bytes:
+    """What HELLO answers, in the protocol just chosen (answered by the proxy itself): the upstream's
+    server, version, mode, role and modules, with this connection's protocol and id."""
+    fields = dict(server or _HELLO_DEFAULT)
+    out = Map([(b"server", fields.get(b"server", b"redis")), (b"version", fields.get(b"version", b"7.2.0")),
+               (b"proto", proto), (b"id", conn_id), (b"mode", fields.get(b"mode", b"standalone")),
+               (b"role", fields.get(b"role", b"master")), (b"modules", fields.get(b"modules", []))])
+    return encode_value(out, proto)

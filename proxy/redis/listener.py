@@ -68,6 +68,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self.db: int | None = None
         self.proto = 2
         self.client_name: bytes | None = None
+        self.lib_info: dict[bytes, bytes] = {}  # CLIENT SETINFO lib-name / lib-ver, for its own connection
+        self.tracking = False              # CLIENT TRACKING is on, on its dedicated connection
         self.authenticated = False
         self.in_multi = False
         self.multi_refused = False         # a command inside MULTI was refused here: EXEC must abort
@@ -380,9 +382,12 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
 
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
         self.chain.answered(cmd, raw, kind, self.clock.monotonic() - cmd.started)
-        if (kind == "ok" and cmd.cls == "admin" and cmd.name == b"CLIENT" and len(cmd.args) == 3
-                and cmd.args[1].upper() == b"SETNAME"):
-            self.client_name = cmd.args[2] or None  # a new connection (after a reset) is named the same
+        if kind == "ok" and cmd.cls == "admin" and cmd.name == b"CLIENT" and len(cmd.args) >= 3:
+            sub = cmd.args[1].upper()
+            if sub == b"SETNAME" and len(cmd.args) == 3:
+                self.client_name = cmd.args[2] or None  # a new connection (after a reset) is named the same
+            elif sub == b"TRACKING":
+                self.tracking = cmd.args[2].upper() == b"ON"
         elif cmd.cls == "admin" and guard.is_config_get(cmd.name, cmd.args):
             raw = guard.masked_config(raw)
         elif cmd.name == b"EXEC" and cmd.args[0] == b"DISCARD" and kind == "ok":
@@ -445,11 +450,22 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
     # -- upstream connections ------------------------------------------------------------------------
     def _new_upstream(self) -> UpstreamConnection:
         conn = UpstreamConnection(self.up_target, self.proto, self.db, self.client_name,
-                                  self.up.spec.timeouts.connect, self._out_of_band, self._out_of_band)
+                                  self.up.spec.timeouts.connect, self._out_of_band, self._out_of_band,
+                                  lib_info=tuple(self.lib_info.items()))
         conn.on_batch = self._batch
+        conn.on_closed = self._upstream_closed
         if self.transport is not None and self.write_paused:
             conn.paused_at_start = True
         return conn
+
+    def _upstream_closed(self, conn: UpstreamConnection) -> None:
+        """Its own connection went. With CLIENT TRACKING on, the invalidations Redis kept for it went with
+        it: a new connection would leave the client's local cache silently stale, so the client is
+        closed instead (it reconnects, turns tracking on again and starts with an empty cache)."""
+        if conn is self.conn and self.tracking and not self.gone:
+            log.warning("redis_tracking_lost", upstream=self.name, error=conn.error)
+            self.tracking = False
+            self._close_after_flush()
 
     def _drop_upstream(self) -> None:
         """The upstream connection speaks an old state (protocol, db): answer what is sent, then close."""

@@ -34,10 +34,22 @@ class SessionCommands:
                 # redis-py and other clients send their library name and version on connect: metadata
                 # of the app's connection, which upstream is a shared one. Taken here, so it does not
                 # cost the client its place on the shared connection.
-                if args[2].upper() in (b"LIB-NAME", b"LIB-VER"):
+                attr = args[2].upper()
+                if attr in (b"LIB-NAME", b"LIB-VER"):
+                    self.lib_info[attr.lower()] = args[3]  # sent on the client's own connection, if it gets one
                     self._reply_now(codec.OK)
                 else:
                     self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))
+                return True
+            if sub == b"REPLY" and len(args) == 3:
+                # OFF/SKIP: Redis stops answering, and the proxy, which answers every command in order
+                # and times each reply, would wait for replies that never come. Refused up front.
+                mode = args[2].upper()
+                if mode == b"ON":
+                    self._reply_now(codec.OK)
+                else:
+                    self._reply_now(codec.error(f"ERR CLIENT REPLY {mode.decode(errors='replace')} is not supported "
+                                                "by this proxy: every command is answered"))
                 return True
             if sub == b"MAINT_NOTIFICATIONS":
                 # redis-py 6+ asks for maintenance push notifications on RESP3 connections ("auto": an
@@ -92,6 +104,7 @@ class SessionCommands:
         elif name == b"RESET":
             self._drop_upstream()
             self.db, self.proto, self.client_name, self.in_multi, self.watching = None, 2, None, False, False
+            self.tracking = False  # RESET turns tracking off
             self.authenticated = self.up.wire.client_password is None
             self._reply_now(b"+RESET\r\n")
 
@@ -216,5 +229,26 @@ class SessionCommands:
         if proto != self.proto:
             self._drop_upstream()  # the upstream connection speaks the old protocol
             self.proto = proto
-        self._reply_now(codec.hello_reply(proto, conn_id=id(self) & 0xFFFF))
+        if self.up_target.server is None and self.target.breaker.state == "closed":
+            self._learn_server()
+            return
+        self._reply_now(codec.hello_reply(proto, id(self) & 0xFFFF, self.up_target.server))
+
+    def _learn_server(self) -> None:
+        """HELLO before any connection to the upstream told the proxy what it is: open the shared one (its
+        setup asks) and answer once it has, what follows waiting behind; with Redis unreachable, the
+        defaults (so clients still connect and read the cache)."""
+        slot = self._new_slot()
+        self._validating = True
+        self._hold()
+        shared = self.target.pool.shared
+
+        def done(*_) -> None:
+            self._validating = False
+            self._resolve(slot, codec.hello_reply(self.proto, id(self) & 0xFFFF, self.up_target.server))
+            self._release_parked()
+
+        db = self.db if self.db is not None else self.up_target.db
+        wait = min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect)
+        shared.get(self.proto, db).send(codec.encode_command([b"PING"]), Pending(b"", done, done, wait))
 

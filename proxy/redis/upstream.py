@@ -19,7 +19,7 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from proxy.obs import log
-from proxy.redis.codec import ProtocolError, ReplyFramer, encode_command
+from proxy.redis.codec import Map, ProtocolError, ReplyFramer, encode_command, hello_fields
 from proxy.upstream.pool import ssl_context
 
 # uvloop's loop.time() moves in whole milliseconds, once per loop turn: a timer set for a deadline may
@@ -42,6 +42,21 @@ class RedisTarget:
         self.db = int(path) if path.isdigit() else 0
         self.ssl = ssl_context(spec)
         self.server_hostname = spec.tls.server_name or (self.host if self.ssl else None)
+        # loop time of the last failure charged to this target: a connection whose command was already
+        # out by then met the same event (one stall times out every connection at once)
+        self.failed_at = float("-inf")
+        # what the upstream's HELLO says (server, version, mode, role, modules), learned on the first
+        # connection: the proxy answers its clients' HELLO with it (redis-py gates features on it)
+        self.server: Map | None = None
+
+
+def _setup_label(cmd: list[bytes]) -> bytes:
+    """How a setup command's reply is told apart: HELLO? only asks for the server's facts."""
+    if cmd[0] == b"CLIENT":
+        return cmd[1]
+    if cmd[0] == b"HELLO" and len(cmd) == 1:
+        return b"HELLO?"
+    return cmd[0]
 
 
 class Pending:
@@ -64,8 +79,10 @@ class Pending:
 
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, target: RedisTarget, proto: int, db: int, name: bytes | None, connect_timeout: float,
-                 on_push: Callable[[bytes], None], on_raw: Callable[[bytes], None], shared: bool = False) -> None:
+                 on_push: Callable[[bytes], None], on_raw: Callable[[bytes], None], shared: bool = False,
+                 lib_info: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.target, self.proto, self.db, self.client_name = target, proto, db, name
+        self.lib_info = lib_info  # the client's CLIENT SETINFO (lib-name, lib-ver), replayed on its own connection
         self.connect_timeout = connect_timeout
         self.on_push, self.on_raw = on_push, on_raw
         self.on_tunnel_closed: Callable[[], None] | None = None
@@ -114,21 +131,29 @@ class UpstreamConnection(asyncio.Protocol):
         elif t.password is not None:
             setup.append([b"AUTH", t.username.encode(), t.password.encode()] if t.username
                          else [b"AUTH", t.password.encode()])
+        if self.proto == 2 and t.server is None:
+            setup.append([b"HELLO"])  # no protover: the server's facts, in RESP2, nothing switched
         db = self.db if self.db is not None else t.db
         if db:
             setup.append([b"SELECT", str(db).encode()])
         if self.client_name:
             setup.append([b"CLIENT", b"SETNAME", self.client_name])
-        head = [Pending(b"", lambda raw, kind, c=c[0]: self._setup_reply(raw, kind, c), lambda kind: None,
-                        self.connect_timeout) for c in setup]
+        for attr, value in self.lib_info:
+            setup.append([b"CLIENT", b"SETINFO", attr, value])
+        head = [Pending(b"", lambda raw, kind, c=_setup_label(c): self._setup_reply(raw, kind, c),
+                        lambda kind: None, self.connect_timeout) for c in setup]
         self.pending.extendleft(reversed(head))
         transport.write(b"".join(encode_command(c) for c in setup) + b"".join(self.backlog))
         self.backlog = []
         self._arm()
 
     def _setup_reply(self, raw: bytes, kind: str, command: bytes = b"") -> None:
+        if command in (b"HELLO", b"HELLO?") and kind == "ok" and self.target.server is None:
+            self.target.server = hello_fields(raw, self.proto)
         if kind == "error":
-            if command in (b"SELECT", b"CLIENT"):
+            if command in (b"SETINFO", b"HELLO?"):
+                return  # what a Redis before 7.2 (SETINFO) or 6 (HELLO) does not know: fine without it
+            if command in (b"SELECT", b"SETNAME"):
                 # the client's own state (a db that does not exist): its fault, not the upstream's
                 self.setup_failed_on = command
                 self._fail("client-setup", ConnectionError(raw[1:].strip().decode(errors="replace")))
@@ -311,16 +336,24 @@ class UpstreamConnection(asyncio.Protocol):
         pending, self.pending = self.pending, collections.deque()
         self.backlog = []
         self.framer = ReplyFramer()
-        charged = not self.shared or kind in ("closed", "client-setup")
+        # One upstream event is one breaker failure. On this connection only the first command (after
+        # the setup ones) met it; the others (other clients' too, on a shared one) lose their connection
+        # with it. And a command that was already out when the target last failed on another connection
+        # (the per-db shared ones, the dedicated ones: one stall times them all out) met that same event.
+        # "-collateral" tells the client: no verdict, still an error (or a retry).
+        charged = kind in ("closed", "client-setup")
+        target, now = self.target, self._loop.time()
         try:
             for p in pending:
                 p.conn = self
-                # On a shared connection only the first command (after the setup ones) met the failure;
-                # the others (other clients' too) lose their connection with it, which must not count
-                # against the upstream once per command: "-collateral" tells the client so.
                 this = kind
                 if not charged and p.raw:
                     charged = True
+                    sent = p.at_head if p.at_head is not None else now
+                    if sent < target.failed_at:
+                        this = kind + "-collateral"
+                    else:
+                        target.failed_at = now
                     kind = kind + "-collateral"
                 try:
                     p.on_failure(this)

@@ -11,12 +11,14 @@ from tests.support.net import free_port
 from tests.support.tools import start_process
 
 
-def start_redis(*args: str, tls: tuple[str, str, str] | None = None) -> tuple[subprocess.Popen, int]:
-    """A real redis-server (extra command-line `args`; `tls` = (cert, key, CA) files for a TLS-only one),
-    answering once this returns."""
-    binary = shutil.which("redis-server")
+def start_redis(*args: str, tls: tuple[str, str, str] | None = None,
+                server: str = "redis-server") -> tuple[subprocess.Popen, int]:
+    """A real redis-server (extra command-line `args`; `tls` = (cert, key, CA) files for a TLS-only one;
+    `server`: redis-server-7.4 for Redis 7.4, which scripts/tools.sh fetches), answering once this returns."""
+    binary = shutil.which(server)
     if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+        raise RuntimeError(f"{server} is not installed (redis-server: apt-get install redis-server; "
+                           "redis-server-7.4: scripts/tools.sh; .ci/run does both)")
     port = free_port()
     argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "16"]
     wrap = lambda s: s  # noqa: E731

@@ -152,3 +152,21 @@ def test_command_table():
     assert commands.keys_of(b"MSET", [b"MSET", b"a", b"1", b"b", b"2"]) == [b"a", b"b"]
     assert commands.keys_of(b"DEL", [b"DEL", b"a", b"b"]) == [b"a", b"b"]
     assert commands.keys_of(b"FOO", [b"FOO", b"a"]) is None
+
+
+def test_hello_fields_are_the_upstreams_and_reencoded_in_the_clients_protocol():
+    from proxy.redis.codec import Map, decode, hello_fields
+
+    upstream = (b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$5\r\n7.4.1\r\n$5\r\nproto\r\n:3\r\n"
+                b"$2\r\nid\r\n:42\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$7\r\nreplica\r\n"
+                b"$7\r\nmodules\r\n*1\r\n%2\r\n$4\r\nname\r\n$6\r\nsearch\r\n$3\r\nver\r\n:21005\r\n")
+    server = hello_fields(upstream, 3)
+    assert dict(server)[b"version"] == b"7.4.1" and dict(server)[b"role"] == b"replica"
+    for proto in (2, 3):
+        got = decode(hello_reply(proto, 7, server))
+        fields = dict(got) if isinstance(got, Map) else dict(zip(got[::2], got[1::2], strict=True))
+        assert fields[b"version"] == b"7.4.1" and fields[b"proto"] == proto and fields[b"id"] == 7
+        module = fields[b"modules"][0]
+        assert dict(module) == {b"name": b"search", b"ver": 21005} if proto == 3 else module == [
+            b"name", b"search", b"ver", 21005]
+    assert hello_fields(b"-ERR unknown command 'HELLO'\r\n", 2) is None and hello_fields(b"+OK\r\n", 2) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.redis.codec import encode_command
+from proxy.redis.codec import Map, encode_command
 from proxy.redis.upstream import Pending, RedisTarget, UpstreamConnection
 from proxy.settings.spec import TargetSpec
 from tests.support.transport import RecordingTransport
@@ -28,8 +28,9 @@ class Recorded(Pending):
 
 
 async def connected() -> tuple[UpstreamConnection, RecordingTransport]:
-    conn = UpstreamConnection(RedisTarget(TargetSpec(name="s", url="redis://127.0.0.1:1/0")), 2, 0, None, 5.0,
-                              lambda d: None, lambda d: None, shared=True)
+    target = RedisTarget(TargetSpec(name="s", url="redis://127.0.0.1:1/0"))
+    target.server = Map()  # already learned: no HELLO in the setup, the test's replies are the commands'
+    conn = UpstreamConnection(target, 2, 0, None, 5.0, lambda d: None, lambda d: None, shared=True)
     conn.connecting.cancel()  # no socket: the test is the upstream
     t = RecordingTransport()
     conn.connection_made(t)
