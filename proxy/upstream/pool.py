@@ -117,6 +117,7 @@ class HttpPool:
             self.basic_auth = "Basic " + base64.b64encode(f"{u.user}:{u.password or ''}".encode()).decode()
         self.fast = self.proxy is None  # the lean client (proxy/http1/client.py) unless an egress proxy is set
         self._idle_conns: list = []
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def request_head(self, method: str, target: str, headers) -> list[str]:
         """The request line and headers for the lean client (requests and active checks alike): the
@@ -257,8 +258,25 @@ class HttpPool:
             return
         conn.last_used = now
         self._idle_conns.append(conn)
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.spec.idle_timeout, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Kept-alive connections idle past `pool.idle_timeout` are closed on time, not only when a
+        request next looks at the pool: after a burst, the connections it opened go (fds, the upstream's
+        connection slots), as Envoy's idle_timeout does. The oldest are at the front (LIFO reuse)."""
+        self._idle_timer = None
+        now, idle = self.clock.monotonic(), self._idle_conns
+        while idle and (idle[0].closed or now - idle[0].last_used >= self.spec.idle_timeout):
+            idle.pop(0).close()
+        if idle:
+            left = max(0.05, self.spec.idle_timeout - (now - idle[0].last_used))
+            self._idle_timer = asyncio.get_running_loop().call_later(left, self._close_idle)
 
     async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for c in self._idle_conns:
             c.close()
         self._idle_conns.clear()
