@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Build: docker build -t resilience-proxy:0.1.0 .
+# Build: make sbom && docker build -t resilience-proxy:0.1.0 .   (the SBOM of requirements.lock ships in the image)
 # Base pinned by exact tag (add @sha256:<digest> from your registry mirror); dependencies from a hash-pinned lock.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -21,6 +21,7 @@ FROM ${PYTHON_IMAGE} AS final
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PROXY_CONFIG=/etc/resilience-proxy/config.yaml
 COPY --from=build /opt/venv /opt/venv
+COPY sbom.cdx.json /usr/share/doc/resilience-proxy/sbom.cdx.json
 USER 10001:10001
 EXPOSE 9901
 ENTRYPOINT ["resilience-proxy"]

@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv bench bench-quick
+.PHONY: demo test venv bench bench-quick sbom audit reliability soak
 
 $(BIN)/resilience-proxy: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,3 +24,16 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python -m bench --quick
+
+# Not set-up commands: what CI also runs, and the longer runs the README names.
+sbom:
+	bash scripts/supply-chain.sh sbom
+
+audit:
+	bash scripts/supply-chain.sh audit
+
+reliability: venv
+	$(BIN)/python -m tests.chaos.matrix
+
+soak: venv
+	$(BIN)/python -m bench soak --minutes 10

@@ -83,7 +83,7 @@ class ConfigError(Exception):
     whoever raised it (a validator, the runtime build, a transport), so no error path can show user info."""
 
     def __init__(self, errors: list[str]):
-        errors = [redact.userinfo(e) for e in errors]
+        errors = [redact.userinfo(_ONE_LINE.sub(" ", e)) for e in errors]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -98,10 +98,21 @@ class Loaded:
     sensitive: frozenset[str] = field(default_factory=frozenset)  # resolved secret values, never to be logged
 
 
+_ONE_LINE = re.compile(r"\s*[\r\n]+\s*")  # an error is one line (a YAML parser's message may span two)
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _loc_part(p: object) -> str:
+    """A path element as written: a key that is not a plain word is quoted, so the path stays readable
+    (`upstreams.'a:b'`, not `upstreams.a:b`)."""
+    s = str(p)
+    return s if isinstance(p, int) or _PLAIN_KEY.match(s) else repr(s)
+
+
 def validation_messages(exc: ValidationError) -> list[str]:
     out = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        loc = ".".join(_loc_part(p) for p in err["loc"] if not str(p).startswith("function-"))
         kind, ctx = err["type"], err.get("ctx") or {}
         if kind == "extra_forbidden":
             reason = "unknown key"
@@ -125,7 +136,8 @@ def validation_messages(exc: ValidationError) -> list[str]:
 
 def _resolve(node: Any, path: str, errors: list[str], files: set[str], secrets: set[str]) -> Any:
     if isinstance(node, dict):
-        return {k: _resolve(v, f"{path}.{k}" if path else str(k), errors, files, secrets) for k, v in node.items()}
+        return {k: _resolve(v, f"{path}.{_loc_part(k)}" if path else _loc_part(k), errors, files, secrets)
+                for k, v in node.items()}
     if isinstance(node, list):
         return [_resolve(v, f"{path}[{i}]", errors, files, secrets) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
