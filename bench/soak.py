@@ -90,7 +90,10 @@ def _metric_totals(admin: int) -> dict[str, float]:
 
 async def _load(stop: asyncio.Event, counts: Counts, ports: dict[str, int]) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
-        rc = aredis.Redis(port=ports["cache"], retry=None, socket_timeout=60, max_connections=16)
+        # a blocking pool: a command waits for one of its 16 connections (the default pool would raise
+        # "Too many connections" on the client side, which no proxy could count)
+        pool = aredis.BlockingConnectionPool(port=ports["cache"], max_connections=16, timeout=60, socket_timeout=60)
+        rc = aredis.Redis(connection_pool=pool, retry=None)
 
         async def http(i):
             try:
@@ -166,7 +169,8 @@ async def soak(minutes: float, out_dir: Path) -> int:
     ports = {n: free_port() for n in links}
     admin = free_port()
     common = {"timeouts": {"connect": "500ms", "attempt": "1s", "total": "3s", "first_byte": "1s", "idle": "5s"},
-              "breaker": {"fail_max": 20, "reset_timeout": "5s"}, "health": {"enabled": False}}
+              "breaker": {"fail_max": 20, "reset_timeout": "5s"}, "health": {"enabled": False},
+              "pool": {"idle_timeout": "5s"}}
     cfg = {"admin": {"listen": f"127.0.0.1:{admin}"}, "log": {"level": "warning"}, "upstreams": {
         "db": {"listen": f"127.0.0.1:{ports['db']}", "targets": [{"name": "stable", "url": f"http://{links['db'].listen}"}],
                **common},
@@ -186,6 +190,7 @@ async def soak(minutes: float, out_dir: Path) -> int:
         for p in ports.values():
             wait_port(p)
         proc = psutil.Process(proxy.pid)
+        fds_idle = proc.num_fds()  # before any load: what it must come back to once the clients have gone
         before = _metric_totals(admin)
         stop = asyncio.Event()
         load = asyncio.ensure_future(_load(stop, counts, ports))
@@ -218,9 +223,12 @@ async def soak(minutes: float, out_dir: Path) -> int:
         for n, link in list(links.items()):
             link.destroy()
             links[n] = tp.create(upstream=link.upstream, name=link.name, listen=link.listen)
-        await asyncio.sleep(3.0)
-        samples.append({"t": round(time.monotonic() - t0), "rss": proc.memory_info().rss, "fds": proc.num_fds()})
         after = _metric_totals(admin)
+        # the clients are gone and the links healed: idle connections close (pool.idle_timeout), fds come back
+        deadline = time.monotonic() + 60
+        while proc.num_fds() > fds_idle + 5 and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+        samples.append({"t": round(time.monotonic() - t0), "rss": proc.memory_info().rss, "fds": proc.num_fds()})
     finally:
         proxy.terminate()
         proxy.wait(10)
@@ -232,17 +240,18 @@ async def soak(minutes: float, out_dir: Path) -> int:
               or '"level":"error"' in ln or "Traceback" in ln]
     warm = [s for s in samples if s["t"] >= min(60, seconds / 3)] or samples
     rss0, rss1 = warm[0]["rss"], samples[-1]["rss"]
-    fds0, fds1 = warm[0]["fds"], samples[-1]["fds"]
+    fds0, fds1 = fds_idle, samples[-1]["fds"]
+    fds_peak = max(s["fds"] for s in samples)
     consistency = {n: {"client": counts.total(n), "proxy": after.get(n, 0) - before.get(n, 0)} for n in links}
     result = {"minutes": minutes, "samples": samples, "counts": counts.by, "consistency": consistency,
-              "rss_growth": (rss1 - rss0) / rss0, "rss_start": rss0, "rss_end": rss1, "fds_start": fds0,
-              "fds_end": fds1, "error_lines": errors[:20]}
+              "rss_growth": (rss1 - rss0) / rss0, "rss_start": rss0, "rss_end": rss1, "fds_idle_start": fds0,
+              "fds_peak": fds_peak, "fds_idle_end": fds1, "error_lines": errors[:20]}
     problems = [f"{n}: clients counted {c['client']}, the proxy {c['proxy']:g}"
                 for n, c in consistency.items() if c["client"] != c["proxy"]]
     if errors:
         problems.append(f"{len(errors)} error log lines, the first: {errors[0][:300]}")
     if fds1 > fds0 + 5:
-        problems.append(f"fds grew from {fds0} to {fds1}")
+        problems.append(f"fds idle before the load {fds0}, after it {fds1}: not back")
     if minutes >= 2 and result["rss_growth"] > RSS_LIMIT:
         problems.append(f"RSS grew {result['rss_growth']:.1%} (limit {RSS_LIMIT:.0%})")
     result["problems"] = problems
@@ -255,7 +264,8 @@ async def soak(minutes: float, out_dir: Path) -> int:
     for n, c in consistency.items():
         md.append(f"| {n} | {c['client']} | {c['proxy']:g} | {counts.by.get(n, {})} |")
     md += ["", f"RSS after warm-up {rss0 / 2**20:.1f} MiB → at the end {rss1 / 2**20:.1f} MiB "
-               f"({result['rss_growth']:+.1%}); open fds {fds0} → {fds1}; error log lines: {len(errors)}.",
+               f"({result['rss_growth']:+.1%}); open fds idle before the load {fds0}, at the peak {fds_peak} "
+               f"(the clients' connections), idle after it {fds1}; error log lines: {len(errors)}.",
            "", "Faults: " + ", ".join(f or "healed" for f in FAULTS) + f", one every {PERIOD:g} s, rotating "
            "over the HTTP, LLM and Redis upstreams.", "",
            "Problems: " + ("; ".join(problems) if problems else "none"), ""]
