@@ -148,7 +148,7 @@ async def _load(stop: asyncio.Event, counts: Counts, ports: dict[str, int]) -> N
         await rc.aclose()
 
 
-async def soak(minutes: float, out_dir: Path) -> int:
+async def soak(minutes: float, out_dir: Path, period: float = PERIOD) -> int:
     import logging
 
     from tests.support import toxiproxy as toxi
@@ -196,14 +196,14 @@ async def soak(minutes: float, out_dir: Path) -> int:
         load = asyncio.ensure_future(_load(stop, counts, ports))
         t0 = time.monotonic()
         seconds = minutes * 60
-        fault_i, next_toggle = 0, PERIOD
+        fault_i, next_toggle = 0, period
         while time.monotonic() - t0 < seconds:
             await asyncio.sleep(1.0)
             now = time.monotonic() - t0
             if int(now) % 5 == 0:
                 samples.append({"t": round(now), "rss": proc.memory_info().rss, "fds": proc.num_fds()})
             if now >= next_toggle:
-                next_toggle += PERIOD
+                next_toggle += period
                 name = ("db", "llm", "cache")[fault_i % 3]
                 fault = FAULTS[fault_i % len(FAULTS)]
                 fault_i += 1
@@ -266,7 +266,7 @@ async def soak(minutes: float, out_dir: Path) -> int:
     md += ["", f"RSS after warm-up {rss0 / 2**20:.1f} MiB → at the end {rss1 / 2**20:.1f} MiB "
                f"({result['rss_growth']:+.1%}); open fds idle before the load {fds0}, at the peak {fds_peak} "
                f"(the clients' connections), idle after it {fds1}; error log lines: {len(errors)}.",
-           "", "Faults: " + ", ".join(f or "healed" for f in FAULTS) + f", one every {PERIOD:g} s, rotating "
+           "", "Faults: " + ", ".join(f or "healed" for f in FAULTS) + f", one every {period:g} s, rotating "
            "over the HTTP, LLM and Redis upstreams.", "",
            "Problems: " + ("; ".join(problems) if problems else "none"), ""]
     (out_dir / f"soak-{stamp}.md").write_text("\n".join(md))
@@ -277,6 +277,7 @@ async def soak(minutes: float, out_dir: Path) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench soak")
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--period", type=float, default=PERIOD, help="seconds between fault toggles (default 30)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args(argv)
     try:
@@ -285,4 +286,4 @@ def main(argv: list[str]) -> int:
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(soak(args.minutes, Path(args.out)))
+    return asyncio.run(soak(args.minutes, Path(args.out), args.period))

@@ -3,7 +3,8 @@
 #   audit: pip-audit over requirements.lock (the image's exact, hash-pinned dependencies). A finding fails
 #          unless .pip-audit-ignore lists its ID with a reason. When no vulnerability service answers for
 #          the locked versions (this CI's PyPI mirror has no per-version JSON API and osv.dev does not
-#          resolve), it says BLOCKED and why: an audit that could not look is never reported as clean.
+#          resolve), it says BLOCKED and why, and fails unless SUPPLY_CHAIN_ALLOW_BLOCKED=1 says that is
+#          known: an audit that could not look is never reported as clean.
 #   sbom:  a CycloneDX 1.6 SBOM of requirements.lock (plus the project from pyproject.toml) at
 #          sbom.cdx.json; the image build copies it into the image (Dockerfile).
 # pip-audit and cyclonedx-bom live in a venv cached outside the clone, keyed by their versions.
@@ -20,7 +21,7 @@ fi
 
 if [ "$what" = audit ] || [ "$what" = all ]; then
   ignore=()
-  while read -r id reason; do
+  while read -r id reason || [ -n "$id" ]; do
     [ -n "$id" ] && [ "${id:0:1}" != "#" ] && [ -n "$reason" ] && ignore+=(--ignore-vuln "$id")
   done < .pip-audit-ignore
   out=$(mktemp)
@@ -40,6 +41,7 @@ if [ "$what" = audit ] || [ "$what" = all ]; then
     echo "supply-chain: BLOCKED — no vulnerability service answered for any of the $locked locked packages" \
          "(pypi.org's per-version JSON API is not served by this machine's PyPI mirror; api.osv.dev does not resolve)." \
          "The audit did not run; nothing is claimed clean." >&2
+    [ "${SUPPLY_CHAIN_ALLOW_BLOCKED:-}" = 1 ] || { echo "supply-chain: set SUPPLY_CHAIN_ALLOW_BLOCKED=1 to go on without it" >&2; exit 1; }
   elif [ "$rc" -ne 0 ]; then
     echo "supply-chain: pip-audit failed (exit $rc)" >&2
     exit "$rc"

@@ -112,8 +112,11 @@ class OpenAIListener(HttpListener):
             resp.headers["X-Model-Fallback"] = call.model_fallback
         if call.stream and resp.body is not None and resp.outcome == "fallback" and resp.status == 200:
             return await self._replay(request, preq, resp)
-        if call.stream and resp.stream is not None and resp.status == 200:
+        if (call.stream and resp.stream is not None and resp.status == 200
+                and resp.headers.get("Content-Type", "").startswith("text/event-stream")):
             return await self._relay(request, up, preq, resp)
+        # a provider that answers a streaming call with one JSON body (it ignores `stream`): passed on as it
+        # is, not judged as a stream that ended early
         if resp.stream is not None and resp.status == 200 and call.doc is not None:
             # count the tokens of a non-streamed completion on the copy the listener keeps anyway
             model = call.model

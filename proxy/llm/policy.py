@@ -68,7 +68,23 @@ def replayable(body: bytes | None, completion: bool) -> bool:
         return False
     if not isinstance(doc, dict):
         return False
-    return not completion or (isinstance(doc.get("choices"), list) and "error" not in doc)
+    if not completion:
+        return True
+    choices = doc.get("choices")
+    return isinstance(choices, list) and "error" not in doc and all(_replayable_choice(c) for c in choices)
+
+
+def _replayable_choice(c: Any) -> bool:
+    """A choice sse.replay can turn back into events: a text, or a message with text content and tool calls."""
+    if not isinstance(c, dict) or not isinstance(c.get("index", 0), int):
+        return False
+    if "message" not in c:
+        return isinstance(c.get("text"), str | None)
+    m = c["message"]
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str | None) or not isinstance(m.get("role", ""), str):
+        return False
+    calls = m.get("tool_calls")
+    return calls is None or (isinstance(calls, list) and all(isinstance(t, dict) for t in calls))
 
 
 def is_completion(path: str) -> bool:

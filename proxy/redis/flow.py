@@ -19,6 +19,9 @@ from proxy.obs import log
 
 _DEMOTE_AFTER = 1.0  # a client not reading its replies this long gets a connection that can be paused
 _RELIEVE_AFTER = 1.0  # clients waiting for memory this long: the ones holding most are closed for them
+# client_output_limit is Redis's soft limit: over it for this long (the client is not reading fast enough),
+# the client is closed; over twice it, at once. One large reply to a client that reads is not a reason.
+_OUTPUT_GRACE = 10.0
 
 
 class ClientMemory:
@@ -198,16 +201,22 @@ class FlowControl:
             return
         transport = self.transport
         out = self.replies_held + (transport.get_write_buffer_size() if transport is not None else 0)
-        now = self.parser.buffered + out
+        now = self.parser.buffered + self.sent_bytes + out
         delta = now - self.mem
         pool = self.memory
+        if out > self.output_limit:
+            if out > 2 * self.output_limit:
+                self._evict("client_output_limit", out)
+                return
+            if self._over_timer is None:
+                self._over_timer = self.clock.call_later(_OUTPUT_GRACE, self._output_check)
+        elif self._over_timer is not None:
+            self._over_timer.cancel()
+            self._over_timer = None
         if delta:
             self.mem = now
             pool.total += delta
             if delta > 0:
-                if out > self.output_limit:
-                    self._evict("client_output_limit", out)
-                    return
                 if pool.total > pool.limit:
                     pool.evict()
                     if self.gone:
@@ -221,6 +230,18 @@ class FlowControl:
             if transport is not None:
                 transport.pause_reading()
 
+    def _output_check(self) -> None:
+        """Over client_output_limit _OUTPUT_GRACE ago: still over it, the client is closed."""
+        self._over_timer = None
+        if self.gone:
+            return
+        t = self.transport
+        out = self.replies_held + (t.get_write_buffer_size() if t is not None else 0)
+        if out > self.output_limit:
+            self._evict("client_output_limit", out)
+        else:
+            self._account()
+
     def _mem_resume(self) -> None:
         self.mem_paused = False
         if (self.transport is not None and not self.gone and not self.paused and not self.write_paused
@@ -231,16 +252,15 @@ class FlowControl:
         """Over a memory limit: closed at once, what it is owed dropped — the client, never the process."""
         log.warning("redis_client_evicted", upstream=self.name, limit=limit, bytes=held)
         self.up.metrics.evicted(limit)
-        self._forget_memory()
         if self.transport is not None:
             self.transport.abort()  # its buffered replies go now, not after they are sent
+        self._abandon()
 
     def _forget_memory(self) -> None:
         pool = self.memory
         pool.total -= self.mem
         self.mem = 0
         pool.clients.discard(self)
-        self.gone = True  # nothing more is accounted or answered for it
 
     # -- back-pressure: a slow client must not make the proxy buffer everything Redis sends ------------
     def pause_writing(self) -> None:

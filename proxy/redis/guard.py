@@ -9,9 +9,10 @@ the listener answers these itself with `-NOPERM` (redis-py raises NoPermissionEr
     REPLICAOF, SLAVEOF, FAILOVER, SYNC, PSYNC, ACL (but ACL WHOAMI and ACL CAT), CLIENT KILL, SAVE,
     BGSAVE, BGREWRITEAOF
 
-`redis.deny_commands` adds to that and `redis.allow_commands` lets a command or subcommand through; a
-rule naming a subcommand ('ACL WHOAMI') beats one naming the whole command ('ACL'), and the upstream's
-rules beat the defaults. CONFIG GET is relayed with the values of secret parameters replaced. FLUSHDB,
+`redis.deny_commands` adds to that and `redis.allow_commands` lets a command or subcommand through. The
+upstream's rules beat the defaults: its rule for a whole command ('ACL', 'CONFIG') replaces the defaults'
+rules for that command's subcommands; among rules of one side, a subcommand's ('ACL WHOAMI') beats its
+command's ('ACL'). CONFIG GET is relayed with the values of secret parameters replaced. FLUSHDB,
 FLUSHALL and MONITOR stay allowed. A script (EVAL, FCALL) runs on the server, out of the proxy's sight:
 Redis itself refuses most admin commands inside scripts (they are `noscript`), but not MIGRATE; deny
 EVAL/EVALSHA/FCALL where that matters.
@@ -40,20 +41,26 @@ class CommandGuard:
     """Built once per config load from `redis:`; `refusal()` is one set lookup for a command no rule
     names (every GET and SET)."""
 
-    __slots__ = ("upstream", "names", "_whole", "_sub")
+    __slots__ = ("upstream", "names", "_whole", "_sub", "_mine")
 
     def __init__(self, upstream: str, spec) -> None:
         self.upstream = upstream
+        self._mine: set = set()  # the upstream's own rules (a later whole-command rule keeps them)
         self._whole: dict[bytes, bool] = {}  # command → denied
         self._sub: dict[tuple[bytes, bytes], bool] = {}
-        for rules, denied in ((DEFAULT_DENY, True), (DEFAULT_ALLOW, False),
-                              (spec.deny_commands, True), (spec.allow_commands, False)):
+        for rules, denied, mine in ((DEFAULT_DENY, True, False), (DEFAULT_ALLOW, False, False),
+                                    (spec.deny_commands, True, True), (spec.allow_commands, False, True)):
             for rule in rules:
                 name, _, sub = rule.encode().partition(b" ")
                 if sub:
                     self._sub[(name, sub)] = denied
                 else:
                     self._whole[name] = denied
+                    if mine:  # the upstream's rule for a whole command replaces the defaults' subcommand rules
+                        for key in [k for k in self._sub if k[0] == name and (k, True) not in self._mine]:
+                            del self._sub[key]
+                if mine:
+                    self._mine.add(((name, sub), True))
         self.names = frozenset(self._whole) | frozenset(n for n, _ in self._sub)
 
     def refusal(self, name: bytes, args: list[bytes]) -> str | None:

@@ -100,7 +100,10 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self._room_timer: asyncio.Handle | None = None
         self._shedding = False
         self.mem = 0                       # this client's share of ClientMemory
+        self.sent_bytes = 0                # large commands sent, held until answered (their arguments)
+        self._over_timer = None            # over client_output_limit since (the grace's timer)
         self.mem_paused = False
+        self._abandoned = False
 
     # -- connection ----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -119,11 +122,21 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         up.connections += 1
 
     def connection_lost(self, exc) -> None:
+        self.up.connections -= 1
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Nothing more can be answered to this client (it hung up, it was evicted, its input was refused):
+        give back what it holds, once. After it `gone` holds, and every late reply only uncounts."""
+        if self._abandoned:
+            return
+        self._abandoned = True
         self._forget_memory()
         if self.mem_paused:
-            self.memory.paused.remove(self)
+            self.mem_paused = False
+            if self in self.memory.paused:
+                self.memory.paused.remove(self)
         self.closing = self.gone = True
-        self.up.connections -= 1
         self._leave_room()
         # Commands still out on a shared connection stay in flight until Redis answers them (then
         # _shared_done uncounts each): a client that pipelines and hangs up must not free room the
@@ -217,10 +230,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
                 self._loop.call_later(_LINGER, t.abort)
             else:
                 t.close()
-        self.closing = True
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self._abandon()  # what it was still owed can no longer be written after the write side is shut
 
     def _guard_refused(self, rule: str) -> None:
         self.up.metrics.refused(rule)
@@ -257,6 +267,12 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             return
         if ((name == b"CLIENT" or name == b"WAIT" or name == b"WAITAOF") and self.authenticated and not self.in_multi
                 and self._session(name, args)):
+            return
+        if (self.in_multi and name == b"CLIENT" and len(args) > 1
+                and args[1].upper() in (b"REPLY", b"MAINT_NOTIFICATIONS")):
+            # inside MULTI it would switch replies off at EXEC, with the proxy waiting on them
+            self._refused(f"CLIENT {args[1].upper().decode()} in MULTI", codec.error(
+                f"ERR CLIENT {args[1].upper().decode()} is not supported by this proxy inside MULTI"))
             return
         if not self.slots and not self.in_multi and not self.watching:
             self._refresh()
@@ -323,9 +339,18 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         elif cls == "write":
             self.wrote_shared = True
         raw = codec.encode_pieces(args)
-        if type(raw) is list and cls == "read":
-            raw = b"".join(raw)  # a read's bytes are its cache key
+        if type(raw) is list:
+            if cls == "read":
+                raw = b"".join(raw)  # a read's bytes are its cache key
+            else:
+                # its arguments stay held until it is answered (a retry, the upstream's write buffer):
+                # they count against the client's memory until then, not only while being parsed
+                size = sum(len(a) for a in args)
         cmd = Command(self._new_slot(), name, args, raw, cls, keys or [], db, self.proto, shared)
+        if type(raw) is list:
+            cmd.held = size
+            self.sent_bytes += size
+            self._account()
         self.chain.start(cmd, read_at)
         self.forward(cmd)
 
@@ -339,6 +364,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         retry = cmd.attempts > 0
         if self.gone:
             chain.released(cmd)
+            self._release_held(cmd)
             if cmd.shared and retry:
                 self._shared_done()
             return
@@ -347,12 +373,14 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         left = chain.timeout(cmd, now)
         if left is not None and left <= 0:  # the total ran out while the command waited
             chain.released(cmd)
+            self._release_held(cmd)
             self._unavailable(cmd, Reason.TIMEOUT)
             if cmd.shared and retry:
                 self._shared_done()  # a retry that will not go out: no longer owed
             return
         if not chain.admit(cmd):
             chain.released(cmd)
+            self._release_held(cmd)
             self._unavailable(cmd, Reason.CIRCUIT_BREAKER_OPEN)
             if cmd.shared and retry:
                 self._shared_done()
@@ -380,8 +408,16 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         # closes the connection) and, apart, the total's deadline (answered alone: see _expired).
         conn.send(cmd.raw, _CommandPending(self, cmd, chain.attempt.seconds if left is not None else None, until))
 
+    def _release_held(self, cmd: Command) -> None:
+        if cmd.held:
+            self.sent_bytes -= cmd.held
+            cmd.held = 0
+            self._account()
+
     def _replied(self, cmd: Command, raw: bytes, kind: str) -> None:
         self.chain.answered(cmd, raw, kind, self.clock.monotonic() - cmd.started)
+        if cmd.held:
+            self._release_held(cmd)
         if kind == "ok" and cmd.cls == "admin" and cmd.name == b"CLIENT" and len(cmd.args) >= 3:
             sub = cmd.args[1].upper()
             if sub == b"SETNAME" and len(cmd.args) == 3:
@@ -404,6 +440,8 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
 
     def _failed(self, cmd: Command, kind: str, conn=None) -> None:
         retried = self._failed_inner(cmd, kind, conn)
+        if not retried and cmd.held:
+            self._release_held(cmd)
         if cmd.shared and not retried:
             self._shared_done()  # a retried command stays owed until its retry is answered
 
@@ -469,6 +507,11 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
 
     def _drop_upstream(self) -> None:
         """The upstream connection speaks an old state (protocol, db): answer what is sent, then close."""
+        if self.conn is not None and self.tracking and not self.gone:
+            # its invalidations go with it (a reload, a track switch, a protocol switch): as when it is lost
+            log.warning("redis_tracking_lost", upstream=self.name, error="the connection was switched")
+            self.tracking = False
+            self._close_after_flush()
         if self.conn is not None:
             old = self.conn
             old.retire()

@@ -120,7 +120,7 @@ class ReplyOrder:
 
     def _out_of_band(self, data: bytes) -> None:
         """Tunnel bytes (pub/sub messages, MONITOR) and RESP3 pushes: after every reply owed before them."""
-        if self.transport is None:
+        if self.transport is None or self.gone:
             return
         corked, self.corked = self.corked, False
         self._flush()  # resolved replies first

@@ -50,7 +50,7 @@ class Command(Call):
     policies read (target, deadline, attempts, replayable)."""
 
     __slots__ = ("slot", "name", "args", "raw", "cls", "keys", "token", "db", "proto", "started", "seq",
-                 "shared", "budgeted")
+                 "shared", "budgeted", "held")
 
     def __init__(self, slot, name, args, raw, cls, keys, db, proto, shared=False) -> None:
         # Call's fields set here rather than by Call.__init__: a call less on every command
@@ -65,6 +65,7 @@ class Command(Call):
         self.token = 0
         self.started = 0.0
         self.budgeted = False  # holds a share of the retry budget until this attempt has an outcome
+        self.held = 0  # bytes of a large command's arguments the client's memory counts until its answer
 
 
 class CommandChain:

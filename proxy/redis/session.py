@@ -16,6 +16,14 @@ _WRONGPASS = codec.error("WRONGPASS invalid username-password pair or user is di
 _THROTTLED = codec.error("ERR too many failed AUTH attempts on this listener: try again later")
 
 
+def _ignore_reply(raw: bytes, kind: str) -> None:
+    """A command the proxy sent for the client's sake, already answered to it (CLIENT SETINFO)."""
+
+
+def _ignore_failure(kind: str) -> None:
+    pass
+
+
 def error_reply(err: str) -> bytes:
     """Redis's own error text (`ERR …`, `WRONGPASS …`) as it came, anything else as an ERR."""
     code = err.split(" ", 1)[0]
@@ -37,6 +45,10 @@ class SessionCommands:
                 attr = args[2].upper()
                 if attr in (b"LIB-NAME", b"LIB-VER"):
                     self.lib_info[attr.lower()] = args[3]  # sent on the client's own connection, if it gets one
+                    conn = self.conn
+                    if conn is not None and not conn.failed and not conn.retiring:
+                        # it has one already (SETNAME came first): set it there too; its reply is the proxy's
+                        conn.send(codec.encode_command(args), Pending(b"", _ignore_reply, _ignore_failure, None))
                     self._reply_now(codec.OK)
                 else:
                     self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))

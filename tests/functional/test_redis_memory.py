@@ -57,6 +57,8 @@ async def test_a_client_that_never_reads_large_replies_is_closed_at_its_output_l
     assert len(await other.get(key)) == 4 << 20  # the shared connection carries on for the others
     memory = p.app.runtime.upstreams[p.name].wire.memory
     await eventually(lambda: memory.total < 1 << 20, what="its memory given back")
+    counters = p.app.runtime.upstreams[p.name].counters
+    await eventually(lambda: counters.in_flight == 0, what="its commands uncounted, once each")
     writer.close()
     await other.aclose()
     await direct.aclose()
@@ -85,4 +87,29 @@ async def test_many_clients_together_stay_under_max_client_memory(redis_server, 
     for w in conns:
         w.close()
     await reading.aclose()
+    await direct.aclose()
+
+
+async def test_a_refused_client_with_replies_still_owed_gives_its_room_back(another_redis, start_proxy):
+    """A GET still out on the shared connection (Redis busy), then bytes that are not RESP: the client is
+    refused and closed, and when the GET's reply comes, nothing stays counted against max_in_flight."""
+    port = another_redis("--enable-debug-command", "local")
+    name, cfg = upstream_config(f"redis://127.0.0.1:{port}/0", protocol="redis", timeouts={"attempt": "5s", "total": "10s"})
+    p = await start_proxy(cfg)
+    direct = aredis.Redis(port=port, retry=None, socket_timeout=30)
+    busy = asyncio.ensure_future(direct.execute_command("DEBUG", "SLEEP", "0.5"))
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"*x\r\n")  # not RESP
+    data = await asyncio.wait_for(reader.read(), 30)
+    assert b"Protocol error" in data
+    await busy
+    counters = p.app.runtime.upstreams[name].counters
+    await eventually(lambda: counters.in_flight == 0, what="in_flight back to 0")
+    c = aredis.Redis(port=p.port, retry=None, socket_timeout=30)
+    assert await c.ping()
+    await c.aclose()
     await direct.aclose()

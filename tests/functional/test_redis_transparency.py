@@ -43,6 +43,35 @@ async def test_one_upstream_stall_is_one_breaker_failure(another_redis, start_pr
     await direct.aclose()
 
 
+async def test_a_sustained_outage_still_opens_the_breaker(redis_server, start_proxy, toxic_link):
+    """One event is one failure, but an upstream that stays black-holed is a failure per attempt timeout:
+    the breaker opens within a few of them, for clients on shared and dedicated connections alike."""
+    from tests.support.toxiproxy import add_toxic
+
+    link, url = toxic_link(redis_server)
+    name, cfg = upstream_config(url + "/0", protocol="redis", timeouts={"attempt": "300ms", "total": "1s"},
+                                retry={"attempts": 1}, breaker={"fail_max": 3, "reset_timeout": "60s"})
+    p = await start_proxy(cfg)
+    shared, named = _client(p.port), _client(p.port, client_name="w")
+    assert await shared.ping() and await named.ping()
+    add_toxic(link, "timeout", timeout=0)
+    breaker = p.app.runtime.upstreams[name].targets[0].breaker
+
+    async def keep_asking():
+        for c in (shared, named):
+            try:
+                await c.get("k")
+            except redis.ResponseError:
+                pass
+        return breaker.state == "open"
+
+    from tests.support.wait import eventually
+
+    assert await eventually(keep_asking, timeout=30)
+    for c in (shared, named):
+        await c.aclose()
+
+
 async def test_client_reply_off_and_skip_are_refused_not_waited_on(redis_server, start_proxy):
     name, cfg = upstream_config(redis_server, protocol="redis")
     p = await start_proxy(cfg)
@@ -54,6 +83,12 @@ async def test_client_reply_off_and_skip_are_refused_not_waited_on(redis_server,
     lines = data.split(b"\r\n")
     assert lines[0].startswith(b"-ERR CLIENT REPLY OFF") and lines[1].startswith(b"-ERR CLIENT REPLY SKIP")
     assert lines[2:4] == [b"+OK", b"+PONG"]
+    # inside MULTI too (it would take effect at EXEC): refused, and the transaction aborts
+    writer.write(b"MULTI\r\nCLIENT REPLY OFF\r\nEXEC\r\nPING\r\n")
+    data = b""
+    while b"PONG" not in data:
+        data += await asyncio.wait_for(reader.read(4096), 30)
+    assert data.startswith(b"+OK\r\n-ERR CLIENT REPLY") and b"-EXECABORT" in data and b"UNAVAILABLE" not in data
     writer.close()
     breaker = p.app.runtime.upstreams[name].targets[0].breaker
     assert breaker.cb.fail_counter == 0
@@ -69,6 +104,12 @@ async def test_client_setinfo_follows_the_client_to_its_own_connection(another_r
     info = await c.client_info()
     assert info["lib-name"] == "redis-py" and info["lib-ver"] == redis.__version__ and info["name"] == "with-info"
     await c.aclose()
+    # the other order (redis-py with client_name=: SETNAME first, then SETINFO on the live connection)
+    named = _client(p.port, client_name="named-first")
+    assert await named.ping()
+    info = await named.client_info()
+    assert info["name"] == "named-first" and info["lib-name"] == "redis-py"
+    await named.aclose()
 
 
 @pytest.mark.parametrize("proto", [2, 3])

@@ -34,3 +34,18 @@ def test_a_lone_surrogate_has_a_cache_key_of_its_own():
     (b"[" * 100_000 + b"]" * 100_000, False, False), (None, False, False)])
 def test_only_replayable_answers_are_cached(body, completion, ok):
     assert replayable(body, completion) is ok
+
+
+@pytest.mark.parametrize("body", [b'{"choices": ["x"]}', b'{"choices": [{"message": "hi"}]}',
+                                  b'{"choices": [{"message": {"content": ["part"]}}]}',
+                                  b'{"choices": [{"message": {"content": "a", "tool_calls": "x"}}]}',
+                                  b'{"choices": [{"index": "0", "text": "a"}]}', b'{"choices": [{"text": 5}]}'])
+def test_a_completion_replay_could_not_rebuild_is_not_cached(body):
+    assert replayable(body, True) is False
+
+
+def test_a_replayable_completion_replays():
+    from proxy.llm import sse
+
+    body = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "a", "tool_calls": [{"id": "t"}]}}]}'
+    assert replayable(body, True) and b"".join(sse.replay(json.loads(body))).endswith(b"data: [DONE]\n\n")

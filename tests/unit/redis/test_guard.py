@@ -79,3 +79,11 @@ def test_the_auth_throttle_spaces_checks_after_the_free_failures_and_refuses_a_l
     assert checked[-1] <= t.MAX_WAIT and waits[len(checked):] == [None] * (25 - len(checked))
     assert t.wait(now + t.MAX_WAIT) is not None  # the queue moved on
     assert t.wait(now + t.FORGET + 1) == 0.0  # a minute without a failure: forgotten
+
+
+def test_the_upstreams_whole_command_rule_replaces_the_defaults_subcommand_rules():
+    g = guard(deny_commands=("ACL",), allow_commands=("CONFIG",))
+    assert g.refusal(b"ACL", [b"ACL", b"WHOAMI"]) == "ACL"  # the default allowed WHOAMI; the upstream denies all
+    assert g.refusal(b"CONFIG", [b"CONFIG", b"SET"]) is None  # as the NOPERM text says: allow_commands lets it
+    mixed = guard(deny_commands=("ACL WHOAMI",), allow_commands=("ACL",))
+    assert mixed.refusal(b"ACL", [b"ACL", b"WHOAMI"]) == "ACL WHOAMI" and mixed.refusal(b"ACL", [b"ACL", b"LIST"]) is None

@@ -152,14 +152,24 @@ def memory_upstream(clock=REAL, **redis):
 
 
 async def test_a_client_past_its_output_limit_is_closed_and_its_memory_given_back():
-    up, client = memory_upstream(client_output_limit="64KiB")
-    slow, fine = client(_Buffering()), client()
+    """client_output_limit is a soft limit (Redis's): over it for the grace, the client is closed; one that
+    reads its replies is not, however large one reply is; over twice it, at once."""
+    clock = ManualClock()
+    up, client = memory_upstream(clock, client_output_limit="64KiB")
+    slow, fine, reader = client(_Buffering()), client(), client()
     for _ in range(3):
         slow._resolve(slow._new_slot(), b"$40000\r\n" + b"x" * 40000 + b"\r\n")  # replies it never reads
+    assert not slow.gone and clock.sleeps[-1] == 10.0  # over the soft limit: the grace runs
+    await asyncio.sleep(0)  # the grace has passed (the manual clock): still over it
     assert slow.transport.closed and slow.gone
     assert up.wire.memory.total == 0 and slow not in up.wire.memory.clients
+    reader._resolve(reader._new_slot(), b"$100000\r\n" + b"r" * 100000 + b"\r\n")  # a reply larger than it, read
+    assert not reader.gone and reader.transport.out
     fine._resolve(fine._new_slot(), b"+OK\r\n")
     assert not fine.transport.closed and fine.transport.out == [b"+OK\r\n"]
+    hard = client(_Buffering())
+    hard._resolve(hard._new_slot(), b"$140000\r\n" + b"h" * 140000 + b"\r\n")  # over twice the limit
+    assert hard.gone and hard.transport.closed
 
 
 async def test_past_max_client_memory_the_client_holding_most_is_closed():
