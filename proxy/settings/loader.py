@@ -190,6 +190,9 @@ def read_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"<root>: {path}: must be a mapping, got {type(data).__name__}"])
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:  # `? ` or `1: x` at the top: not a field name (deeper ones are the spec's to refuse)
+        raise ConfigError([f"<root>: {path}: keys should be strings, got {bad[0]!r}"])
     return data
 
 

@@ -46,7 +46,7 @@ def _check(tmp_path, text: bytes) -> None:
             assert "u:p@" not in line, line  # user info never shown back
 
 
-_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @_FUZZ
@@ -63,3 +63,16 @@ def test_a_generated_config_is_accepted_or_refused_with_field_paths(tmp_path, do
 @given(raw=st.binary(max_size=400) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_arbitrary_bytes_as_a_config_are_refused_with_one_line(tmp_path, raw):
     _check(tmp_path, raw)
+
+
+def test_a_top_level_key_that_is_not_a_string_is_a_config_error(tmp_path):
+    """Found by the fuzz above: `?` is YAML for a mapping with a null key (and `1: x` an int key)."""
+    import pytest
+
+    for text in (b"?\n", b"1: x\n", b"null: 3\n"):
+        p = tmp_path / "c.yaml"
+        p.write_bytes(text)
+        with pytest.raises(ConfigError) as e:
+            load(str(p))
+        (line,) = e.value.errors  # one line, the file named, not a TypeError from deep inside
+        assert line.startswith(f"<root>: {p}: keys should be strings, got "), line
