@@ -143,8 +143,18 @@ class UpstreamConnection(asyncio.Protocol):
         head = [Pending(b"", lambda raw, kind, c=_setup_label(c): self._setup_reply(raw, kind, c),
                         lambda kind: None, self.connect_timeout) for c in setup]
         self.pending.extendleft(reversed(head))
-        transport.write(b"".join(encode_command(c) for c in setup) + b"".join(self.backlog))
-        self.backlog = []
+        self.backlog, backlog = [], [encode_command(c) for c in setup] + self.backlog
+        small: list[bytes] = []
+        for data in backlog:  # small ones in one write; a large piece on its own, not joined into a copy
+            if len(data) > 65536:
+                if small:
+                    transport.write(b"".join(small))
+                    small = []
+                transport.write(data)
+            else:
+                small.append(data)
+        if small:
+            transport.write(b"".join(small))
         self._arm()
 
     def _setup_reply(self, raw: bytes, kind: str, command: bytes = b"") -> None:
