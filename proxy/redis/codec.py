@@ -18,6 +18,7 @@ MAX_ARGS = 1024 * 1024
 MAX_INLINE = 64 * 1024
 MAX_DEPTH = 64
 _ARG_OVERHEAD = 40  # what Python holds per argument besides its bytes (object header, list slot)
+_PIECE = 64 * 1024  # a larger argument is copied out once and sent as it is, not copied into the command's bytes
 
 
 def _int(buf: bytes | bytearray, start: int, end: int) -> int:
@@ -113,8 +114,11 @@ class RequestParser:
                     break
                 if buf[start + size:start + size + 2] != b"\r\n":
                     raise ProtocolError("bulk string not terminated by CRLF")
-                with memoryview(buf) as view:  # one copy out of the buffer (a slice would make two)
-                    self._args.append(view[start:start + size].tobytes())
+                if size > _PIECE:
+                    with memoryview(buf) as view:  # one copy out of the buffer (a slice would make two)
+                        self._args.append(view[start:start + size].tobytes())
+                else:  # small: the slice is cheaper than a view
+                    self._args.append(bytes(buf[start:start + size]))
                 self.held += size + _ARG_OVERHEAD
                 self._left -= 1
                 pos = start + size + 2
@@ -133,9 +137,6 @@ def encode_command(args: list[bytes]) -> bytes:
     for a in args:
         parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
     return b"".join(parts)
-
-
-_PIECE = 64 * 1024  # an argument larger than this is sent as it is, not copied into the command's bytes
 
 
 def encode_pieces(args: list[bytes]) -> bytes | list[bytes]:
