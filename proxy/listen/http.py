@@ -151,6 +151,10 @@ class HttpListener:
     drop_headers = _REQ_DROP
     plain = True  # no prepare() step: the route's chain runs as is (the openai listener has one)
 
+    def access_fields(self, preq) -> dict:
+        """What a protocol adds to the access log line (the LLM listener: the model failed over to)."""
+        return {}
+
     def __init__(self, app, name: str) -> None:
         self.app, self.name = app, name
 
@@ -273,7 +277,8 @@ class HttpListener:
                 log.info("access", upstream=self.name, request_id=preq.request_id, method=preq.method,
                          path=preq.path, status=status, outcome=resp.outcome, track=track, route=route.name,
                          duration_ms=round((time.monotonic() - started) * 1000, 2), attempts=preq.attempts,
-                         fallback=resp.source, reason=resp.reason.value if resp.reason else None)
+                         fallback=resp.source, reason=resp.reason.value if resp.reason else None,
+                         **self.access_fields(preq))
             return sent
         except MalformedBody as exc:
             return self.error(400, "bad_request", f"malformed request body: {exc}", rid)

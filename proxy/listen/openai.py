@@ -55,6 +55,10 @@ class OpenAIListener(HttpListener):
 
     plain = False
 
+    def access_fields(self, preq) -> dict:
+        call = preq.llm
+        return {"model_fallback": call.model_fallback} if call is not None and call.model_fallback else {}
+
     async def prepare(self, request: Request, up, route, preq: ProxyRequest):
         h = request.headers
         call = preq.llm = LLMCall(time.monotonic())
@@ -170,6 +174,12 @@ class OpenAIListener(HttpListener):
                 chunk = await resp.stream.content.readany()
             if pending:
                 await sr.write(pending)
+            if not asm.done and asm.finished:
+                # the body ended cleanly after every choice finished: a whole answer whose provider does
+                # not send the sentinel. The app's SDK waits for one: it is added, once.
+                sep = b"" if not pending or pending.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) else b"\n\n"
+                await sr.write(sep + sse.DONE)
+                asm.done = True
         except BODY_ERRORS as exc:
             resp.body_done(Verdict.FAILURE)
             log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
@@ -180,7 +190,7 @@ class OpenAIListener(HttpListener):
             await sr.write_eof()
             return "reset", sr
         if not asm.done:
-            # the upstream closed without [DONE]: tell the client in-band, count the failure
+            # the upstream closed before every choice finished: tell the client in-band, count the failure
             resp.body_done(Verdict.FAILURE)
             await sr.write(error_event("the upstream stream ended early", "upstream_error", 502) + sse.DONE)
             await sr.write_eof()

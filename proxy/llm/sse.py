@@ -136,6 +136,12 @@ class Assembler:
                     slot["function"]["arguments"].append(fn["arguments"])
 
     @property
+    def finished(self) -> bool:
+        """Every choice has its finish_reason, and nothing was odd: the answer is whole, with or without
+        `[DONE]` (the sentinel is optional in practice; some providers never send it)."""
+        return not self.broken and bool(self.choices) and all(c["finish_reason"] for c in self.choices.values())
+
+    @property
     def complete(self) -> bool:
         return self.done and not self.broken and bool(self.choices) and all(
             c["finish_reason"] for c in self.choices.values())

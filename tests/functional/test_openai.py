@@ -156,15 +156,18 @@ async def test_degraded_can_answer_503(fake, start_proxy):
     assert ei.value.response.headers["X-Fallback"] == "degraded"
 
 
-async def test_model_failover_in_order_with_header(fake, start_proxy):
+async def test_model_failover_in_order_with_header(fake, start_proxy, json_log):
     name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 100},
                            llm={"fallback_models": ["fake/b", "fake/c"]})
+    cfg["log"] = {"access": True}
     p = await start_proxy(cfg)
     fake.fail_models = {"fake/a", "fake/b"}
     raw = await client(p).chat.completions.with_raw_response.create(model="fake/a", messages=MSG)
     assert raw.headers["X-Model-Fallback"] == "fake/c"
     assert raw.parse().model == "fake/c"
     assert [r["body"]["model"] for r in fake.requests] == ["fake/a", "fake/b", "fake/c"]
+    (line,) = json_log.events("access", upstream=name)
+    assert line["model_fallback"] == "fake/c" and line["status"] == "200"  # the log says it too
 
 
 async def test_an_open_breaker_skips_model_failover(fake, start_proxy, metrics):
@@ -350,15 +353,40 @@ async def test_stream_idle_timeout_between_events(fake, start_proxy):
     assert len(events) == 32
 
 
-async def test_stream_without_done_ends_with_error_event(fake, start_proxy):
-    name, cfg = llm_config(fake.url, retry={"attempts": 1})
+async def test_a_whole_stream_without_done_is_a_success_and_gets_its_done(fake, start_proxy, metrics):
+    """[DONE] is optional in practice: a stream whose choices all finished and whose body ended cleanly is
+    a whole answer. The app gets every token, finish_reason, usage and one [DONE] the proxy adds; the
+    breaker counts successes (six of them, fail_max 5: it would have opened), and the answer is cached."""
+    name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 5})
     p = await start_proxy(cfg)
     fake.stream_done = False
+    for _ in range(6):
+        events = _events(await _raw_stream(p))
+        assert events[-1] == sse.DONE and events.count(sse.DONE) == 1 and b'"error"' not in b"".join(events)
+        assert b'"finish_reason": "stop"' in b"".join(events) and b'"usage"' in b"".join(events)
+    assert p.breaker.state == "closed" and p.breaker.cb.fail_counter == 0
+    text = []
+    async for ch in await client(p).chat.completions.create(model="m", messages=MSG, stream=True):
+        if ch.choices and ch.choices[0].delta.content:
+            text.append(ch.choices[0].delta.content)
+    assert "".join(text) == fake.content({"messages": MSG})  # the real SDK reads it to the end
+    assert metrics.family_delta("upstream_requests_total", name=name, status="reset") == 0
+    async with aiohttp.ClientSession() as s, s.post(  # whole: it was cached
+            p.url + "/api/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True},
+            headers={"X-Proxy-Cache": "only-if-cached"}) as r:
+        assert r.status == 200 and (await r.read()).endswith(sse.DONE)
+
+
+async def test_a_stream_that_ends_before_every_choice_finished_is_a_failure(fake, start_proxy):
+    name, cfg = llm_config(fake.url, retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    fake.stream_done = fake.stream_finish = False  # tokens, then a clean end with no finish_reason
     stream = await client(p).chat.completions.create(model="m", messages=MSG, stream=True)
     with pytest.raises(openai.APIError) as ei:
         async for _ in stream:
             pass
     assert str(ei.value) == "the upstream stream ended early"
+    assert p.breaker.cb.fail_counter == 1
 
 
 async def test_app_closing_a_stream_stops_the_upstream_stream(fake, start_proxy):
