@@ -161,7 +161,9 @@ def _store_replayable(cache, key: bytes, completion: bool, verdict: Verdict | No
 
 
 class ModelFailover:
-    """When the primary model's attempts end in 5xx or a timeout, try each fallback model once."""
+    """When the primary model's attempts end in 5xx or a timeout, or in a 429 the retry policy would not
+    wait for (no usable Retry-After: a rate limit of that model, not an outage), try each fallback model
+    once."""
 
     __slots__ = ("models", "clock")
 
@@ -171,7 +173,7 @@ class ModelFailover:
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         resp = await call_next(req)
         call = req.llm
-        if resp.verdict is not Verdict.FAILURE or call is None or call.doc is None:
+        if not _fails_over(resp) or call is None or call.doc is None:
             return resp
         original = call.doc
         for model in self.models:
@@ -188,9 +190,13 @@ class ModelFailover:
             if resp.verdict is Verdict.SUCCESS:
                 call.model_fallback = model
                 return resp
-            if resp.verdict is not Verdict.FAILURE:
+            if not _fails_over(resp):
                 return resp
         return resp
+
+
+def _fails_over(resp: ProxyResponse) -> bool:
+    return resp.verdict is Verdict.FAILURE or resp.reason is Reason.RATE_LIMITED
 
 
 class FirstEvent:

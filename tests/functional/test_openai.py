@@ -170,6 +170,21 @@ async def test_model_failover_in_order_with_header(fake, start_proxy, json_log):
     assert line["model_fallback"] == "fake/c" and line["status"] == "200"  # the log says it too
 
 
+async def test_a_429_without_retry_after_fails_over_to_the_next_model(fake, start_proxy):
+    """A rate limit the proxy will not wait for (no Retry-After) is that model's, not an outage: the next
+    model answers, the primary is asked once (never hammered), and the breaker counts nothing."""
+    name, cfg = llm_config(fake.url, retry={"attempts": 3}, llm={"fallback_models": ["fake/b"]})
+    p = await start_proxy(cfg)
+    fake.rate_limit_models = {"fake/a"}
+    raw = await client(p).chat.completions.with_raw_response.create(model="fake/a", messages=MSG)
+    assert raw.headers["X-Model-Fallback"] == "fake/b" and raw.parse().model == "fake/b"
+    assert [r["body"]["model"] for r in fake.requests] == ["fake/a", "fake/b"]
+    assert p.breaker.cb.fail_counter == 0
+    fake.rate_limit_models = {"fake/a", "fake/b"}  # every model limited, nothing cached: the 429 to back off
+    with pytest.raises(openai.RateLimitError):
+        await client(p).chat.completions.create(model="fake/a", messages=[{"role": "user", "content": "new"}])
+
+
 async def test_an_open_breaker_skips_model_failover(fake, start_proxy, metrics):
     """Every model goes to the same target: once its breaker is open, failing over would only knock
     on a door known to be shut. The primary's failure opens it (fail_max 1): no fallback model is tried."""

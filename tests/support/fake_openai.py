@@ -22,6 +22,7 @@ class FakeOpenAI:
         self.aborted = 0
         self.delay = 0.0                  # seconds between stream chunks
         self.fail_models: set[str] = set()  # these models answer 500
+        self.rate_limit_models: set[str] = set()  # these models answer 429 without Retry-After
         self.fail_all: int | None = None  # every call answers this status
         self.retry_after: str | None = None
         self.slow: float = 0.0            # delay before answering at all
@@ -70,6 +71,8 @@ class FakeOpenAI:
                 headers["X-RateLimit-Reset"] = self.rate_limit_reset
             return web.json_response({"error": {"message": "fake failure", "code": self.fail_all}},
                                      status=self.fail_all, headers=headers)
+        if body.get("model") in self.rate_limit_models:
+            return web.json_response({"error": {"message": "rate limited", "code": 429}}, status=429)
         if body.get("model") in self.fail_models:
             return web.json_response({"error": {"message": "model down", "code": 500}}, status=500)
         return None
