@@ -96,6 +96,10 @@ class ClientResponse:
             self._conn.finished(self.content.eof and self.content.exc is None)
 
 
+class _Unasked(Exception):
+    """Raised from a parser callback to stop parsing an answer nobody asked for."""
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, pool, created: float) -> None:
         self.pool, self.created = pool, created
@@ -141,6 +145,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.poisoned:  # bytes after the answer (on_message_begin): the answer itself is whole
+                self.close()
+                return
             err = UpstreamClosed(f"invalid answer from the upstream: {exc}")
             w = self._waiter
             if w is not None and not w.done():
@@ -148,9 +155,6 @@ class ClientConnection(asyncio.Protocol):
             if self._body is not None:
                 self._body.exc = err
                 self._body._wake()
-            self.close()
-            return
-        if self.poisoned:
             self.close()
             return
         b = self._body
@@ -171,22 +175,18 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._done:
             # an answer nobody asked for (bytes past Content-Length, a second response): the next
-            # request on this connection would get it. Nothing of it is read; the connection goes.
+            # request on this connection would get it. Parsing stops here; the connection goes.
             self.poisoned = True
-            return
+            raise _Unasked
         self._raw = []
 
     def on_status(self, status: bytes) -> None:
-        if not self.poisoned:
-            self._reason += status.decode("latin-1")
+        self._reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.poisoned:
-            self._raw.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self._raw.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
-        if self.poisoned:
-            return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._raw = []  # an interim answer: wait for the final one
@@ -203,14 +203,12 @@ class ClientConnection(asyncio.Protocol):
             w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self))
 
     def on_body(self, body: bytes) -> None:
-        if self.poisoned:
-            return
         b = self._body
         b.chunks.append(body)
         b._wake()
 
     def on_message_complete(self) -> None:
-        if self._body is None or self.poisoned:  # the end of an interim answer, or of an unasked one
+        if self._body is None:  # the end of an interim answer
             return
         self._done = True
         self._body.eof = True

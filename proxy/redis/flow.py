@@ -40,11 +40,14 @@ class ClientMemory:
         self.total = 0
         self.clients: set = set()
         self.paused: list = []
-        self.limit, self.soft = limit, limit * 3 // 4
         self.timer = None
+        self._set_limit(limit)
+
+    def _set_limit(self, limit: int) -> None:
+        self.limit, self.soft = limit, limit * 3 // 4  # soft kept: the listener compares it on every read
 
     def reconfigure(self, spec, configured=None) -> None:
-        self.limit, self.soft = spec.max_client_memory, spec.max_client_memory * 3 // 4
+        self._set_limit(spec.max_client_memory)
         if self.total > self.limit:
             self.evict()
 
@@ -195,12 +198,17 @@ class FlowControl:
             self._shedding = False
 
     # -- memory: per client (`redis.client_output_limit`), per upstream (`redis.max_client_memory`) ------
+    def _output_bytes(self) -> int:
+        """Replies not yet taken by the client: resolved but waiting in order, and in its socket's buffer."""
+        t = self.transport
+        return self.replies_held + (t.get_write_buffer_size() if t is not None else 0)
+
     def _account(self, read: bool = False) -> None:
         """Bring this client's share of ClientMemory up to date (after a read, a write, a drain)."""
         if self.gone:
             return
         transport = self.transport
-        out = self.replies_held + (transport.get_write_buffer_size() if transport is not None else 0)
+        out = self._output_bytes()
         now = self.parser.buffered + self.sent_bytes + out
         delta = now - self.mem
         pool = self.memory
@@ -235,8 +243,7 @@ class FlowControl:
         self._over_timer = None
         if self.gone:
             return
-        t = self.transport
-        out = self.replies_held + (t.get_write_buffer_size() if t is not None else 0)
+        out = self._output_bytes()
         if out > self.output_limit:
             self._evict("client_output_limit", out)
         else:

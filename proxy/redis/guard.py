@@ -41,26 +41,26 @@ class CommandGuard:
     """Built once per config load from `redis:`; `refusal()` is one set lookup for a command no rule
     names (every GET and SET)."""
 
-    __slots__ = ("upstream", "names", "_whole", "_sub", "_mine")
+    __slots__ = ("upstream", "names", "_whole", "_sub")
 
     def __init__(self, upstream: str, spec) -> None:
         self.upstream = upstream
-        self._mine: set = set()  # the upstream's own rules (a later whole-command rule keeps them)
         self._whole: dict[bytes, bool] = {}  # command → denied
         self._sub: dict[tuple[bytes, bytes], bool] = {}
-        for rules, denied, mine in ((DEFAULT_DENY, True, False), (DEFAULT_ALLOW, False, False),
-                                    (spec.deny_commands, True, True), (spec.allow_commands, False, True)):
+        mine: set[tuple[bytes, bytes]] = set()  # the upstream's own subcommand rules
+        for rules, denied, own in ((DEFAULT_DENY, True, False), (DEFAULT_ALLOW, False, False),
+                                   (spec.deny_commands, True, True), (spec.allow_commands, False, True)):
             for rule in rules:
                 name, _, sub = rule.encode().partition(b" ")
                 if sub:
                     self._sub[(name, sub)] = denied
+                    if own:
+                        mine.add((name, sub))
                 else:
                     self._whole[name] = denied
-                    if mine:  # the upstream's rule for a whole command replaces the defaults' subcommand rules
-                        for key in [k for k in self._sub if k[0] == name and (k, True) not in self._mine]:
+                    if own:  # the upstream's rule for a whole command replaces the defaults' subcommand rules
+                        for key in [k for k in self._sub if k[0] == name and k not in mine]:
                             del self._sub[key]
-                if mine:
-                    self._mine.add(((name, sub), True))
         self.names = frozenset(self._whole) | frozenset(n for n, _ in self._sub)
 
     def refusal(self, name: bytes, args: list[bytes]) -> str | None:

@@ -31,8 +31,8 @@ from proxy.redis.upstream import Pending, UpstreamConnection
 _ALL_DBS = frozenset({b"FLUSHALL", b"SWAPDB", b"MOVE", b"COPY"})  # touch another db than the client's too
 _SHARED_MAX = 32  # commands one client may have in flight on a shared connection (its replies are buffered)
 _STATELESS = frozenset({b"PING", b"ECHO", b"TIME", b"INFO", b"COMMAND", b"LASTSAVE"})  # shareable too
-_SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})
-_LINGER = 2.0  # seconds a refused client's connection stays half-closed, for the reason to reach it  # change the db or protocol shared commands run with
+_SWITCHING = frozenset({b"SELECT", b"HELLO", b"RESET"})  # change the db or protocol shared commands run with
+_LINGER = 2.0  # seconds a refused client's connection stays half-closed, for the reason to reach it
 
 
 class _CommandPending(Pending):
@@ -203,20 +203,20 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         """Commands on a pub/sub or MONITOR connection (from the same read as SUBSCRIBE on): relayed
         whole, after the same check as any command, as the replies are not looked at. Anything but
         (un)subscribing, PING and QUIT ends the connection (guard.TUNNEL_COMMANDS)."""
-        out = []
+        out, refused = [], None
         for args in cmds:
             name = args[0].upper()
             if name not in guard.TUNNEL_COMMANDS:
-                self._guard_refused("pub/sub")
-                if out and self.conn is not None and not self.conn.failed:
-                    self.conn.send(b"".join(out), None)
-                self._refuse_and_close(codec.error(
-                    f"ERR '{name.decode(errors='replace')}' is not relayed on a pub/sub or MONITOR connection: "
-                    "only (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PING and QUIT"))
-                return
+                refused = name
+                break
             out.append(codec.encode_command(args))
         if out and self.conn is not None and not self.conn.failed:
-            self.conn.send(b"".join(out), None)
+            self.conn.send(b"".join(out), None)  # what came before a refused one still goes
+        if refused is not None:
+            self._guard_refused("pub/sub")
+            self._refuse_and_close(codec.error(
+                f"ERR '{refused.decode(errors='replace')}' is not relayed on a pub/sub or MONITOR connection: "
+                "only (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PING and QUIT"))
 
     def _refuse_and_close(self, reply: bytes) -> None:
         """The client's input cannot be served any further: say why and close. The write side is shut
@@ -339,17 +339,14 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         elif cls == "write":
             self.wrote_shared = True
         raw = codec.encode_pieces(args)
-        if type(raw) is list:
-            if cls == "read":
-                raw = b"".join(raw)  # a read's bytes are its cache key
-            else:
-                # its arguments stay held until it is answered (a retry, the upstream's write buffer):
-                # they count against the client's memory until then, not only while being parsed
-                size = sum(len(a) for a in args)
+        if type(raw) is list and cls == "read":
+            raw = b"".join(raw)  # a read's bytes are its cache key
         cmd = Command(self._new_slot(), name, args, raw, cls, keys or [], db, self.proto, shared)
         if type(raw) is list:
-            cmd.held = size
-            self.sent_bytes += size
+            # a large command's arguments stay held until it is answered (a retry, the upstream's write
+            # buffer): they count against the client's memory until then, not only while being parsed
+            cmd.held = sum(len(a) for a in args)
+            self.sent_bytes += cmd.held
             self._account()
         self.chain.start(cmd, read_at)
         self.forward(cmd)

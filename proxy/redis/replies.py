@@ -130,7 +130,8 @@ class ReplyOrder:
             self.replies_held += len(data)
         else:
             self.transport.write(data)
-        self._account()
+        if self.mem or self.write_paused or self.replies_held > _ACCOUNT_FROM or len(data) > _ACCOUNT_FROM:
+            self._account()  # as in _flush: not for every small pub/sub message
 
     def _close_after_flush(self) -> None:
         """QUIT: answer what is owed, then close."""

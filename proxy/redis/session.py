@@ -10,18 +10,10 @@ from __future__ import annotations
 import hmac
 
 from proxy.redis import codec
-from proxy.redis.upstream import Pending
+from proxy.redis.upstream import Pending, ignore
 
 _WRONGPASS = codec.error("WRONGPASS invalid username-password pair or user is disabled.")
 _THROTTLED = codec.error("ERR too many failed AUTH attempts on this listener: try again later")
-
-
-def _ignore_reply(raw: bytes, kind: str) -> None:
-    """A command the proxy sent for the client's sake, already answered to it (CLIENT SETINFO)."""
-
-
-def _ignore_failure(kind: str) -> None:
-    pass
 
 
 def error_reply(err: str) -> bytes:
@@ -48,7 +40,7 @@ class SessionCommands:
                     conn = self.conn
                     if conn is not None and not conn.failed and not conn.retiring:
                         # it has one already (SETNAME came first): set it there too; its reply is the proxy's
-                        conn.send(codec.encode_command(args), Pending(b"", _ignore_reply, _ignore_failure, None))
+                        conn.send(codec.encode_command(args), Pending(b"", ignore, ignore, None))
                     self._reply_now(codec.OK)
                 else:
                     self._reply_now(codec.error("ERR Unrecognized option " + repr(args[2].decode(errors="replace"))))
@@ -125,34 +117,40 @@ class SessionCommands:
         setup runs SELECT), holding back what follows, so a db that does not exist is an error now — as
         Redis answers — and the client stays where it was. With Redis unreachable it is accepted as
         before (checked when a connection opens), so clients still connect and read the cache."""
+        shared = self.target.pool.shared
+
+        def answered(raw: bytes, kind: str) -> bytes:
+            if kind == "error":
+                return raw
+            shared.checked_dbs.add((self.proto, db))  # the next SELECT of it is answered at once
+            self.db = db
+            return codec.OK
+
+        def failed(kind: str, conn) -> bytes:
+            if kind == "client-setup" and conn is not None and conn.setup_failed_on == b"SELECT":
+                return error_reply(conn.error or "ERR DB index is out of range")
+            self.db = db  # unreachable or reset: the check is for later
+            return codec.OK
+
+        self._ask_shared(db, answered, failed)
+
+    def _ask_shared(self, db: int, answered, failed) -> None:
+        """Hold what follows and PING the shared connection of (protocol, db), whose setup does the real
+        work (SELECT, HELLO): the reply owed here is `answered(raw, kind)` or `failed(kind, conn)`. A short
+        wait: a check must not hold the client for a whole attempt timeout."""
         slot = self._new_slot()
         self._validating = True
         self._hold()
 
-        def done(reply: bytes, switch: bool) -> None:
-            if switch:
-                self.db = db
+        def done(reply: bytes) -> None:
             self._validating = False
             self._resolve(slot, reply)
             self._release_parked()
 
-        shared = self.target.pool.shared
-
-        def answered(raw: bytes, kind: str) -> None:
-            if kind != "error":
-                shared.checked_dbs.add((self.proto, db))  # the next SELECT of it is answered at once
-            done(codec.OK if kind != "error" else raw, kind != "error")
-
-        def failed(kind: str, p=None) -> None:
-            conn = pending.conn
-            if kind == "client-setup" and conn is not None and conn.setup_failed_on == b"SELECT":
-                done(error_reply(conn.error or "ERR DB index is out of range"), False)
-            else:
-                done(codec.OK, True)  # unreachable or reset: the check is for later
-
-        # a short wait: a SELECT must not hold the client's setup for a whole attempt timeout
-        pending = Pending(b"", answered, failed, min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect))
-        shared.get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
+        pending = Pending(b"", lambda raw, kind: done(answered(raw, kind)),
+                          lambda kind: done(failed(kind, pending.conn)),
+                          min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect))
+        self.target.pool.shared.get(self.proto, db).send(codec.encode_command([b"PING"]), pending)
 
     def _auth(self, creds: list[bytes]) -> None:
         want = self.up.wire.client_password
@@ -250,17 +248,9 @@ class SessionCommands:
         """HELLO before any connection to the upstream told the proxy what it is: open the shared one (its
         setup asks) and answer once it has, what follows waiting behind; with Redis unreachable, the
         defaults (so clients still connect and read the cache)."""
-        slot = self._new_slot()
-        self._validating = True
-        self._hold()
-        shared = self.target.pool.shared
 
-        def done(*_) -> None:
-            self._validating = False
-            self._resolve(slot, codec.hello_reply(self.proto, id(self) & 0xFFFF, self.up_target.server))
-            self._release_parked()
+        def hello(*_) -> bytes:
+            return codec.hello_reply(self.proto, id(self) & 0xFFFF, self.up_target.server)
 
-        db = self.db if self.db is not None else self.up_target.db
-        wait = min(self.up.spec.timeouts.attempt, self.up.spec.timeouts.connect)
-        shared.get(self.proto, db).send(codec.encode_command([b"PING"]), Pending(b"", done, done, wait))
+        self._ask_shared(self.db if self.db is not None else self.up_target.db, hello, hello)
 

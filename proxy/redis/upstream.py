@@ -25,6 +25,7 @@ from proxy.upstream.pool import ssl_context
 # uvloop's loop.time() moves in whole milliseconds, once per loop turn: a timer set for a deadline may
 # run a little before it by that clock
 _SLACK = 0.002
+_LARGE = 64 * 1024  # a queued piece this large is written on its own (codec.encode_pieces)
 
 
 class RedisTarget:
@@ -104,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._soonest: float | None = None  # no total deadline in the queue comes before this
         self.shared = shared
         self._flush_due = False
+        self._large = False  # the backlog holds a large piece (written on its own)
         self._loop = asyncio.get_running_loop()
         self.connecting = self._loop.create_task(self._connect())
 
@@ -141,20 +143,10 @@ class UpstreamConnection(asyncio.Protocol):
         for attr, value in self.lib_info:
             setup.append([b"CLIENT", b"SETINFO", attr, value])
         head = [Pending(b"", lambda raw, kind, c=_setup_label(c): self._setup_reply(raw, kind, c),
-                        lambda kind: None, self.connect_timeout) for c in setup]
+                        ignore, self.connect_timeout) for c in setup]
         self.pending.extendleft(reversed(head))
-        self.backlog, backlog = [], [encode_command(c) for c in setup] + self.backlog
-        small: list[bytes] = []
-        for data in backlog:  # small ones in one write; a large piece on its own, not joined into a copy
-            if len(data) > 65536:
-                if small:
-                    transport.write(b"".join(small))
-                    small = []
-                transport.write(data)
-            else:
-                small.append(data)
-        if small:
-            transport.write(b"".join(small))
+        self.backlog[:0] = [encode_command(c) for c in setup]
+        self._write_backlog()
         self._arm()
 
     def _setup_reply(self, raw: bytes, kind: str, command: bytes = b"") -> None:
@@ -181,13 +173,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if pending is not None:
             self.pending.append(pending)
-        if type(raw) is list:
-            if self.transport is None:
-                self.backlog += raw
-            else:  # what was queued first goes first; the large piece is not joined into a copy
-                self._write_backlog()
-                for piece in raw:
-                    self.transport.write(piece)
+        if type(raw) is list:  # a large command: out now (what was queued goes first), not joined into a copy
+            self.backlog += raw
+            self._large = True
+            self._write_backlog()
         elif self.shared:
             # every client's command of this loop turn in one write, sent once their reads are done
             self.backlog.append(raw)
@@ -207,10 +196,23 @@ class UpstreamConnection(asyncio.Protocol):
                 self._arm()
 
     def _write_backlog(self) -> None:
-        if self.backlog and self.transport is not None and not self.failed:
-            data = b"".join(self.backlog) if len(self.backlog) > 1 else self.backlog[0]
-            self.backlog = []
-            self.transport.write(data)
+        """What is queued, in one write — but a large piece (codec.encode_pieces) on its own, as it is."""
+        if not self.backlog or self.transport is None or self.failed:
+            return
+        backlog, self.backlog = self.backlog, []
+        write = self.transport.write
+        if not self._large:  # the usual case: small commands only
+            write(b"".join(backlog) if len(backlog) > 1 else backlog[0])
+            return
+        self._large, start = False, 0
+        for i, data in enumerate(backlog):
+            if len(data) > _LARGE:
+                if i > start:
+                    write(b"".join(backlog[start:i]))
+                write(data)
+                start = i + 1
+        if start < len(backlog):
+            write(b"".join(backlog[start:]) if len(backlog) - start > 1 else backlog[start])
 
     def _flush_shared(self) -> None:
         self._flush_due = False
@@ -344,7 +346,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         pending, self.pending = self.pending, collections.deque()
-        self.backlog = []
+        self.backlog, self._large = [], False
         self.framer = ReplyFramer()
         # One upstream event is one breaker failure. On this connection only the first command (after
         # the setup ones) met it; the others (other clients' too, on a shared one) lose their connection
@@ -423,7 +425,7 @@ class SharedRedis:
         key = (proto, db)
         c = self.conns.get(key)
         if c is None or c.failed or c.retiring:
-            c = UpstreamConnection(self.target, proto, db, None, self.connect_timeout, _ignore, _ignore, shared=True)
+            c = UpstreamConnection(self.target, proto, db, None, self.connect_timeout, ignore, ignore, shared=True)
             c.on_batch = self.batch
             if self.closed:
                 c.close()  # dropped by a reload: a late retry fails instead of reaching the old target
@@ -448,5 +450,6 @@ class SharedRedis:
         self.conns.clear()
 
 
-def _ignore(data) -> None:
-    """A push on a shared connection (nobody subscribed on it): nobody to give it to."""
+def ignore(*_) -> None:
+    """Nobody to give it to: a push on a shared connection, the reply to a command the proxy sent for a
+    client already answered (CLIENT SETINFO), a setup command's failure (the connection fails anyway)."""
