@@ -202,16 +202,11 @@ def load(path: str, *, strict_refs: bool = True) -> Loaded:
     ref_errors: list[str] = []
     files: set[str] = set()
     secrets: set[str] = set()
-    try:
-        resolved = _resolve(raw, "", ref_errors, files, secrets)
-    except RecursionError:
-        raise ConfigError([f"<file>: {path}: nested too deep"]) from None
+    resolved = _resolve(raw, "", ref_errors, files, secrets)  # nesting is bounded (64) by read_yaml
     if ref_errors and strict_refs:
         raise ConfigError(ref_errors)
     try:
         settings = Settings(**resolved)
-    except RecursionError:
-        raise ConfigError([f"<file>: {path}: nested too deep"]) from None
     except ValidationError as exc:
         raise ConfigError(_scrub(validation_messages(exc), frozenset(secrets)) + (ref_errors if strict_refs else [])) from None
     except ValueError as exc:  # pydantic-settings raises plain errors for unparsable env values

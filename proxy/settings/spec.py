@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from proxy.obs import redact
 from proxy.settings.units import Duration, Size
 
 NAME = r"^[a-z0-9]([a-z0-9_-]{0,62})$"
@@ -97,8 +96,8 @@ class TargetSpec(Spec):
         scheme, sep, rest = v.partition("://")
         schemes = sorted({x for p in protocol_table().values() for x in p.schemes})
         if not sep or scheme not in schemes or not rest.split("/")[0]:
-            raise ValueError(f"must be an absolute URL ({', '.join(s + '://' for s in schemes)}), got "
-                             f"{redact.userinfo(repr(v))}")
+            # user info in it is redacted where every config error line is (ConfigError)
+            raise ValueError(f"must be an absolute URL ({', '.join(s + '://' for s in schemes)}), got {v!r}")
         return v
 
 
@@ -543,7 +542,7 @@ class AppSpec(Spec):
     @classmethod
     def _http(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http(s):// URL, got {redact.userinfo(repr(v))}")
+            raise ValueError(f"must be an http(s):// URL, got {v!r}")
         return v
 
 
@@ -573,7 +572,7 @@ class InboundSpec(Spec):
     @classmethod
     def _app(cls, v: str) -> str:
         if not v.startswith("http://"):
-            raise ValueError(f"must be an http:// URL of the app's port, got {redact.userinfo(repr(v))}")
+            raise ValueError(f"must be an http:// URL of the app's port, got {v!r}")
         return v.rstrip("/")
 
 
