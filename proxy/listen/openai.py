@@ -29,11 +29,6 @@ CACHE_MODES = ("no-store", "only-if-cached")
 _MAX_PENDING = 1 << 20  # an "event" that never ends is forwarded anyway past this size
 
 
-def _last_boundary(buf: bytes) -> int:
-    """End of the last complete SSE event in `buf` (0 if none), so a cut stream never leaves a
-    half event in front of the error event."""
-    return max(buf.rfind(b"\n\n") + 2 if b"\n\n" in buf else 0,
-               buf.rfind(b"\r\n\r\n") + 4 if b"\r\n\r\n" in buf else 0)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error"}
@@ -165,7 +160,7 @@ class OpenAIListener(HttpListener):
                 for data in parser.feed(chunk):
                     asm.add(data)
                 pending += chunk
-                cut = _last_boundary(pending)
+                cut = sse.last_boundary(pending)
                 if cut or len(pending) > _MAX_PENDING:
                     cut = cut or len(pending)
                     await sr.write(pending[:cut])
@@ -177,7 +172,7 @@ class OpenAIListener(HttpListener):
             if not asm.done and asm.finished:
                 # the body ended cleanly after every choice finished: a whole answer whose provider does
                 # not send the sentinel. The app's SDK waits for one: it is added, once.
-                sep = b"" if not pending or pending.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) else b"\n\n"
+                sep = b"" if not pending or pending.endswith(sse.SEPARATORS) else b"\n\n"
                 await sr.write(sep + sse.DONE)
                 asm.done = True
         except BODY_ERRORS as exc:

@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # an event ends at a blank line, however it is written
+SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # an event ends at a blank line, however it is written
+
+
+def last_boundary(buf: bytes) -> int:
+    """End of the last complete event in `buf` (0 if none): a relay forwards whole events only, so a cut
+    stream never leaves half an event in front of the error event."""
+    return max((i + len(s) for s in SEPARATORS if (i := buf.rfind(s)) != -1), default=0)
 
 
 def _boundary(buf: bytes) -> tuple[int, int]:
     """(start, length) of the first event separator in buf, (-1, 0) if none."""
     cut, sep = -1, 0
-    for s in _SEPARATORS:
+    for s in SEPARATORS:
         i = buf.find(s)
         if i != -1 and (cut == -1 or i < cut):
             cut, sep = i, len(s)

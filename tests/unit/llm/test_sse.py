@@ -137,3 +137,11 @@ def test_an_event_over_max_event_is_skipped_and_parsing_goes_on_to_the_end(step)
             asm.add(d)
         assert len(parser._buf) <= 1024 + step
     assert parser.overflow and asm.done
+
+
+def test_the_relays_last_boundary_knows_every_separator_the_parser_does():
+    for sep in sse.SEPARATORS:
+        buf = b"data: a" + sep + b"data: b"
+        assert sse.last_boundary(buf) == len(b"data: a") + len(sep)
+        assert sse.SSEParser().feed(buf + sep) == ["a", "b"]
+    assert sse.last_boundary(b"data: half") == 0
