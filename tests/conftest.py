@@ -3,6 +3,7 @@ toxiproxy, and a per-test metrics baseline."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Callable
@@ -65,6 +66,22 @@ def make_upstream(aiohttp_server):
         return u
 
     return make
+
+
+@pytest.fixture
+async def raw_upstream():
+    """`await raw_upstream(handler)` → the http:// URL of an upstream whose bytes the test writes itself
+    (`handler(reader, writer)` per connection: framing an aiohttp server would not send). Closed after."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for s in servers:
+        s.close()
 
 
 @pytest.fixture

@@ -300,11 +300,11 @@ async def test_metrics_and_admin_endpoints(upstream, start_proxy, metrics):
         await eventually(lambda: metrics.value("upstream_in_flight", name=name) == 0)
 
 
-async def test_response_headers_are_not_invented(start_proxy):
+async def test_response_headers_are_not_invented(start_proxy, raw_upstream):
     """A raw upstream (no framework adding headers): its exact headers and body arrive. aiohttp's server
     labels a body without Content-Type as application/octet-stream, which RFC 9110 §8.3 makes equivalent."""
 
-    async def raw_upstream(reader, writer):
+    async def answer(reader, writer):
         while True:
             try:
                 await reader.readuntil(b"\r\n\r\n")
@@ -314,23 +314,20 @@ async def test_response_headers_are_not_invented(start_proxy):
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(raw_upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    name, cfg = upstream_config(f"http://127.0.0.1:{port}")
+    name, cfg = upstream_config(await raw_upstream(answer))
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/") as r:
             assert await r.read() == b"abc"
             assert r.headers["X-Exact"] == "yes"
             assert r.headers.get("Content-Type", "application/octet-stream") == "application/octet-stream"
-    server.close()
 
 
-async def test_close_delimited_and_odd_upstream_answers(start_proxy):
+async def test_close_delimited_and_odd_upstream_answers(start_proxy, raw_upstream):
     """HTTP/1.0-style answers (no length: the body ends with the connection), a 204, and a 304 through
     the lean upstream client; the breaker stays closed."""
 
-    async def raw_upstream(reader, writer):
+    async def answer(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
         path = head.split(b" ")[1]
         if path == b"/close":
@@ -348,9 +345,7 @@ async def test_close_delimited_and_odd_upstream_answers(start_proxy):
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(raw_upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    name, cfg = upstream_config(f"http://127.0.0.1:{port}", breaker={"fail_max": 1})
+    name, cfg = upstream_config(await raw_upstream(answer), breaker={"fail_max": 1})
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/close") as r:
@@ -362,7 +357,6 @@ async def test_close_delimited_and_odd_upstream_answers(start_proxy):
         async with s.get(p.url + "/304") as r:
             assert r.status == 304 and r.headers["ETag"] == "x"
     assert p.upstream.targets[0].breaker.state == "closed"
-    server.close()
 
 
 async def test_egress_honours_http_proxy_and_no_proxy(start_proxy, monkeypatch):

@@ -506,7 +506,7 @@ async def test_a_connection_that_never_sends_a_byte_gets_the_header_timeout(upst
     assert (await _answer(reader))[0].split(b" ")[1] == b"200"
 
 
-async def test_bytes_after_a_complete_answer_are_never_served_to_the_next_request(start_proxy):
+async def test_bytes_after_a_complete_answer_are_never_served_to_the_next_request(start_proxy, raw_upstream):
     """An upstream that sends more than it said (bytes past Content-Length, a second answer nobody asked
     for) must not have them read as the answer to the next request on that pooled connection."""
     conns = []
@@ -527,9 +527,7 @@ async def test_bytes_after_a_complete_answer_are_never_served_to_the_next_reques
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
             await writer.drain()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    name, cfg = upstream_config(f"http://127.0.0.1:{port}", retry={"attempts": 1})
+    name, cfg = upstream_config(await raw_upstream(serve), retry={"attempts": 1})
     p = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/a") as r:
@@ -538,4 +536,3 @@ async def test_bytes_after_a_complete_answer_are_never_served_to_the_next_reques
             async with s.get(p.url + "/b") as r:
                 assert r.status == 200 and await r.read() == b"fresh"
     assert len(conns) == 2  # the poisoned connection was closed, the next one reused
-    server.close()
