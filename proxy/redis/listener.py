@@ -415,15 +415,17 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
         self.chain.answered(cmd, raw, kind, self.clock.monotonic() - cmd.started)
         if cmd.held:
             self._release_held(cmd)
-        if kind == "ok" and cmd.cls == "admin" and cmd.name == b"CLIENT" and len(cmd.args) >= 3:
-            sub = cmd.args[1].upper()
-            if sub == b"SETNAME" and len(cmd.args) == 3:
-                self.client_name = cmd.args[2] or None  # a new connection (after a reset) is named the same
-            elif sub == b"TRACKING":
-                self.tracking = cmd.args[2].upper() == b"ON"
-        elif cmd.cls == "admin" and guard.is_config_get(cmd.name, cmd.args):
-            raw = guard.masked_config(raw)
-        elif cmd.name == b"EXEC" and cmd.args[0] == b"DISCARD" and kind == "ok":
+        cls = cmd.cls
+        if cls == "admin":  # replies the proxy reads (not on a read's or a write's path)
+            if kind == "ok" and cmd.name == b"CLIENT" and len(cmd.args) >= 3:
+                sub = cmd.args[1].upper()
+                if sub == b"SETNAME" and len(cmd.args) == 3:
+                    self.client_name = cmd.args[2] or None  # a new connection (after a reset) is named the same
+                elif sub == b"TRACKING":
+                    self.tracking = cmd.args[2].upper() == b"ON"
+            elif guard.is_config_get(cmd.name, cmd.args):
+                raw = guard.masked_config(raw)
+        elif cls == "transaction" and cmd.name == b"EXEC" and cmd.args[0] == b"DISCARD" and kind == "ok":
             raw = codec.error("EXECABORT Transaction discarded because of previous errors.")
         self._resolve(cmd.slot, raw)
         if cmd.shared:
