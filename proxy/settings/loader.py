@@ -99,14 +99,14 @@ class Loaded:
 
 
 _ONE_LINE = re.compile(r"\s*[\r\n]+\s*")  # an error is one line (a YAML parser's message may span two)
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _loc_part(p: object) -> str:
     """A path element as written: a key that is not a plain word is quoted, so the path stays readable
     (`upstreams.'a:b'`, not `upstreams.a:b`)."""
     s = str(p)
-    return s if isinstance(p, int) or _PLAIN_KEY.match(s) else repr(s)
+    return s if isinstance(p, int) or _PLAIN_KEY.fullmatch(s) else repr(s)
 
 
 def validation_messages(exc: ValidationError) -> list[str]:
