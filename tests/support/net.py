@@ -6,10 +6,20 @@ import asyncio
 import socket
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, and not one this process handed out before: the kernel may give a just-released
+    port again at once, and a config that asks for two (a listener and the admin port) would get it twice."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port not handed out before")
 
 
 def free_ports(n: int) -> int:
