@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-
 _handed_out: set[int] = set()
 
 
