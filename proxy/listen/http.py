@@ -334,8 +334,9 @@ class HttpListener:
                 except BODY_ERRORS as exc:
                     return self._failed_before_headers(preq, resp, exc)
                 cr = None
-                resp.body_done(Verdict.SUCCESS, resp.body)  # in memory anyway: each hook applies its limit
         if cr is None:
+            # in memory (read here, or inside the attempt): each after-body hook applies its own limit
+            resp.body_done(Verdict.SUCCESS, resp.body)
             r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
                          body=None if no_body and not head else resp.body)
             r.send(request)

@@ -106,7 +106,7 @@ class OpenAIListener(HttpListener):
                       resp: ProxyResponse) -> tuple[str, StreamResponse]:
         call = preq.llm
         if call.model_fallback and resp.headers is not None:
-            if resp.stream is not None:
+            if not isinstance(resp.headers, CIMultiDict):  # an upstream's headers are read-only
                 resp.headers = CIMultiDict(resp.headers)
             resp.headers["X-Model-Fallback"] = call.model_fallback
         if call.stream and resp.body is not None and resp.outcome == "fallback" and resp.status == 200:
@@ -116,7 +116,7 @@ class OpenAIListener(HttpListener):
             return await self._relay(request, up, preq, resp)
         # a provider that answers a streaming call with one JSON body (it ignores `stream`): passed on as it
         # is, not judged as a stream that ended early
-        if resp.stream is not None and resp.status == 200 and call.doc is not None:
+        if resp.outcome == "upstream" and resp.status == 200 and call.doc is not None:
             # count the tokens of a non-streamed completion on the copy the listener keeps anyway
             model = call.model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -160,38 +161,120 @@ def _store_replayable(cache, key: bytes, completion: bool, verdict: Verdict | No
         store_after_body(cache, key, 200, CIMultiDict({"Content-Type": _JSON}), verdict, body)
 
 
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "context_window_exceeded", "string_above_max_length"})
+# How providers word "the prompt does not fit" (OpenAI, vLLM, OpenRouter, Anthropic, Mistral, Gemini, Groq)
+_CONTEXT_TEXT = re.compile(
+    r"context[ _](length|window)|maximum context|prompt is too long|too many (input |prompt )?tokens"
+    r"|input token count.{0,40}exceeds|reduce the length of the (messages|prompt|input)"
+    r"|exceeds? the (model'?s? )?(maximum|max) (context|input|number of tokens)", re.I)
+# How providers refuse an assistant prefill (a last assistant message to continue)
+_PREFILL_TEXT = re.compile(
+    r"prefill|(final|last) message (must|should) (be|have role|come from)( a| the)? user"
+    r"|must end with a user|assistant message.{0,40}(not supported|must not be (the )?(last|final))"
+    r"|does not support.{0,40}assistant", re.I)
+
+
+def error_kind(status: int, body: bytes | None) -> str | None:
+    """What a provider's 4xx says: "context_length" (the prompt is longer than the model's context),
+    "prefill" (the model takes no assistant prefill), or None (any other 4xx: the app's to see)."""
+    if status not in (400, 413, 422) or not body:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict):
+        codes = {str(err.get(k)) for k in ("code", "type", "param") if err.get(k) is not None}
+        text = str(err.get("message", ""))
+        raw = err.get("metadata", {}).get("raw") if isinstance(err.get("metadata"), dict) else None
+        if isinstance(raw, str):
+            text += " " + raw  # OpenRouter wraps the provider's own error here
+    else:
+        codes, text = set(), body[:4096].decode("utf-8", "replace")
+    if codes & _CONTEXT_CODES or _CONTEXT_TEXT.search(text):
+        return "context_length"
+    if _PREFILL_TEXT.search(text):
+        return "prefill"
+    return None
+
+
+class PrefillMemory:
+    """The models of one upstream known not to take an assistant prefill: configured, or learnt from a
+    rejection. Kept across reloads (State), so each model is asked wrongly once per process at most."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+
+
 class ModelFailover:
-    """When the primary model's attempts end in 5xx or a timeout, or in a 429 the retry policy would not
-    wait for (no usable Retry-After: a rate limit of that model, not an outage), try each fallback model
-    once."""
+    """Tries the request's model, then each fallback model, inside the same total timeout.
 
-    __slots__ = ("models", "clock")
+    It moves on when an attempt ends in a failure verdict (5xx, reset, timeout — retried in place first
+    per the retry rules), or a 429 the retry policy would not wait for (a rate limit of that model, not
+    an outage). A 400 saying the prompt does not fit the model's context goes to `context_models`
+    instead, never to the same model again. Any other 4xx (a content-policy refusal, a bad parameter) is
+    the app's to see, unchanged: another model would refuse it too, or answer a different question.
+    When continuing a stream (`prefill`), a model known not to take prefill is skipped and one that
+    refuses it is remembered and skipped."""
 
-    def __init__(self, models: tuple[str, ...], clock) -> None:
-        self.models, self.clock = models, clock
+    __slots__ = ("models", "context_models", "clock", "prefill", "no_prefill")
+
+    def __init__(self, models: tuple[str, ...], clock, context_models: tuple[str, ...] = (),
+                 prefill: PrefillMemory | None = None, no_prefill: tuple[str, ...] = ()) -> None:
+        self.models, self.context_models, self.clock = models, context_models, clock
+        self.prefill, self.no_prefill = prefill, frozenset(no_prefill)
+
+    def _skipped(self, model: str) -> bool:
+        return self.prefill is not None and (model in self.no_prefill or model in self.prefill.refused)
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        resp = await call_next(req)
         call = req.llm
-        if not _fails_over(resp) or call is None or call.doc is None:
-            return resp
+        if call is None or call.doc is None:
+            return await call_next(req)
         original = call.doc
-        for model in self.models:
-            if req.target.breaker.is_open or resp.reason is Reason.CIRCUIT_BREAKER_OPEN:
-                return resp  # every model goes to the same target: straight to the cache
-            if model == original.get("model"):
+        first = original.get("model")
+        queue: list = [first, *self.models]
+        tried: set = set()
+        resp: ProxyResponse | None = None
+        i = 0
+        while i < len(queue):
+            model = queue[i]
+            i += 1
+            if model in tried or (isinstance(model, str) and self._skipped(model)):
                 continue
-            if req.deadline is not None and self.clock.monotonic() >= req.deadline:
-                return resp  # the total is spent: no model gets a request it has no time to answer
-            resp.release()
-            req.body = json.dumps({**original, "model": model}, separators=(",", ":")).encode()
-            req.headers["Content-Length"] = str(len(req.body))
+            if resp is not None:
+                if req.target.breaker.is_open or resp.reason is Reason.CIRCUIT_BREAKER_OPEN:
+                    return resp  # every model goes to the same target: straight to the cache
+                if req.deadline is not None and self.clock.monotonic() >= req.deadline:
+                    return resp  # the total is spent: no model gets a request it has no time to answer
+                resp.release()
+            tried.add(model)
+            if model != first:
+                req.body = json.dumps({**original, "model": model}, separators=(",", ":")).encode()
+                req.headers["Content-Length"] = str(len(req.body))
             resp = await call_next(req)
-            if resp.verdict is Verdict.SUCCESS:
+            if _fails_over(resp):
+                continue
+            kind = error_kind(resp.status, resp.body) if resp.status >= 400 and resp.stream is None else None
+            if kind == "context_length":
+                if not self.context_models:
+                    return resp  # nowhere larger to go: the provider's error, as it is
+                queue[i:] = self.context_models
+                continue
+            if kind == "prefill" and self.prefill is not None:
+                if isinstance(model, str):
+                    self.prefill.refused.add(model)
+                continue
+            if model != first:
                 call.model_fallback = model
-                return resp
-            if not _fails_over(resp):
-                return resp
+            return resp
+        if resp is None:
+            f = Failure("no_model", Reason.UPSTREAM_ERROR, 502, "upstream_error",
+                        "no model of this upstream can continue the answer (assistant prefill)")
+            return ProxyResponse(502, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
         return resp
 
 
@@ -200,33 +283,115 @@ def _fails_over(resp: ProxyResponse) -> bool:
 
 
 class FirstEvent:
-    """Terminal wrapper for streams: the attempt is done when the first bytes of the body arrived."""
+    """Terminal wrapper for streams: the attempt is done when the first event with data arrived. Comment
+    lines before it (OpenRouter's `: OPENROUTER PROCESSING` while a model is queued) are held and go out
+    in front of it, but do not end the attempt: a model queued past `first_byte` fails over like a
+    silent one. An answer that is not a 200 is read whole (its error code decides the failover)."""
 
-    __slots__ = ("inner",)
+    __slots__ = ("inner", "max_body")
 
-    def __init__(self, inner: Handler) -> None:
-        self.inner = inner
+    def __init__(self, inner: Handler, max_body: int = 1 << 20) -> None:
+        self.inner, self.max_body = inner, max_body
 
     async def __call__(self, req: ProxyRequest) -> ProxyResponse:
         resp = await self.inner(req)
         cr = resp.stream
-        if cr is None or resp.status != 200:
+        if cr is None:
             return resp
+        if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # an error, or a provider that ignores `stream` and sends one JSON body: read as it is
+            return await read_whole(req, resp, self.max_body)
+        held = b""
         try:
-            first = await cr.content.readany()
+            while True:
+                chunk = await cr.content.readany()
+                if not chunk:
+                    break
+                held += chunk
+                if _has_data(held) or len(held) > self.max_body:
+                    break
         except (*BODY_ERRORS, OSError) as exc:
             resp.release()
             return failure_response(exc, req.target.pool, req.target.name)
         except BaseException:
             resp.release()
             raise
-        if not first:
+        if not held:
             resp.release()
             f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
                         f"target '{req.target.name}' closed the stream before the first event")
             return ProxyResponse(502, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
-        req.llm.first_chunk = first
+        req.llm.first_chunk = held
         return resp
+
+
+def _has_data(buf: bytes) -> bool:
+    """A data line has arrived (SSE: `data:` at the start of a line); comments and blank lines do not
+    count. Not whether the event is complete: the relay waits for that."""
+    return buf.startswith(b"data:") or b"\ndata:" in buf or b"\rdata:" in buf
+
+
+async def read_whole(req: ProxyRequest, resp: ProxyResponse, max_body: int) -> ProxyResponse:
+    """The answer's body read inside the attempt, up to `max_body` (beyond it the rest streams on)."""
+    cr = resp.stream
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await cr.content.readany():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > max_body:
+                resp.stream = _Prefixed(cr, b"".join(parts))
+                return resp
+    except (*BODY_ERRORS, OSError) as exc:
+        resp.release()
+        return failure_response(exc, req.target.pool, req.target.name)
+    except BaseException:
+        resp.release()
+        raise
+    resp.body, resp.stream = b"".join(parts), None
+    resp.release()  # read to its end: the connection goes back to the pool
+    return resp
+
+
+class _Prefixed:
+    """An answer whose first bytes were read already (past WholeBody's limit): they come out first."""
+
+    __slots__ = ("cr", "status", "reason", "headers", "content", "_head")
+
+    def __init__(self, cr, head: bytes) -> None:
+        self.cr, self.status, self.reason, self.headers = cr, cr.status, cr.reason, cr.headers
+        self.content, self._head = self, head
+
+    async def readany(self) -> bytes:
+        head, self._head = self._head, b""
+        return head or await self.cr.content.readany()
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def iter_any(self):
+        while chunk := await self.readany():
+            yield chunk
+
+
+class WholeBody:
+    """Terminal wrapper for answers that are not streams: the body is read inside the attempt (up to
+    `max_body`, fallback.max_body), so a cut or a stall mid-body is a failure retry, breaker and model
+    failover see, not a truncated answer sent after a 200 head — and a 4xx's error code can be read
+    (context length, prefill). A larger answer streams on as it arrives, as before."""
+
+    __slots__ = ("inner", "max_body")
+
+    def __init__(self, inner: Handler, max_body: int) -> None:
+        self.inner, self.max_body = inner, max_body
+
+    async def __call__(self, req: ProxyRequest) -> ProxyResponse:
+        resp = await self.inner(req)
+        return resp if resp.stream is None else await read_whole(req, resp, self.max_body)
 
 
 def error_event(message: str, error_type: str, code: int | str) -> bytes:

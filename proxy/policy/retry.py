@@ -93,12 +93,18 @@ def parse_ratelimit_reset(value: str | None, now_wall: float | None = None) -> f
 
 
 class Retry:
-    __slots__ = ("spec", "budget", "clock", "metrics", "conditions", "rand")
+    """`rate_limit_retry`: a 429 without a stated wait is retried once, after a jittered wait of one to
+    four times backoff_base (the LLM path: a model's rate limit is often a burst, and the next step is
+    another model anyway). `skip`: conditions left to the policy above (model failover takes timeouts)."""
 
-    def __init__(self, spec: RetrySpec, budget: RetryBudget, clock: Clock, metrics, rand=random.random) -> None:
+    __slots__ = ("spec", "budget", "clock", "metrics", "conditions", "rand", "rate_limit_retry")
+
+    def __init__(self, spec: RetrySpec, budget: RetryBudget, clock: Clock, metrics, rand=random.random,
+                 rate_limit_retry: bool = False, skip: frozenset[str] = frozenset()) -> None:
         self.spec, self.budget, self.clock, self.metrics, self.rand = spec, budget, clock, metrics, rand
-        self.conditions = frozenset(spec.on) | frozenset(
-            f"{c[0]}{i:02d}" for c in spec.on if c.endswith("xx") for i in range(100))
+        self.rate_limit_retry = rate_limit_retry
+        self.conditions = (frozenset(spec.on) | frozenset(
+            f"{c[0]}{i:02d}" for c in spec.on if c.endswith("xx") for i in range(100))) - skip
 
     def backoff(self, retry_number: int) -> float:
         return backoff(self.spec, retry_number, self.rand)
@@ -120,7 +126,10 @@ class Retry:
                     return None
                 delay = ra
             elif status == 429:
-                return None  # a rate limit without a stated wait: retrying now only adds load
+                if not self.rate_limit_retry or retry_number > 1:
+                    return None  # a rate limit without a stated wait: retrying now only adds load
+                base = self.spec.backoff_base
+                delay = min(self.spec.backoff_max, base * (1 + 3 * self.rand()))
         if req.deadline is not None and self.clock.monotonic() + delay >= req.deadline:
             return None
         return delay

@@ -74,6 +74,9 @@ class HttpProtocol(Protocol):
     def failover_policy(self, up, clock):
         return None
 
+    def retry_policy(self, up, retry, clock):
+        return Retry(retry, up.counters.budget, clock, up.metrics)
+
     def policies(self, up, store, clock, timeouts, retry, fallback, cache) -> list:
         """A route's chain, outer to inner: fallback → shed → total timeout → (model failover) → retry
         (budget) → breaker → classify → attempt timeout."""
@@ -83,7 +86,7 @@ class HttpProtocol(Protocol):
             Shed(up.counters, spec.limits.max_in_flight, up.metrics),
             TotalTimeout(timeouts.total, clock),
             self.failover_policy(up, clock),
-            Retry(retry, up.counters.budget, clock, up.metrics) if retry.attempts > 1 else None,
+            self.retry_policy(up, retry, clock) if retry.attempts > 1 else None,
             Breaker(clock),
             Classify(status_matcher(spec.breaker.failure_statuses)),
             AttemptTimeout(timeouts.attempt, clock, store.deadlines),

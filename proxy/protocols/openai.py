@@ -11,8 +11,9 @@ event after that. Owns the `llm:` section.
 from __future__ import annotations
 
 from proxy.listen.openai import OpenAIListener
-from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover
+from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover, WholeBody
 from proxy.policy.base import build_chain
+from proxy.policy.retry import Retry
 from proxy.policy.timeout import AttemptTimeout
 from proxy.protocols.http import HttpProtocol
 from proxy.upstream.http import HttpTerminal
@@ -40,8 +41,16 @@ class OpenAIProtocol(HttpProtocol):
         return LLMFallback(fallback, cache, clock, up.metrics, up.spec.llm.degraded)
 
     def failover_policy(self, up, clock):
-        models = up.spec.llm.fallback_models
-        return ModelFailover(models, clock) if models else None
+        llm = up.spec.llm
+        if not (llm.fallback_models or llm.context_fallback_models):
+            return None
+        return ModelFailover(llm.fallback_models, clock, llm.context_fallback_models)
+
+    def retry_policy(self, up, retry, clock):
+        llm = up.spec.llm
+        # a silent model is not waited for three times when another model can answer (failover takes it)
+        skip = frozenset({"timeout"}) if llm.failover_on_timeout and llm.fallback_models else frozenset()
+        return Retry(retry, up.counters.budget, clock, up.metrics, rate_limit_retry=True, skip=skip)
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
         fb, shed, _total, failover, retrying, breaker, classify, _attempt = policies = self.policies(
@@ -49,8 +58,8 @@ class OpenAIProtocol(HttpProtocol):
         terminal = HttpTerminal()
         stream = build_chain([fb, shed, failover, retrying, breaker, classify,
                               AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
-                             FirstEvent(terminal))
-        return build_chain(policies, terminal), stream
+                             FirstEvent(terminal, fallback.max_body))
+        return build_chain(policies, WholeBody(terminal, fallback.max_body)), stream
 
     def stand_in(self, up) -> bool:
         return up.spec.llm.degraded.enabled or super().stand_in(up)

@@ -272,13 +272,29 @@ class DegradedSpec(Spec):
     status: Literal[200, 503] = 200
 
 
+class ContinuationSpec(Spec):
+    """A stream that breaks after events reached the app is continued: the same model first, then the
+    fallback models, asked with the text already sent as an assistant prefill (proxy/llm/splice.py)."""
+
+    enabled: bool = True
+    max: int = Field(default=2, ge=0, le=10)        # continuation requests per answer
+    no_prefill_models: tuple[str, ...] = ()         # known not to take prefill (others are learnt)
+
+
 class LLMSpec(Spec):
     """`protocol: openai` only."""
 
     cache_key_fields: tuple[str, ...] = CACHE_KEY_FIELDS
     fallback_models: tuple[str, ...] = ()
+    # a 400 saying the prompt is longer than the model's context goes to these, in order (never the same
+    # model again, never the plain fallback models, which may be no larger)
+    context_fallback_models: tuple[str, ...] = ()
+    # after a timeout (first_byte, attempt, idle before the body) go to the next model at once instead of
+    # retrying a silent model in place; only when a fallback model is left
+    failover_on_timeout: bool = True
     models: tuple[str, ...] = ()          # model names used as a metric label; others count as `other`
     degraded: DegradedSpec = DegradedSpec()
+    continuation: ContinuationSpec = ContinuationSpec()
 
 
 class ClientAuthSpec(Spec):

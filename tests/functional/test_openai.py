@@ -171,14 +171,17 @@ async def test_model_failover_in_order_with_header(fake, start_proxy, json_log):
 
 
 async def test_a_429_without_retry_after_fails_over_to_the_next_model(fake, start_proxy):
-    """A rate limit the proxy will not wait for (no Retry-After) is that model's, not an outage: the next
-    model answers, the primary is asked once (never hammered), and the breaker counts nothing."""
-    name, cfg = llm_config(fake.url, retry={"attempts": 3}, llm={"fallback_models": ["fake/b"]})
+    """A rate limit without a stated wait is that model's, not an outage: the primary is asked again once
+    after a jittered wait of at least backoff_base (never hammered, though attempts is 3), then the next
+    model answers, and the breaker counts nothing."""
+    name, cfg = llm_config(fake.url, retry={"attempts": 3, "backoff_base": "300ms"},
+                           llm={"fallback_models": ["fake/b"]})
     p = await start_proxy(cfg)
     fake.rate_limit_models = {"fake/a"}
     raw = await client(p).chat.completions.with_raw_response.create(model="fake/a", messages=MSG)
     assert raw.headers["X-Model-Fallback"] == "fake/b" and raw.parse().model == "fake/b"
-    assert [r["body"]["model"] for r in fake.requests] == ["fake/a", "fake/b"]
+    assert [r["body"]["model"] for r in fake.requests] == ["fake/a", "fake/a", "fake/b"]
+    assert fake.requests[1]["t"] - fake.requests[0]["t"] >= 0.3
     assert p.breaker.cb.fail_counter == 0
     fake.rate_limit_models = {"fake/a", "fake/b"}  # every model limited, nothing cached: the 429 to back off
     with pytest.raises(openai.RateLimitError):

@@ -64,6 +64,8 @@ FULL = {
             "targets": [{"name": "stable", "url": "https://openrouter.ai"}],
             "llm": {"cache_key_fields": ["model", "messages"], "fallback_models": ["openai/gpt-4o-mini"],
                     "models": ["anthropic/claude-3.5-sonnet"],
+                    "context_fallback_models": ["google/gemini-2.0-flash"], "failover_on_timeout": False,
+                    "continuation": {"enabled": False, "max": 1, "no_prefill_models": ["openai/o1"]},
                     "degraded": {"enabled": False, "message": "try later", "status": 503}},
         },
         "cache": {
