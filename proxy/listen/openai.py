@@ -21,12 +21,12 @@ from proxy.listen.http import _REQ_DROP, HttpListener, Refused, collect
 from proxy.llm import sse
 from proxy.llm.call import LLMCall
 from proxy.llm.policy import MAX_JSON_DEPTH, cache_key, error_event, json_depth_over
+from proxy.llm.splice import Splice
 from proxy.obs import log
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
 
 CACHE_MODES = ("no-store", "only-if-cached")
-_MAX_PENDING = 1 << 20  # an "event" that never ends is forwarded anyway past this size
 
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -52,7 +52,12 @@ class OpenAIListener(HttpListener):
 
     def access_fields(self, preq) -> dict:
         call = preq.llm
-        return {"model_fallback": call.model_fallback} if call is not None and call.model_fallback else {}
+        if call is None:
+            return {}
+        out = {"model_fallback": call.model_fallback} if call.model_fallback else {}
+        if call.continuations:
+            out["continuations"] = call.continuations
+        return out
 
     async def prepare(self, request: Request, up, route, preq: ProxyRequest):
         h = request.headers
@@ -113,7 +118,7 @@ class OpenAIListener(HttpListener):
             return await self._replay(request, preq, resp)
         if (call.stream and resp.stream is not None and resp.status == 200
                 and resp.headers.get("Content-Type", "").startswith("text/event-stream")):
-            return await self._relay(request, up, preq, resp)
+            return await self._relay(request, up, route, preq, resp)
         # a provider that answers a streaming call with one JSON body (it ignores `stream`): passed on as it
         # is, not judged as a stream that ended early
         if resp.outcome == "upstream" and resp.status == 200 and call.doc is not None:
@@ -141,8 +146,10 @@ class OpenAIListener(HttpListener):
         await r.write_eof()
         return "200", r
 
-    async def _relay(self, request, up, preq: ProxyRequest, resp: ProxyResponse):
-        """Pass SSE events through as they arrive; assemble a copy for the cache and the token count."""
+    async def _relay(self, request, up, route, preq: ProxyRequest, resp: ProxyResponse):
+        """Pass SSE events through as they arrive; when the stream breaks after events reached the app,
+        continue it (proxy/llm/splice.py) or end it with one error event — never a truncated answer that
+        looks complete."""
         call = preq.llm
         model = call.model
         up.metrics.first_byte(model, time.monotonic() - call.started)
@@ -150,52 +157,95 @@ class OpenAIListener(HttpListener):
         headers.popall("Content-Length", None)
         sr = StreamResponse(status=200, headers=headers)
         await sr.prepare(request)
-        parser = sse.SSEParser(max_event=up.spec.fallback.max_body)
-        asm = sse.Assembler()
+        sp = Splice(max_event=up.spec.fallback.max_body)
+        cont = up.spec.llm.continuation
         chunk, call.first_chunk = call.first_chunk, b""
-        sent = 0
-        pending = b""  # the tail of an event still arriving: only whole events are forwarded
+        current = call.model_fallback or (call.doc.get("model") if call.doc else None)
+        failure: str | None = None  # the first break's description: what the app is told if all fails
+        parts = [resp]
         try:
-            while chunk:
-                for data in parser.feed(chunk):
-                    asm.add(data)
-                pending += chunk
-                cut = sse.last_boundary(pending)
-                if cut or len(pending) > _MAX_PENDING:
-                    cut = cut or len(pending)
-                    await sr.write(pending[:cut])
-                    sent += cut
-                    pending = pending[cut:]
-                chunk = await resp.stream.content.readany()
-            if pending:
-                await sr.write(pending)
-            if not asm.done and asm.finished:
-                # the body ended cleanly after every choice finished: a whole answer whose provider does
-                # not send the sentinel. The app's SDK waits for one: it is added, once.
-                sep = b"" if not pending or pending.endswith(sse.SEPARATORS) else b"\n\n"
-                await sr.write(sep + sse.DONE)
-                asm.done = True
-        except BODY_ERRORS as exc:
-            resp.body_done(Verdict.FAILURE)
-            log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
-                        request_id=preq.request_id, error=type(exc).__name__, bytes_sent=sent)
-            message = ("the upstream stream was interrupted" if not isinstance(exc, TimeoutError)
-                       else "no event from the upstream within the idle timeout")
-            await sr.write(error_event(message, "upstream_error", 502) + sse.DONE)
-            await sr.write_eof()
-            return "reset", sr
-        if not asm.done:
-            # the upstream closed before every choice finished: tell the client in-band, count the failure
-            resp.body_done(Verdict.FAILURE)
-            await sr.write(error_event("the upstream stream ended early", "upstream_error", 502) + sse.DONE)
-            await sr.write_eof()
-            return "reset", sr
+            while True:
+                fault = None
+                try:
+                    while chunk:
+                        out = sp.feed(chunk)
+                        if out:
+                            await sr.write(out)
+                        if sp.fault is not None:
+                            break
+                        chunk = await resp.stream.content.readany()
+                    else:
+                        out = sp.end()
+                        if out:
+                            await sr.write(out)
+                except BODY_ERRORS as exc:
+                    fault = "idle" if isinstance(exc, TimeoutError) else "cut"
+                fault = fault or sp.fault or (None if sp.finished else "early_end")
+                if fault is None:
+                    break
+                resp.body_done(Verdict.FAILURE)  # the breaker counts the break; nothing is cached
+                resp.release()
+                log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
+                            request_id=preq.request_id, error=fault, part=sp.part, model=current)
+                if failure is None:
+                    failure = _FAULTS[fault] + (f": {sp.detail}" if sp.detail else "")
+                doc = None
+                if cont.enabled and sp.part < cont.max and route.continue_chain is not None and _chat(preq.path):
+                    doc = sp.continuation_doc({**call.doc, "model": current})
+                nxt = await self._continue(route, preq, doc) if doc is not None else None
+                if nxt is None:
+                    up.metrics.stream_recovery("failed" if doc is not None or sp.part else "not_continuable")
+                    await sr.write(error_event(failure, "upstream_error", 502) + sse.DONE)
+                    await sr.write_eof()
+                    return "reset", sr
+                resp, chunk, current = nxt
+                parts.append(resp)
+                sp.next_part()
+                call.continuations += 1
+        finally:
+            for r in parts[1:]:
+                r.release()
+        if not sp.done_sent:
+            # the body ended cleanly after every choice finished: a whole answer whose provider does not
+            # send the sentinel (or a continued one). The app's SDK waits for one: it is added, once.
+            await sr.write(sse.DONE)
+        completion = sp.asm.completion()
+        up.metrics.tokens(model, completion.get("usage"))
+        if sp.part:
+            up.metrics.stream_recovery("recovered")
         assembled = None
-        if asm.complete:
-            completion = asm.completion()
-            up.metrics.tokens(model, completion.get("usage"))
-            if not parser.overflow:
-                assembled = json.dumps(completion).encode()
+        if sp.part == 0 and not sp.blind:
+            assembled = json.dumps(completion).encode()
         resp.body_done(Verdict.SUCCESS, assembled if assembled is not None and len(assembled) <= resp.keep else None)
         await sr.write_eof()
         return "200", sr
+
+    async def _continue(self, route, preq: ProxyRequest, doc: dict):
+        """Ask for the rest of the answer → (its response, first bytes, the model answering), or None."""
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+        headers = CIMultiDict(preq.headers)
+        headers["Content-Length"] = str(len(body))
+        nreq = ProxyRequest(preq.method, preq.path_qs, preq.path, headers, preq.client_headers, body, True,
+                            preq.request_id, preq.route, preq.target, True)
+        call = nreq.llm = LLMCall(time.monotonic())
+        call.doc, call.stream, call.model, call.cache_mode = doc, True, preq.llm.model, "no-store"
+        msgs = doc.get("messages") or ()
+        call.prefill = bool(msgs) and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant"
+        resp = await route.continue_chain(nreq)
+        preq.attempts += nreq.attempts
+        if (resp.status == 200 and resp.stream is not None
+                and resp.headers.get("Content-Type", "").startswith("text/event-stream")):
+            return resp, call.first_chunk, call.model_fallback or doc.get("model")
+        resp.release()
+        return None
+
+
+_FAULTS = {"cut": "the upstream stream was interrupted",
+           "idle": "no event from the upstream within the idle timeout",
+           "early_end": "the upstream stream ended early",
+           "error_event": "the upstream sent an error event mid-stream",
+           "malformed": "the upstream sent a malformed event mid-stream"}
+
+
+def _chat(path: str) -> bool:
+    return path.split("?", 1)[0].rstrip("/").endswith("/chat/completions")

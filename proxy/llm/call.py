@@ -8,7 +8,8 @@ from typing import Any
 
 
 class LLMCall:
-    __slots__ = ("started", "cache_mode", "doc", "stream", "model", "key", "model_fallback", "first_chunk")
+    __slots__ = ("started", "cache_mode", "doc", "stream", "model", "key", "model_fallback", "first_chunk",
+                 "prefill", "continuations")
 
     def __init__(self, started: float) -> None:
         self.started = started                  # monotonic, for the first-byte histogram
@@ -19,3 +20,5 @@ class LLMCall:
         self.key: bytes | None = None           # the cache key (the request's meaning)
         self.model_fallback: str | None = None  # the fallback model that answered
         self.first_chunk = b""                  # a stream's first bytes, read to end its attempt
+        self.prefill = False                    # a continuation: its last message is the answer so far
+        self.continuations = 0                  # parts spliced into a broken stream

@@ -227,8 +227,9 @@ class ModelFailover:
         self.models, self.context_models, self.clock = models, context_models, clock
         self.prefill, self.no_prefill = prefill, frozenset(no_prefill)
 
-    def _skipped(self, model: str) -> bool:
-        return self.prefill is not None and (model in self.no_prefill or model in self.prefill.refused)
+    def _skipped(self, call, model: str) -> bool:
+        return (self.prefill is not None and call.prefill
+                and (model in self.no_prefill or model in self.prefill.refused))
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         call = req.llm
@@ -243,7 +244,7 @@ class ModelFailover:
         while i < len(queue):
             model = queue[i]
             i += 1
-            if model in tried or (isinstance(model, str) and self._skipped(model)):
+            if model in tried or (isinstance(model, str) and self._skipped(call, model)):
                 continue
             if resp is not None:
                 if req.target.breaker.is_open or resp.reason is Reason.CIRCUIT_BREAKER_OPEN:
@@ -264,7 +265,7 @@ class ModelFailover:
                     return resp  # nowhere larger to go: the provider's error, as it is
                 queue[i:] = self.context_models
                 continue
-            if kind == "prefill" and self.prefill is not None:
+            if kind == "prefill" and self.prefill is not None and call.prefill:
                 if isinstance(model, str):
                     self.prefill.refused.add(model)
                 continue

@@ -152,6 +152,10 @@ class Metrics:
         )
         self.llm_tokens = Counter("llm_tokens", "Tokens reported in `usage`, kind: prompt|completion.",
                                   ["name", "model", "kind"], registry=r)
+        self.llm_recoveries = Counter(
+            "llm_stream_recoveries", "Streams broken after events reached the app, outcome: recovered (continued "
+            "to a whole answer) | failed (no continuation finished it) | not_continuable (tool calls, n > 1, "
+            "continuation off).", ["name", "outcome"], registry=r)
         self.redis_commands = Counter(
             "redis_commands", "Redis commands by class (read|write|blocking|transaction|tunnel|admin) and outcome.",
             ["name", "command_class", "outcome"], registry=r)
@@ -262,6 +266,9 @@ class UpstreamMetrics:
             n = usage.get(key)
             if isinstance(n, int) and n > 0:
                 self._tokens[(model, kind)].inc(n)
+
+    def stream_recovery(self, outcome: str) -> None:
+        self.m.llm_recoveries.labels(self.name, outcome).inc()  # rare: no child kept
 
     def request(self, track: str, route: str, status: str, outcome: str) -> None:
         key = (track, route, status, outcome)

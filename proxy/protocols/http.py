@@ -32,7 +32,8 @@ _PATH_SAFE = "/%:@!$&'()*+,;=?~-._"  # keeps what is already encoded, and the qu
 class RouteRuntime:
     """One route of an upstream, built per config load: its sections and its folded chain."""
 
-    __slots__ = ("name", "methods", "prefix", "chain", "stream_chain", "timeouts", "retry", "fallback", "cache")
+    __slots__ = ("name", "methods", "prefix", "chain", "stream_chain", "continue_chain", "timeouts", "retry",
+                 "fallback", "cache")
 
     def __init__(self, name: str, route, timeouts, retry, fallback, chain, cache) -> None:
         self.name = name
@@ -40,7 +41,7 @@ class RouteRuntime:
         self.prefix = route.match.path_prefix if route else "/"
         self.timeouts, self.retry, self.fallback = timeouts, retry, fallback
         self.chain, self.cache = chain, cache
-        self.stream_chain = None
+        self.stream_chain = self.continue_chain = None
 
     def idempotent(self, method: str, headers) -> bool:
         return method in IDEMPOTENT_METHODS or self.retry.non_idempotent or "Idempotency-Key" in headers
@@ -62,9 +63,9 @@ class HttpProtocol(Protocol):
         for route in (*up.spec.routes, None):
             timeouts, retry, fallback = up.spec.route_sections(route)
             cache = store.cache((up.name, spec_key(fallback)), lambda f=fallback: FallbackCache(up.name, f, clock))
-            chain, stream_chain = self.chains(up, store, clock, timeouts, retry, fallback, cache)
+            chain, *more = self.chains(up, store, clock, timeouts, retry, fallback, cache)
             rr = RouteRuntime(route.name if route else "default", route, timeouts, retry, fallback, chain, cache)
-            rr.stream_chain = stream_chain
+            rr.stream_chain, rr.continue_chain = (*more, None, None)[:2]
             up.routes.append(rr)
         up.default_route = up.routes[-1]
 
@@ -93,8 +94,9 @@ class HttpProtocol(Protocol):
         ]
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
-        """→ (the route's chain, its chain for streamed answers or None)."""
-        return build_chain(self.policies(up, store, clock, timeouts, retry, fallback, cache), HttpTerminal()), None
+        """→ (the route's chain, its chain for streamed answers or None, its chain that continues a
+        broken stream or None)."""
+        return build_chain(self.policies(up, store, clock, timeouts, retry, fallback, cache), HttpTerminal()), None, None
 
     # -- the listener ----------------------------------------------------------------------------------
     def listener(self, app, name: str, spec) -> Listening:

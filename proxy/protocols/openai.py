@@ -11,7 +11,7 @@ event after that. Owns the `llm:` section.
 from __future__ import annotations
 
 from proxy.listen.openai import OpenAIListener
-from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover, WholeBody
+from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover, PrefillMemory, WholeBody
 from proxy.policy.base import build_chain
 from proxy.policy.retry import Retry
 from proxy.policy.timeout import AttemptTimeout
@@ -59,7 +59,19 @@ class OpenAIProtocol(HttpProtocol):
         stream = build_chain([fb, shed, failover, retrying, breaker, classify,
                               AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
                              FirstEvent(terminal, fallback.max_body))
-        return build_chain(policies, WholeBody(terminal, fallback.max_body)), stream
+        llm = up.spec.llm
+        cont = None
+        if llm.continuation.enabled and llm.continuation.max:
+            # asks for the rest of a broken stream: no cache or degraded answer can be spliced in, and no
+            # total timeout (a stream has none), no shedding (the app's request was admitted); the same model
+            # first, then the fallback models
+            prefill = store.keep(("llm-prefill", up.name), PrefillMemory)  # learnt refusals outlive a reload
+            cont = build_chain([ModelFailover(llm.fallback_models, clock, (), prefill,
+                                                llm.continuation.no_prefill_models),
+                                retrying, breaker, classify,
+                                AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
+                               FirstEvent(terminal, fallback.max_body))
+        return build_chain(policies, WholeBody(terminal, fallback.max_body)), stream, cont
 
     def stand_in(self, up) -> bool:
         return up.spec.llm.degraded.enabled or super().stand_in(up)

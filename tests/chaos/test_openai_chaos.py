@@ -39,7 +39,8 @@ async def test_upstream_down_serves_cached_replayed_and_degraded(fake, start_pro
 async def test_mid_stream_cut_gives_error_event_counts_failure_no_retry(fake, start_proxy, toxic_link):
     fake.delay = 0.05
     proxy, url = toxic_link(fake.url)
-    name, cfg = upstream_config(url, protocol="openai", retry={"attempts": 3}, breaker={"fail_max": 100})
+    name, cfg = upstream_config(url, protocol="openai", retry={"attempts": 3}, breaker={"fail_max": 100},
+                                llm={"continuation": {"enabled": False}})
     p = await start_proxy(cfg)
     add_toxic(proxy, "limit_data", bytes=600)
     stream = await client(p).chat.completions.create(model="m", messages=MSG, stream=True)

@@ -336,8 +336,9 @@ def _events(body: bytes) -> list[bytes]:
 
 async def test_mid_stream_cut_ends_with_the_exact_error_event_then_done(fake, start_proxy):
     """The provider's connection dies after three chunks: the app gets those three, then one
-    OpenAI-shaped error event and `data: [DONE]`, byte for byte — and the failure counts."""
-    name, cfg = llm_config(fake.url, retry={"attempts": 3}, breaker={"fail_max": 100})
+    OpenAI-shaped error event and `data: [DONE]`, byte for byte — and the failure counts (continuation
+    off: tests/functional/test_openai_continuation.py has it on)."""
+    name, cfg = llm_config(fake.url, retry={"attempts": 3}, breaker={"fail_max": 100}, llm={"continuation": {"enabled": False}})
     p = await start_proxy(cfg)
     fake.cut_after = 3
     events = _events(await _raw_stream(p))
@@ -355,7 +356,7 @@ async def test_stream_idle_timeout_between_events(fake, start_proxy):
     """Silence between events longer than `idle` ends the stream in-band; a long stream with steady
     events is never cut (streams have no total timeout)."""
     name, cfg = llm_config(fake.url, timeouts={"idle": "1s", "total": "1s", "attempt": "1s"},
-                           breaker={"fail_max": 100})
+                           breaker={"fail_max": 100}, llm={"continuation": {"enabled": False}})
     p = await start_proxy(cfg)
     fake.stall_after = 3
     events = _events(await _raw_stream(p))
@@ -396,7 +397,7 @@ async def test_a_whole_stream_without_done_is_a_success_and_gets_its_done(fake, 
 
 
 async def test_a_stream_that_ends_before_every_choice_finished_is_a_failure(fake, start_proxy):
-    name, cfg = llm_config(fake.url, retry={"attempts": 1})
+    name, cfg = llm_config(fake.url, retry={"attempts": 1}, llm={"continuation": {"enabled": False}})
     p = await start_proxy(cfg)
     fake.stream_done = fake.stream_finish = False  # tokens, then a clean end with no finish_reason
     stream = await client(p).chat.completions.create(model="m", messages=MSG, stream=True)

@@ -121,3 +121,24 @@ async def test_a_non_streamed_answer_cut_mid_body_is_asked_again(fake, start_pro
     assert r.choices[0].message.content == fake.content({"messages": MSG})
     assert [a[2] for a in fake.attempts] == ["body-cut", "ok"]
     assert metrics.delta("llm_tokens_total", name=name, model="other", kind="completion") == 10
+
+
+async def test_keep_alive_comments_are_relayed_but_do_not_end_the_first_byte_wait(fake, start_proxy):
+    """OpenRouter sends `: OPENROUTER PROCESSING` while a model is queued. They reach the app ahead of
+    the first event; a model that sends only those past first_byte is left for the next one."""
+    import aiohttp
+
+    name, cfg = llm_config(fake.url, timeouts={"first_byte": "1s"}, breaker={"fail_max": 100},
+                           llm={"fallback_models": ["fake/b"]})
+    p = await start_proxy(cfg)
+    fake.comments, fake.first_delay, fake.fault_models = True, 0.3, {"fake/a"}
+    body = {"model": "fake/a", "messages": MSG, "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(p.url + "/api/v1/chat/completions", json=body) as r:
+        raw = await r.read()
+    assert raw.startswith(b": OPENROUTER PROCESSING\n\n") and b'"model": "fake/a"' in raw
+    fake.requests.clear()
+    fake.first_delay = 5.0  # queued well past first_byte, comments all along
+    async with aiohttp.ClientSession() as s, s.post(p.url + "/api/v1/chat/completions", json=body) as r:
+        raw = await r.read()
+    assert r.headers["X-Model-Fallback"] == "fake/b" and b'"model": "fake/b"' in raw
+    assert models(fake) == ["fake/a", "fake/b"]
