@@ -167,6 +167,14 @@ def timeout_response(which: str, seconds: str) -> ProxyResponse:
                          outcome="rejected", body=None)
 
 
+def model_open_response(track: str, model: str, last_failure: str | None, retry_after: float) -> ProxyResponse:
+    """The breaker of one model (protocol: openai) is open: model failover moves on at once."""
+    f = Failure("model_breaker_open", Reason.CIRCUIT_BREAKER_OPEN, 503, "circuit_breaker_open",
+                f"circuit breaker for model '{model}' on track '{track}' is open"
+                + (f" (last failure: {last_failure})" if last_failure else ""), retry_after=retry_after)
+    return ProxyResponse(503, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
+
+
 def open_response(track: str, last_failure: str | None, retry_after: float) -> ProxyResponse:
     f = Failure("circuit_breaker_open", Reason.CIRCUIT_BREAKER_OPEN, 503, "circuit_breaker_open",
                 f"circuit breaker for track '{track}' is open"

@@ -109,6 +109,10 @@ def render(admin: str, token: str | None, interval: float) -> str:
             health = deps.get(name, {}).get("status", "?")
             lines.append(f"{name:<14}{t:<10}{br:<14}{req:>8.1f}{err:>6.1f}%{_p99(a['buckets'], b['buckets']):>9}"
                          f"{retries:>9.1f}{fb:>9.1f}{cache:>7}  {health}")
+            models = deps.get(name, {}).get("tracks", {}).get(t, {}).get("model_breakers") or {}
+            not_closed = [f"{m} {st}" for m, st in models.items() if st != "closed"]
+            if not_closed:  # openai: a model whose breaker is not closed gets its traffic failed over
+                lines.append(f"{'':<14}{'':<10}models: {', '.join(not_closed)}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ class _Body(BaseModel):
 class BreakerBody(_Body):
     state: Literal["open", "closed", "auto"]
     track: StrictStr | None = None
+    model: StrictStr | None = None  # protocol: openai — that model's breaker on the track, not the track's
 
 
 class LogLevelBody(_Body):

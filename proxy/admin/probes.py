@@ -24,6 +24,9 @@ def fallback_available(up) -> bool:
 def _track(t) -> dict:
     h = t.health
     out = {"breaker": t.breaker.state, "weight": t.weight, "check": None}
+    if t.models is not None:
+        # shown, not judged: an open model breaker sends traffic to the next model, the track is up
+        out["model_breakers"] = {m: mb.state for m, mb in t.models.items()}
     if h is not None and h.active:
         out["check"] = "passing" if h.healthy else "failing" if h.healthy is False else "pending"
         if h.healthy is False:

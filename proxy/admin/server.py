@@ -180,6 +180,10 @@ class Admin:
                     "breaker": {"state": b.state, "failures": b.cb.fail_counter, "opened_total": b.opened_total,
                                 "last_failure": b.last_failure},
                 }
+                if t.models is not None:
+                    targets[t.name]["model_breakers"] = {
+                        m: {"state": mb.state, "failures": mb.cb.fail_counter, "opened_total": mb.opened_total,
+                            "last_failure": mb.last_failure} for m, mb in t.models.items()}
                 pool = t.pool.snapshot()
                 if pool is not None:
                     targets[t.name]["pool"] = pool
@@ -206,6 +210,13 @@ class Admin:
         target = up.by_name.get(track)
         if target is None:
             return _json_error(404, f"no track {track!r} on upstream {up.name!r}")
+        if body.model is not None:
+            br = (target.models or {}).get(body.model)
+            if br is None:
+                known = ", ".join(target.models) if target.models else "none: not an openai upstream"
+                return _json_error(404, f"no model breaker {body.model!r} on track {track!r} (known: {known})")
+            br.force(state)
+            return json_response({"upstream": up.name, "track": track, "model": body.model, "state": br.state})
         target.breaker.force(state)
         return json_response({"upstream": up.name, "track": track, "state": target.breaker.state})
 

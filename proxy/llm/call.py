@@ -9,7 +9,7 @@ from typing import Any
 
 class LLMCall:
     __slots__ = ("started", "cache_mode", "doc", "stream", "model", "key", "model_fallback", "first_chunk",
-                 "prefill", "continuations")
+                 "prefill", "continuations", "current")
 
     def __init__(self, started: float) -> None:
         self.started = started                  # monotonic, for the first-byte histogram
@@ -22,3 +22,4 @@ class LLMCall:
         self.first_chunk = b""                  # a stream's first bytes, read to end its attempt
         self.prefill = False                    # a continuation: its last message is the answer so far
         self.continuations = 0                  # parts spliced into a broken stream
+        self.current: str | None = None         # the model this attempt asks (model failover sets it)

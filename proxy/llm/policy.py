@@ -21,9 +21,10 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict, model_open_response
 from proxy.http1.client import BODY_ERRORS
 from proxy.llm import sse
+from proxy.policy.breaker import Breaker, _settle
 from proxy.policy.fallback import Fallback, store_after_body
 from proxy.settings.spec import DegradedSpec
 from proxy.upstream.http import failure_response
@@ -240,22 +241,29 @@ class ModelFailover:
         queue: list = [first, *self.models]
         tried: set = set()
         resp: ProxyResponse | None = None
+        refused: ProxyResponse | None = None  # a model skipped because its breaker is open
         i = 0
         while i < len(queue):
             model = queue[i]
             i += 1
             if model in tried or (isinstance(model, str) and self._skipped(call, model)):
                 continue
+            tried.add(model)
+            if model_is_open(req, model):
+                # straight to the next model: at most the half-open probes reach this one
+                if refused is None:
+                    refused = _ModelOpen(req, model)
+                continue
             if resp is not None:
-                if req.target.breaker.is_open or resp.reason is Reason.CIRCUIT_BREAKER_OPEN:
+                if req.target.breaker.is_open or (resp.failure is not None and resp.failure.kind == "circuit_breaker_open"):
                     return resp  # every model goes to the same target: straight to the cache
                 if req.deadline is not None and self.clock.monotonic() >= req.deadline:
                     return resp  # the total is spent: no model gets a request it has no time to answer
                 resp.release()
-            tried.add(model)
             if model != first:
                 req.body = json.dumps({**original, "model": model}, separators=(",", ":")).encode()
                 req.headers["Content-Length"] = str(len(req.body))
+            call.current = model
             resp = await call_next(req)
             if _fails_over(resp):
                 continue
@@ -272,6 +280,8 @@ class ModelFailover:
             if model != first:
                 call.model_fallback = model
             return resp
+        if resp is None and refused is not None:
+            return refused.response()
         if resp is None:
             f = Failure("no_model", Reason.UPSTREAM_ERROR, 502, "upstream_error",
                         "no model of this upstream can continue the answer (assistant prefill)")
@@ -279,8 +289,82 @@ class ModelFailover:
         return resp
 
 
+class _ModelOpen:
+    __slots__ = ("req", "model")
+
+    def __init__(self, req: ProxyRequest, model) -> None:
+        self.req, self.model = req, model
+
+    def response(self) -> ProxyResponse:
+        models = self.req.target.models
+        mb = models.get(self.model) if isinstance(self.model, str) else None
+        mb = mb if mb is not None else models["other"]
+        return model_open_response(self.req.target.name, str(self.model), mb.last_failure, mb.retry_after())
+
+
 def _fails_over(resp: ProxyResponse) -> bool:
-    return resp.verdict is Verdict.FAILURE or resp.reason is Reason.RATE_LIMITED
+    return (resp.verdict is Verdict.FAILURE or resp.reason is Reason.RATE_LIMITED
+            or (resp.failure is not None and resp.failure.kind == "model_breaker_open"))
+
+
+# Failures of the provider's door, not of one model: they charge the target's breaker.
+_TARGET_FAILURES = frozenset({"connect-failure", "reset"})
+
+
+class ModelBreaker(Breaker):
+    """The breaker step for `protocol: openai`: each attempt passes two breakers, the target's and its
+    model's (`TargetState.models`, one per configured model and one, `other`, for the rest). A connect
+    failure or a reset before the head charges the target (every model is behind that door); what the
+    model's answer did — a 5xx, a timeout, a stream that broke after its head — charges the model only,
+    so one failing model does not open the breaker of the models that work on the same provider."""
+
+    __slots__ = ()
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        target = req.target
+        models, call = target.models, req.llm
+        if models is None or call is None or call.doc is None:
+            return await super().__call__(req, call_next)
+        model = call.doc.get("model") if call.current is None else call.current
+        mb = models.get(model) if isinstance(model, str) else None
+        if mb is None:
+            mb = models["other"]
+        tb = target.breaker
+        ttok = tb.admit()
+        if ttok is None:
+            return self.refusal(req)
+        mtok = mb.admit()
+        if mtok is None:
+            tb.cancel(ttok)
+            return model_open_response(target.name, str(model), mb.last_failure, mb.retry_after())
+        start = self.clock.monotonic()
+        try:
+            resp = await call_next(req)
+        except BaseException:
+            tb.cancel(ttok)
+            mb.cancel(mtok)
+            raise
+        resp.elapsed = elapsed = self.clock.monotonic() - start
+        verdict, f = resp.verdict, resp.failure
+        if verdict is Verdict.FAILURE and f is not None and f.kind in _TARGET_FAILURES:
+            tb.record(ttok, verdict, elapsed, f)
+            mb.cancel(mtok)
+            return resp
+        # the target answered: a success for it, whatever the model did
+        tb.record(ttok, Verdict.SUCCESS if verdict is Verdict.FAILURE else verdict, elapsed)
+        if verdict is Verdict.SUCCESS and resp.stream is not None:
+            resp.after_body(functools.partial(_settle, mb, mtok, elapsed))
+        else:
+            mb.record(mtok, verdict, elapsed, f)
+        return resp
+
+
+def model_is_open(req: ProxyRequest, model: object) -> bool:
+    models = req.target.models
+    if models is None:
+        return False
+    mb = models.get(model) if isinstance(model, str) else None
+    return (mb if mb is not None else models["other"]).is_open
 
 
 class FirstEvent:

@@ -132,6 +132,15 @@ class Metrics:
         self.breaker_opened = Counter(
             "circuit_breaker_opened", "Times the breaker opened (automatic or forced).", ["name", "track"], registry=r
         )
+        self.model_breaker_state = Gauge(
+            "llm_model_breaker_state",
+            "protocol: openai — the breaker of one model on one track (0 closed, 1 open, 2 half-open, 3 forced "
+            "open, 4 forced closed); models not in llm.models or the fallback lists share `other`.",
+            ["name", "track", "model"], registry=r,
+        )
+        self.model_breaker_opened = Counter(
+            "llm_model_breaker_opened", "Times a model's breaker opened (automatic or forced).",
+            ["name", "track", "model"], registry=r)
         self.retries = Counter("upstream_retries", "Retries sent, by the reason of the failed attempt.",
                                ["name", "reason"], registry=r)
         self.budget_exhausted = Counter(
@@ -186,6 +195,10 @@ class Metrics:
 
     def breaker_events(self, upstream: str, track: str) -> BreakerEvents:
         return BreakerEvents(self.breaker_state.labels(upstream, track), self.breaker_opened.labels(upstream, track))
+
+    def model_breaker_events(self, upstream: str, track: str, model: str) -> BreakerEvents:
+        return BreakerEvents(self.model_breaker_state.labels(upstream, track, model),
+                             self.model_breaker_opened.labels(upstream, track, model))
 
     def canary_aborted(self, upstream: str, track: str, reason: str) -> None:
         self.canary_aborts.labels(upstream, track, reason).inc()

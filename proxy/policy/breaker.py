@@ -95,14 +95,15 @@ class _Window:
 class BreakerState:
     """Survives reloads while (upstream, track, url, breaker spec) is unchanged."""
 
-    def __init__(self, upstream: str, track: str, spec: BreakerSpec, clock: Clock, metrics=None) -> None:
+    def __init__(self, upstream: str, track: str, spec: BreakerSpec, clock: Clock, metrics=None,
+                 model: str | None = None) -> None:
         self.upstream, self.track, self.spec, self.clock = upstream, track, spec, clock
         consecutive = spec.mode == "consecutive"
         self.cb = pybreaker.CircuitBreaker(
             fail_max=spec.fail_max if consecutive else _NEVER,
             reset_timeout=_NEVER,
             success_threshold=spec.success_threshold,
-            name=f"{upstream}/{track}",
+            name=f"{upstream}/{track}" + (f"/{model}" if model else ""),
             throw_new_error_on_trip=False,
         )
         self.cb.add_listener(_Listener(self))
@@ -113,7 +114,9 @@ class BreakerState:
         self.episode = 0      # half-open episodes so far: a probe's token
         self.opened_total = 0
         self.last_failure: str | None = None
-        self.events = metrics.breaker_events(upstream, track) if metrics is not None else None
+        self.model = model  # a model's breaker on this target (protocol: openai), else the target's
+        self.events = None if metrics is None else (
+            metrics.breaker_events(upstream, track) if model is None else metrics.model_breaker_events(upstream, track, model))
         self.clean = False  # closed, automatic, no failure on record, nothing to count: the fast path
         self._refresh_clean()
 
@@ -257,7 +260,8 @@ class BreakerState:
         self._refresh_clean()
         if self.events is not None:
             self.events.changed(self.state)
-        log.warning("breaker_forced", upstream=self.upstream, track=self.track, state=self.state, previous=prev)
+        log.warning("breaker_forced", upstream=self.upstream, track=self.track, state=self.state, previous=prev,
+                    **({"model": self.model} if self.model else {}))
 
     def _on_state(self, old: str, new: str) -> None:
         # pybreaker tells its listeners before its storage holds the new state: pass it explicitly
@@ -279,7 +283,7 @@ class BreakerState:
         if self.events is not None:
             self.events.changed(_NAMES[new])
         fields = dict(upstream=self.upstream, track=self.track, state=_NAMES[new], previous=_NAMES.get(old, old),
-                      failures=self.cb.fail_counter)
+                      failures=self.cb.fail_counter, **({"model": self.model} if self.model else {}))
         if new == OPEN:
             log.warning("breaker_opened", reason=self.last_failure, reset_timeout=self.spec.reset_timeout, **fields)
         else:

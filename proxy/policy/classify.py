@@ -16,7 +16,7 @@ _COLLATERAL = "-collateral"
 # A command whose total ran out while it waited behind others: answered as a timeout, no verdict.
 _DEADLINE = "deadline"
 
-_PROXY_MADE = frozenset({"overloaded", "circuit_breaker_open", "bad_request"})
+_PROXY_MADE = frozenset({"overloaded", "circuit_breaker_open", "model_breaker_open", "bad_request"})
 
 
 class Classify:

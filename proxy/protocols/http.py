@@ -75,6 +75,9 @@ class HttpProtocol(Protocol):
     def failover_policy(self, up, clock):
         return None
 
+    def breaker_policy(self, clock):
+        return Breaker(clock)
+
     def retry_policy(self, up, retry, clock):
         return Retry(retry, up.counters.budget, clock, up.metrics)
 
@@ -88,7 +91,7 @@ class HttpProtocol(Protocol):
             TotalTimeout(timeouts.total, clock),
             self.failover_policy(up, clock),
             self.retry_policy(up, retry, clock) if retry.attempts > 1 else None,
-            Breaker(clock),
+            self.breaker_policy(clock),
             Classify(status_matcher(spec.breaker.failure_statuses)),
             AttemptTimeout(timeouts.attempt, clock, store.deadlines),
         ]

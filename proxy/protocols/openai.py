@@ -11,7 +11,7 @@ event after that. Owns the `llm:` section.
 from __future__ import annotations
 
 from proxy.listen.openai import OpenAIListener
-from proxy.llm.policy import FirstEvent, LLMFallback, ModelFailover, PrefillMemory, WholeBody
+from proxy.llm.policy import FirstEvent, LLMFallback, ModelBreaker, ModelFailover, PrefillMemory, WholeBody
 from proxy.policy.base import build_chain
 from proxy.policy.retry import Retry
 from proxy.policy.timeout import AttemptTimeout
@@ -34,8 +34,16 @@ class OpenAIProtocol(HttpProtocol):
     }
 
     def build(self, up, store, clock) -> None:
-        up.metrics.llm_models((*up.spec.llm.models, *up.spec.llm.fallback_models))
+        llm = up.spec.llm
+        labels = (*llm.models, *llm.fallback_models, *llm.context_fallback_models)
+        up.metrics.llm_models(labels)
+        for t in up.targets:
+            # a breaker per (track, model): one failing model does not open the door for the others
+            t.models = {m: store.model_breaker(up.name, up.spec, t.spec, m) for m in (*dict.fromkeys(labels), "other")}
         super().build(up, store, clock)
+
+    def breaker_policy(self, clock):
+        return ModelBreaker(clock)
 
     def fallback_policy(self, up, fallback, cache, clock):
         return LLMFallback(fallback, cache, clock, up.metrics, up.spec.llm.degraded)

@@ -28,7 +28,7 @@ def spec_key(spec) -> str:
 class TargetState:
     """One target (track) as the request path sees it. Rebuilt per load, pointing at surviving state."""
 
-    __slots__ = ("name", "spec", "base", "weight", "breaker", "pool", "health", "canary")
+    __slots__ = ("name", "spec", "base", "weight", "breaker", "pool", "health", "canary", "models")
 
     def __init__(self, spec: TargetSpec, breaker: BreakerState, pool: Any, health: Any = None,
                  canary: Any = None) -> None:
@@ -36,6 +36,7 @@ class TargetState:
         self.base = spec.url.rstrip("/")
         self.breaker, self.pool, self.health = breaker, pool, health
         self.canary = canary  # rollback watchdog state, for every track but the first
+        self.models: dict[str, BreakerState] | None = None  # protocol: openai — a breaker per model label
 
 
 class Counters:
@@ -84,6 +85,10 @@ class StateStore:
     def breaker(self, upstream: str, up: UpstreamSpec, target: TargetSpec) -> BreakerState:
         key = ("breaker", upstream, target.name, target.url, spec_key(up.breaker))
         return self._get(key, lambda: BreakerState(upstream, target.name, up.breaker, self.clock, self.metrics))
+
+    def model_breaker(self, upstream: str, up: UpstreamSpec, target: TargetSpec, model: str) -> BreakerState:
+        key = ("model-breaker", upstream, target.name, target.url, model, spec_key(up.breaker))
+        return self._get(key, lambda: BreakerState(upstream, target.name, up.breaker, self.clock, self.metrics, model))
 
     def pool(self, key: tuple, make):
         """A transport (connection pool) keyed by what it depends on; closed once a reload drops it."""

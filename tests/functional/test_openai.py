@@ -188,17 +188,17 @@ async def test_a_429_without_retry_after_fails_over_to_the_next_model(fake, star
         await client(p).chat.completions.create(model="fake/a", messages=[{"role": "user", "content": "new"}])
 
 
-async def test_an_open_breaker_skips_model_failover(fake, start_proxy, metrics):
-    """Every model goes to the same target: once its breaker is open, failing over would only knock
-    on a door known to be shut. The primary's failure opens it (fail_max 1): no fallback model is tried."""
+async def test_an_open_target_breaker_skips_model_failover(fake, start_proxy, metrics):
+    """Every model goes to the same target: once the target's breaker is open (connection-level
+    failures: here a reset before any head), failing over would only knock on a door known to be shut."""
     name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 1, "reset_timeout": "1h"},
                            llm={"fallback_models": ["fake/b", "fake/c"]})
     p = await start_proxy(cfg)
-    fake.fail_models = {"fake/a"}
+    fake.reset_first = 100
     r = await client(p).chat.completions.create(model="fake/a", messages=MSG)
     assert [q["body"]["model"] for q in fake.requests] == ["fake/a"]
     assert p.breaker.state == "open"
-    assert r.model_extra["fallback_reason"] == "upstream_5xx_no_cache"
+    assert r.model_extra["fallback_reason"] == "upstream_error_no_cache"
     r = await client(p).chat.completions.create(model="fake/b", messages=MSG)  # would succeed upstream
     assert r.model_extra["fallback_reason"] == "circuit_breaker_open_no_cache" and len(fake.requests) == 1
 
@@ -349,7 +349,7 @@ async def test_mid_stream_cut_ends_with_the_exact_error_event_then_done(fake, st
     assert events[3] == b'data: {"error":{"message":"the upstream stream was interrupted","type":"upstream_error","code":502}}\n\n'
     assert events[4] == sse.DONE
     assert len(fake.requests) == 1  # never retried once the first event reached the app
-    assert p.breaker.cb.fail_counter == 1
+    assert p.model_breaker().cb.fail_counter == 1 and p.breaker.cb.fail_counter == 0
 
 
 async def test_stream_idle_timeout_between_events(fake, start_proxy):
@@ -364,7 +364,7 @@ async def test_stream_idle_timeout_between_events(fake, start_proxy):
     assert events[3] == (b'data: {"error":{"message":"no event from the upstream within the idle timeout",'
                          b'"type":"upstream_error","code":502}}\n\n')
     assert events[4] == sse.DONE
-    assert p.breaker.cb.fail_counter == 1
+    assert p.model_breaker().cb.fail_counter == 1 and p.breaker.cb.fail_counter == 0
     # steady events, each well inside `idle`, for longer than total and attempt: never cut
     fake.stall_after, fake.chunks, fake.delay = None, 30, 0.1
     events = _events(await _raw_stream(p))
@@ -405,7 +405,7 @@ async def test_a_stream_that_ends_before_every_choice_finished_is_a_failure(fake
         async for _ in stream:
             pass
     assert str(ei.value) == "the upstream stream ended early"
-    assert p.breaker.cb.fail_counter == 1
+    assert p.model_breaker().cb.fail_counter == 1 and p.breaker.cb.fail_counter == 0
 
 
 async def test_app_closing_a_stream_stops_the_upstream_stream(fake, start_proxy):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from tests.support.metrics import value
 from tests.support.proxy import upstream_config
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -142,3 +143,64 @@ async def test_keep_alive_comments_are_relayed_but_do_not_end_the_first_byte_wai
         raw = await r.read()
     assert r.headers["X-Model-Fallback"] == "fake/b" and b'"model": "fake/b"' in raw
     assert models(fake) == ["fake/a", "fake/b"]
+
+
+async def test_a_failing_model_opens_its_own_breaker_not_the_targets(fake, start_proxy, metrics):
+    """fake/a answers 500 (fail_max 2): its breaker opens, the target's and fake/b's stay closed; while
+    it is open requests go straight to fake/b; after reset_timeout one probe finds it healed and
+    traffic returns to it."""
+    from proxy.clock import ManualClock
+
+    clock = ManualClock()
+    name, cfg = llm_config(fake.url, retry={"attempts": 1}, breaker={"fail_max": 2, "reset_timeout": "30s"},
+                           llm={"fallback_models": ["fake/b"], "models": ["fake/a"]})
+    p = await start_proxy(cfg, clock=clock)
+    fake.fail_models = {"fake/a"}
+    c = client(p)
+    for i in range(2):
+        r = await c.chat.completions.create(model="fake/a", messages=[{"role": "user", "content": f"q{i}"}])
+        assert r.model == "fake/b"
+    assert p.model_breaker("fake/a").state == "open"
+    assert p.breaker.state == "closed" and p.model_breaker("fake/b").state == "closed"
+    assert value("llm_model_breaker_state", name=name, track="stable", model="fake/a") == 1
+    fake.requests.clear()
+    r = await c.chat.completions.create(model="fake/a", messages=[{"role": "user", "content": "q2"}])
+    assert r.model == "fake/b" and models(fake) == ["fake/b"], "an open model is not asked"
+    fake.fail_models = set()
+    clock.advance(30)
+    fake.requests.clear()
+    r = await c.chat.completions.create(model="fake/a", messages=[{"role": "user", "content": "q3"}])
+    assert r.model == "fake/a" and models(fake) == ["fake/a"]
+    assert p.model_breaker("fake/a").state == "closed"
+
+
+async def test_a_model_breaker_can_be_forced_through_the_admin_api(fake, start_proxy, tmp_path):
+    import aiohttp
+
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    name, cfg = llm_config(fake.url, llm={"fallback_models": ["fake/b"], "models": ["fake/a"]})
+    cfg["admin"]["token_file"] = str(token)
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer tok"}) as s:
+        async with s.post(f"{p.admin}/admin/upstreams/{name}/breaker", json={"state": "open", "model": "fake/a"}) as r:
+            assert r.status == 200 and (await r.json())["model"] == "fake/a"
+        async with s.post(f"{p.admin}/admin/upstreams/{name}/breaker", json={"state": "open", "model": "nope"}) as r:
+            assert r.status == 404
+        async with s.get(f"{p.admin}/admin/upstreams") as r:
+            track = (await r.json())[name]["targets"]["stable"]
+        async with s.get(f"{p.admin}/health/ready") as r:
+            ready = await r.json()
+    assert track["breaker"]["state"] == "closed"
+    assert track["model_breakers"]["fake/a"]["state"] == "forced_open"
+    assert ready["dependencies"][name]["tracks"]["stable"]["model_breakers"]["fake/a"] == "forced_open"
+    r = await client(p).chat.completions.create(model="fake/a", messages=MSG)
+    assert r.model == "fake/b" and models(fake) == ["fake/b"]
+    import asyncio
+    import subprocess
+    import sys
+
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "proxy", "status", "--admin", p.admin],
+                                  capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "models: fake/a forced_open" in out.stdout

@@ -57,6 +57,10 @@ class Running:
         """The first track's breaker."""
         return self.upstream.targets[0].breaker
 
+    def model_breaker(self, model: str = "other", track: int = 0):
+        """protocol: openai — the breaker of one model on a track (`other`: every unconfigured model)."""
+        return self.upstream.targets[track].models[model]
+
     def rewrite(self, config: dict) -> None:
         """Replace the running proxy's config file (a reload, the watcher's or an explicit one, reads it)."""
         with open(self.app.config_path, "w") as f:

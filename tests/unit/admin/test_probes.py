@@ -15,6 +15,7 @@ class Breaker:
 class Target:
     def __init__(self, name: str, state: str = "closed", weight: int = 100) -> None:
         self.name, self.breaker, self.weight, self.health = name, Breaker(state), weight, None
+        self.models = None  # protocol: openai only
 
 
 class Protocol:
