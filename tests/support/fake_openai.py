@@ -56,6 +56,8 @@ class FakeOpenAI:
         self.fault_models: set[str] | None = None  # stream faults apply to these models only (None: all)
         self.fault_times: int | None = None        # ... and to this many streams only (None: always)
         self.faulted = 0
+        self.fail_until: float | None = None  # fail_models fail until this monotonic time, then heal
+        self.fail_after_fault = False     # a model that had a stream fault answers fail_status from then on
         self.attempts: list[tuple[str, float, str]] = []  # (model, time, what happened)
 
     def app(self) -> web.Application:
@@ -91,6 +93,8 @@ class FakeOpenAI:
         if self.fault_times is not None and self.faulted >= self.fault_times:
             return False
         self.faulted += 1
+        if self.fail_after_fault:
+            self.fail_models = {*self.fail_models, model}
         return True
 
     async def _accept(self, request):
@@ -121,7 +125,7 @@ class FakeOpenAI:
                                      status=self.fail_all, headers=headers)
         if model in self.rate_limit_models:
             return self._refuse(model, 429, {"message": "rate limited", "code": 429})
-        if model in self.fail_models:
+        if model in self.fail_models and (self.fail_until is None or time.monotonic() < self.fail_until):
             return self._refuse(model, self.fail_status, {"message": "model down", "code": self.fail_status})
         if model in self.context_limit_models:
             return self._refuse(model, 400, {
