@@ -116,24 +116,30 @@ class OpenAIListener(HttpListener):
             resp.headers["X-Model-Fallback"] = call.model_fallback
         if call.stream and resp.body is not None and resp.outcome == "fallback" and resp.status == 200:
             return await self._replay(request, preq, resp)
+        op = operation(preq.path)
         if (call.stream and resp.stream is not None and resp.status == 200
                 and resp.headers.get("Content-Type", "").startswith("text/event-stream")):
-            return await self._relay(request, up, route, preq, resp)
+            out = await self._relay(request, up, route, preq, resp, op)
+            up.metrics.operation(call.model, op, time.monotonic() - call.started)
+            return out
         # a provider that answers a streaming call with one JSON body (it ignores `stream`): passed on as it
         # is, not judged as a stream that ended early
         if resp.outcome == "upstream" and resp.status == 200 and call.doc is not None:
             # count the tokens of a non-streamed completion on the copy the listener keeps anyway
-            model = call.model
+            model, asked = call.model, call.model_fallback or call.doc.get("model")
 
             def counted(verdict: Verdict | None, body: bytes | None) -> None:
                 if verdict is Verdict.SUCCESS and body is not None:
                     try:
-                        up.metrics.tokens(model, json.loads(body).get("usage"))
+                        up.metrics.tokens(model, json.loads(body).get("usage"), op, asked)
                     except (ValueError, AttributeError, RecursionError):
                         pass
 
             resp.after_body(counted, route.fallback.max_body)
-        return await super().respond(request, up, route, preq, resp)
+        out = await super().respond(request, up, route, preq, resp)
+        if resp.outcome == "upstream":
+            up.metrics.operation(call.model, op, time.monotonic() - call.started)
+        return out
 
     async def _replay(self, request, preq: ProxyRequest, resp: ProxyResponse):
         """A cached or degraded completion, as the SSE stream the caller asked for."""
@@ -146,13 +152,13 @@ class OpenAIListener(HttpListener):
         await r.write_eof()
         return "200", r
 
-    async def _relay(self, request, up, route, preq: ProxyRequest, resp: ProxyResponse):
+    async def _relay(self, request, up, route, preq: ProxyRequest, resp: ProxyResponse, op: str):
         """Pass SSE events through as they arrive; when the stream breaks after events reached the app,
         continue it (proxy/llm/splice.py) or end it with one error event — never a truncated answer that
         looks complete."""
         call = preq.llm
         model = call.model
-        up.metrics.first_byte(model, time.monotonic() - call.started)
+        up.metrics.first_byte(model, op, time.monotonic() - call.started)
         headers = self.response_headers(resp, preq.request_id, up.track_header, preq.target.name)
         headers.popall("Content-Length", None)
         sr = StreamResponse(status=200, headers=headers)
@@ -210,7 +216,7 @@ class OpenAIListener(HttpListener):
             # send the sentinel (or a continued one). The app's SDK waits for one: it is added, once.
             await sr.write(sse.DONE)
         completion = sp.asm.completion()
-        up.metrics.tokens(model, completion.get("usage"))
+        up.metrics.tokens(model, completion.get("usage"), op, current)
         if sp.part:
             up.metrics.stream_recovery("recovered")
         assembled = None
@@ -245,6 +251,13 @@ _FAULTS = {"cut": "the upstream stream was interrupted",
            "early_end": "the upstream stream ended early",
            "error_event": "the upstream sent an error event mid-stream",
            "malformed": "the upstream sent a malformed event mid-stream"}
+
+
+def operation(path: str) -> str:
+    """The GenAI conventions' gen_ai.operation.name of an endpoint."""
+    p = path.split("?", 1)[0].rstrip("/")
+    return ("chat" if p.endswith("/chat/completions") else "text_completion" if p.endswith("/completions")
+            else "embeddings" if p.endswith("/embeddings") else "other")
 
 
 def _chat(path: str) -> bool:

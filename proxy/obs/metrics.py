@@ -79,6 +79,9 @@ class PerSeriesHistogram(Collector):
 
 
 LLM_FIRST_BYTE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# the GenAI conventions' advisory boundaries
+GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 class CallbackGauge(Collector):
@@ -161,6 +164,24 @@ class Metrics:
         )
         self.llm_tokens = Counter("llm_tokens", "Tokens reported in `usage`, kind: prompt|completion.",
                                   ["name", "model", "kind"], registry=r)
+        self.llm_limited = Counter(
+            "llm_limited", "openai: requests over llm.limits, by what answered them: cache | fallback_model | "
+            "waited | rejected (a local 429).", ["name", "action"], registry=r)
+        self.llm_cost = Counter(
+            "llm_cost", "openai: spend in USD, from usage.cost when the provider sends it (OpenRouter), else "
+            "from llm.prices; whole answers only.", ["name", "model"], registry=r)
+        # The OpenTelemetry GenAI semantic conventions' client metrics, under their Prometheus names
+        self.gen_ai_tokens = PerSeriesHistogram(
+            "gen_ai_client_token_usage", "GenAI: tokens per answer (gen.ai.client.token.usage), by token type.",
+            ("name", "gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"), r)
+        self.gen_ai_duration = PerSeriesHistogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI: request → whole answer (gen_ai.client.operation.duration), upstream answers only.",
+            ("name", "gen_ai_operation_name", "gen_ai_request_model"), r)
+        self.gen_ai_first_chunk = PerSeriesHistogram(
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "GenAI: request → first chunk of a streamed answer (gen_ai.client.operation.time_to_first_chunk).",
+            ("name", "gen_ai_operation_name", "gen_ai_request_model"), r)
         self.llm_recoveries = Counter(
             "llm_stream_recoveries", "Streams broken after events reached the app, outcome: recovered (continued "
             "to a whole answer) | failed (no continuation finished it) | not_continuable (tool calls, n > 1, "
@@ -237,7 +258,7 @@ class UpstreamMetrics:
     first use: the set of codes is bounded (100-599) and each costs one `labels()` call once."""
 
     __slots__ = ("name", "m", "buckets", "_req", "_dur", "_shed", "_budget_exhausted",
-                 "_retries", "_fallbacks", "_models", "_first_byte", "_tokens")
+                 "_retries", "_fallbacks", "_models", "_first_byte", "_tokens", "_prices", "_gen_ai_series")
 
     def __init__(self, name: str, tracks: Iterable[str], buckets: tuple[float, ...], m: Metrics = METRICS) -> None:
         self.name, self.m, self.buckets = name, m, buckets
@@ -250,6 +271,8 @@ class UpstreamMetrics:
         self._models: frozenset[str] = frozenset()
         self._first_byte: dict[str, _Histogram] = {}
         self._tokens: dict[tuple[str, str], object] = {}
+        self._prices: dict = {}
+        self._gen_ai_series: dict[tuple, object] = {}
 
     def activate(self) -> None:
         """This upstream's build went live: its histogram series replace the previous ones."""
@@ -269,16 +292,47 @@ class UpstreamMetrics:
     def model_label(self, model: object) -> str:
         return model if isinstance(model, str) and model in self._models else "other"
 
-    def first_byte(self, model: str, seconds: float) -> None:
+    def first_byte(self, model: str, operation: str, seconds: float) -> None:
         self._first_byte[model].observe(seconds)
+        self._gen_ai(self.m.gen_ai_first_chunk, (operation, model), GEN_AI_DURATION_BUCKETS).observe(seconds)
 
-    def tokens(self, model: str, usage: object) -> None:
+    def llm_prices(self, prices: dict) -> None:
+        self._prices = prices
+
+    def tokens(self, model: str, usage: object, operation: str = "chat", asked: object = None) -> None:
+        """A whole answer's `usage` (label `model`; `asked`: the model name it was asked of, for the
+        price table)."""
         if not isinstance(usage, dict):
             return
-        for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        for kind, key, gen_ai in (("prompt", "prompt_tokens", "input"), ("completion", "completion_tokens", "output")):
             n = usage.get(key)
-            if isinstance(n, int) and n > 0:
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 self._tokens[(model, kind)].inc(n)
+                self._gen_ai(self.m.gen_ai_tokens, (operation, model, gen_ai), GEN_AI_TOKEN_BUCKETS).observe(n)
+        cost = usage.get("cost")
+        if not (isinstance(cost, int | float) and not isinstance(cost, bool) and 0 <= cost < 1e9):
+            price = self._prices.get(asked) if isinstance(asked, str) else None
+            cost = None
+            if price is not None:
+                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                p = p if isinstance(p, int) and p > 0 else 0
+                c = c if isinstance(c, int) and c > 0 else 0
+                cost = (p * price.prompt + c * price.completion) / 1e6
+        if cost:
+            self.m.llm_cost.labels(self.name, model).inc(cost)
+
+    def _gen_ai(self, family, labels: tuple, buckets):
+        key = (family.name, *labels)
+        h = self._gen_ai_series.get(key)
+        if h is None:
+            h = self._gen_ai_series[key] = family.labels(self.name, *labels, buckets=buckets)
+        return h
+
+    def operation(self, model: str, operation: str, seconds: float) -> None:
+        self._gen_ai(self.m.gen_ai_duration, (operation, model), GEN_AI_DURATION_BUCKETS).observe(seconds)
+
+    def limited(self, action: str) -> None:
+        self.m.llm_limited.labels(self.name, action).inc()  # rare: no child kept
 
     def stream_recovery(self, outcome: str) -> None:
         self.m.llm_recoveries.labels(self.name, outcome).inc()  # rare: no child kept

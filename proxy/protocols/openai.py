@@ -2,21 +2,24 @@
 
 listener (proxy/listen/openai.py: JSON bodies, X-Proxy-Cache/-Timeout, SSE relay) → route → the shared
 chain with the LLM's own fallback (cached completions, a degraded answer) and model failover:
-LLMFallback → shed → total timeout → ModelFailover → retry → breaker → classify → attempt timeout →
-HttpTerminal. A stream runs a second chain without total or attempt timeout (answers run for minutes):
-its attempt ends at the first event (FirstEvent), bounded by `first_byte`; the idle timeout guards each
-event after that. Owns the `llm:` section.
+LLMFallback → shed → total timeout → LLMLimit (llm.limits) → ModelFailover → retry → breaker (the
+track's and the model's) → classify → attempt timeout → WholeBody → HttpTerminal. A stream runs a
+second chain without total or attempt timeout (answers run for minutes): its attempt ends at the first
+data event (FirstEvent), bounded by `first_byte`; the idle timeout guards each read after that; a third
+chain continues a stream that broke (proxy/llm/splice.py). Owns the `llm:` section.
 """
 
 from __future__ import annotations
 
 from proxy.listen.openai import OpenAIListener
+from proxy.llm.limits import Limits, LLMLimit
 from proxy.llm.policy import FirstEvent, LLMFallback, ModelBreaker, ModelFailover, PrefillMemory, WholeBody
 from proxy.policy.base import build_chain
 from proxy.policy.retry import Retry
 from proxy.policy.timeout import AttemptTimeout
 from proxy.protocols.http import HttpProtocol
 from proxy.upstream.http import HttpTerminal
+from proxy.upstream.state import spec_key
 
 
 class OpenAIProtocol(HttpProtocol):
@@ -37,6 +40,7 @@ class OpenAIProtocol(HttpProtocol):
         llm = up.spec.llm
         labels = (*llm.models, *llm.fallback_models, *llm.context_fallback_models)
         up.metrics.llm_models(labels)
+        up.metrics.llm_prices(llm.prices)
         for t in up.targets:
             # a breaker per (track, model): one failing model does not open the door for the others
             t.models = {m: store.model_breaker(up.name, up.spec, t.spec, m) for m in (*dict.fromkeys(labels), "other")}
@@ -61,13 +65,19 @@ class OpenAIProtocol(HttpProtocol):
         return Retry(retry, up.counters.budget, clock, up.metrics, rate_limit_retry=True, skip=skip)
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
-        fb, shed, _total, failover, retrying, breaker, classify, _attempt = policies = self.policies(
+        fb, shed, total, failover, retrying, breaker, classify, attempt = self.policies(
             up, store, clock, timeouts, retry, fallback, cache)
+        llm = up.spec.llm
+        limit = None
+        lim = llm.limits
+        if lim.requests_per_minute or lim.tokens_per_minute or lim.models:
+            state = store.keep(("llm-limits", up.name, spec_key(lim)), lambda: Limits(lim, clock))
+            limit = LLMLimit(state, fb, llm.fallback_models, clock, lim.max_wait, up.metrics)
+        policies = [fb, shed, total, limit, failover, retrying, breaker, classify, attempt]
         terminal = HttpTerminal()
-        stream = build_chain([fb, shed, failover, retrying, breaker, classify,
+        stream = build_chain([fb, shed, limit, failover, retrying, breaker, classify,
                               AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
                              FirstEvent(terminal, fallback.max_body))
-        llm = up.spec.llm
         cont = None
         if llm.continuation.enabled and llm.continuation.max:
             # asks for the rest of a broken stream: no cache or degraded answer can be spliced in, and no

@@ -281,6 +281,28 @@ class ContinuationSpec(Spec):
     no_prefill_models: tuple[str, ...] = ()         # known not to take prefill (others are learnt)
 
 
+class BucketSpec(Spec):
+    """Token buckets refilled continuously: a minute's allowance, never more in hand than that."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+
+class LLMLimitsSpec(BucketSpec):
+    """`llm.limits`: the provider account's limits, kept by the proxy (proxy/llm/limits.py). Over them, in
+    order: a fresh cached answer, a fallback model with budget left, a wait up to `max_wait`, a local 429."""
+
+    max_wait: Duration = Field(default=0.0, ge=0)
+    models: dict[str, BucketSpec] = {}    # per model, besides the upstream's
+
+
+class PriceSpec(Spec):
+    """USD per million tokens, for `llm_cost_total` when the provider does not send `usage.cost`."""
+
+    prompt: float = Field(ge=0)
+    completion: float = Field(ge=0)
+
+
 class LLMSpec(Spec):
     """`protocol: openai` only."""
 
@@ -295,6 +317,8 @@ class LLMSpec(Spec):
     models: tuple[str, ...] = ()          # model names used as a metric label; others count as `other`
     degraded: DegradedSpec = DegradedSpec()
     continuation: ContinuationSpec = ContinuationSpec()
+    limits: LLMLimitsSpec = LLMLimitsSpec()
+    prices: dict[str, PriceSpec] = {}
 
 
 class ClientAuthSpec(Spec):

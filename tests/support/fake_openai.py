@@ -57,6 +57,7 @@ class FakeOpenAI:
         self.fault_times: int | None = None        # ... and to this many streams only (None: always)
         self.faulted = 0
         self.fail_until: float | None = None  # fail_models fail until this monotonic time, then heal
+        self.usage_cost: float | None = None  # usage.cost in USD, as OpenRouter reports it
         self.fail_after_fault = False     # a model that had a stream fault answers fail_status from then on
         self.attempts: list[tuple[str, float, str]] = []  # (model, time, what happened)
 
@@ -168,6 +169,8 @@ class FakeOpenAI:
             pieces = [x for x in [text[len(prefill):covered], *pieces[skip:]] if x] or [""]
         usage = {"prompt_tokens": 7 + skip, "completion_tokens": completion_tokens,
                  "total_tokens": 7 + skip + completion_tokens}
+        if self.usage_cost is not None:
+            usage["cost"] = self.usage_cost
         if not body.get("stream"):
             doc = json.dumps({"id": cid, "object": "chat.completion", "created": created, "model": model,
                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},

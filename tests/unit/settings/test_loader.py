@@ -66,6 +66,9 @@ FULL = {
                     "models": ["anthropic/claude-3.5-sonnet"],
                     "context_fallback_models": ["google/gemini-2.0-flash"], "failover_on_timeout": False,
                     "continuation": {"enabled": False, "max": 1, "no_prefill_models": ["openai/o1"]},
+                    "limits": {"requests_per_minute": 500, "tokens_per_minute": 200000, "max_wait": "2s",
+                               "models": {"openai/o1": {"requests_per_minute": 20, "tokens_per_minute": 30000}}},
+                    "prices": {"openai/o1": {"prompt": 15.0, "completion": 60.0}},
                     "degraded": {"enabled": False, "message": "try later", "status": 503}},
         },
         "cache": {
@@ -123,7 +126,8 @@ def _given(node: dict, spec: set[tuple], prefix: tuple = (), concrete: tuple = (
     → its generic form in the spec's terms."""
     out = {}
     for k, v in node.items():
-        generic = (*prefix, "*") if prefix == ("upstreams",) else (*prefix, k)
+        # a map of sections (upstreams.<name>, llm.prices.<model>): its keys are the spec's "*"
+        generic = (*prefix, "*") if any(p[:len(prefix) + 1] == (*prefix, "*") for p in spec) else (*prefix, k)
         here = (*concrete, k)
         if generic in spec or not isinstance(v, dict | list):
             out[here] = generic
@@ -140,8 +144,8 @@ _ABSENT = object()
 
 def _at(obj, path: tuple):
     for part in path:
-        if obj is None:
-            return _ABSENT  # an optional section the config leaves out (inbound, fallback.static)
+        if obj is None or (isinstance(obj, dict) and part not in obj):
+            return _ABSENT  # an optional section the config leaves out (inbound, fallback.static, a map's key)
         obj = obj[part] if isinstance(obj, dict | list | tuple) else getattr(obj, part)
     return obj
 
@@ -207,7 +211,7 @@ def _undocumented(spec: set[tuple]) -> list[str]:
                 missing.append(".".join(path))
                 break
             node = node[key]
-            if rest and node in (None, []):  # a section absent by default: its keys in the line's comment
+            if rest and node in (None, [], {}):  # a section absent by default: its keys in the line's comment
                 line = next(ln for ln in block.splitlines() if re.match(rf"\s*{re.escape(key)}:", ln) and "#" in ln)
                 comment = line.split("#", 1)[1]
                 if any(r not in ("[]", "*") and not re.search(rf"\b{re.escape(r)}\b", comment) for r in rest):
