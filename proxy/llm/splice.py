@@ -162,7 +162,8 @@ class Splice:
         if isinstance(usage, dict):
             chunk["usage"] = self.whole_usage(usage)
         keep = bool(chunk.get("usage"))
-        for ch in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
                 continue
             delta = ch.get("delta")
@@ -181,7 +182,7 @@ class Splice:
                     keep = True
             if ch.get("finish_reason"):
                 keep = True
-        if not keep and chunk.get("choices"):
+        if not keep and choices:
             return None
         return chunk
 
