@@ -27,6 +27,7 @@ from proxy.llm import sse
 from proxy.policy.breaker import Breaker, _settle
 from proxy.policy.fallback import Fallback, store_after_body
 from proxy.settings.spec import DegradedSpec
+from proxy.upstream.aio import Body
 from proxy.upstream.http import failure_response
 
 COMPLETION_PATHS = ("/chat/completions", "/completions")
@@ -386,21 +387,10 @@ class FirstEvent:
         if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
             # an error, or a provider that ignores `stream` and sends one JSON body: read as it is
             return await read_whole(req, resp, self.max_body)
-        held = b""
-        try:
-            while True:
-                chunk = await cr.content.readany()
-                if not chunk:
-                    break
-                held += chunk
-                if _has_data(held) or len(held) > self.max_body:
-                    break
-        except (*BODY_ERRORS, OSError) as exc:
-            resp.release()
-            return failure_response(exc, req.target.pool, req.target.name)
-        except BaseException:
-            resp.release()
-            raise
+        got = await _gather(req, resp, self.max_body, _has_data)
+        if isinstance(got, ProxyResponse):
+            return got
+        held, _ = got
         if not held:
             resp.release()
             f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
@@ -410,36 +400,51 @@ class FirstEvent:
         return resp
 
 
-def _has_data(buf: bytes) -> bool:
+def _has_data(window: bytes) -> bool:
     """A data line has arrived (SSE: `data:` at the start of a line); comments and blank lines do not
     count. Not whether the event is complete: the relay waits for that."""
-    return buf.startswith(b"data:") or b"\ndata:" in buf or b"\rdata:" in buf
+    return b"\ndata:" in window or b"\rdata:" in window
 
 
-async def read_whole(req: ProxyRequest, resp: ProxyResponse, max_body: int) -> ProxyResponse:
-    """The answer's body read inside the attempt, up to `max_body` (beyond it the rest streams on)."""
+async def _gather(req: ProxyRequest, resp: ProxyResponse, limit: int, enough=None):
+    """Read the body inside the attempt until it ends, `enough(bytes)` says so, or `limit` is passed →
+    (what was read, whether the body ended), or the failure as a response (the connection given back)."""
     cr = resp.stream
     parts: list[bytes] = []
     size = 0
     try:
         while chunk := await cr.content.readany():
+            # `enough` sees this chunk behind the tail of the last one (a `data:` may straddle two reads);
+            # \x00 keeps a tail from passing for the start of a line
+            window = (b"\x00" + parts[-1][-6:] if parts else b"\n") + chunk
             parts.append(chunk)
             size += len(chunk)
-            if size > max_body:
-                resp.stream = _Prefixed(cr, b"".join(parts))
-                return resp
+            if size > limit or (enough is not None and enough(window)):
+                return b"".join(parts), False
     except (*BODY_ERRORS, OSError) as exc:
         resp.release()
         return failure_response(exc, req.target.pool, req.target.name)
     except BaseException:
         resp.release()
         raise
-    resp.body, resp.stream = b"".join(parts), None
+    return b"".join(parts), True
+
+
+async def read_whole(req: ProxyRequest, resp: ProxyResponse, max_body: int) -> ProxyResponse:
+    """The answer's body read inside the attempt, up to `max_body` (beyond it the rest streams on)."""
+    got = await _gather(req, resp, max_body)
+    if isinstance(got, ProxyResponse):
+        return got
+    body, ended = got
+    if not ended:
+        resp.stream = _Prefixed(resp.stream, body)
+        return resp
+    resp.body, resp.stream = body, None
     resp.release()  # read to its end: the connection goes back to the pool
     return resp
 
 
-class _Prefixed:
+class _Prefixed(Body):
     """An answer whose first bytes were read already (past WholeBody's limit): they come out first."""
 
     __slots__ = ("cr", "status", "reason", "headers", "content", "_head")
@@ -451,16 +456,6 @@ class _Prefixed:
     async def readany(self) -> bytes:
         head, self._head = self._head, b""
         return head or await self.cr.content.readany()
-
-    async def read(self) -> bytes:
-        parts = []
-        while chunk := await self.readany():
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def iter_any(self):
-        while chunk := await self.readany():
-            yield chunk
 
 
 class WholeBody:

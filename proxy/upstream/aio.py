@@ -14,7 +14,23 @@ from __future__ import annotations
 from proxy.http1.client import UpstreamClosed
 
 
-class Answer:
+class Body:
+    """`read()` and `iter_any()` for an answer that has `readany()`, as the listeners read answers."""
+
+    __slots__ = ()
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def iter_any(self):
+        while chunk := await self.readany():
+            yield chunk
+
+
+class Answer(Body):
     """An aiohttp ClientResponse as the listeners read answers: status, reason, headers, content.readany()
     / iter_any() / read(), release(); a body read that fails raises TimeoutError or UpstreamClosed, as
     the lean client's does (proxy/http1/client.py: BODY_ERRORS)."""
@@ -34,16 +50,6 @@ class Answer:
             if isinstance(exc, _client_error()):
                 raise UpstreamClosed(f"{type(exc).__name__}: {exc}") from exc
             raise
-
-    async def read(self) -> bytes:
-        parts = []
-        while chunk := await self.readany():
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def iter_any(self):
-        while chunk := await self.readany():
-            yield chunk
 
     def release(self) -> None:
         self.cr.release()
