@@ -41,12 +41,13 @@ class Reason(enum.StrEnum):
 class Failure:
     """What went wrong with an attempt. `kind` is the retry condition it matches."""
 
-    __slots__ = ("kind", "reason", "status", "error_type", "message", "retry_after")
+    __slots__ = ("kind", "reason", "status", "error_type", "message", "retry_after", "after_head")
 
     def __init__(self, kind: str, reason: Reason, status: int, error_type: str, message: str,
                  retry_after: float | None = None) -> None:
         self.kind, self.reason, self.status = kind, reason, status
         self.error_type, self.message, self.retry_after = error_type, message, retry_after
+        self.after_head = False  # the answer's head had arrived: the upstream's door worked
 
     def __repr__(self) -> str:
         return f"Failure({self.kind}, {self.reason}, {self.status}, {self.message!r})"

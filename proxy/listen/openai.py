@@ -87,6 +87,8 @@ class OpenAIListener(HttpListener):
                 raise Refused(400, "invalid_json", f"request body must be a JSON object, got {type(doc).__name__}")
             if json_depth_over(doc):
                 raise Refused(400, "invalid_json", f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+            if "model" in doc and not isinstance(doc["model"], str):
+                raise Refused(400, "invalid_request", f"model must be a string, got {type(doc['model']).__name__}")
             call.doc = doc
             stream = call.stream = doc.get("stream") is True
             call.model = up.metrics.model_label(doc.get("model"))
@@ -186,9 +188,15 @@ class OpenAIListener(HttpListener):
                             await sr.write(out)
                 except BODY_ERRORS as exc:
                     fault = "idle" if isinstance(exc, TimeoutError) else "cut"
-                fault = fault or sp.fault or (None if sp.finished else "early_end")
-                if fault is None:
+                fault = fault or sp.fault
+                if sp.finished:
+                    if fault is not None:
+                        # every choice had finished: the answer is whole, whatever came after it (a cut
+                        # before the usage chunk, a late error event); nothing to continue
+                        log.warning("upstream_failed_after_the_answer", upstream=self.name, track=preq.target.name,
+                                    request_id=preq.request_id, error=fault, part=sp.part, model=current)
                     break
+                fault = fault or "early_end"
                 resp.body_done(Verdict.FAILURE)  # the breaker counts the break; nothing is cached
                 resp.release()
                 log.warning("upstream_failed_mid_stream", upstream=self.name, track=preq.target.name,
@@ -208,23 +216,24 @@ class OpenAIListener(HttpListener):
                 parts.append(resp)
                 sp.next_part()
                 call.continuations += 1
+            if not sp.done_sent:
+                # the body ended cleanly after every choice finished: a whole answer whose provider does
+                # not send the sentinel (or a continued one). The app's SDK waits for one: it is added, once.
+                await sr.write(sse.DONE)
+            completion = sp.asm.completion()
+            up.metrics.tokens(model, completion.get("usage"), op, current)
+            if sp.part:
+                up.metrics.stream_recovery("recovered")
+            assembled = None
+            if sp.part == 0 and not sp.blind:
+                assembled = json.dumps(completion).encode()
+            # the answering part's verdict (its model's breaker, a half-open probe) before its release
+            resp.body_done(Verdict.SUCCESS, assembled if assembled is not None and len(assembled) <= resp.keep else None)
+            await sr.write_eof()
+            return "200", sr
         finally:
             for r in parts[1:]:
                 r.release()
-        if not sp.done_sent:
-            # the body ended cleanly after every choice finished: a whole answer whose provider does not
-            # send the sentinel (or a continued one). The app's SDK waits for one: it is added, once.
-            await sr.write(sse.DONE)
-        completion = sp.asm.completion()
-        up.metrics.tokens(model, completion.get("usage"), op, current)
-        if sp.part:
-            up.metrics.stream_recovery("recovered")
-        assembled = None
-        if sp.part == 0 and not sp.blind:
-            assembled = json.dumps(completion).encode()
-        resp.body_done(Verdict.SUCCESS, assembled if assembled is not None and len(assembled) <= resp.keep else None)
-        await sr.write_eof()
-        return "200", sr
 
     async def _continue(self, route, preq: ProxyRequest, doc: dict):
         """Ask for the rest of the answer → (its response, first bytes, the model answering), or None."""

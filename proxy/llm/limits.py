@@ -1,14 +1,18 @@
 """Token-aware limits for `protocol: openai` (`llm.limits`): the provider account's requests and tokens
 per minute, kept by the proxy so the app hears "wait" from its sidecar rather than from the provider.
 
-Sits in the chain under the total timeout and over model failover:
-LLMFallback → shed → total timeout → LLMLimit → ModelFailover → retry → breaker → …
-A request is charged at admission from an estimate of its tokens (the prompt's characters / 4, plus
-`max_tokens` when set: what providers reserve), and the charge is corrected from the answer's `usage`.
+Two steps in the chain: LLMLimit decides at admission, under the total timeout and over model
+failover; LLMCharge charges each attempt (a retry, a fallback model, a continuation is a request to
+the provider too), over the breaker:
+LLMFallback → shed → total timeout → LLMLimit → ModelFailover → retry → LLMCharge → breaker → …
+An attempt is charged from an estimate of its tokens (the prompt's characters / 4, plus `max_tokens`
+when set: what providers reserve) — never more than a bucket holds — and the charge is corrected from
+the answer's `usage`; an attempt that gets no answer gives its tokens back (its request stays counted).
 Buckets per upstream and, where configured, per model. Over a limit, in this order: a fresh cached
 answer; else a fallback model with budget left; else a wait of up to `max_wait` (within the total);
 else a local 429 with `Retry-After` — no upstream call. (The outer fallback may still serve a stale
-entry for that 429, as for any rate limit.)
+entry for that 429, as for any rate limit.) An attempt over its model's limit is refused locally the
+same way, and model failover moves on.
 """
 
 from __future__ import annotations
@@ -42,12 +46,16 @@ class Bucket:
         need = min(cost, self.capacity)
         return 0.0 if self.level >= need else (need - self.level) / self.rate
 
-    def take(self, cost: float, now: float) -> None:
+    def take(self, cost: float, now: float) -> float:
+        """Charge `cost`, at most a full bucket (one request never owes more than a minute) → the charge."""
         self._refill(now)
+        cost = min(cost, self.capacity)
         self.level -= cost
+        return cost
 
     def give(self, n: float) -> None:
-        self.level = min(self.capacity, self.level + n)
+        """A correction: `n` back (or, negative, owed), the debt bounded by one bucket."""
+        self.level = max(-self.capacity, min(self.capacity, self.level + n))
 
 
 class Limits:
@@ -87,9 +95,10 @@ class Limits:
                 tpm.take(tokens, now)
 
     def correct(self, model: object, charged: int, used: int) -> None:
+        """The answer used `used` tokens of the `charged` estimate (each bucket charged at most its size)."""
         for _, tpm in self._buckets(model):
             if tpm is not None:
-                tpm.give(charged - used)
+                tpm.give(min(charged, tpm.capacity) - used)
 
 
 def _pair(spec, now: float) -> tuple[Bucket | None, Bucket | None]:
@@ -101,7 +110,8 @@ def estimate_tokens(doc: dict[str, Any]) -> int:
     """A provider-neutral estimate: ~4 characters a token over the prompt's text, 4 per message for its
     framing, plus the completion's reservation (`max_tokens`)."""
     chars, n = 0, 0
-    for m in doc.get("messages") or ():
+    messages = doc.get("messages")
+    for m in messages if isinstance(messages, list) else ():
         n += 1
         c = m.get("content") if isinstance(m, dict) else None
         if isinstance(c, str):
@@ -114,9 +124,13 @@ def estimate_tokens(doc: dict[str, Any]) -> int:
             chars += len(v)
         elif isinstance(v, list):
             chars += sum(len(x) for x in v if isinstance(x, str))
-    reserve = doc.get("max_completion_tokens", doc.get("max_tokens"))
-    reserve = reserve if isinstance(reserve, int) and not isinstance(reserve, bool) and reserve > 0 else 0
-    return math.ceil(chars / 4) + 4 * n + reserve
+    return math.ceil(chars / 4) + 4 * n + reservation(doc)
+
+
+def reservation(doc: dict[str, Any]) -> int:
+    """The completion tokens a request reserves (`max_completion_tokens`, else `max_tokens`)."""
+    v = doc.get("max_completion_tokens", doc.get("max_tokens"))
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 class LLMLimit:
@@ -160,18 +174,8 @@ class LLMLimit:
                 continue
             # 4. the app hears it from its sidecar, not the provider's account
             self.metrics.limited("rejected")
-            f = Failure("local_rate_limit", Reason.RATE_LIMITED, 429, "rate_limited",
-                        f"llm.limits.{why} reached: retry in {math.ceil(wait)} s", retry_after=wait)
-            return ProxyResponse(429, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
-        self.limits.take(model, tokens)
-        resp = await call_next(req)
-        if resp.verdict is not Verdict.SUCCESS or resp.status != 200:
-            return resp
-        if resp.body is not None and resp.stream is None:
-            self._correct(model, tokens, resp.body)
-        else:
-            resp.after_body(functools.partial(self._corrected, model, tokens), self.fallback.spec.max_body)
-        return resp
+            return _local_429(why, wait)
+        return await call_next(req)
 
     def _fresh(self, req: ProxyRequest) -> ProxyResponse | None:
         fb = self.fallback
@@ -181,14 +185,53 @@ class LLMLimit:
             return None
         return fb.serve(key, Reason.RATE_LIMITED, req)
 
-    def _corrected(self, model, tokens: int, verdict, body: bytes | None) -> None:
-        if verdict is Verdict.SUCCESS and body is not None:
-            self._correct(model, tokens, body)
 
-    def _correct(self, model, tokens: int, body: bytes) -> None:
+
+def _local_429(why: str, wait: float) -> ProxyResponse:
+    f = Failure("local_rate_limit", Reason.RATE_LIMITED, 429, "rate_limited",
+                f"llm.limits.{why} reached: retry in {math.ceil(wait)} s", retry_after=wait)
+    return ProxyResponse(429, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
+
+
+class LLMCharge:
+    """Per attempt: charge the model it asks (refused locally when over its limit: failover moves on),
+    then correct from the answer."""
+
+    __slots__ = ("limits", "max_body")
+
+    def __init__(self, limits: Limits, max_body: int) -> None:
+        self.limits, self.max_body = limits, max_body
+
+    async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        call = req.llm
+        if call is None or call.doc is None:
+            return await call_next(req)
+        model = call.doc.get("model") if call.current is None else call.current
+        tokens = estimate_tokens(call.doc)
+        wait, why = self.limits.wait(model, tokens)
+        if wait > 0:
+            return _local_429(why, wait)
+        self.limits.take(model, tokens)
+        resp = await call_next(req)
+        if resp.verdict is not Verdict.SUCCESS or resp.status != 200:
+            self.limits.correct(model, tokens, 0)  # no answer: the tokens were not spent
+        elif resp.body is not None and resp.stream is None:
+            self._correct(model, tokens, reservation(call.doc), resp.body)
+        else:
+            resp.after_body(functools.partial(self._settled, model, tokens, reservation(call.doc)), self.max_body)
+        return resp
+
+    def _settled(self, model, tokens: int, reserve: int, verdict, body: bytes | None) -> None:
+        if verdict is Verdict.SUCCESS and body is not None:
+            self._correct(model, tokens, reserve, body)
+        # else: a broken or abandoned stream was billed for what it sent: the estimate stands
+
+    def _correct(self, model, tokens: int, reserve: int, body: bytes) -> None:
         try:
             usage = json.loads(body).get("usage")
         except (ValueError, AttributeError, RecursionError):
-            return
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            self.limits.correct(model, tokens, usage["total_tokens"])
+            usage = None
+        used = usage.get("total_tokens") if isinstance(usage, dict) else None
+        if not (isinstance(used, int) and not isinstance(used, bool) and used >= 0):
+            used = tokens - reserve  # no usage: the prompt's estimate stands, the reservation comes back
+        self.limits.correct(model, tokens, used)

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from proxy.exchange import Failure, Handler, ProxyRequest, ProxyResponse, Reason, Verdict, model_open_response
 from proxy.http1.client import BODY_ERRORS
 from proxy.llm import sse
+from proxy.obs import log
 from proxy.policy.breaker import Breaker, _settle
 from proxy.policy.fallback import Fallback, store_after_body
 from proxy.settings.spec import DegradedSpec
@@ -202,13 +203,30 @@ def error_kind(status: int, body: bytes | None) -> str | None:
 
 
 class PrefillMemory:
-    """The models of one upstream known not to take an assistant prefill: configured, or learnt from a
-    rejection. Kept across reloads (State), so each model is asked wrongly once per process at most."""
+    """The models of one upstream that refused an assistant prefill, learnt from the refusal. Kept across
+    reloads (State). A refusal is remembered for an hour — a provider may add support, and one odd 400
+    must not turn continuation off for good — and for at most 256 models (the names come from requests)."""
 
     __slots__ = ("refused",)
+    TTL, MAX = 3600.0, 256
 
     def __init__(self) -> None:
-        self.refused: set[str] = set()
+        self.refused: dict[str, float] = {}
+
+    def refuse(self, model: str, now: float) -> None:
+        if len(self.refused) >= self.MAX:
+            self.refused.pop(next(iter(self.refused)))
+        self.refused[model] = now
+        log.warning("llm_prefill_refused", model=model, remembered_for=self.TTL)
+
+    def knows(self, model: str, now: float) -> bool:
+        at = self.refused.get(model)
+        if at is None:
+            return False
+        if now - at >= self.TTL:
+            del self.refused[model]
+            return False
+        return True
 
 
 class ModelFailover:
@@ -231,7 +249,7 @@ class ModelFailover:
 
     def _skipped(self, call, model: str) -> bool:
         return (self.prefill is not None and call.prefill
-                and (model in self.no_prefill or model in self.prefill.refused))
+                and (model in self.no_prefill or self.prefill.knows(model, self.clock.monotonic())))
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         call = req.llm
@@ -266,6 +284,8 @@ class ModelFailover:
                 req.headers["Content-Length"] = str(len(req.body))
             call.current = model
             resp = await call_next(req)
+            if resp.failure is not None and resp.failure.kind == "connect-failure":
+                return resp  # the target's door: every model is behind it (retried per the retry rules)
             if _fails_over(resp):
                 continue
             kind = error_kind(resp.status, resp.body) if resp.status >= 400 and resp.stream is None else None
@@ -276,7 +296,7 @@ class ModelFailover:
                 continue
             if kind == "prefill" and self.prefill is not None and call.prefill:
                 if isinstance(model, str):
-                    self.prefill.refused.add(model)
+                    self.prefill.refuse(model, self.clock.monotonic())
                 continue
             if model != first:
                 call.model_fallback = model
@@ -316,7 +336,7 @@ class ModelBreaker(Breaker):
     """The breaker step for `protocol: openai`: each attempt passes two breakers, the target's and its
     model's (`TargetState.models`, one per configured model and one, `other`, for the rest). A connect
     failure or a reset before the head charges the target (every model is behind that door); what the
-    model's answer did — a 5xx, a timeout, a stream that broke after its head — charges the model only,
+    model's answer did — a 5xx, a timeout, a body or stream cut after its head — charges the model only,
     so one failing model does not open the breaker of the models that work on the same provider."""
 
     __slots__ = ()
@@ -347,7 +367,7 @@ class ModelBreaker(Breaker):
             raise
         resp.elapsed = elapsed = self.clock.monotonic() - start
         verdict, f = resp.verdict, resp.failure
-        if verdict is Verdict.FAILURE and f is not None and f.kind in _TARGET_FAILURES:
+        if verdict is Verdict.FAILURE and f is not None and f.kind in _TARGET_FAILURES and not f.after_head:
             tb.record(ttok, verdict, elapsed, f)
             mb.cancel(mtok)
             return resp
@@ -395,6 +415,7 @@ class FirstEvent:
             resp.release()
             f = Failure("reset", Reason.UPSTREAM_ERROR, 502, "upstream_reset",
                         f"target '{req.target.name}' closed the stream before the first event")
+            f.after_head = True
             return ProxyResponse(502, failure=f, verdict=Verdict.FAILURE, outcome="rejected", body=None)
         req.llm.first_chunk = held
         return resp
@@ -423,7 +444,9 @@ async def _gather(req: ProxyRequest, resp: ProxyResponse, limit: int, enough=Non
                 return b"".join(parts), False
     except (*BODY_ERRORS, OSError) as exc:
         resp.release()
-        return failure_response(exc, req.target.pool, req.target.name)
+        out = failure_response(exc, req.target.pool, req.target.name)
+        out.failure.after_head = True
+        return out
     except BaseException:
         resp.release()
         raise

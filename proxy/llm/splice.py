@@ -35,7 +35,7 @@ class Splice:
     def __init__(self, max_event: int = 1 << 20) -> None:
         self.max_event = max_event
         self.asm = Assembler()        # the completion as the app received it
-        self._buf = b""
+        self._buf = bytearray()
         self._skipping = False        # inside an event too large to hold: forwarded as it comes
         self.blind = False            # such an event passed: what the app has is not known exactly
         self.fault: str | None = None  # this part broke: error_event | malformed
@@ -55,42 +55,50 @@ class Splice:
 
     def feed(self, data: bytes) -> bytes:
         """This part's next bytes → what to send the app now. Stops at a breaking event (`fault` set):
-        it and anything after it are not sent."""
+        it and anything after it are not sent. Each byte is searched once (plus a separator's width),
+        however small the reads: a provider sending an event a few bytes at a time costs linear time."""
         if self.fault is not None:
             return b""
-        buf = self._buf + data
+        buf = self._buf
+        scan = max(0, len(buf) - 3)  # a separator may have begun in the last bytes of the previous read
+        buf += data
         out: list[bytes] = []
+        pos = 0
         if self._skipping:
-            cut, sep = _boundary(buf)
+            cut, sep = _boundary(buf, scan)
             if cut == -1:
-                self._buf = buf[-3:]
-                out.append(buf[:-3])
+                if len(buf) > 3:
+                    out.append(bytes(buf[:-3]))
+                    del buf[:-3]
                 return b"".join(out)
-            out.append(buf[:cut + sep])
-            buf, self._skipping = buf[cut + sep:], False
+            out.append(bytes(buf[:cut + sep]))
+            pos = scan = cut + sep
+            self._skipping = False
         while True:
-            cut, sep = _boundary(buf)
+            cut, sep = _boundary(buf, scan)
             if cut == -1:
                 break
-            raw, buf = buf[:cut + sep], buf[cut + sep:]
-            piece = self._event(raw, cut)
+            raw = bytes(buf[pos:cut + sep])
+            size = cut - pos
+            pos = scan = cut + sep
+            piece = self._event(raw, size)
             if self.fault is not None:
-                self._buf = b""
+                self._buf = bytearray()
                 return b"".join(out)
             if piece:
                 out.append(piece)
+        del buf[:pos]
         if len(buf) > self.max_event:
             # an event larger than anything it could be checked with: forwarded as it comes, unread
             self.blind = self._skipping = True  # the copy misses it: not cached, not continued
             self.continuable = False
-            out.append(buf[:-3])
-            buf = buf[-3:]
-        self._buf = buf
+            out.append(bytes(buf[:-3]))
+            del buf[:-3]
         return b"".join(out)
 
     def end(self) -> bytes:
         """This part's body ended cleanly: a last event without its blank line still counts."""
-        tail, self._buf = self._buf, b""
+        tail, self._buf = bytes(self._buf), bytearray()
         if self._skipping or not tail.strip(_SKIP_BLANK):
             self._skipping = False
             if self.part or not tail:
@@ -236,5 +244,5 @@ class Splice:
         sent = self.sent_text()
         self.seam = bool(sent) and sent != sent.rstrip()
         self.part += 1
-        self.fault, self.detail, self._buf, self._skipping = None, "", b"", False
+        self.fault, self.detail, self._buf, self._skipping = None, "", bytearray(), False
         self.asm.done = False

@@ -16,11 +16,11 @@ def last_boundary(buf: bytes) -> int:
     return max((i + len(s) for s in SEPARATORS if (i := buf.rfind(s)) != -1), default=0)
 
 
-def _boundary(buf: bytes) -> tuple[int, int]:
-    """(start, length) of the first event separator in buf, (-1, 0) if none."""
+def _boundary(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+    """(start, length) of the first event separator in buf at or after `start`, (-1, 0) if none."""
     cut, sep = -1, 0
     for s in SEPARATORS:
-        i = buf.find(s)
+        i = buf.find(s, start)
         if i != -1 and (cut == -1 or i < cut):
             cut, sep = i, len(s)
     return cut, sep
@@ -112,6 +112,11 @@ class Assembler:
             if not isinstance(ch, dict):
                 continue
             idx = ch.get("index", 0)
+            if idx is None:
+                idx = 0  # some providers send null for the only choice
+            elif not isinstance(idx, int):
+                self.broken = True  # not a choice this copy can hold (nor sort)
+                continue
             c = self.choices.setdefault(idx, {"index": idx, "content": [], "role": None, "tool_calls": {},
                                               "finish_reason": None, "text": []})
             if ch.get("finish_reason"):

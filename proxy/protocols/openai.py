@@ -2,8 +2,8 @@
 
 listener (proxy/listen/openai.py: JSON bodies, X-Proxy-Cache/-Timeout, SSE relay) → route → the shared
 chain with the LLM's own fallback (cached completions, a degraded answer) and model failover:
-LLMFallback → shed → total timeout → LLMLimit (llm.limits) → ModelFailover → retry → breaker (the
-track's and the model's) → classify → attempt timeout → WholeBody → HttpTerminal. A stream runs a
+LLMFallback → shed → total timeout → LLMLimit (llm.limits) → ModelFailover → retry → LLMCharge →
+breaker (the track's and the model's) → classify → attempt timeout → WholeBody → HttpTerminal. A stream runs a
 second chain without total or attempt timeout (answers run for minutes): its attempt ends at the first
 data event (FirstEvent), bounded by `first_byte`; the idle timeout guards each read after that; a third
 chain continues a stream that broke (proxy/llm/splice.py). Owns the `llm:` section.
@@ -12,7 +12,7 @@ chain continues a stream that broke (proxy/llm/splice.py). Owns the `llm:` secti
 from __future__ import annotations
 
 from proxy.listen.openai import OpenAIListener
-from proxy.llm.limits import Limits, LLMLimit
+from proxy.llm.limits import Limits, LLMCharge, LLMLimit
 from proxy.llm.policy import FirstEvent, LLMFallback, ModelBreaker, ModelFailover, PrefillMemory, WholeBody
 from proxy.policy.base import build_chain
 from proxy.policy.retry import Retry
@@ -68,14 +68,15 @@ class OpenAIProtocol(HttpProtocol):
         fb, shed, total, failover, retrying, breaker, classify, attempt = self.policies(
             up, store, clock, timeouts, retry, fallback, cache)
         llm = up.spec.llm
-        limit = None
+        limit = charge = None
         lim = llm.limits
         if lim.requests_per_minute or lim.tokens_per_minute or lim.models:
             state = store.keep(("llm-limits", up.name, spec_key(lim)), lambda: Limits(lim, clock))
             limit = LLMLimit(state, fb, llm.fallback_models, clock, lim.max_wait, up.metrics)
-        policies = [fb, shed, total, limit, failover, retrying, breaker, classify, attempt]
+            charge = LLMCharge(state, fallback.max_body)
+        policies = [fb, shed, total, limit, failover, retrying, charge, breaker, classify, attempt]
         terminal = HttpTerminal()
-        stream = build_chain([fb, shed, limit, failover, retrying, breaker, classify,
+        stream = build_chain([fb, shed, limit, failover, retrying, charge, breaker, classify,
                               AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
                              FirstEvent(terminal, fallback.max_body))
         cont = None
@@ -86,7 +87,7 @@ class OpenAIProtocol(HttpProtocol):
             prefill = store.keep(("llm-prefill", up.name), PrefillMemory)  # learnt refusals outlive a reload
             cont = build_chain([ModelFailover(llm.fallback_models, clock, (), prefill,
                                                 llm.continuation.no_prefill_models),
-                                retrying, breaker, classify,
+                                retrying, charge, breaker, classify,
                                 AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
                                FirstEvent(terminal, fallback.max_body))
         return build_chain(policies, WholeBody(terminal, fallback.max_body)), stream, cont

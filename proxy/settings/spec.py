@@ -312,7 +312,7 @@ class LLMSpec(Spec):
     # model again, never the plain fallback models, which may be no larger)
     context_fallback_models: tuple[str, ...] = ()
     # after a timeout (first_byte, attempt, idle before the body) go to the next model at once instead of
-    # retrying a silent model in place; only when a fallback model is left
+    # retrying a silent model in place (whenever fallback_models is set, the last model included)
     failover_on_timeout: bool = True
     models: tuple[str, ...] = ()          # model names used as a metric label; others count as `other`
     degraded: DegradedSpec = DegradedSpec()

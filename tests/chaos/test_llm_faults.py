@@ -65,6 +65,7 @@ class Fault:
     expect_model: str | None = None            # the model that answers (the last request)
     rescue: str = ""                           # what the proxy does, for the table
     heals: float | None = None                 # the primary heals this long after the start
+    stays_down: bool = False                   # the primary is still failing at the end (its breaker open)
     extra: dict = field(default_factory=dict)
 
 
@@ -86,7 +87,7 @@ FAULTS = [
           {P: (1, 1), F1: (1, 1)}, lambda t: SLACK, stream=False, expect_model=F1,
           rescue="the next model at once (500 is not in retry.on)"),
     Fault("503_persistent", "503, persistent (6 requests)", _set(fail_models={P}, fail_status=503),
-          {P: (3, 5), F1: (6, 6)}, lambda t: 6 * 1.0 + SLACK, requests=6, expect_model=F1,
+          {P: (3, 5), F1: (6, 6)}, lambda t: 6 * 1.0 + SLACK, requests=6, expect_model=F1, stays_down=True,
           rescue="3 attempts, then the next model; the model's breaker opens at 5 failures and later requests skip it"),
     Fault("reset_once", "TCP reset before the headers, once", _set(reset_first=1),
           {P: (2, 2)}, lambda t: SLACK, stream=False, expect_model=P,
@@ -196,6 +197,8 @@ async def test_provider_fault(fault: Fault, aiohttp_server, start_proxy):
     async with aiohttp.ClientSession() as s, s.get(p.admin + "/health/ready") as r:
         assert r.status == 200
     assert p.breaker.state == "closed"
+    opened = {m for m, b in p.upstream.targets[0].models.items() if b.state != "closed"}
+    assert opened == ({P} if fault.stays_down else set()), f"model breakers not closed: {opened}"
     _record(fault, per_model, wall)
 
 

@@ -56,7 +56,11 @@ async def test_a_broken_stream_is_continued_into_one_whole_answer(fake, start_pr
     assert not any(b'"error"' in e for e in events), "the in-band error never reaches the app"
     sent = "".join(fake.pieces(fake.content({"messages": MSG}))[:4])
     assert fake.requests[1]["body"]["messages"] == [*MSG, {"role": "assistant", "content": sent.rstrip()}]
-    assert p.model_breaker().cb.fail_counter == 1 and p.breaker.cb.fail_counter == 0  # the break itself is a failure of the provider
+    # the break is a failure of the model's breaker, the continuation's whole answer the success after it
+    # (a consecutive count back at 0); the track's breaker saw only answers
+    mb = p.model_breaker()
+    assert mb.last_failure == "the answer failed after its headers were sent" and mb.cb.fail_counter == 0
+    assert p.breaker.cb.fail_counter == 0 and p.breaker.last_failure is None
     assert metrics.delta("llm_stream_recoveries_total", name=name, outcome="recovered") == 1
     assert metrics.delta("llm_tokens_total", name=name, model="other", kind="completion") == 10
 
@@ -154,3 +158,35 @@ async def test_max_tokens_of_the_continuation_is_what_is_left(fake, start_proxy)
     stream = await client(p).chat.completions.create(model="fake/a", messages=MSG, stream=True, max_tokens=50)
     [ch async for ch in stream]
     assert fake.requests[1]["body"]["max_tokens"] == 46
+
+
+@pytest.mark.parametrize("after", [b"", b'data: {"error": {"message": "late", "code": 502}}\n\n', b"data: {bad\n\n"])
+async def test_a_break_after_every_choice_finished_is_a_whole_answer_not_continued(raw_upstream, start_proxy, after):
+    """Found in review: a cut (or a late error or broken event) after the finish_reason chunk, before the
+    usage chunk or [DONE], was "continued", and the app got text after "stop" and a second one."""
+    import asyncio
+
+    asked = []
+
+    async def handler(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        n = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+        asked.append(await reader.readexactly(n))
+        events = [json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]}),
+                  json.dumps({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})]
+        body = b"".join(b"data: " + e.encode() + b"\n\n" for e in events) + after
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % len(body) + body + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # no terminating chunk: the connection is cut
+
+    url = await raw_upstream(handler)
+    name, cfg = llm_config(url)
+    p = await start_proxy(cfg)
+    events = await _raw_events(p, {"model": "m", "messages": MSG, "stream": True})
+    chunks = _chunks(events)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0].get("finish_reason")] == ["stop"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hi"
+    assert events[-1] == sse.DONE and not any(b'"error"' in e for e in events)
+    assert len(asked) == 1

@@ -68,6 +68,22 @@ async def test_a_connect_failure_is_the_targets_and_is_retried_per_the_retry_rul
     r = await client(p).chat.completions.create(model="fake/a", messages=MSG)
     assert r.model == "fake/a"
     assert models(fake) == ["fake/a", "fake/a"]
+    # the reset before any head is charged to the track's breaker, not to the model's
+    assert p.breaker.last_failure is not None and p.model_breaker().last_failure is None
+
+
+async def test_a_refused_connection_is_retried_on_the_same_model_and_charges_the_track(start_proxy, metrics):
+    from tests.support.net import free_port
+
+    name, cfg = llm_config(f"http://127.0.0.1:{free_port()}", retry={"attempts": 3, "backoff_base": "0s",
+                                                                     "backoff_max": "0s"},
+                           breaker={"fail_max": 100}, llm={"fallback_models": ["fake/b"]})
+    p = await start_proxy(cfg)
+    r = await client(p).chat.completions.create(model="fake/a", messages=MSG)
+    assert r.model_extra["fallback_reason"] == "upstream_error_no_cache"
+    # 3 attempts (retried per the retry rules), then no failover: every model is behind that door
+    assert metrics.delta("upstream_retries_total", name=name, reason="connect-failure") == 2
+    assert p.breaker.cb.fail_counter == 3 and p.model_breaker().last_failure is None
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -121,6 +137,8 @@ async def test_a_non_streamed_answer_cut_mid_body_is_asked_again(fake, start_pro
     r = await client(p).chat.completions.create(model="fake/a", messages=MSG)
     assert r.choices[0].message.content == fake.content({"messages": MSG})
     assert [a[2] for a in fake.attempts] == ["body-cut", "ok"]
+    # a cut after the head is the model's failure: the track's door worked
+    assert p.model_breaker().last_failure is not None and p.breaker.last_failure is None
     assert metrics.delta("llm_tokens_total", name=name, model="other", kind="completion") == 10
 
 

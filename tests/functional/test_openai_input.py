@@ -5,6 +5,7 @@ asked for with a non-boolean "stream") are not cached, so they are never served 
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.support.proxy import upstream_config
@@ -121,3 +122,43 @@ async def test_one_event_over_max_body_leaves_a_healthy_stream_healthy(aiohttp_s
     assert metrics.family_delta("upstream_requests_total", name=name, status="reset") == 0
     status, _, _ = await _post(p.url, req, **{"X-Proxy-Cache": "only-if-cached"})
     assert status == 504  # the copy missed the large event: not cached
+
+
+@pytest.mark.parametrize("body", [b'{"model":["x"],"messages":[]}', b'{"model":{"a":1},"stream":true,"messages":[]}',
+                                  b'{"model":5,"messages":[]}'])
+async def test_a_model_that_is_not_a_string_is_a_400(aiohttp_server, start_proxy, body):
+    """Found in review: failover keeps the models it tried in a set, and a list is not hashable (a 500)."""
+    url, seen = await _upstream(aiohttp_server, [(200, "application/json", b"{}")])
+    _, cfg = upstream_config(url, protocol="openai", llm={"fallback_models": ["other/model"]})
+    p = await start_proxy(cfg)
+    status, _, answer = await _post(p.url, body)
+    assert status == 400 and b"model must be a string" in answer and seen == []
+
+
+@pytest.mark.parametrize("messages", [b"5", b"true", b'"text"', b"null", b'[1, "a", null]'])
+async def test_odd_messages_with_limits_on_are_forwarded_not_a_500(aiohttp_server, start_proxy, messages):
+    url, seen = await _upstream(aiohttp_server, [(400, "application/json", b'{"error": {"message": "bad"}}')])
+    _, cfg = upstream_config(url, protocol="openai", llm={"limits": {"tokens_per_minute": 1000}})
+    p = await start_proxy(cfg)
+    status, _, _ = await _post(p.url, b'{"model":"m","messages":' + messages + b"}")
+    assert status == 400 and len(seen) == 1  # the provider's own verdict on it
+
+
+async def test_a_choice_index_that_is_not_a_number_does_not_cut_a_finished_stream(aiohttp_server, start_proxy):
+    import json
+
+    def event(doc) -> bytes:
+        return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+    body = (event({"id": "c", "choices": [{"index": "1", "delta": {"role": "assistant", "content": "a"},
+                                           "finish_reason": "stop"}]})
+            + event({"id": "c", "choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}]})
+            + b"data: [DONE]\n\n")
+    url, _ = await _upstream(aiohttp_server, [(200, "text/event-stream", body)])
+    _, cfg = upstream_config(url, protocol="openai", llm={"continuation": {"enabled": False}})
+    p = await start_proxy(cfg)
+    status, _, got = await _post(p.url, b'{"model":"m","stream":true,"messages":[{"role":"user","content":"q"}]}')
+    # found in review: sorting the choices' indices raised and cut the app's stream mid-chunk; an index
+    # that is not a number is now not a choice the proxy can vouch for: the stream ends in-band
+    assert status == 200 and got.startswith(body[:40]) and got.endswith(b"data: [DONE]\n\n")
+    assert b'"error"' in got

@@ -133,3 +133,42 @@ async def test_gen_ai_metric_names(fake, start_proxy):
     assert sample("gen_ai_client_token_usage_sum", **labels, gen_ai_token_type="output") == 10
     assert sample("gen_ai_client_operation_duration_seconds_count", **labels) == 1
     assert sample("gen_ai_client_operation_time_to_first_chunk_seconds_count", **labels) == 1
+
+
+async def test_a_huge_reservation_that_fails_does_not_lock_everyone_out(fake, start_proxy):
+    """Found in review: max_tokens far above tokens_per_minute on a request the provider refused left
+    the bucket owing it for ever; the next request got "retry in 599999999941 s"."""
+    name, cfg = llm_config(fake.url, limits={"tokens_per_minute": 100000})
+    p = await start_proxy(cfg, clock=ManualClock())
+    c = client(p)
+    fake.content_filter = True
+    with pytest.raises(openai.BadRequestError):
+        await c.chat.completions.create(model="m", messages=q("huge"), max_tokens=10**15)
+    fake.content_filter = False
+    r = await c.chat.completions.create(model="m", messages=q("innocent"))
+    assert r.choices[0].message.content
+    # an answer that used far less than its reservation gives the rest back, a stream's too
+    for stream in (False, True):
+        r = await c.chat.completions.create(model="m", messages=q(f"big {stream}"), max_tokens=90000, stream=stream)
+        if stream:
+            [ch async for ch in r]
+    r = await c.chat.completions.create(model="m", messages=q("after"), max_tokens=90000)
+    assert r.choices[0].message.content and len(fake.requests) == 5
+
+
+async def test_a_models_limit_holds_for_failover_and_retries_too(fake, start_proxy, metrics):
+    """Found in review: only the model chosen at admission was charged; the fallback model was asked
+    without limit when the primary failed. Every attempt is charged to the model it asks."""
+    name, cfg = llm_config(fake.url, fallback_models=["fake/b"], limits={"models": {"fake/b": {"requests_per_minute": 1}}})
+    cfg["upstreams"][name]["retry"] = {"attempts": 1}
+    p = await start_proxy(cfg, clock=ManualClock())
+    fake.fail_models = {"fake/a"}
+    c = client(p)
+    r = await c.chat.completions.create(model="fake/a", messages=q("one"))
+    assert r.model == "fake/b"
+    for i in range(3):
+        # fake/a down, fake/b over its limit: the local 429, not a request fake/b's account would refuse
+        with pytest.raises(openai.RateLimitError) as ei:
+            await c.chat.completions.create(model="fake/a", messages=q(f"more {i}"))
+        assert "models.fake/b.requests_per_minute" in ei.value.message and ei.value.response.headers["Retry-After"]
+    assert [x["body"]["model"] for x in fake.requests].count("fake/b") == 1
