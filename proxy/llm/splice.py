@@ -108,11 +108,15 @@ class Splice:
 
     def _event(self, raw: bytes, size: int) -> bytes:
         """One whole event (with its separator) → the bytes the app gets for it."""
-        lines = raw[:size].replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        payload = [ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:")]
-        if not payload:
-            return raw  # a comment (`: OPENROUTER PROCESSING`) or a bare field: relayed
-        data = b"\n".join(payload).decode("utf-8", "replace")
+        line = raw[:size]
+        if line.startswith(b"data: ") and b"\n" not in line and b"\r" not in line:
+            data = line[6:].decode("utf-8", "replace")  # the usual event: one data line
+        else:
+            lines = line.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            payload = [ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:")]
+            if not payload:
+                return raw  # a comment (`: OPENROUTER PROCESSING`) or a bare field: relayed
+            data = b"\n".join(payload).decode("utf-8", "replace")
         if data.strip() == "[DONE]":
             self.asm.done = True
             if self.done_sent or not self.finished:
@@ -130,16 +134,15 @@ class Splice:
             self.detail = str(err.get("message", "") if isinstance(err, dict) else err)[:300]
             return b""
         if not isinstance(chunk, dict):
-            self.asm.add(data)
             return raw if self.part == 0 else b""
         self._track(chunk)
         if self.part == 0:
-            self.asm.add(data)
+            self.asm.add_chunk(chunk)
             return raw
         chunk = self._rewrite(chunk)
         if chunk is None:
             return b""
-        self.asm.add(json.dumps(chunk))
+        self.asm.add_chunk(chunk)
         return event(chunk)
 
     def _track(self, chunk: dict[str, Any]) -> None:

@@ -87,6 +87,13 @@ class Assembler:
         except (TypeError, AttributeError, ValueError, KeyError, RecursionError):
             self.broken = True
 
+    def add_chunk(self, chunk: Any) -> None:
+        """A chunk parsed already (the relay reads each event once)."""
+        try:
+            self._chunk(chunk)
+        except (TypeError, AttributeError, ValueError, KeyError, RecursionError):
+            self.broken = True
+
     def _add(self, data: str) -> None:
         if data.strip() == "[DONE]":
             self.done = True
@@ -96,6 +103,9 @@ class Assembler:
         except ValueError:
             self.broken = True
             return
+        self._chunk(chunk)
+
+    def _chunk(self, chunk: Any) -> None:
         if not isinstance(chunk, dict):
             return
         if "error" in chunk:

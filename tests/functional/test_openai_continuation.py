@@ -123,6 +123,8 @@ async def test_when_nothing_can_continue_the_app_gets_the_original_failure_then_
     # fake/a is configured as no-prefill: not asked; fake/b refused: the app never sees its 400
     assert [(a[0], a[2]) for a in fake.attempts] == [("fake/a", "cut"), ("fake/b", "400")]
     assert metrics.delta("llm_stream_recoveries_total", name=name, outcome="failed") == 1
+    # a broken answer is not a completion: no tokens counted (nor spend)
+    assert metrics.family_delta("llm_tokens_total", name=name) == 0
 
 
 async def test_continuation_is_bounded_by_max(fake, start_proxy, metrics):
