@@ -53,8 +53,10 @@ class Bucket:
         self.level -= cost
         return cost
 
-    def give(self, n: float) -> None:
-        """A correction: `n` back (or, negative, owed), the debt bounded by one bucket."""
+    def give(self, n: float, now: float) -> None:
+        """A correction: `n` back (or, negative, owed), the debt bounded by one bucket. The refill up to
+        now comes first, so a debt is not swallowed by a refill capped at the bucket's size."""
+        self._refill(now)
         self.level = max(-self.capacity, min(self.capacity, self.level + n))
 
 
@@ -96,9 +98,10 @@ class Limits:
 
     def correct(self, model: object, charged: int, used: int) -> None:
         """The answer used `used` tokens of the `charged` estimate (each bucket charged at most its size)."""
+        now = self.clock.monotonic()
         for _, tpm in self._buckets(model):
             if tpm is not None:
-                tpm.give(min(charged, tpm.capacity) - used)
+                tpm.give(min(charged, tpm.capacity) - used, now)
 
 
 def _pair(spec, now: float) -> tuple[Bucket | None, Bucket | None]:
@@ -212,7 +215,11 @@ class LLMCharge:
         if wait > 0:
             return _local_429(why, wait)
         self.limits.take(model, tokens)
-        resp = await call_next(req)
+        try:
+            resp = await call_next(req)
+        except BaseException:
+            self.limits.correct(model, tokens, 0)  # cancelled (the total ran out, the app left): unspent
+            raise
         if resp.verdict is not Verdict.SUCCESS or resp.status != 200:
             self.limits.correct(model, tokens, 0)  # no answer: the tokens were not spent
         elif resp.body is not None and resp.stream is None:
@@ -224,14 +231,31 @@ class LLMCharge:
     def _settled(self, model, tokens: int, reserve: int, verdict, body: bytes | None) -> None:
         if verdict is Verdict.SUCCESS and body is not None:
             self._correct(model, tokens, reserve, body)
-        # else: a broken or abandoned stream was billed for what it sent: the estimate stands
+        elif verdict is not Verdict.SUCCESS:
+            # broken or abandoned: billed for what it sent, not for the rest of its reservation (the
+            # continuation that follows is charged on its own)
+            self.limits.correct(model, tokens, tokens - reserve)
 
     def _correct(self, model, tokens: int, reserve: int, body: bytes) -> None:
         try:
-            usage = json.loads(body).get("usage")
-        except (ValueError, AttributeError, RecursionError):
-            usage = None
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            doc = None
+        usage = doc.get("usage") if isinstance(doc, dict) else None
         used = usage.get("total_tokens") if isinstance(usage, dict) else None
         if not (isinstance(used, int) and not isinstance(used, bool) and used >= 0):
-            used = tokens - reserve  # no usage: the prompt's estimate stands, the reservation comes back
+            # no usage (a stream without stream_options.include_usage): the prompt's estimate and the
+            # answer's own text at ~4 characters a token, in place of the reservation
+            used = tokens - reserve + _text_tokens(doc)
         self.limits.correct(model, tokens, used)
+
+
+def _text_tokens(doc: object) -> int:
+    chars = 0
+    for ch in (doc.get("choices") if isinstance(doc, dict) else None) or ():
+        if isinstance(ch, dict):
+            msg = ch.get("message")
+            text = msg.get("content") if isinstance(msg, dict) else ch.get("text")
+            if isinstance(text, str):
+                chars += len(text)
+    return math.ceil(chars / 4)

@@ -284,7 +284,7 @@ class ModelFailover:
                 req.headers["Content-Length"] = str(len(req.body))
             call.current = model
             resp = await call_next(req)
-            if resp.failure is not None and resp.failure.kind == "connect-failure":
+            if resp.failure is not None and resp.failure.kind == "connect-failure" and not resp.failure.after_head:
                 return resp  # the target's door: every model is behind it (retried per the retry rules)
             if _fails_over(resp):
                 continue
@@ -433,11 +433,13 @@ async def _gather(req: ProxyRequest, resp: ProxyResponse, limit: int, enough=Non
     cr = resp.stream
     parts: list[bytes] = []
     size = 0
+    tail = b"\n"  # the last bytes read so far (the start of the body counts as the start of a line)
     try:
         while chunk := await cr.content.readany():
-            # `enough` sees this chunk behind the tail of the last one (a `data:` may straddle two reads);
-            # \x00 keeps a tail from passing for the start of a line
-            window = (b"\x00" + parts[-1][-6:] if parts else b"\n") + chunk
+            # `enough` sees this chunk behind the tail of what came before (a `data:` may straddle reads);
+            # a \x00 in front keeps a tail from passing for the start of a line
+            window = (tail if not parts else b"\x00" + tail) + chunk
+            tail = (tail + chunk)[-6:]
             parts.append(chunk)
             size += len(chunk)
             if size > limit or (enough is not None and enough(window)):

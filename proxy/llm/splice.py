@@ -154,7 +154,7 @@ class Splice:
         if len(choices) > 1:
             self.continuable = False
         for ch in choices:
-            if not isinstance(ch, dict) or ch.get("index", 0) != 0:
+            if not isinstance(ch, dict) or ch.get("index", 0) not in (0, None, "0"):
                 self.continuable = False
                 continue
             delta = ch.get("delta")

@@ -5,6 +5,7 @@ valid SSE stream. Nothing here touches a socket, so it is fuzzed and unit-tested
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # an event ends at a blank line, however it is written
@@ -16,14 +17,14 @@ def last_boundary(buf: bytes) -> int:
     return max((i + len(s) for s in SEPARATORS if (i := buf.rfind(s)) != -1), default=0)
 
 
+_SEPARATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
 def _boundary(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
-    """(start, length) of the first event separator in buf at or after `start`, (-1, 0) if none."""
-    cut, sep = -1, 0
-    for s in SEPARATORS:
-        i = buf.find(s, start)
-        if i != -1 and (cut == -1 or i < cut):
-            cut, sep = i, len(s)
-    return cut, sep
+    """(start, length) of the first event separator in buf at or after `start`, (-1, 0) if none: one
+    scan, stopping at the first (three `find`s would each run to the end of a large read)."""
+    m = _SEPARATOR.search(buf, start)
+    return (m.start(), m.end() - m.start()) if m is not None else (-1, 0)
 
 
 class SSEParser:
@@ -124,6 +125,8 @@ class Assembler:
             idx = ch.get("index", 0)
             if idx is None:
                 idx = 0  # some providers send null for the only choice
+            elif isinstance(idx, str) and idx.isdigit() and len(idx) < 4:
+                idx = int(idx)  # ... or the number as text
             elif not isinstance(idx, int):
                 self.broken = True  # not a choice this copy can hold (nor sort)
                 continue

@@ -150,7 +150,7 @@ async def test_a_choice_index_that_is_not_a_number_does_not_cut_a_finished_strea
     def event(doc) -> bytes:
         return b"data: " + json.dumps(doc).encode() + b"\n\n"
 
-    body = (event({"id": "c", "choices": [{"index": "1", "delta": {"role": "assistant", "content": "a"},
+    body = (event({"id": "c", "choices": [{"index": "one", "delta": {"role": "assistant", "content": "a"},
                                            "finish_reason": "stop"}]})
             + event({"id": "c", "choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}]})
             + b"data: [DONE]\n\n")

@@ -172,3 +172,29 @@ async def test_a_models_limit_holds_for_failover_and_retries_too(fake, start_pro
             await c.chat.completions.create(model="fake/a", messages=q(f"more {i}"))
         assert "models.fake/b.requests_per_minute" in ei.value.message and ei.value.response.headers["Retry-After"]
     assert [x["body"]["model"] for x in fake.requests].count("fake/b") == 1
+
+
+def test_a_debt_after_a_refill_is_not_swallowed_by_the_cap():
+    """Found in review: the correction was applied to the level as it was at the last charge, and the
+    refill capped at the bucket's size then swallowed the debt."""
+    clock = ManualClock(0.0)
+    lim = Limits(LLMLimitsSpec(tokens_per_minute=10000), clock)
+    lim.take("m", 2000)
+    clock.advance(30)
+    lim.correct("m", 2000, 6000)  # 4,000 more used than charged
+    wait, _ = lim.wait("m", 10000)
+    assert wait == pytest.approx(4000 / (10000 / 60))
+
+
+async def test_a_stream_without_usage_is_charged_its_text_not_its_reservation(fake, start_proxy):
+    """Found in review: without a usage chunk the reservation came back and only the prompt was charged."""
+    name, cfg = llm_config(fake.url, limits={"tokens_per_minute": 10000})
+    p = await start_proxy(cfg, clock=ManualClock())
+    fake.stream_usage = False
+    question = q("x" * 400)
+    r = await client(p).chat.completions.create(model="m", messages=question, max_tokens=5000, stream=True)
+    [ch async for ch in r]
+    lim = p.app.store.live[next(k for k in p.app.store.live if k[:2] == ("keep", "llm-limits"))]
+    text = fake.content({"messages": question})
+    used = (400 // 4 + 4) + -(-len(text) // 4)  # the prompt's estimate and the answer's text, 4 chars a token
+    assert lim.upstream[1].level == pytest.approx(10000 - used)

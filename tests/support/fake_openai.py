@@ -36,6 +36,7 @@ class FakeOpenAI:
         self.hang = False                 # never answer (until the proxy gives up)
         self.stream_done = True           # send [DONE] at the end
         self.stream_finish = True         # send the final chunk (finish_reason, usage)
+        self.stream_usage = True          # ... with usage (OpenAI sends it only with stream_options)
         self.fail_first = 0               # the first N completions answer fail_all's status (then heal)
         self.rate_limit_reset: str | None = None  # X-RateLimit-Reset on failures
         self.gate: asyncio.Queue | None = None    # a stream sends chunk i > 0 only after a token is put
@@ -230,6 +231,8 @@ class FakeOpenAI:
         self.attempts.append((model, time.monotonic(), outcome))
         final = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                  "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}
+        if not self.stream_usage:
+            del final["usage"]
         if self.stream_finish:
             await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         if self.stream_done:

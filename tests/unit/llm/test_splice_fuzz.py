@@ -54,3 +54,32 @@ def test_hostile_events_never_break_the_splice(parts, cut):
             assert len(out) <= len(data) + 2, "the first part is forwarded, never repeated"
         if n and out:
             assert out.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) or sp.blind
+
+
+@_FUZZ
+@given(events=st.lists(RAW, max_size=10), cut=st.integers(1, 7))
+def test_the_output_does_not_depend_on_how_the_bytes_were_read(events, cut):
+    """A separator (\\n\\n, \\r\\n\\r\\n, \\r\\r) split across reads at any position is found as if read whole."""
+    data = b"".join(events)
+
+    def run(step: int) -> tuple[bytes, str | None]:
+        sp = Splice(max_event=1 << 20)
+        out = b""
+        for i in range(0, len(data), step):
+            out += sp.feed(data[i:i + step])
+            if sp.fault:
+                return out, sp.fault
+        return out + sp.end(), sp.fault
+
+    assert run(cut) == run(max(len(data), 1))
+
+
+def test_a_prefill_refusal_is_remembered_an_hour_for_at_most_256_models():
+    from proxy.llm.policy import PrefillMemory
+
+    m = PrefillMemory()
+    m.refuse("a", 0.0)
+    assert m.knows("a", 3599.0) and not m.knows("a", 3600.0) and not m.knows("b", 0.0)
+    for i in range(300):
+        m.refuse(f"m{i}", 10.0)
+    assert len(m.refused) == 256 and m.knows("m299", 11.0) and not m.knows("m0", 11.0)
