@@ -20,7 +20,7 @@ from proxy.http1.server import Request, Response, StreamResponse
 from proxy.listen.http import _REQ_DROP, HttpListener, Refused, collect
 from proxy.llm import sse
 from proxy.llm.call import LLMCall
-from proxy.llm.policy import MAX_JSON_DEPTH, cache_key, error_event, json_depth_over
+from proxy.llm.policy import MAX_JSON_DEPTH, cache_key, error_event, json_depth_over, operation
 from proxy.llm.splice import Splice
 from proxy.obs import log
 from proxy.policy.fallback import cache_key as http_cache_key
@@ -204,7 +204,7 @@ class OpenAIListener(HttpListener):
                 if failure is None:
                     failure = _FAULTS[fault] + (f": {sp.detail}" if sp.detail else "")
                 doc = None
-                if cont.enabled and sp.part < cont.max and route.continue_chain is not None and _chat(preq.path):
+                if cont.enabled and sp.part < cont.max and route.continue_chain is not None and op == "chat":
                     doc = sp.continuation_doc({**call.doc, "model": current})
                 nxt = await self._continue(route, preq, doc) if doc is not None else None
                 if nxt is None:
@@ -260,14 +260,3 @@ _FAULTS = {"cut": "the upstream stream was interrupted",
            "early_end": "the upstream stream ended early",
            "error_event": "the upstream sent an error event mid-stream",
            "malformed": "the upstream sent a malformed event mid-stream"}
-
-
-def operation(path: str) -> str:
-    """The GenAI conventions' gen_ai.operation.name of an endpoint."""
-    p = path.split("?", 1)[0].rstrip("/")
-    return ("chat" if p.endswith("/chat/completions") else "text_completion" if p.endswith("/completions")
-            else "embeddings" if p.endswith("/embeddings") else "other")
-
-
-def _chat(path: str) -> bool:
-    return path.split("?", 1)[0].rstrip("/").endswith("/chat/completions")

@@ -9,7 +9,7 @@ from typing import Any
 
 class LLMCall:
     __slots__ = ("started", "cache_mode", "doc", "stream", "model", "key", "model_fallback", "first_chunk",
-                 "prefill", "continuations", "current")
+                 "prefill", "continuations", "current", "estimate")
 
     def __init__(self, started: float) -> None:
         self.started = started                  # monotonic, for the first-byte histogram
@@ -23,3 +23,11 @@ class LLMCall:
         self.prefill = False                    # a continuation: its last message is the answer so far
         self.continuations = 0                  # parts spliced into a broken stream
         self.current: str | None = None         # the model this attempt asks (model failover sets it)
+        self.estimate: int | None = None        # its tokens as llm.limits estimates them (once per body)
+
+    @property
+    def asked(self) -> Any:
+        """The model this attempt asks for: the one failover moved to, else the request's own."""
+        if self.current is not None:
+            return self.current
+        return self.doc.get("model") if self.doc is not None else None

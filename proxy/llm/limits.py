@@ -130,6 +130,14 @@ def estimate_tokens(doc: dict[str, Any]) -> int:
     return math.ceil(chars / 4) + 4 * n + reservation(doc)
 
 
+def _estimate(call) -> int:
+    """Once per request body: the admission step and every attempt's charge read the same figure (a
+    fallback model changes only `model`, which the estimate does not read)."""
+    if call.estimate is None:
+        call.estimate = estimate_tokens(call.doc)
+    return call.estimate
+
+
 def reservation(doc: dict[str, Any]) -> int:
     """The completion tokens a request reserves (`max_completion_tokens`, else `max_tokens`)."""
     v = doc.get("max_completion_tokens", doc.get("max_tokens"))
@@ -148,7 +156,7 @@ class LLMLimit:
         if call is None or call.doc is None:
             return await call_next(req)
         doc = call.doc
-        tokens = estimate_tokens(doc)
+        tokens = _estimate(call)
         model = doc.get("model")
         while True:
             wait, why = self.limits.wait(model, tokens)
@@ -209,8 +217,8 @@ class LLMCharge:
         call = req.llm
         if call is None or call.doc is None:
             return await call_next(req)
-        model = call.doc.get("model") if call.current is None else call.current
-        tokens = estimate_tokens(call.doc)
+        model = call.asked
+        tokens = _estimate(call)
         wait, why = self.limits.wait(model, tokens)
         if wait > 0:
             return _local_429(why, wait)

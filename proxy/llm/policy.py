@@ -31,9 +31,6 @@ from proxy.settings.spec import DegradedSpec
 from proxy.upstream.aio import Body
 from proxy.upstream.http import failure_response
 
-COMPLETION_PATHS = ("/chat/completions", "/completions")
-
-
 MAX_JSON_DEPTH = 128  # deeper than any real request, shallow enough that it is always written back
 
 
@@ -91,9 +88,15 @@ def _replayable_choice(c: Any) -> bool:
     return calls is None or (isinstance(calls, list) and all(isinstance(t, dict) for t in calls))
 
 
-def is_completion(path: str) -> bool:
+def operation(path: str) -> str:
+    """The endpoint as the GenAI conventions name it (gen_ai.operation.name)."""
     p = path.split("?", 1)[0].rstrip("/")
-    return p.endswith(COMPLETION_PATHS)
+    return ("chat" if p.endswith("/chat/completions") else "text_completion" if p.endswith("/completions")
+            else "embeddings" if p.endswith("/embeddings") else "other")
+
+
+def is_completion(path: str) -> bool:
+    return operation(path) in ("chat", "text_completion")
 
 
 def degraded_completion(req: ProxyRequest, spec: DegradedSpec, reason: Reason) -> dict[str, Any]:
@@ -260,7 +263,7 @@ class ModelFailover:
         queue: list = [first, *self.models]
         tried: set = set()
         resp: ProxyResponse | None = None
-        refused: ProxyResponse | None = None  # a model skipped because its breaker is open
+        skipped_open = None  # the first model skipped because its breaker is open
         i = 0
         while i < len(queue):
             model = queue[i]
@@ -268,10 +271,11 @@ class ModelFailover:
             if model in tried or (isinstance(model, str) and self._skipped(call, model)):
                 continue
             tried.add(model)
-            if model_is_open(req, model):
+            mb = model_breaker(req.target, model)
+            if mb is not None and mb.is_open:
                 # straight to the next model: at most the half-open probes reach this one
-                if refused is None:
-                    refused = _ModelOpen(req, model)
+                if skipped_open is None:
+                    skipped_open = (model, mb)
                 continue
             if resp is not None:
                 if req.target.breaker.is_open or (resp.failure is not None and resp.failure.kind == "circuit_breaker_open"):
@@ -301,26 +305,14 @@ class ModelFailover:
             if model != first:
                 call.model_fallback = model
             return resp
-        if resp is None and refused is not None:
-            return refused.response()
+        if resp is None and skipped_open is not None:
+            model, mb = skipped_open
+            return model_open_response(req.target.name, str(model), mb.last_failure, mb.retry_after())
         if resp is None:
             f = Failure("no_model", Reason.UPSTREAM_ERROR, 502, "upstream_error",
                         "no model of this upstream can continue the answer (assistant prefill)")
             return ProxyResponse(502, failure=f, verdict=Verdict.REJECTED, outcome="rejected", body=None)
         return resp
-
-
-class _ModelOpen:
-    __slots__ = ("req", "model")
-
-    def __init__(self, req: ProxyRequest, model) -> None:
-        self.req, self.model = req, model
-
-    def response(self) -> ProxyResponse:
-        models = self.req.target.models
-        mb = models.get(self.model) if isinstance(self.model, str) else None
-        mb = mb if mb is not None else models["other"]
-        return model_open_response(self.req.target.name, str(self.model), mb.last_failure, mb.retry_after())
 
 
 def _fails_over(resp: ProxyResponse) -> bool:
@@ -342,14 +334,10 @@ class ModelBreaker(Breaker):
     __slots__ = ()
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        target = req.target
-        models, call = target.models, req.llm
-        if models is None or call is None or call.doc is None:
-            return await super().__call__(req, call_next)
-        model = call.doc.get("model") if call.current is None else call.current
-        mb = models.get(model) if isinstance(model, str) else None
+        target, call = req.target, req.llm
+        mb = model_breaker(target, call.asked) if call is not None and call.doc is not None else None
         if mb is None:
-            mb = models["other"]
+            return await super().__call__(req, call_next)
         tb = target.breaker
         ttok = tb.admit()
         if ttok is None:
@@ -357,7 +345,7 @@ class ModelBreaker(Breaker):
         mtok = mb.admit()
         if mtok is None:
             tb.cancel(ttok)
-            return model_open_response(target.name, str(model), mb.last_failure, mb.retry_after())
+            return model_open_response(target.name, str(call.asked), mb.last_failure, mb.retry_after())
         start = self.clock.monotonic()
         try:
             resp = await call_next(req)
@@ -380,12 +368,13 @@ class ModelBreaker(Breaker):
         return resp
 
 
-def model_is_open(req: ProxyRequest, model: object) -> bool:
-    models = req.target.models
+def model_breaker(target, model: object):
+    """The breaker of `model` on this track (`other` for a model not configured); None off the LLM path."""
+    models = target.models
     if models is None:
-        return False
+        return None
     mb = models.get(model) if isinstance(model, str) else None
-    return (mb if mb is not None else models["other"]).is_open
+    return mb if mb is not None else models["other"]
 
 
 class FirstEvent:

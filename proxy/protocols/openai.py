@@ -76,9 +76,9 @@ class OpenAIProtocol(HttpProtocol):
             charge = LLMCharge(state, fallback.max_body)
         policies = [fb, shed, total, limit, failover, retrying, charge, breaker, classify, attempt]
         terminal = HttpTerminal()
-        stream = build_chain([fb, shed, limit, failover, retrying, charge, breaker, classify,
-                              AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
-                             FirstEvent(terminal, fallback.max_body))
+        first_byte = AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")
+        first_event = FirstEvent(terminal, fallback.max_body)
+        stream = build_chain([fb, shed, limit, failover, retrying, charge, breaker, classify, first_byte], first_event)
         cont = None
         if llm.continuation.enabled and llm.continuation.max:
             # asks for the rest of a broken stream: no cache or degraded answer can be spliced in, and no
@@ -87,9 +87,7 @@ class OpenAIProtocol(HttpProtocol):
             prefill = store.keep(("llm-prefill", up.name), PrefillMemory)  # learnt refusals outlive a reload
             cont = build_chain([ModelFailover(llm.fallback_models, clock, (), prefill,
                                                 llm.continuation.no_prefill_models),
-                                retrying, charge, breaker, classify,
-                                AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")],
-                               FirstEvent(terminal, fallback.max_body))
+                                retrying, charge, breaker, classify, first_byte], first_event)
         return build_chain(policies, WholeBody(terminal, fallback.max_body)), stream, cont
 
     def stand_in(self, up) -> bool:

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -66,7 +66,6 @@ class Fault:
     rescue: str = ""                           # what the proxy does, for the table
     heals: float | None = None                 # the primary heals this long after the start
     stays_down: bool = False                   # the primary is still failing at the end (its breaker open)
-    extra: dict = field(default_factory=dict)
 
 
 def _set(**attrs):

@@ -22,6 +22,11 @@ def client(p) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=p.url + "/api/v1", api_key="placeholder", max_retries=0)
 
 
+def _limits(p) -> Limits:
+    """The running upstream's buckets (State kept by the store)."""
+    return next(v for k, v in p.app.store.live.items() if k[:2] == ("keep", "llm-limits"))
+
+
 def q(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -99,7 +104,7 @@ async def test_a_short_wait_within_max_wait_then_the_request_goes(fake, start_pr
     name, cfg = llm_config(fake.url, limits={"requests_per_minute": 60, "max_wait": "2s"})
     p = await start_proxy(cfg, clock=clock)
     c = client(p)
-    lim = p.app.store.live[next(k for k in p.app.store.live if k[:2] == ("keep", "llm-limits"))]
+    lim = _limits(p)
     lim.upstream[0].take(60, clock.monotonic())  # the minute's requests are spent
     r = await c.chat.completions.create(model="m", messages=q("waits"))
     assert r.choices[0].message.content and len(fake.requests) == 1
@@ -194,7 +199,7 @@ async def test_a_stream_without_usage_is_charged_its_text_not_its_reservation(fa
     question = q("x" * 400)
     r = await client(p).chat.completions.create(model="m", messages=question, max_tokens=5000, stream=True)
     [ch async for ch in r]
-    lim = p.app.store.live[next(k for k in p.app.store.live if k[:2] == ("keep", "llm-limits"))]
+    lim = _limits(p)
     text = fake.content({"messages": question})
     used = (400 // 4 + 4) + -(-len(text) // 4)  # the prompt's estimate and the answer's text, 4 chars a token
     assert lim.upstream[1].level == pytest.approx(10000 - used)
