@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import re
@@ -145,7 +146,10 @@ async def _load(stop: asyncio.Event, counts: Counts, ports: dict[str, int]) -> N
             await asyncio.sleep(0.01)
         if pending:
             await asyncio.wait(pending)
+        # a pool handed to Redis() is not closed by it: without this the client's connections stay open
+        # (until the garbage collector finds them) and the proxy's fds look as if they never came back
         await rc.aclose()
+        await pool.aclose()
 
 
 async def soak(minutes: float, out_dir: Path, period: float = PERIOD) -> int:
@@ -185,6 +189,7 @@ async def soak(minutes: float, out_dir: Path, period: float = PERIOD) -> int:
                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     samples: list[dict] = []
     counts = Counts()
+    open_socks: collections.Counter = collections.Counter()
     try:
         wait_port(admin)
         for p in ports.values():
@@ -229,6 +234,12 @@ async def soak(minutes: float, out_dir: Path, period: float = PERIOD) -> int:
         while proc.num_fds() > fds_idle + 5 and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
         samples.append({"t": round(time.monotonic() - t0), "rss": proc.memory_info().rss, "fds": proc.num_fds()})
+        # what is still open, by peer: names the leak when the fds are not back
+        names = {str(p): n for n, p in ports.items()} | {link.listen.rsplit(":", 1)[1]: f"{n} (upstream)"
+                                                        for n, link in links.items()}
+        open_socks = collections.Counter(
+            f"{names.get(str(c.raddr.port), c.raddr.port) if c.raddr else 'listening'} {c.status}"
+            for c in proc.net_connections(kind="inet"))
     finally:
         proxy.terminate()
         proxy.wait(10)
@@ -251,7 +262,8 @@ async def soak(minutes: float, out_dir: Path, period: float = PERIOD) -> int:
     if errors:
         problems.append(f"{len(errors)} error log lines, the first: {errors[0][:300]}")
     if fds1 > fds0 + 5:
-        problems.append(f"fds idle before the load {fds0}, after it {fds1}: not back")
+        problems.append(f"fds idle before the load {fds0}, after it {fds1}: not back (open sockets: "
+                        f"{dict(open_socks)})")
     if minutes >= 2 and result["rss_growth"] > RSS_LIMIT:
         problems.append(f"RSS grew {result['rss_growth']:.1%} (limit {RSS_LIMIT:.0%})")
     result["problems"] = problems
