@@ -155,7 +155,15 @@ def naive(up: int) -> Proc:
                 PROXY_CORE, cwd=ROOT)
 
 
-def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict | None = None) -> tuple[Proc, dict]:
+def lean(up: int) -> Proc:
+    """A forwarder on the proxy's own server and client code with no policies (bench/lean.py)."""
+    port = free_port()
+    return Proc("lean-python", [sys.executable, "-m", "bench.lean", str(port), f"http://127.0.0.1:{up}"], port,
+                PROXY_CORE, cwd=ROOT)
+
+
+def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict | None = None,
+          interpreted: bool = False) -> tuple[Proc, dict]:
     """The proxy with the full chain on: breaker, retry with budget, timeouts, fallback cache, metrics and
     two canary tracks (stable 95 / canary 5, to the two nginx servers)."""
     port, admin = free_port(), free_port()
@@ -176,7 +184,7 @@ def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict
            }}}
     for k, v in (extra or {}).items():
         cfg["upstreams"]["db"][k] = v
-    p = _run_proxy(tmp, name, cfg, port, admin)
+    p = _run_proxy(tmp, name, cfg, port, admin, interpreted)
     return p, {"port": port, "admin": admin, "config": cfg, "path": tmp / f"{name}.yaml"}
 
 
@@ -189,13 +197,28 @@ def proxy_for(tmp: Path, name: str, protocol: str, target_url: str) -> Proc:
     return _run_proxy(tmp, name, cfg, port, admin)
 
 
-def _run_proxy(tmp: Path, name: str, cfg: dict, port: int, admin: int) -> Proc:
-    """Write the config, start the proxy on the proxy core, and wait until its admin port answers too."""
+def _run_proxy(tmp: Path, name: str, cfg: dict, port: int, admin: int, interpreted: bool = False) -> Proc:
+    """Write the config, start the proxy on the proxy core, and wait until its admin port answers too.
+    `interpreted`: from the .py sources even where the hot modules are compiled (bench/purepy.py)."""
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    p = Proc(name, [sys.executable, "-m", "proxy", "run", "--config", str(path)], port, PROXY_CORE, cwd=ROOT)
+    entry = "bench.purepy" if interpreted else "proxy"
+    p = Proc(name, [sys.executable, "-m", entry, "run", "--config", str(path)], port, PROXY_CORE, cwd=ROOT)
     wait_port(admin)
     return p
+
+
+def compiled() -> bool:
+    """Whether the proxy's hot modules are compiled in this tree (an extension module beside a .py)."""
+    return any((ROOT / "proxy").rglob("*.so"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used (its threads included)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def rss_mb(pid: int) -> float:

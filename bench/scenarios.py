@@ -29,6 +29,10 @@ def throughput(tmp: Path, ups: list[int], rounds: int, seconds: float, progress)
     systems: dict[str, Proc] = {}
     px, info = peers.proxy(tmp, ups)
     systems["resilience-proxy"] = px
+    if peers.compiled():  # the same proxy from its .py sources: what compiling the hot path is worth
+        systems["resilience-proxy (interpreted)"], _ = peers.proxy(tmp, ups, name="resilience-proxy-interpreted",
+                                                                   interpreted=True)
+    systems["lean-python"] = peers.lean(ups[0])
     systems["naive-aiohttp"] = peers.naive(ups[0])
     systems["nginx"] = peers.nginx_proxy(tmp, ups[0])
     systems["haproxy"] = peers.haproxy(tmp, ups[0])
@@ -38,6 +42,8 @@ def throughput(tmp: Path, ups: list[int], rounds: int, seconds: float, progress)
     urls = {n: f"http://127.0.0.1:{p.port}/item" for n, p in systems.items()}
     urls["direct"] = f"http://127.0.0.1:{ups[0]}/item"
     res: dict = {"rps": {n: [] for n in urls}, "p50_1conn": {n: [] for n in urls}, "p99_1conn": {n: [] for n in urls},
+                 # one process each (nginx's and HAProxy's workers are not the pid we hold)
+                 "cpu_us": {n: [] for n in systems if n.startswith(("resilience-proxy", "lean", "naive"))},
                  "invalid": []}
     try:
         for n in urls:  # warm up: pools, caches, JIT-less but still
@@ -45,7 +51,10 @@ def throughput(tmp: Path, ups: list[int], rounds: int, seconds: float, progress)
         for r in range(rounds):
             for n, url in urls.items():
                 progress(f"scenario 1 round {r + 1}/{rounds}: {n}")
+                before = peers.cpu_seconds(systems[n].pid) if n in res["cpu_us"] else None
                 out = load.wrk(url, 64, seconds)
+                if before is not None and out["requests"]:  # user + system CPU of the process, per request
+                    res["cpu_us"][n].append((peers.cpu_seconds(systems[n].pid) - before) / out["requests"] * 1e6)
                 res["rps"][n].append(out["rps"])
                 if not out["valid"]:
                     res["invalid"].append((n, "64conn", out))
