@@ -2,10 +2,11 @@
 when asked: `RESILIENCE_PROXY_COMPILE=1 pip install --no-build-isolation -e .` (Cython installed first)
 compiles the modules of HOT with Cython in pure-Python mode (the same .py files, no .pyx).
 
-Not the default, because it is slower today (bench/results/compile-choice.md): the full chain compiled
-this way forwards 0.74-0.94x what the same code does interpreted, in one run on one core. Python 3.11's
-specialising interpreter caches attribute look-ups in the bytecode; Cython's code for a plain class (every
-class here) goes through the generic look-up each time, and the request path is mostly attribute access.
+Not the default, because it is slower today (bench/results/compile-choice.md): with all these modules
+compiled this way the proxy forwards 0.74x what the same code does interpreted (one run, one core; the
+server and client alone compiled: 0.94x, within the noise). The profile points at attribute access:
+Python 3.11's specialising interpreter caches attribute and slot look-ups in the bytecode, while Cython's
+code for a plain class (every class here) takes the generic look-up each time.
 Compiling pays only once the hot classes are extension types with typed fields and the code that reads
 them knows their types (Cython .pxd declarations, or mypyc over type-clean modules, which enforces every
 annotation at run time: one loose hint, `counters = None` later set to an object, stopped the proxy from

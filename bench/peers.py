@@ -208,17 +208,35 @@ def _run_proxy(tmp: Path, name: str, cfg: dict, port: int, admin: int, interpret
     return p
 
 
+def extension_modules() -> list[Path]:
+    """The proxy's compiled modules in this tree (an extension module beside its .py shadows it)."""
+    return sorted((ROOT / "proxy").rglob("*.so"))
+
+
 def compiled() -> bool:
-    """Whether the proxy's hot modules are compiled in this tree (an extension module beside a .py)."""
-    return any((ROOT / "proxy").rglob("*.so"))
+    """Whether this tree's hot modules are compiled; refuses a tree where one is older than its .py (an
+    edit the compiled module does not have: the run would measure code that is not there)."""
+    stale = [so for so in extension_modules()
+             if (py := so.with_name(so.name.split(".", 1)[0] + ".py")).exists() and py.stat().st_mtime > so.stat().st_mtime]
+    if stale:
+        raise RuntimeError(f"compiled modules older than their source: {[str(p.relative_to(ROOT)) for p in stale]}; "
+                           "rebuild (RESILIENCE_PROXY_COMPILE=1 pip install --no-build-isolation -e .) or delete them")
+    return bool(extension_modules())
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU the process has used (its threads included)."""
+    """User + system CPU the process and its children have used (nginx's workers are its children)."""
     import psutil
 
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    p = psutil.Process(pid)
+    total = 0.0
+    for q in (p, *p.children(recursive=True)):
+        try:
+            t = q.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def rss_mb(pid: int) -> float:

@@ -40,7 +40,11 @@ def compiled_modules() -> list[str]:
 
 if __name__ == "__main__":
     install()
+    import proxy.listen.http  # noqa: F401 — the hot path, imported now so the check below sees it
     from proxy.cli import main
+
+    if compiled_modules():  # the finder did not win: this peer would measure the compiled build
+        raise SystemExit(f"bench.purepy: compiled modules were loaded: {compiled_modules()}")
 
     sys.argv[0] = "resilience-proxy"
     raise SystemExit(main())

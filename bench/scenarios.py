@@ -42,8 +42,7 @@ def throughput(tmp: Path, ups: list[int], rounds: int, seconds: float, progress)
     urls = {n: f"http://127.0.0.1:{p.port}/item" for n, p in systems.items()}
     urls["direct"] = f"http://127.0.0.1:{ups[0]}/item"
     res: dict = {"rps": {n: [] for n in urls}, "p50_1conn": {n: [] for n in urls}, "p99_1conn": {n: [] for n in urls},
-                 # one process each (nginx's and HAProxy's workers are not the pid we hold)
-                 "cpu_us": {n: [] for n in systems if n.startswith(("resilience-proxy", "lean", "naive"))},
+                 "cpu_us": {n: [] for n in systems},  # the process and its children (nginx's workers)
                  "invalid": []}
     try:
         for n in urls:  # warm up: pools, caches, JIT-less but still

@@ -3,7 +3,7 @@ problems that make `python -m bench` exit 1 — on results built here, number by
 
 from __future__ import annotations
 
-from bench.report import problems, targets
+from bench.report import markdown, problems, targets
 
 
 def throughput(px=12_000.0, naive=4_000.0, caddy=8_000.0, lean=15_000.0, p50_px=300e-6, p50_ng=150e-6, p50_d=20e-6,
@@ -84,4 +84,30 @@ def test_scenarios_that_measured_nothing_are_problems():
 def test_a_peers_invalid_run_leaves_its_comparison_unjudged_but_is_not_a_problem():
     peer = ("caddy", "64conn", {"non2xx": 0, "socket_errors": 3, "requests": 900})
     r = {"throughput": throughput(invalid=[peer])}
-    assert problems(r) == [] and set(judged(r).values()) == {None}
+    assert problems(r) == []
+    assert judged(r) == {**judged({"throughput": throughput()}), "S1 ≥ 1.5× Caddy": None}  # the rest still judged
+    nginx = ("nginx", "1conn", {"non2xx": 1, "socket_errors": 0, "requests": 900})
+    j = judged({"throughput": throughput(invalid=[nginx])})
+    assert j["S2 added p50 (1 conn) ≤ 1.5× nginx's"] is None and j["S1 ≥ 1.5× Caddy"] is True
+
+
+def test_the_markdown_shows_every_system_with_its_cpu_and_renders_an_older_run_too():
+    t = throughput()
+    t["rps"]["resilience-proxy (interpreted)"] = [8_000.0, 8_000.0]
+    t["cpu_us"]["lean-python"] = [20.0, 22.0]
+    for n in t["rps"]:
+        t["p50_1conn"].setdefault(n, [100e-6, 100e-6])
+        t["p99_1conn"] = {**t.get("p99_1conn", {}), n: [200e-6, 200e-6]}
+    t["fixed_1000rps"] = {n: [{"p50": 1e-4, "p99": v[0]["p99"], "p999": 1e-3}] * 2 for n, v in t["fixed_1000rps"].items()}
+    r = {"started": "now", "command": "python -m bench", "mode": "full", "machine": {"proxy build": "interpreted"},
+         "throughput": t}
+    md = markdown(r)
+    assert "| lean-python | 15,000 (15,000–15,000) | 100 µs | 200 µs | 21 µs |" in md
+    assert "| resilience-proxy (interpreted) | 8,000" in md and "| haproxy | 60,000 (60,000–60,000) | 100 µs | 200 µs | — |" in md
+    assert "| S1 the chain within 20% of lean Python (≥ 0.8×) | 12,000 vs 15,000 rps | 0.80× (0.80–0.80) | yes |" in md
+    del t["cpu_us"]  # a run from before CPU was measured
+    for n in ("lean-python", "resilience-proxy (interpreted)"):
+        for k in ("rps", "p50_1conn", "p99_1conn"):
+            del t[k][n]
+    md = markdown(r)
+    assert "| S1 the chain within 20% of lean Python (≥ 0.8×) | not measured (lean-python did not run) |  | — |" in md
