@@ -3,7 +3,7 @@ when asked: `RESILIENCE_PROXY_COMPILE=1 pip install --no-build-isolation -e .` (
 compiles the modules of HOT with Cython in pure-Python mode (the same .py files, no .pyx).
 
 Not the default, because it is slower today (bench/results/compile-choice.md): with all these modules
-compiled this way the proxy forwards 0.74x what the same code does interpreted (one run, one core; the
+compiled this way the proxy forwards 0.74-0.84x what the same code does interpreted (two runs, one core; the
 server and client alone compiled: 0.94x, within the noise). The profile points at attribute access:
 Python 3.11's specialising interpreter caches attribute and slot look-ups in the bytecode, while Cython's
 code for a plain class (every class here) takes the generic look-up each time.
