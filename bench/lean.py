@@ -3,7 +3,7 @@
 shows what the chain itself costs; beside the naive aiohttp forwarder, what the server and client code
 saves. `python -m bench.lean PORT UPSTREAM` (UPSTREAM: http://host:port).
 
-The proxy's forwarding rules for what the benchmark sends: hop-by-hop headers (and those Connection
+The proxy's forwarding rules for what the benchmark sends: its hop-by-hop set (and the Connection-listed
 names) dropped both ways, the request body read whole (up to 64 MiB), keep-alive to the upstream, a
 request that met a kept-alive connection the upstream had closed sent once more on a new one. Not the
 rest: HEAD is refused (501), no timeouts, the upstream is a host:port on loopback (no path, no TLS).
@@ -20,11 +20,11 @@ import uvloop
 
 from proxy.http1.client import ClientConnection, UpstreamClosed
 from proxy.http1.server import Response, Server
-from proxy.listen.http import forwardable
+from proxy.listen.http import HOP_BY_HOP, forwardable
 
-HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer",
-                 "proxy-connection", "host", "content-length"})
-_DROP = HOP | {"expect"}  # the server answers 100-continue itself
+# the proxy's own hop-by-hop set; Host and Content-Length are written here, 100-continue answered by us
+_REQ_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_RESP_DROP = HOP_BY_HOP | {"content-length"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_BODY = 64 << 20
 
@@ -69,7 +69,7 @@ async def serve(port: int, upstream: str) -> tuple[asyncio.AbstractServer, Serve
                 await request.send_continue()  # the app waits for it before it sends the body
             body = await request.read(_MAX_BODY)
         head = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: {pool.host_header}\r\n"]
-        head += [f"{k}: {v}\r\n" for k, v in forwardable(request.headers, _DROP).items()]
+        head += [f"{k}: {v}\r\n" for k, v in forwardable(request.headers, _REQ_DROP).items()]
         head.append(f"Content-Length: {len(body)}\r\n\r\n" if body or request.method in _BODY_METHODS else "\r\n")
         data = "".join(head).encode("utf-8", "surrogateescape") + body
         for _ in range(2):
@@ -88,7 +88,7 @@ async def serve(port: int, upstream: str) -> tuple[asyncio.AbstractServer, Serve
             answer = await r.read()
         finally:
             r.release()
-        return Response(r.status, headers=forwardable(r.headers, HOP), body=answer)
+        return Response(r.status, headers=forwardable(r.headers, _RESP_DROP), body=answer)
 
     server = Server(handle, max_header_bytes=65536)
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", port, backlog=1024)

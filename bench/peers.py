@@ -216,12 +216,13 @@ def extension_modules() -> list[Path]:
 def compiled() -> bool:
     """Whether this tree's hot modules are compiled; refuses a tree where one is older than its .py (an
     edit the compiled module does not have: the run would measure code that is not there)."""
-    stale = [so for so in extension_modules()
+    sos = extension_modules()
+    stale = [so for so in sos
              if (py := so.with_name(so.name.split(".", 1)[0] + ".py")).exists() and py.stat().st_mtime > so.stat().st_mtime]
     if stale:
         raise RuntimeError(f"compiled modules older than their source: {[str(p.relative_to(ROOT)) for p in stale]}; "
                            "rebuild (RESILIENCE_PROXY_COMPILE=1 pip install --no-build-isolation -e .) or delete them")
-    return bool(extension_modules())
+    return bool(sos)
 
 
 def cpu_seconds(pid: int) -> float:
