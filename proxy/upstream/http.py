@@ -86,14 +86,49 @@ class HttpTerminal:
     async def __call__(self, req: ProxyRequest) -> ProxyResponse:
         target = req.target
         pool = target.pool
-        try:
-            await pool.acquire()
-        except Overloaded as exc:
-            return shed_response(str(exc))
+        if not pool.try_acquire():
+            try:
+                await pool.acquire()
+            except Overloaded as exc:
+                return shed_response(str(exc))
         req.attempts += 1
         body = req.body
-        if pool.fast and req.method != "HEAD" and (body is None or body.__class__ is bytes):
-            return await self._lean(req, pool, body)
+        if not (pool.fast and req.method != "HEAD" and (body is None or body.__class__ is bytes)):
+            return await self._aiohttp(req, target, pool)
+        # The lean client, inline (one frame per attempt): the request as one write, the answer parsed
+        # by llhttp.
+        headers = req.headers
+        head = pool.request_head(req.method, req.path_qs, headers)
+        if body is not None and "Content-Length" not in headers:
+            head.append(f"Content-Length: {len(body)}\r\n")
+        elif body is None and req.method in _BODY_METHODS and "Content-Length" not in headers:
+            head.append("Content-Length: 0\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("utf-8", "surrogateescape")
+        if body:
+            data += body
+        try:
+            conn = pool.h1_get(None if req.idempotent else _SAFE_IDLE)
+            if conn is None:
+                conn = await pool.h1_connect()
+            try:
+                r = await conn.request(data)
+            except UpstreamClosed:
+                if not (conn.reused and not conn.got_bytes and req.idempotent):
+                    raise
+                # a kept-alive connection the upstream had already closed: nothing was processed
+                conn = await pool.h1_connect()
+                r = await conn.request(data)
+        except (ConnectFailed, UpstreamClosed, OSError) as exc:
+            pool.release()
+            return failure_response(exc, pool, target.name)
+        except BaseException:
+            pool.release()
+            raise
+        return ProxyResponse(r.status, r.headers, None, stream=r, release=r.release)
+
+    async def _aiohttp(self, req: ProxyRequest, target, pool) -> ProxyResponse:
+        """aiohttp's client, for what the lean one does not do (egress proxy, HEAD, streamed bodies)."""
         gen = pool.session()
         try:
             cr = await aio.request(
@@ -122,35 +157,3 @@ class HttpTerminal:
             pool.release()
 
         return ProxyResponse(cr.status, cr.headers, None, stream=aio.Answer(cr), release=release)
-
-    async def _lean(self, req: ProxyRequest, pool, body: bytes | None) -> ProxyResponse:
-        """The lean client: the request as one write, the answer parsed by llhttp."""
-        headers = req.headers
-        head = pool.request_head(req.method, req.path_qs, headers)
-        if body is not None and "Content-Length" not in headers:
-            head.append(f"Content-Length: {len(body)}\r\n")
-        elif body is None and req.method in _BODY_METHODS and "Content-Length" not in headers:
-            head.append("Content-Length: 0\r\n")
-        head.append("\r\n")
-        data = "".join(head).encode("utf-8", "surrogateescape")
-        if body:
-            data += body
-        try:
-            conn = pool.h1_get(None if req.idempotent else _SAFE_IDLE)
-            if conn is None:
-                conn = await pool.h1_connect()
-            try:
-                r = await conn.request(data)
-            except UpstreamClosed:
-                if not (conn.reused and not conn.got_bytes and req.idempotent):
-                    raise
-                # a kept-alive connection the upstream had already closed: nothing was processed
-                conn = await pool.h1_connect()
-                r = await conn.request(data)
-        except (ConnectFailed, UpstreamClosed, OSError) as exc:
-            pool.release()
-            return failure_response(exc, pool, req.target.name)
-        except BaseException:
-            pool.release()
-            raise
-        return ProxyResponse(r.status, r.headers, None, stream=r, release=r.release)

@@ -186,10 +186,16 @@ class HttpPool:
         self._closing.add(t)
         t.add_done_callback(self._closing.discard)
 
-    async def acquire(self) -> None:
-        """Take a connection slot or raise Overloaded."""
+    def try_acquire(self) -> bool:
+        """Take a free connection slot now, without waiting (a plain call: no coroutine when one is free)."""
         if self.busy < self.max_connections and not self._waiters:
             self.busy += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a connection slot or raise Overloaded."""
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.max_pending:
             raise Overloaded(f"{self.max_pending} requests already wait for a connection")

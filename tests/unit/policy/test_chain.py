@@ -1,5 +1,7 @@
-"""Table-driven: scripted upstream outcomes per attempt through the folded chain → expected responses,
-attempts, sleeps and breaker states. Time is a ManualClock: nothing here sleeps."""
+"""Table-driven: scripted upstream outcomes per attempt through the chain → expected responses, attempts,
+sleeps and breaker states. Every test runs twice: through the fused chain (proxy/policy/fused.py, what the
+HTTP listener runs) and through the fold of the policies' own coroutines. Time is a ManualClock: nothing
+here sleeps."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from proxy.policy.base import build_chain
 from proxy.policy.breaker import Breaker, BreakerState
 from proxy.policy.classify import Classify
 from proxy.policy.fallback import Fallback, FallbackCache
+from proxy.policy.fused import FusedChain
 from proxy.policy.retry import Retry, RetryBudget
 from proxy.policy.shed import Shed
 from proxy.policy.timeout import AttemptTimeout, Deadlines, TotalTimeout
@@ -50,6 +53,13 @@ class Script:
 
 
 _n = iter(range(10**6))
+_FUSED = [True]
+
+
+@pytest.fixture(autouse=True, params=["fused", "folded"])
+def chain_kind(request):
+    _FUSED[0] = request.param == "fused"
+    return request.param
 
 
 def make_chain(outcomes, clock=None, retry=None, breaker=None, fallback=None, in_flight=0):
@@ -77,7 +87,8 @@ def make_chain(outcomes, clock=None, retry=None, breaker=None, fallback=None, in
         Breaker(clock),
         Classify(status_matcher(bspec.failure_statuses)),
         AttemptTimeout(10, clock, Deadlines()),
-    ], script)
+    ], script, fused=_FUSED[0])
+    assert isinstance(chain, FusedChain) is _FUSED[0]
     return chain, script, clock, br, budget, cache
 
 
