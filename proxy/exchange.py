@@ -88,6 +88,22 @@ class ProxyRequest(Call):
 
 AfterBody = Callable[["Verdict | None", "bytes | None"], None]
 
+# HTTP headers that describe one hop, not the message (RFC 9110 §7.6.1): never forwarded, never cached.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+_NONE: frozenset[str] = frozenset()
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+
+
+def connection_listed(headers) -> frozenset[str]:
+    """The header names a Connection header declares hop-by-hop too (RFC 9110 §7.6.1)."""
+    if "Connection" not in headers:
+        return _NONE
+    values = headers.getall("Connection")
+    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+        return _NONE  # "keep-alive"/"close" name nothing beyond the hop-by-hop set: the common case
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))
+
 
 class ProxyResponse:
     """An answer on its way back up the chain. Work that must wait for the end of its body — the
@@ -97,7 +113,7 @@ class ProxyResponse:
     abandoned (None)."""
 
     __slots__ = ("status", "headers", "body", "stream", "verdict", "failure", "outcome", "source",
-                 "reason", "elapsed", "target", "keep", "_after", "_release")
+                 "reason", "elapsed", "target", "keep", "head", "head_version", "_after", "_release")
 
     def __init__(self, status: int, headers: CIMultiDict | None = None, body: bytes | None = b"",
                  stream: Any = None, verdict: Verdict = Verdict.SUCCESS, failure: Failure | None = None,
@@ -109,6 +125,10 @@ class ProxyResponse:
         self.elapsed = 0.0
         self.target: Any = None
         self.keep = -1                      # body bytes an after-body hook wants kept (-1: none)
+        # `headers` already serialised ("Name: value\r\n" lines, hop-by-hop ones out), valid while
+        # multidict.getversion(headers) is still head_version: a cached answer's head, made once
+        self.head: list[str] | None = None
+        self.head_version = 0
         self._after: list[AfterBody] | None = None
         self._release = release
 

@@ -81,10 +81,15 @@ class ClientBody:
 
 
 class ClientResponse:
-    __slots__ = ("status", "reason", "headers", "content", "_conn", "_released")
+    """`raw`: the header list as it arrived (names and values decoded, in order), for a listener that
+    serialises the forwarded head straight from it (proxy/listen/http.py)."""
 
-    def __init__(self, status: int, reason: str, headers: CIMultiDict, body: ClientBody, conn) -> None:
+    __slots__ = ("status", "reason", "headers", "raw", "content", "_conn", "_released")
+
+    def __init__(self, status: int, reason: str, headers: CIMultiDict, body: ClientBody, conn,
+                 raw: list[tuple[str, str]] | None = None) -> None:
         self.status, self.reason, self.headers, self.content = status, reason, CIMultiDictProxy(headers), body
+        self.raw = raw if raw is not None else list(headers.items())
         self._conn, self._released = conn, False
 
     async def read(self) -> bytes:
@@ -200,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
                                  and "chunked" not in h.get("Transfer-Encoding", "").lower())
         w = self._waiter
         if w is not None and not w.done():
-            w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self))
+            w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self, self._raw))
 
     def on_body(self, body: bytes) -> None:
         b = self._body

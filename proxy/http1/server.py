@@ -242,6 +242,33 @@ class Request:
             self._proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
+class HeadLines:
+    """An answer's header lines already serialised ("Name: value\\r\\n" each, Content-Length and
+    hop-by-hop ones left out by whoever made them): a forwarded answer's head built straight from the
+    upstream's raw header list, or a cached answer's, serialised once when it was stored. `Response`
+    writes them as they are, instead of copying them into a header map and serialising that."""
+
+    __slots__ = ("lines", "has_date")
+
+    def __init__(self, lines: list[str], has_date: bool) -> None:
+        self.lines, self.has_date = lines, has_date
+
+    def __contains__(self, name: str) -> bool:
+        prefix = name.lower() + ":"
+        return any(line[:len(prefix)].lower() == prefix for line in self.lines)
+
+    def items(self):
+        for line in self.lines:
+            k, _, v = line.partition(":")
+            yield k, v.strip()
+
+
+def _head_lines(status: int, reason: str | None, head: HeadLines, extra: str) -> bytes:
+    date = "" if head.has_date else f"Date: {http_date()}\r\n"
+    return "".join((f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n", *head.lines, date, extra)).encode(
+        "utf-8", "surrogateescape")
+
+
 def _head(status: int, reason: str | None, headers, extra: str) -> bytes:
     lines = [f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n"]
     for k, v in headers.items():
@@ -273,8 +300,10 @@ class Response:
     def __init__(self, status: int = 200, reason: str | None = None, headers=None, body: bytes | None = None,
                  content_type: str | None = None) -> None:
         self.status, self.reason, self.body = status, reason, body
-        # a CIMultiDict is taken as is (the listener builds one per answer anyway); anything else is copied
-        self.headers = headers if headers.__class__ is CIMultiDict else CIMultiDict(headers or ())
+        # a CIMultiDict or HeadLines is taken as is (the listener builds one per answer anyway); anything
+        # else is copied
+        cls = headers.__class__
+        self.headers = headers if cls is CIMultiDict or cls is HeadLines else CIMultiDict(headers or ())
         if content_type is not None:
             self.headers["Content-Type"] = content_type
         self.prepared = False
@@ -286,21 +315,24 @@ class Response:
         self.prepared = True
         proto, status, body = request._proto, self.status, self.body
         headers = self.headers
+        lines = headers.__class__ is HeadLines  # never holds a Content-Length
         if status < 200 or status in (204, 304):
-            headers.popall("Content-Length", None)
+            if not lines:
+                headers.popall("Content-Length", None)
             extra, body = "\r\n", None
         elif request.method == "HEAD":
             # the length the GET would have, when the caller knows it; never a body
-            extra = "\r\n" if "Content-Length" in headers else f"Content-Length: {len(body or b'')}\r\n\r\n"
+            extra = "\r\n" if not lines and "Content-Length" in headers else f"Content-Length: {len(body or b'')}\r\n\r\n"
             body = None
         else:
-            headers.popall("Content-Length", None)
+            if not lines:
+                headers.popall("Content-Length", None)
             extra = f"Content-Length: {len(body) if body else 0}\r\n\r\n"
         if not proto.will_keep_alive(request):
             extra = "Connection: close\r\n" + extra
         elif request.version == "1.0":
             extra = "Connection: keep-alive\r\n" + extra  # HTTP/1.0 (ab -k) closes unless told otherwise
-        data = _head(status, self.reason, headers, extra)
+        data = _head_lines(status, self.reason, headers, extra) if lines else _head(status, self.reason, headers, extra)
         proto.responded = True
         proto.write(data + body if body else data)
 

@@ -16,16 +16,14 @@ import math
 import os
 import time
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, getversion
 
-from proxy.exchange import Failure, ProxyRequest, ProxyResponse, Verdict
-from proxy.http1.client import BODY_ERRORS
-from proxy.http1.server import BodyTooLarge, MalformedBody, Request, Response, StreamResponse
+from proxy.exchange import HOP_BY_HOP, Failure, ProxyRequest, ProxyResponse, Verdict, connection_listed
+from proxy.http1.client import BODY_ERRORS, ClientResponse
+from proxy.http1.server import BodyTooLarge, HeadLines, MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
 from proxy.route.tracks import BadOverride
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
 _RESP_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
 _BUFFER_MAX = 64 * 1024  # answers up to this size are read whole and sent in one write
@@ -42,20 +40,6 @@ def new_request_id(given: str | None) -> str:
         raw = os.urandom(16 * 256).hex()
         _ids.extend(raw[i:i + 32] for i in range(0, len(raw), 32))
     return _ids.pop()
-
-
-_NONE: frozenset[str] = frozenset()
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-
-
-def connection_listed(headers) -> frozenset[str]:
-    """The header names a Connection header declares hop-by-hop (RFC 9110 §7.6.1)."""
-    if "Connection" not in headers:
-        return _NONE
-    values = headers.getall("Connection")
-    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
-        return _NONE  # "keep-alive"/"close" name nothing beyond the hop-by-hop set: the common case
-    return frozenset(t.strip().lower() for v in values for t in v.split(","))
 
 
 def forwardable(headers, drop: frozenset[str]) -> CIMultiDict:
@@ -311,6 +295,36 @@ class HttpListener:
             headers[track_header] = track
         return headers
 
+    def answer_head(self, resp: ProxyResponse, rid: str, track_header: str | None, track: str):
+        """The head of an answer sent whole: serialised straight from the upstream's raw header list when
+        the lean client's answer goes back as it came (its header map is a read-only proxy, so nothing
+        above changed it), from a cached answer's pre-serialised lines while its map is unchanged, else
+        from the map (response_headers)."""
+        cr = resp.stream
+        if cr.__class__ is ClientResponse and resp.headers is cr.headers:
+            drop = _RESP_DROP
+            listed = connection_listed(cr.headers)
+            if listed:
+                drop = drop | listed
+            if track_header and track_header in cr.headers:  # the upstream sent one: ours replaces it
+                drop = drop | {track_header.lower()}
+            lines = [f"{k}: {v}\r\n" for k, v in cr.raw if k.lower() not in drop]
+            has_date = "Date" in cr.headers
+        elif resp.head is not None and getversion(resp.headers) == resp.head_version:
+            lines = resp.head
+            if track_header and track_header in resp.headers:  # stored from the upstream: ours replaces it
+                t = track_header.lower() + ":"
+                lines = [line for line in lines if line[:len(t)].lower() != t]
+            else:
+                lines = lines.copy()
+            has_date = "Date" in resp.headers
+        else:
+            return self.response_headers(resp, rid, track_header, track)
+        lines.append(f"X-Request-Id: {rid}\r\n")
+        if track_header and track:
+            lines.append(f"{track_header}: {track}\r\n")
+        return HeadLines(lines, has_date)
+
     async def respond(self, request: Request, up, route, preq: ProxyRequest,
                       resp: ProxyResponse) -> tuple[str, StreamResponse]:
         if resp.stream is None and resp.body is None:
@@ -320,7 +334,6 @@ class HttpListener:
             await r.prepare(request)
             await r.write_eof()
             return str(resp.status), r
-        headers = self.response_headers(resp, preq.request_id, up.track_header, preq.target.name)
         head = request.method == "HEAD"
         no_body = head or resp.status in (204, 304) or resp.status < 200
         cr = resp.stream
@@ -337,12 +350,14 @@ class HttpListener:
         if cr is None:
             # in memory (read here, or inside the attempt): each after-body hook applies its own limit
             resp.body_done(Verdict.SUCCESS, resp.body)
-            r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None), headers=headers,
+            r = Response(status=resp.status, reason=getattr(resp.stream, "reason", None),
+                         headers=self.answer_head(resp, preq.request_id, up.track_header, preq.target.name),
                          body=None if no_body and not head else resp.body)
             r.send(request)
             await request.drain()
             return str(resp.status), r
-        sr = StreamResponse(status=resp.status, reason=cr.reason, headers=headers)
+        sr = StreamResponse(status=resp.status, reason=cr.reason,
+                            headers=self.response_headers(resp, preq.request_id, up.track_header, preq.target.name))
         cl = cr.headers.get("Content-Length")
         if cl is not None and cl.isdigit():
             sr.content_length = int(cl)

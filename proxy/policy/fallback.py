@@ -13,28 +13,45 @@ import functools
 from collections.abc import Hashable
 
 from cachetools import TTLCache
-from multidict import CIMultiDict
+from multidict import CIMultiDict, getversion
 
 from proxy.clock import Clock
-from proxy.exchange import Handler, ProxyRequest, ProxyResponse, Reason, Verdict
+from proxy.exchange import (
+    HOP_BY_HOP,
+    Handler,
+    ProxyRequest,
+    ProxyResponse,
+    Reason,
+    Verdict,
+    connection_listed,
+)
 from proxy.obs import log
 from proxy.settings.spec import FallbackSpec
 
 # Headers that describe one transfer, not the stored representation.
-_NOT_STORED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "date",
-                         "x-request-id", "set-cookie", "age"})
+_NOT_STORED = HOP_BY_HOP | {"content-length", "date", "x-request-id", "set-cookie", "age"}
 _PRIVATE = ("authorization", "cookie")
+_SET_AT_SERVE = frozenset({"age", "x-fallback", "x-fallback-reason"})  # replaced in a served answer
 _EPISODE_QUIET = 1.0
 _REINSERT_AFTER = 1.0
 
 
 class Entry:
-    __slots__ = ("status", "headers", "body", "stored_at", "inserted", "size")
+    __slots__ = ("status", "headers", "body", "stored_at", "inserted", "size", "_lines")
 
     def __init__(self, status: int, headers: tuple[tuple[str, str], ...], body: bytes, stored_at: float) -> None:
         self.status, self.headers, self.body, self.stored_at = status, headers, body, stored_at
         self.inserted = stored_at  # when the TTL (stale_ttl) started counting; stored_at is the freshness
         self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + 64
+        self._lines: list[str] | None = None
+
+    @property
+    def lines(self) -> list[str]:
+        """The stored headers serialised, once, at the first serve (not at store: that runs per success)."""
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = [f"{k}: {v}\r\n" for k, v in self.headers if k.lower() not in _SET_AT_SERVE]
+        return lines
 
 
 class BoundedCache(TTLCache):
@@ -101,7 +118,11 @@ class FallbackCache(CacheSize):
     def store(self, key: Hashable, status: int, headers, body: bytes) -> None:
         if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:
             return
-        kept = tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_STORED)
+        drop = _NOT_STORED
+        listed = connection_listed(headers)
+        if listed:
+            drop = drop | listed  # hop-by-hop for this answer: never stored, so never served
+        kept = tuple([(k, v) for k, v in headers.items() if k.lower() not in drop])
         now = self.clock.monotonic()
         old = self.cache.peek(key)
         if (old is not None and now - old.inserted < _REINSERT_AFTER and old.body == body
@@ -117,7 +138,12 @@ class FallbackCache(CacheSize):
         self.cache[key] = entry
 
     def get(self, key: Hashable) -> Entry | None:
-        e = self.cache.get(key)
+        """The entry while it is younger than stale_ttl. One dict lookup and the entry's own age, not
+        TTLCache's get (three Python calls deep): this is the open-breaker path's every request. Expired
+        entries are still evicted by the cache's own expiry (on store, and whenever its size is read)."""
+        e = self.cache.peek(key)
+        if e is None or self.clock.monotonic() - e.inserted >= self.spec.stale_ttl:
+            return None
         return e
 
     def clear(self) -> int:
@@ -212,9 +238,17 @@ class Fallback:
         entry = self.cache.get(key) if key is not None else None
         if entry is not None:
             source = self.source(entry.stored_at)
-            out = ProxyResponse(entry.status, CIMultiDict(entry.headers), entry.body, outcome="fallback")
-            out.headers["Age"] = str(int(self.clock.monotonic() - entry.stored_at))
-        elif self.static is not None:
+            out = ProxyResponse(entry.status, h := CIMultiDict(entry.headers), entry.body, outcome="fallback")
+            h["Age"] = age = str(int(self.clock.monotonic() - entry.stored_at))
+            h["X-Fallback"] = source
+            h["X-Fallback-Reason"] = reason.value
+            # the head as the listener will write it, without serialising the map again per answer
+            out.head = [*entry.lines, f"Age: {age}\r\nX-Fallback: {source}\r\nX-Fallback-Reason: {reason.value}\r\n"]
+            out.head_version = getversion(h)
+            out.source, out.reason = source, reason
+            self.served(source, reason)
+            return out
+        if self.static is not None:
             source = "static"
             st = self.static
             out = ProxyResponse(st.status, CIMultiDict(st.headers), st.body.encode(), outcome="fallback")

@@ -443,3 +443,55 @@ async def test_egress_honours_https_proxy_with_a_connect_tunnel(start_proxy, mon
         assert await r.json() == {"over": "tls", "host": f"db.internal:{tls_server.port}"}
     assert connects == [f"CONNECT db.internal:{tls_server.port} HTTP/1.1".encode()]
     fp.close()
+
+
+async def test_forwarded_and_cached_heads_keep_order_duplicates_and_drop_hop_by_hop(start_proxy, raw_upstream):
+    """The head the app gets, byte for byte in what matters: the upstream's headers in order with their
+    duplicates and UTF-8 values, without the hop-by-hop ones, the ones its Connection header lists, its own
+    X-Request-Id or track header (the proxy's replace them, once). Then the same answer from the cache,
+    once the upstream fails: the same headers plus Age/X-Fallback/X-Fallback-Reason, each once."""
+    failing = asyncio.Event()
+
+    async def answer(reader, writer):
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if failing.is_set():
+                break  # closes without answering: a reset, which the cache covers
+            writer.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\nX-Dup: first\r\n"
+                         "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
+                         "X-Request-Id: upstream-made\r\nX-Canary-Track: upstream-made\r\nX-Dup: second\r\n"
+                         "X-Fallback: upstream-made\r\nX-Name: caf\u00e9\r\nX-Z: last\r\n\r\nabc".encode())
+            await writer.drain()
+        writer.close()
+
+    name, cfg = upstream_config(await raw_upstream(answer), retry={"attempts": 1})
+    p = await start_proxy(cfg)
+    request = b"GET /h HTTP/1.1\r\nHost: app\r\nX-Request-Id: app-rid\r\n\r\n"
+
+    def header_lines(head: bytes) -> list[str]:
+        return head.decode("utf-8").split("\r\n")[1:-2]
+
+    fresh = header_lines(await raw_head(p.url, request))
+    names = [line.split(":", 1)[0].lower() for line in fresh]
+    assert [line for line in fresh if line.lower().startswith(("x-a:", "x-dup:", "x-name:", "x-z:"))] == [
+        "X-A: 1", "X-Dup: first", "X-Dup: second", "X-Name: caf\u00e9", "X-Z: last"]
+    for gone in ("connection", "x-hop", "keep-alive"):
+        assert gone not in names, gone
+    assert names.count("x-request-id") == 1 and "X-Request-Id: app-rid" in fresh
+    assert names.count("x-canary-track") == 1 and "X-Canary-Track: stable" in fresh
+    assert names.count("content-length") == 1 and names.count("date") == 1
+
+    failing.set()
+    cached = header_lines(await raw_head(p.url, request))
+    cnames = [line.split(":", 1)[0].lower() for line in cached]
+    assert [line for line in cached if line.lower().startswith(("x-a:", "x-dup:", "x-name:", "x-z:"))] == [
+        "X-A: 1", "X-Dup: first", "X-Dup: second", "X-Name: caf\u00e9", "X-Z: last"]
+    for once in ("x-request-id", "x-canary-track", "x-fallback", "x-fallback-reason", "age", "content-length", "date"):
+        assert cnames.count(once) == 1, (once, cached)
+    assert "X-Fallback: cache" in cached and "X-Fallback-Reason: upstream_error" in cached
+    assert "X-Request-Id: app-rid" in cached and "X-Canary-Track: stable" in cached
+    for gone in ("connection", "x-hop", "keep-alive"):
+        assert gone not in cnames, gone

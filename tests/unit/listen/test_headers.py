@@ -1,4 +1,5 @@
-"""What the HTTP listener forwards of a request's headers, and the request ids it makes."""
+"""What the HTTP listener forwards of a request's headers, the request ids it makes, and the heads of the
+answers it sends."""
 
 from __future__ import annotations
 
@@ -21,3 +22,35 @@ def test_a_given_request_id_is_kept_only_when_sane_and_made_ids_are_unique():
         assert new_request_id(bad) != bad
     made = {new_request_id(None) for _ in range(1000)}
     assert len(made) == 1000 and all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in made)
+
+
+def test_a_cached_answers_pre_serialised_head_is_used_only_while_its_map_is_unchanged():
+    from proxy.clock import ManualClock
+    from proxy.exchange import Reason
+    from proxy.http1.server import HeadLines
+    from proxy.listen.http import HttpListener
+    from proxy.obs.metrics import UpstreamMetrics
+    from proxy.policy.fallback import Fallback, FallbackCache
+    from proxy.settings.spec import FallbackSpec
+
+    clock = ManualClock()
+    spec = FallbackSpec()
+    cache = FallbackCache("head", spec, clock)
+    cache.store("k", 200, CIMultiDict([("Content-Type", "text/plain"), ("X-A", "1"), ("X-A", "2")]), b"body")
+    fb = Fallback(spec, cache, clock, UpstreamMetrics("head", ["stable"], (1.0,)))
+    listener = HttpListener(None, "head")
+
+    out = fb.serve("k", Reason.UPSTREAM_5XX)
+    head = listener.answer_head(out, "rid-1", "X-Canary-Track", "stable")
+    assert isinstance(head, HeadLines)
+    assert head.lines == ["Content-Type: text/plain\r\n", "X-A: 1\r\n", "X-A: 2\r\n",
+                          "Age: 0\r\nX-Fallback: cache\r\nX-Fallback-Reason: upstream_5xx\r\n",
+                          "X-Request-Id: rid-1\r\n", "X-Canary-Track: stable\r\n"]
+    again = listener.answer_head(fb.serve("k", Reason.TIMEOUT), "rid-2", None, "stable")
+    assert again.lines[-2:] == ["Age: 0\r\nX-Fallback: cache\r\nX-Fallback-Reason: timeout\r\n", "X-Request-Id: rid-2\r\n"]
+    assert cache.get("k").lines == head.lines[:3]  # the entry's own lines are never appended to
+
+    changed = fb.serve("k", Reason.UPSTREAM_5XX)
+    changed.headers["X-Added-Later"] = "yes"  # something between the cache and the listener added a header
+    head = listener.answer_head(changed, "rid-3", None, "stable")
+    assert not isinstance(head, HeadLines) and head["X-Added-Later"] == "yes" and head["X-Fallback"] == "cache"
