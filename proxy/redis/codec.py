@@ -37,18 +37,29 @@ def _length_end(buf, pos: int, n: int, what: str) -> int:
     return eol
 
 
+class Args(list):
+    """One command's arguments. `raw`: the bytes the client sent for it, when they are exactly what
+    `encode_command(args)` would make (a multibulk with canonical lengths, read in one feed, no argument
+    over 64 KiB) — forwarded as they are instead of encoded again; None otherwise (inline commands,
+    lengths with leading zeros, commands that arrived over several reads)."""
+
+    __slots__ = ("raw",)
+
+
 class RequestParser:
-    """Client → proxy. `feed(data)` returns complete commands; partial input is kept, and parsing resumes
-    where it stopped (a large command arriving in many reads is parsed once, not once per read).
-    `max_command` bounds a whole command (its arguments together, as they will be held), not only one
-    bulk; `held` is what the unfinished command holds, for the listener's memory accounting."""
+    """Client → proxy. `feed(data)` returns complete commands (`Args`); partial input is kept, and
+    parsing resumes where it stopped (a large command arriving in many reads is parsed once, not once per
+    read). `max_command` bounds a whole command (its arguments together, as they will be held), not only
+    one bulk; `held` is what the unfinished command holds, for the listener's memory accounting."""
 
     def __init__(self, max_command: int = MAX_BULK) -> None:
         self.buf = bytearray()
         self.max_command = max_command
         self.held = 0                          # bytes of the unfinished command's arguments so far
-        self._args: list[bytes] | None = None  # the command being read
+        self._args: Args | None = None         # the command being read
         self._left = 0                         # arguments still to read
+        self._start = -1                       # where the command began in buf (-1: in an earlier feed)
+        self._canonical = False                # its length lines are as encode_command writes them
 
     @property
     def buffered(self) -> int:
@@ -67,6 +78,8 @@ class RequestParser:
         return out
 
     def feed(self, data: bytes) -> list[list[bytes]]:
+        # The per-argument work is written inline (no helper call per length line): this loop runs for
+        # every argument of every command a client sends.
         buf = self.buf
         buf += data
         out: list[list[bytes]] = []
@@ -83,7 +96,9 @@ class RequestParser:
                     line = bytes(buf[pos:eol]).rstrip(b"\r").split()
                     pos = eol + 1
                     if line:
-                        out.append(line)
+                        a = Args(line)
+                        a.raw = None
+                        out.append(a)
                     continue
                 eol = _length_end(buf, pos, n, "multibulk")
                 if eol < 0:
@@ -91,44 +106,54 @@ class RequestParser:
                 count = _int(buf, pos + 1, eol)
                 if count > MAX_ARGS:
                     raise ProtocolError("invalid multibulk length")
+                self._start, self._canonical = pos, eol - pos == 2 or buf[pos + 1] != 0x30
                 pos = eol + 2
                 if count <= 0:
                     continue
-                self._args, self._left = [], count
+                self._args, self._left = Args(), count
             # arguments of the current command
+            args = self._args
             while self._left:
                 if pos >= n:
                     break
                 if buf[pos] != 0x24:  # '$'
                     raise ProtocolError(f"expected '$', got {chr(buf[pos])!r}")
-                eol = _length_end(buf, pos, n, "bulk")
+                eol = buf.find(b"\r\n", pos, min(n, pos + 32))
                 if eol < 0:
+                    if n - pos >= 32:
+                        raise ProtocolError("invalid bulk length")
                     break
-                size = _int(buf, pos + 1, eol)
-                if size < 0:
-                    raise ProtocolError("invalid bulk length")
+                digits = buf[pos + 1:eol]
+                if not digits.isdigit():  # a sign, a space, anything but digits: no valid bulk length
+                    raise ProtocolError(f"invalid bulk length {bytes(digits[:20])!r}")
+                size = int(digits)
                 if self.held + size + _ARG_OVERHEAD > self.max_command:
                     raise ProtocolError(f"command larger than {self.max_command} bytes")
                 start = eol + 2
                 if start + size + 2 > n:
                     break
-                if buf[start + size:start + size + 2] != b"\r\n":
+                if buf[start + size] != 0x0D or buf[start + size + 1] != 0x0A:
                     raise ProtocolError("bulk string not terminated by CRLF")
                 if size > _PIECE:
                     with memoryview(buf) as view:  # one copy out of the buffer (a slice would make two)
-                        self._args.append(view[start:start + size].tobytes())
+                        args.append(view[start:start + size].tobytes())
+                    self._canonical = False  # large: the pieces are sent as they are (encode_pieces)
                 else:  # small: the slice is cheaper than a view
-                    self._args.append(bytes(buf[start:start + size]))
+                    args.append(bytes(buf[start:start + size]))
+                    if digits[0] == 0x30 and len(digits) > 1:
+                        self._canonical = False  # a leading zero: Redis itself refuses it
                 self.held += size + _ARG_OVERHEAD
                 self._left -= 1
                 pos = start + size + 2
             if self._left:
                 break
-            out.append(self._args)
+            args.raw = bytes(buf[self._start:pos]) if self._start >= 0 and self._canonical else None
+            out.append(args)
             self._args, self.held = None, 0
         # drop what is consumed: the unfinished command's bytes stay (its parsed arguments are kept)
         if pos:
             del buf[:pos]
+        self._start = -1  # an unfinished command's start is gone with them
         return out
 
 

@@ -338,7 +338,9 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             self.dedicated = True
         elif cls == "write":
             self.wrote_shared = True
-        raw = codec.encode_pieces(args)
+        raw = getattr(args, "raw", None)  # the client's own bytes, when they are what encoding would make
+        if raw is None:
+            raw = codec.encode_pieces(args)
         if type(raw) is list and cls == "read":
             raw = b"".join(raw)  # a read's bytes are its cache key
         cmd = Command(self._new_slot(), name, args, raw, cls, keys or [], db, self.proto, shared)

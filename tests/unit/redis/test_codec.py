@@ -170,3 +170,44 @@ def test_hello_fields_are_the_upstreams_and_reencoded_in_the_clients_protocol():
         assert dict(module) == {b"name": b"search", b"ver": 21005} if proto == 3 else module == [
             b"name", b"search", b"ver", 21005]
     assert hello_fields(b"-ERR unknown command 'HELLO'\r\n", 2) is None and hello_fields(b"+OK\r\n", 2) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(args_st.map(lambda a: ("resp", a)), inline_st.map(lambda a: ("inline", a)),
+                          args_st.map(lambda a: ("zeros", a))), min_size=1, max_size=20),
+       st.lists(st.integers(0, 5000), max_size=20))
+def test_a_commands_raw_bytes_are_only_ever_what_encoding_would_make(items, cuts):
+    """What the listener forwards in place of encoding the command again: under any chunking it is
+    either None or exactly encode_command(args) — never a client's non-canonical framing (leading zeros,
+    which Redis refuses, on a connection other clients share)."""
+    def enc(kind, a):
+        if kind == "resp":
+            return encode_command(a)
+        if kind == "zeros":
+            return b"*%d\r\n" % len(a) + b"".join(b"$0%d\r\n%s\r\n" % (len(x), x) for x in a)
+        return b" ".join(a) + b"\r\n"
+
+    data = b"".join(enc(k, a) for k, a in items)
+    parser, got, prev = RequestParser(), [], 0
+    for c in sorted({x % (len(data) + 1) for x in cuts}) + [len(data)]:
+        got += parser.feed(data[prev:c])
+        prev = c
+    assert got == [a for _, a in items]
+    for (kind, a), cmd in zip(items, got, strict=True):
+        assert cmd.raw is None or cmd.raw == encode_command(a)
+        if kind != "resp":
+            assert cmd.raw is None, kind
+    whole = RequestParser().feed(data)  # in one read, every canonical command keeps its bytes
+    assert [c.raw for c in whole] == [encode_command(a) if k == "resp" else None for k, a in items]
+
+
+def test_raw_bytes_are_not_kept_for_large_arguments_or_non_canonical_counts():
+    big = b"v" * (64 * 1024 + 1)
+    (cmd,) = RequestParser().feed(encode_command([b"SET", b"k", big]))
+    assert cmd == [b"SET", b"k", big] and cmd.raw is None  # sent as pieces, not copied twice
+    (cmd,) = RequestParser().feed(b"*02\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+    assert cmd == [b"GET", b"k"] and cmd.raw is None
+    (cmd,) = RequestParser().feed(b"*1\r\n$00\r\n\r\n")
+    assert cmd == [b""] and cmd.raw is None
+    (cmd,) = RequestParser().feed(b"*1\r\n$0\r\n\r\n")
+    assert cmd.raw == b"*1\r\n$0\r\n\r\n"
