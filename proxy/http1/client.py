@@ -197,7 +197,8 @@ class ClientConnection(asyncio.Protocol):
             self._raw = []  # an interim answer: wait for the final one
             self._reason = ""
             return
-        self._headers = CIMultiDict(self._raw)  # one C call, not one add() per header
+        raw, self._raw = self._raw, []  # the answer's own list: a chunked body's trailers go elsewhere
+        self._headers = CIMultiDict(raw)  # one C call, not one add() per header
         self._body = ClientBody(self, self.pool.idle_timeout)
         self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message completes
         h = self._headers
@@ -205,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
                                  and "chunked" not in h.get("Transfer-Encoding", "").lower())
         w = self._waiter
         if w is not None and not w.done():
-            w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self, self._raw))
+            w.set_result(ClientResponse(status, self._reason, self._headers, self._body, self, raw))
 
     def on_body(self, body: bytes) -> None:
         b = self._body

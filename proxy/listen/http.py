@@ -309,7 +309,7 @@ class HttpListener:
             if track_header and track_header in cr.headers:  # the upstream sent one: ours replaces it
                 drop = drop | {track_header.lower()}
             lines = [f"{k}: {v}\r\n" for k, v in cr.raw if k.lower() not in drop]
-            has_date = "Date" in cr.headers
+            has_date = "date" not in drop and "Date" in cr.headers
         elif resp.head is not None and getversion(resp.headers) == resp.head_version:
             lines = resp.head
             if track_header and track_header in resp.headers:  # stored from the upstream: ours replaces it

@@ -37,11 +37,12 @@ _REINSERT_AFTER = 1.0
 
 
 class Entry:
-    __slots__ = ("status", "headers", "body", "stored_at", "inserted", "size", "_lines")
+    __slots__ = ("status", "headers", "body", "stored_at", "inserted", "touched", "size", "_lines")
 
     def __init__(self, status: int, headers: tuple[tuple[str, str], ...], body: bytes, stored_at: float) -> None:
         self.status, self.headers, self.body, self.stored_at = status, headers, body, stored_at
         self.inserted = stored_at  # when the TTL (stale_ttl) started counting; stored_at is the freshness
+        self.touched = stored_at   # when it last moved to the recently-used end (get)
         self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + 64
         self._lines: list[str] | None = None
 
@@ -140,10 +141,18 @@ class FallbackCache(CacheSize):
     def get(self, key: Hashable) -> Entry | None:
         """The entry while it is younger than stale_ttl. One dict lookup and the entry's own age, not
         TTLCache's get (three Python calls deep): this is the open-breaker path's every request. Expired
-        entries are still evicted by the cache's own expiry (on store, and whenever its size is read)."""
+        entries are still evicted by the cache's own expiry (on store, and whenever its size is read).
+        An entry in use moves to the recently-used end at most once a second, so a full cache evicts
+        idle entries before the ones answering an outage."""
         e = self.cache.peek(key)
-        if e is None or self.clock.monotonic() - e.inserted >= self.spec.stale_ttl:
+        if e is None:
             return None
+        now = self.clock.monotonic()
+        if now - e.inserted >= self.spec.stale_ttl:
+            return None
+        if now - e.touched >= _REINSERT_AFTER:
+            e.touched = now
+            self.cache.get(key)  # TTLCache's own get: it moves the key to the recently-used end
         return e
 
     def clear(self) -> int:

@@ -24,6 +24,13 @@ _RELIEVE_AFTER = 1.0  # clients waiting for memory this long: the ones holding m
 _OUTPUT_GRACE = 10.0
 
 
+
+def drop_raw(args) -> None:
+    """A command that waits holds its arguments only: the client's bytes of it (codec.Args.raw) would
+    be a second copy the client's memory accounting does not see; it is encoded again when it goes."""
+    if getattr(args, "raw", None) is not None:
+        args.raw = None
+
 class ClientMemory:
     """Bytes the listener of one upstream holds for its clients, all together: unfinished commands and
     replies not yet taken by the client (resolved, waiting in order, or in the socket's buffer). State:
@@ -93,6 +100,7 @@ class FlowControl:
 
     def _park(self, args: list[bytes], read_at: float) -> None:
         self._hold()
+        drop_raw(args)
         self._parked.append((args, read_at))
 
     def _shared_done(self) -> None:

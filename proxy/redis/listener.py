@@ -22,7 +22,7 @@ import collections
 from proxy.exchange import Reason
 from proxy.obs import log
 from proxy.redis import codec, commands, guard
-from proxy.redis.flow import FlowControl
+from proxy.redis.flow import FlowControl, drop_raw
 from proxy.redis.replies import MAX_PENDING_SLOTS, ReplyOrder
 from proxy.redis.resilience import Command
 from proxy.redis.session import SessionCommands, error_reply
@@ -252,6 +252,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
 
     def dispatch(self, args: list[bytes], read_at: float) -> None:
         if self._parked is not None:
+            drop_raw(args)
             self._parked.append((args, read_at))  # behind a command that waits: in order
             return
         name = args[0].upper()

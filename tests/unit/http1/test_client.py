@@ -99,3 +99,15 @@ async def test_a_slow_reader_pauses_the_upstream_and_resumes_it_when_drained():
     for _ in range(60):
         await r.content.readany()
     assert t.reading
+
+
+async def test_the_raw_header_list_is_the_answers_own_and_never_gets_the_trailers():
+    """The listener serialises the forwarded head from `raw`: a chunked body's trailers (parsed after
+    the head) must not land in it, nor the interim answer's headers."""
+    conn, pool, t = connect()
+    r = await answer(conn, b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                           b"HTTP/1.1 200 OK\r\nX-A: 1\r\nX-A: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"3\r\nabc\r\n0\r\nSet-Cookie: trailer=1\r\nX-Trailer: t\r\n\r\n")
+    assert await r.read() == b"abc"
+    assert r.raw == [("X-A", "1"), ("X-A", "2"), ("Transfer-Encoding", "chunked")]
+    assert list(r.headers.items()) == r.raw

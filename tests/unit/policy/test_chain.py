@@ -325,3 +325,15 @@ def test_retry_budget_follows_the_counters_in_flight():
     c.in_flight = 10
     assert c.budget.limit == 5
     assert all(c.budget.try_acquire() for _ in range(5)) and not c.budget.try_acquire()
+
+
+def test_an_entry_in_use_is_evicted_after_idle_ones():
+    """A full cache during an outage: the entries answering failed requests stay, idle ones go first."""
+    clock = ManualClock()
+    cache = FallbackCache("lru", FallbackSpec(cache_entries=2), clock)
+    cache.store("a", 200, CIMultiDict(), b"a")
+    cache.store("b", 200, CIMultiDict(), b"b")
+    clock.advance(1)
+    assert cache.get("a").body == b"a"  # served: now the most recently used
+    cache.store("c", 200, CIMultiDict(), b"c")
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None

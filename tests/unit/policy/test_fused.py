@@ -31,6 +31,18 @@ class Target:
         self.name, self.breaker = "stable", breaker
 
 
+class Events:
+    """The metrics the policies report to, recorded in order (the fused chain must report the same)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def record(*args):
+            self.calls.append((name, *args))
+        return record
+
+
 class Counters:
     def __init__(self, in_flight):
         self.in_flight = in_flight
@@ -83,7 +95,7 @@ class Script:
 def build(outcomes, fused, rnd_spec, in_flight=0):
     clock = ManualClock()
     name = f"fused{next(_n)}"
-    metrics = UpstreamMetrics(name, ["stable"], (1.0,))
+    metrics = Events()
     bspec = BreakerSpec(**rnd_spec["breaker"])
     br = BreakerState(name, "stable", bspec, clock)
     rspec = RetrySpec(**{"backoff_base": 0.1, "backoff_max": 2.0, **rnd_spec["retry"]})
@@ -102,6 +114,7 @@ def build(outcomes, fused, rnd_spec, in_flight=0):
     ]
     chain = build_chain(policies, script, fused=fused)
     assert isinstance(chain, FusedChain) is fused
+    script.events = metrics
     return chain, script, clock, br, budget, cache
 
 
@@ -120,7 +133,7 @@ def observe(resp, script, clock, br, budget, cache):
             cache.episode, round(resp.elapsed, 6))
 
 
-OUTCOMES = ["ok", "ok", "ok", 503, 500, 502, 429, "429/1", "503/1", "503/9", "connect", "reset", "timeout-ish",
+OUTCOMES = ["ok", "ok", "ok", 503, 500, 502, 429, "429/1", "503/1", "503/9", "connect", "reset", "hang",
             "shed", "stream", "slow-ok", 404]
 
 
@@ -136,7 +149,7 @@ def random_spec(rnd):
                                 {"static": {"status": 200, "body": "{}"}}, {"vary": ["Authorization"]},
                                 {"cache_entries": 0}]),
         "total": rnd.choice([30, 1.5]),
-        "attempt": rnd.choice([10, float("inf")]),
+        "attempt": rnd.choice([10, float("inf"), 0.02]),  # 0.02: hanging attempts time out (real time)
     }
 
 
@@ -145,7 +158,8 @@ async def test_fused_and_folded_chains_answer_alike(seed):
     rnd = random.Random(seed)
     spec = random_spec(rnd)
     in_flight = rnd.choice([0, 0, 0, 1001])
-    script_outcomes = [o if o != "timeout-ish" else "reset" for o in (rnd.choice(OUTCOMES) for _ in range(40))]
+    hangs = spec["attempt"] == 0.02  # an attempt that hangs needs a timeout that fires
+    script_outcomes = [o if o != "hang" or hangs else "reset" for o in (rnd.choice(OUTCOMES) for _ in range(40))]
     requests = [(rnd.choice(["GET", "GET", "POST", "PUT"]),
                  rnd.choice([{}, {}, {"Authorization": "Bearer a"}, {"Cookie": "c=1"}, {"Idempotency-Key": "k"}]),
                  rnd.choice([0, 0, 1, 6]))  # clock advance before the request
@@ -161,7 +175,7 @@ async def test_fused_and_folded_chains_answer_alike(seed):
                 resp.body_done(resp.verdict, None)  # the listener ends a streamed body
             trace.append(observe(resp, script, clock, br, budget, cache))
             resp.release()
-        seen.append(trace)
+        seen.append((trace, script.events.calls, script.seen_cancel))
     assert seen[0] == seen[1]
 
 
@@ -243,4 +257,21 @@ async def test_a_cancellation_swallowed_below_the_fused_chain_leaves_no_count_be
     resp = await chain(request(br, "GET", {}))
     assert resp.status == 200 and resp.body == b"late" and script.seen_cancel == 1
     assert asyncio.current_task().cancelling() == 0
-    await asyncio.sleep(0)  # and the task is not cancelled at its next await
+
+
+async def test_a_caller_cancelling_during_the_backoff_gives_the_budget_back():
+    chain, script, clock, br, budget, _ = fused_chain([503, "ok"], retry={"attempts": 3})
+    asleep = asyncio.Event()
+
+    async def long_sleep(seconds):
+        asleep.set()
+        await asyncio.Event().wait()
+
+    clock.sleep = long_sleep
+    task = asyncio.ensure_future(chain(request(br, "GET", {})))
+    await asleep.wait()
+    assert budget.retries == 1 and script.calls == 1  # waiting before the retry, holding its budget
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert budget.retries == 0 and br.probes == 0 and script.calls == 1
