@@ -134,21 +134,32 @@ class LLMFallback(Fallback):
         the listener ends the after-body phase with the assembled completion)."""
         no_store = req.llm is not None and req.llm.cache_mode == "no-store"
         if not no_store and resp.status == 200:
-            resp.after_body(functools.partial(_store_replayable, self.cache, key, is_completion(req.path)),
+            skey = self.shared_key(req, key) if self.cache.shared is not None else None
+            resp.after_body(functools.partial(_store_replayable, self.cache, key, is_completion(req.path), skey),
                             self.spec.max_body)
+
+    def shared_key(self, req: ProxyRequest, key) -> str:
+        call = req.llm
+        if call is not None and call.key is not None:
+            return call.key.hex()  # already a SHA-256 of the canonical request, the same in every sidecar
+        return super().shared_key(req, key)
+
+    def cached(self, out: ProxyResponse, reason: Reason) -> ProxyResponse:
+        """A cached completion says it is one, in the body the app parses (and in the SSE replay)."""
+        if out.body:
+            try:
+                doc = json.loads(out.body)
+            except (ValueError, RecursionError):
+                return out
+            if isinstance(doc, dict):
+                doc["fallback"], doc["fallback_reason"] = True, reason.value
+                out.body = json.dumps(doc).encode()
+        return out
 
     def serve(self, key: bytes | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
         out = super().serve(key, reason, req)
         if out is not None:
-            if out.source in ("cache", "stale") and out.body:
-                try:
-                    doc = json.loads(out.body)
-                except ValueError:
-                    return out
-                if isinstance(doc, dict):
-                    doc["fallback"], doc["fallback_reason"] = True, reason.value
-                    out.body = json.dumps(doc).encode()
-            return out
+            return self.cached(out, reason) if out.source in ("cache", "stale") else out
         if (req is None or not self.degraded.enabled or reason is Reason.RATE_LIMITED
                 or not is_completion(req.path) or req.method != "POST"):
             return None
@@ -162,9 +173,10 @@ class LLMFallback(Fallback):
         return out
 
 
-def _store_replayable(cache, key: bytes, completion: bool, verdict: Verdict | None, body: bytes | None) -> None:
+def _store_replayable(cache, key: bytes, completion: bool, shared_key: str | None, verdict: Verdict | None,
+                      body: bytes | None) -> None:
     if replayable(body, completion):
-        store_after_body(cache, key, 200, CIMultiDict({"Content-Type": _JSON}), verdict, body)
+        store_after_body(cache, key, 200, CIMultiDict({"Content-Type": _JSON}), shared_key, verdict, body)
 
 
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "context_window_exceeded", "string_above_max_length"})

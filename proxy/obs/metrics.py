@@ -79,6 +79,7 @@ class PerSeriesHistogram(Collector):
 
 
 LLM_FIRST_BYTE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+SHARED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # the GenAI conventions' advisory boundaries
 GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -155,6 +156,15 @@ class Metrics:
             "fallback_responses", "Responses served by a fallback. source: cache|stale|static|degraded.",
             ["name", "source", "reason"], registry=r,
         )
+        self.shared_reads = Counter(
+            "shared_cache_reads", "Reads of the shared fallback cache (after a failure) by result: "
+            "hit|miss|invalid|error|skipped (its breaker open).", ["name", "result"], registry=r)
+        self.shared_writes = Counter(
+            "shared_cache_writes", "Answers written to the shared fallback cache by result: written|dropped (queue "
+            "full or its breaker open)|error.", ["name", "result"], registry=r)
+        self.shared_latency = PerSeriesHistogram(
+            "shared_cache_duration_seconds", "Round trips to the shared fallback cache, op: read|write (a batch).",
+            ("name", "op"), r)
         self.cache_entries = CallbackGauge("fallback_cache_entries", "Entries in the fallback cache.", ("name",), r)
         self.cache_bytes = CallbackGauge("fallback_cache_bytes", "Bytes held by the fallback cache.", ("name",), r)
         self.llm_first_byte = PerSeriesHistogram(
@@ -258,7 +268,8 @@ class UpstreamMetrics:
     first use: the set of codes is bounded (100-599) and each costs one `labels()` call once."""
 
     __slots__ = ("name", "m", "buckets", "_req", "_dur", "_shed", "_budget_exhausted",
-                 "_retries", "_fallbacks", "_models", "_first_byte", "_tokens", "_prices", "_gen_ai_series")
+                 "_retries", "_fallbacks", "_models", "_first_byte", "_tokens", "_prices", "_gen_ai_series",
+                 "_shared")
 
     def __init__(self, name: str, tracks: Iterable[str], buckets: tuple[float, ...], m: Metrics = METRICS) -> None:
         self.name, self.m, self.buckets = name, m, buckets
@@ -273,6 +284,7 @@ class UpstreamMetrics:
         self._tokens: dict[tuple[str, str], object] = {}
         self._prices: dict = {}
         self._gen_ai_series: dict[tuple, object] = {}
+        self._shared: dict[str, _Histogram] = {}
 
     def activate(self) -> None:
         """This upstream's build went live: its histogram series replace the previous ones."""
@@ -370,6 +382,18 @@ class UpstreamMetrics:
         if c is None:
             c = self._retries[reason] = self.m.retries.labels(self.name, reason)
         c.inc()
+
+    def shared_read(self, result: str) -> None:
+        self.m.shared_reads.labels(self.name, result).inc()  # only after a failure: no child kept
+
+    def shared_write(self, result: str, n: int = 1) -> None:
+        self.m.shared_writes.labels(self.name, result).inc(n)  # per batch, off the request path
+
+    def shared_latency(self, op: str, seconds: float) -> None:
+        h = self._shared.get(op)
+        if h is None:
+            h = self._shared[op] = self.m.shared_latency.labels(self.name, op, buckets=SHARED_BUCKETS)
+        h.observe(seconds)
 
     def fallback(self, source: str, reason: str) -> None:
         key = (source, reason)

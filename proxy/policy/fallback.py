@@ -1,8 +1,10 @@
 """Fallback: the outermost policy. The cache answers only when the upstream path failed, never instead
 of calling it.
 
-On failure it serves, in order: an entry younger than cache_ttl (`X-Fallback: cache`), one younger than
-stale_ttl (`stale`), the static response (`static`), else the error. Stored: 2xx answers to the
+On failure it serves, in order: an entry younger than cache_ttl (`X-Fallback: cache`); with
+`fallback.shared`, the workload's shared cache in Redis (proxy/fleet/cache.py: `shared-cache` /
+`shared-stale`, when it has something younger than the local stale entry); one younger than stale_ttl
+(`stale`), the static response (`static`), else the error. Stored: 2xx answers to the
 configured methods, within max_body, without `Cache-Control: no-store|private` or `Set-Cookie`, to
 requests without `Authorization`/`Cookie` unless those are listed in `vary` (then they are in the key).
 """
@@ -25,6 +27,7 @@ from proxy.exchange import (
     Verdict,
     connection_listed,
 )
+from proxy.fleet.cache import digest
 from proxy.obs import log
 from proxy.settings.spec import FallbackSpec
 
@@ -110,13 +113,16 @@ class CacheSize:
 class FallbackCache(CacheSize):
     """Per (upstream, fallback spec); survives reloads that leave both unchanged."""
 
-    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock) -> None:
+    def __init__(self, upstream: str, spec: FallbackSpec, clock: Clock, shared=None) -> None:
         self.upstream, self.spec, self.clock = upstream, spec, clock
         self.cache = BoundedCache(spec.cache_entries, spec.cache_bytes, spec.stale_ttl, clock.monotonic,
                                   getsizeof=lambda e: e.size)
+        self.shared = shared  # the SharedCache of `fallback.shared` (proxy/fleet/cache.py), else None
 
 
-    def store(self, key: Hashable, status: int, headers, body: bytes) -> None:
+    def store(self, key: Hashable, status: int, headers, body: bytes, shared_key: str | None = None) -> None:
+        """Keep a fresh answer; with `shared_key`, queue it for the shared cache too (unless it is the same
+        answer again within a second: the shared copy is as fresh as that)."""
         if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:
             return
         drop = _NOT_STORED
@@ -134,6 +140,8 @@ class FallbackCache(CacheSize):
             old.stored_at = now
             return
         entry = Entry(status, kept, body, now)
+        if shared_key is not None and self.shared is not None:
+            self.shared.put(shared_key, status, kept, body)
         if entry.size > self.cache.maxsize:
             return
         self.cache[key] = entry
@@ -180,10 +188,11 @@ def storable(resp: ProxyResponse) -> bool:
     return "no-store" not in cc and "private" not in cc
 
 
-def store_after_body(cache, key, status: int, headers, verdict: Verdict | None, body: bytes | None) -> None:
+def store_after_body(cache, key, status: int, headers, shared_key: str | None, verdict: Verdict | None,
+                     body: bytes | None) -> None:
     """After the body: a whole, successful body is stored (one over max_body is not kept)."""
     if verdict is Verdict.SUCCESS and body is not None:
-        cache.store(key, status, headers, body)
+        cache.store(key, status, headers, body, shared_key)
 
 
 class Fallback:
@@ -214,7 +223,7 @@ class Fallback:
                 self._keep(req, resp, key)
             return resp
         reason = resp.reason or Reason.UPSTREAM_ERROR
-        served = self.serve(key, reason, req)
+        served = self.serve(key, reason, req) if self.cache.shared is None else await self.recover(key, reason, req)
         if served is None:
             return resp
         resp.release()
@@ -224,10 +233,45 @@ class Fallback:
         """Store a fresh answer (now, or once its body has streamed through the listener)."""
         if not storable(resp):
             return
+        skey = self.shared_key(req, key) if self.cache.shared is not None else None
         if resp.body is not None and resp.stream is None:
-            self.cache.store(key, resp.status, resp.headers, resp.body)
+            self.cache.store(key, resp.status, resp.headers, resp.body, skey)
         else:
-            resp.after_body(functools.partial(store_after_body, self.cache, key, resp.status, resp.headers), self.spec.max_body)
+            resp.after_body(functools.partial(store_after_body, self.cache, key, resp.status, resp.headers, skey),
+                            self.spec.max_body)
+
+    def shared_key(self, req: ProxyRequest, key: Hashable) -> str:
+        """The request's identity in the shared cache: the same in every sidecar (the local key is
+        not: Python's string hash is keyed per process). A digest, never the header values themselves."""
+        ch = req.client_headers
+        return digest(req.method, req.path_qs, [ch.getall(name, []) for name in self.vary])
+
+    async def recover(self, key: Hashable | None, reason: Reason, req: ProxyRequest | None = None) -> ProxyResponse | None:
+        """`serve`, asking the shared cache first when the local one has nothing fresh (only after a
+        failure: this is never on the success path)."""
+        shared = self.cache.shared
+        if shared is None or key is None or req is None:
+            return self.serve(key, reason, req)
+        entry = self.cache.get(key)
+        if entry is not None and self.source(entry.stored_at) == "cache":
+            return self.serve(key, reason, req)
+        found = await shared.get(self.shared_key(req, key))
+        if found is None:
+            return self.serve(key, reason, req)
+        source, age = shared.source(found)
+        if entry is not None and self.clock.monotonic() - entry.stored_at <= age:
+            return self.serve(key, reason, req)  # the local stale copy is the younger one
+        out = ProxyResponse(found.status, h := CIMultiDict(found.headers), found.body, outcome="fallback")
+        h["Age"] = str(int(age))
+        h["X-Fallback"] = source
+        h["X-Fallback-Reason"] = reason.value
+        out.source, out.reason = source, reason
+        self.served(source, reason)
+        return self.cached(out, reason)
+
+    def cached(self, out: ProxyResponse, reason: Reason) -> ProxyResponse:
+        """A hook for a cached answer on its way out (the LLM path marks the completion as a fallback)."""
+        return out
 
     def source(self, stored_at: float) -> str:
         """`cache` while an entry is younger than cache_ttl, `stale` after (until stale_ttl evicts it)."""

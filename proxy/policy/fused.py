@@ -137,7 +137,9 @@ class FusedChain:
             if key is not None:
                 fallback._keep(req, resp, key)
             return resp
-        served = fallback.serve(key, resp.reason or Reason.UPSTREAM_ERROR, req)
+        reason = resp.reason or Reason.UPSTREAM_ERROR
+        served = (fallback.serve(key, reason, req) if fallback.cache.shared is None
+                  else await fallback.recover(key, reason, req))
         if served is None:
             return resp
         resp.release()

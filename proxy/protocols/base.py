@@ -26,6 +26,7 @@ class Protocol(abc.ABC):
     defaults: dict[str, Any] = {}
     sections: tuple[str, ...] = ()      # upstream sections only this protocol reads
     target_keys: tuple[str, ...] = ()   # target keys only this protocol reads
+    no_shared_cache: str | None = None  # why `fallback.shared` is refused for this protocol (None: it is not)
 
     @abc.abstractmethod
     def transport(self, store, upstream: str, spec, target) -> Any:

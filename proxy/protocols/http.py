@@ -62,12 +62,28 @@ class HttpProtocol(Protocol):
     def build(self, up, store, clock) -> None:
         for route in (*up.spec.routes, None):
             timeouts, retry, fallback = up.spec.route_sections(route)
-            cache = store.cache((up.name, spec_key(fallback)), lambda f=fallback: FallbackCache(up.name, f, clock))
+            shared = self.shared_cache(up, store, clock, fallback)
+            cache = store.cache((up.name, spec_key(fallback)), lambda f=fallback, s=shared: FallbackCache(up.name, f, clock, s))
             chain, *more = self.chains(up, store, clock, timeouts, retry, fallback, cache)
             rr = RouteRuntime(route.name if route else "default", route, timeouts, retry, fallback, chain, cache)
             rr.stream_chain, rr.continue_chain = (*more, None, None)[:2]
             up.routes.append(rr)
         up.default_route = up.routes[-1]
+
+    def shared_cache(self, up, store, clock, fallback):
+        """`fallback.shared`'s state (proxy/fleet/cache.py), a pool to the StateStore: closed when a reload
+        drops it. Keyed like the local cache it backs, so the two always come and go together."""
+        if fallback.shared is None:
+            return None
+        from proxy.fleet.cache import SharedCache, digest  # redis-py only with a shared cache configured
+
+        key_spec = digest(fallback.methods, fallback.vary, self.cache_key_fields(up))[:16]
+        return store.pool(("shared-cache", up.name, spec_key(fallback)),
+                          lambda: SharedCache(up.name, fallback.shared, key_spec, clock, up.metrics))
+
+    def cache_key_fields(self, up) -> tuple[str, ...]:
+        """What of a request body identifies it in the cache, beyond method, path and `vary` (none here)."""
+        return ()
 
     def fallback_policy(self, up, fallback, cache, clock):
         return Fallback(fallback, cache, clock, up.metrics)

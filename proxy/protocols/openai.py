@@ -49,6 +49,9 @@ class OpenAIProtocol(HttpProtocol):
     def breaker_policy(self, clock):
         return ModelBreaker(clock)
 
+    def cache_key_fields(self, up) -> tuple[str, ...]:
+        return tuple(up.spec.llm.cache_key_fields)
+
     def fallback_policy(self, up, fallback, cache, clock):
         return LLMFallback(fallback, cache, clock, up.metrics, up.spec.llm.degraded)
 

@@ -51,6 +51,9 @@ class RedisUpstream:
 
 class RedisProtocol(Protocol):
     name = "redis"
+    # A Redis read's stale answer lives in the local cache (RedisCache); a second Redis to share it would
+    # mirror the dependency itself, which is what a replica is for
+    no_shared_cache = "a Redis upstream's stale reads stay in the local cache; use a replica to share them"
     schemes = ("redis", "rediss")
     sections = ("client_auth", "redis")
     target_keys = ("password_file",)

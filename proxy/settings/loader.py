@@ -28,9 +28,11 @@ from proxy.settings.spec import (
     UpstreamSpec,
     parse_listen,
     protocol_table,
+    redis_server,
 )
 
 DEFAULT_PATH = "/etc/resilience-proxy/config.yaml"
+_REDIS_URLS = ("redis://", "rediss://")
 _REF = re.compile(r"\$\{(env|file):([^}]+)\}")
 # Stands in for an unresolved reference when check-config only warns about it (a plain word, so the rest
 # of the value still validates).
@@ -75,6 +77,16 @@ class Settings(BaseSettings):
             if port in seen:
                 raise ValueError(f"upstreams.{name}.listen: port {port} is already used by {seen[port]}")
             seen[port] = f"upstreams.{name}.listen"
+        # The shared fallback cache must not live in a dependency it stands in for
+        redis_servers = {redis_server(t.url): (name, t.name) for name, up in self.upstreams.items()
+                         for t in up.targets if t.url.startswith(_REDIS_URLS)}
+        for name, up in self.upstreams.items():
+            for where, fb in (("fallback", up.fallback),
+                              *((f"routes.{r.name}.fallback", up.route_sections(r)[2]) for r in up.routes)):
+                if fb.shared is not None and redis_server(fb.shared.url) in redis_servers:
+                    owner, target = redis_servers[redis_server(fb.shared.url)]
+                    raise ValueError(f"upstreams.{name}.{where}.shared.url: names the server of upstream {owner}'s "
+                                     f"target {target}: the shared cache must not live in a dependency it stands in for")
         return self
 
 
@@ -252,6 +264,10 @@ def redacted(loaded: Loaded) -> dict[str, Any]:
                 up["request_headers"][key] = "<redacted>"
         for t in up.get("targets", []):
             t["url"] = redact.url(t["url"])
+        for fb in (up.get("fallback"), *(r.get("fallback") for r in up.get("routes", []))):
+            shared = fb.get("shared") if isinstance(fb, dict) else None
+            if isinstance(shared, dict) and isinstance(shared.get("url"), str):
+                shared["url"] = redact.url(shared["url"])  # may carry the password of the cache's Redis
     for key in ("ready_url", "live_url"):
         if data.get("app", {}).get(key):
             data["app"][key] = redact.url(data["app"][key])

@@ -191,6 +191,51 @@ class StaticResponseSpec(Spec):
     headers: dict[str, str] = {}
 
 
+class SharedCacheSpec(Spec):
+    """`fallback.shared`: a second level of the fallback cache in Redis, shared by a workload's sidecars
+    (proxy/fleet/cache.py). Read only after a failure, written off the request path."""
+
+    url: str
+    cluster: bool = False          # a Redis Cluster (redis-py's cluster client; the URL names one node)
+    key_prefix: str = Field(default="resilience-proxy:", max_length=200)
+    cache_ttl: Duration = Field(default=60.0, gt=0)
+    stale_ttl: Duration = Field(default=3600.0, gt=0)
+    max_body: Size = 1024 * 1024
+    timeout: Duration = Field(default=0.1, gt=0, le=10)  # a read, on the failure path
+    write_queue: int = Field(default=1000, ge=1, le=1_000_000)
+    tls: TLSSpec = TLSSpec()       # rediss://: the CA (and a client certificate)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        rest = v.partition("://")[2]
+        if not v.startswith(("redis://", "rediss://")) or not rest.split("/")[0].rpartition("@")[2]:
+            # user info in it is redacted where every config error line is (ConfigError)
+            raise ValueError(f"must be a redis:// or rediss:// URL, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ttls(self) -> SharedCacheSpec:
+        if self.stale_ttl < self.cache_ttl:
+            raise ValueError("stale_ttl must be >= cache_ttl")
+        return self
+
+
+def redis_server(url: str) -> tuple[str, int]:
+    """(host, port) of a redis:// or rediss:// URL: which server it names, whatever the db or user."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    host = (u.hostname or "localhost").lower()
+    if host in ("localhost", "::1", "0:0:0:0:0:0:0:1"):
+        host = "127.0.0.1"
+    try:
+        port = u.port or 6379
+    except ValueError:
+        port = -1
+    return host, port
+
+
 class FallbackSpec(Spec):
     methods: tuple[str, ...] = ("GET", "HEAD")
     cache_entries: int = Field(default=1000, ge=0)
@@ -200,6 +245,7 @@ class FallbackSpec(Spec):
     max_body: Size = 1024 * 1024
     vary: tuple[str, ...] = ()
     static: StaticResponseSpec | None = None
+    shared: SharedCacheSpec | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -519,6 +565,10 @@ class UpstreamSpec(Spec):
             raise ValueError("routes: names must be unique and not 'default'")
         for r in self.routes:
             self.route_sections(r)  # surfaces a bad override at load time, not on the first request
+        refused = protocol_table()[self.protocol].no_shared_cache
+        if refused and (self.fallback.shared is not None
+                        or any(self.route_sections(r)[2].shared is not None for r in self.routes)):
+            raise ValueError(f"fallback.shared: not for protocol {self.protocol}: {refused}")
         return self
 
     def route_sections(self, route: RouteSpec | None) -> tuple[TimeoutsSpec, RetrySpec, FallbackSpec]:

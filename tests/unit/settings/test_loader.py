@@ -47,7 +47,11 @@ FULL = {
                         "slow_call": {"duration": "2s", "ratio": 0.5}},
             "fallback": {"methods": ["GET"], "cache_entries": 10, "cache_bytes": "1MiB", "cache_ttl": "2m",
                          "stale_ttl": "2h", "max_body": "64KiB", "vary": ["Accept"],
-                         "static": {"status": 203, "content_type": "text/plain", "body": "{}", "headers": {"X-A": "b"}}},
+                         "static": {"status": 203, "content_type": "text/plain", "body": "{}", "headers": {"X-A": "b"}},
+                         "shared": {"url": "rediss://cache.example:6380/2", "cluster": True, "key_prefix": "shop:",
+                                    "cache_ttl": "30s", "stale_ttl": "30m", "max_body": "256KiB", "timeout": "50ms",
+                                    "write_queue": 10, "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem",
+                                                               "key_file": "/k.pem", "server_name": "cache"}}},
             "routes": [{"name": "reports", "match": {"methods": ["GET"], "path_prefix": "/reports"},
                         "timeouts": {"total": "2m"}, "retry": {"attempts": 1}, "fallback": {"cache_ttl": "5m"}}],
             "metrics": {"buckets": [0.1, 1, 10]},
@@ -166,7 +170,9 @@ def test_every_key_of_the_spec_is_set_read_and_documented(tmp_path):
                "targets": [{"name": t["name"], "url": t["url"]} for t in up["targets"]],
                **({"routes": [{"name": r["name"]} for r in up["routes"]]} if "routes" in up else {}),
                # an optional section, present with its defaults: its keys are compared with those
-               **({"fallback": {"static": {}}} if "static" in up.get("fallback", {}) else {})}
+               **({"fallback": {k: {"url": up["fallback"][k]["url"]} if k == "shared" else {}
+                                for k in ("static", "shared") if k in up["fallback"]}}
+                  if {"static", "shared"} & set(up.get("fallback", {})) else {})}
         for name, up in FULL["upstreams"].items()}}
     bare = load(write(tmp_path, minimal)).settings
     for concrete in given:
