@@ -61,7 +61,8 @@ class Bucket:
 
 
 class Limits:
-    """State: one upstream's buckets. Survives a reload while `llm.limits` is unchanged."""
+    """State: one upstream's buckets in this pod. Survives a reload while `llm.limits` is unchanged. With
+    `llm.limits.shared` the buckets are the fleet's, in Redis (proxy/fleet/limits.py: same questions)."""
 
     __slots__ = ("clock", "upstream", "models")
 
@@ -87,6 +88,17 @@ class Limits:
             if tpm is not None and (w := tpm.wait(tokens, now)) > worst:
                 worst, why = w, f"{scope}tokens_per_minute"
         return worst, why
+
+    async def check(self, model: object, tokens: int) -> tuple[float, str]:
+        """`wait`, as the policies ask it of any limits (the fleet's, in Redis, answer over the network)."""
+        return self.wait(model, tokens)
+
+    async def acquire(self, model: object, tokens: int) -> tuple[float, str]:
+        """Take one request and `tokens` when every bucket has them; else take nothing → (wait, limit)."""
+        wait, why = self.wait(model, tokens)
+        if wait <= 0:
+            self.take(model, tokens)
+        return wait, why
 
     def take(self, model: object, tokens: int) -> None:
         now = self.clock.monotonic()
@@ -159,7 +171,7 @@ class LLMLimit:
         tokens = _estimate(call)
         model = doc.get("model")
         while True:
-            wait, why = self.limits.wait(model, tokens)
+            wait, why = await self.limits.check(model, tokens)
             if wait <= 0:
                 break
             # 1. a fresh cached answer costs the provider nothing
@@ -168,7 +180,11 @@ class LLMLimit:
                 self.metrics.limited("cache")
                 return served
             # 2. a fallback model whose own budget is left (the upstream's must be, too)
-            other = next((m for m in self.models if m != model and self.limits.wait(m, tokens)[0] <= 0), None)
+            other = None
+            for m in self.models:
+                if m != model and (await self.limits.check(m, tokens))[0] <= 0:
+                    other = m
+                    break
             if other is not None:
                 model = other
                 call.doc = doc = {**doc, "model": other}
@@ -219,10 +235,9 @@ class LLMCharge:
             return await call_next(req)
         model = call.asked
         tokens = _estimate(call)
-        wait, why = self.limits.wait(model, tokens)
+        wait, why = await self.limits.acquire(model, tokens)
         if wait > 0:
             return _local_429(why, wait)
-        self.limits.take(model, tokens)
         try:
             resp = await call_next(req)
         except BaseException:

@@ -165,6 +165,9 @@ class Metrics:
         self.shared_latency = PerSeriesHistogram(
             "shared_cache_duration_seconds", "Round trips to the shared fallback cache, op: read|write (a batch).",
             ("name", "op"), r)
+        self.llm_limits_local = Counter(
+            "llm_limits_local", "openai: limit decisions made on this pod's share (llm.limits.expected_replicas) "
+            "because the shared buckets in Redis could not answer.", ["name"], registry=r)
         self.cache_entries = CallbackGauge("fallback_cache_entries", "Entries in the fallback cache.", ("name",), r)
         self.cache_bytes = CallbackGauge("fallback_cache_bytes", "Bytes held by the fallback cache.", ("name",), r)
         self.llm_first_byte = PerSeriesHistogram(
@@ -382,6 +385,9 @@ class UpstreamMetrics:
         if c is None:
             c = self._retries[reason] = self.m.retries.labels(self.name, reason)
         c.inc()
+
+    def limits_local(self) -> None:
+        self.m.llm_limits_local.labels(self.name).inc()  # only while Redis is away: no child kept
 
     def shared_read(self, result: str) -> None:
         self.m.shared_reads.labels(self.name, result).inc()  # only after a failure: no child kept

@@ -74,7 +74,13 @@ class OpenAIProtocol(HttpProtocol):
         limit = charge = None
         lim = llm.limits
         if lim.requests_per_minute or lim.tokens_per_minute or lim.models:
-            state = store.keep(("llm-limits", up.name, spec_key(lim)), lambda: Limits(lim, clock))
+            if lim.shared is None:
+                state = store.keep(("llm-limits", up.name, spec_key(lim)), lambda: Limits(lim, clock))
+            else:
+                from proxy.fleet.limits import SharedLimits  # redis-py only with shared limits configured
+
+                state = store.pool(("llm-limits-shared", up.name, spec_key(lim)),
+                                   lambda: SharedLimits(up.name, lim, clock, up.metrics))
             limit = LLMLimit(state, fb, llm.fallback_models, clock, lim.max_wait, up.metrics)
             charge = LLMCharge(state, fallback.max_body)
         policies = [fb, shed, total, limit, failover, retrying, charge, breaker, classify, attempt]

@@ -264,7 +264,8 @@ def redacted(loaded: Loaded) -> dict[str, Any]:
                 up["request_headers"][key] = "<redacted>"
         for t in up.get("targets", []):
             t["url"] = redact.url(t["url"])
-        for fb in (up.get("fallback"), *(r.get("fallback") for r in up.get("routes", []))):
+        limits = (up.get("llm") or {}).get("limits") or {}
+        for fb in (up.get("fallback"), *(r.get("fallback") for r in up.get("routes", [])), limits):
             shared = fb.get("shared") if isinstance(fb, dict) else None
             if isinstance(shared, dict) and isinstance(shared.get("url"), str):
                 shared["url"] = redact.url(shared["url"])  # may carry the password of the cache's Redis

@@ -191,6 +191,14 @@ class StaticResponseSpec(Spec):
     headers: dict[str, str] = {}
 
 
+def _redis_url(v: str) -> str:
+    rest = v.partition("://")[2]
+    if not v.startswith(("redis://", "rediss://")) or not rest.split("/")[0].rpartition("@")[2]:
+        # user info in it is redacted where every config error line is (ConfigError)
+        raise ValueError(f"must be a redis:// or rediss:// URL, got {v!r}")
+    return v
+
+
 class SharedCacheSpec(Spec):
     """`fallback.shared`: a second level of the fallback cache in Redis, shared by a workload's sidecars
     (proxy/fleet/cache.py). Read only after a failure, written off the request path."""
@@ -208,11 +216,7 @@ class SharedCacheSpec(Spec):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        rest = v.partition("://")[2]
-        if not v.startswith(("redis://", "rediss://")) or not rest.split("/")[0].rpartition("@")[2]:
-            # user info in it is redacted where every config error line is (ConfigError)
-            raise ValueError(f"must be a redis:// or rediss:// URL, got {v!r}")
-        return v
+        return _redis_url(v)
 
     @model_validator(mode="after")
     def _ttls(self) -> SharedCacheSpec:
@@ -334,12 +338,30 @@ class BucketSpec(Spec):
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
+class SharedLimitsSpec(Spec):
+    """`llm.limits.shared`: the buckets kept in Redis (proxy/fleet/limits.py), so that every sidecar of a
+    workload together respects the provider account's limits."""
+
+    url: str
+    cluster: bool = False
+    key_prefix: str = Field(default="resilience-proxy:", max_length=200)
+    timeout: Duration = Field(default=0.25, gt=0, le=10)  # a bucket decision; past it, the local share decides
+    tls: TLSSpec = TLSSpec()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _redis_url(v)
+
+
 class LLMLimitsSpec(BucketSpec):
     """`llm.limits`: the provider account's limits, kept by the proxy (proxy/llm/limits.py). Over them, in
     order: a fresh cached answer, a fallback model with budget left, a wait up to `max_wait`, a local 429."""
 
     max_wait: Duration = Field(default=0.0, ge=0)
     models: dict[str, BucketSpec] = {}    # per model, besides the upstream's
+    shared: SharedLimitsSpec | None = None
+    expected_replicas: int = Field(default=1, ge=1, le=10_000)  # with `shared`: Redis away, each keeps 1/N
 
 
 class PriceSpec(Spec):

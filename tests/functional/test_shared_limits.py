@@ -1,0 +1,192 @@
+"""`llm.limits.shared` against a real redis-server: two proxies (one a separate process) sending together
+stay within one requests-per-minute budget, as a single sidecar would; with Redis cut each falls back to
+its share (limits / expected_replicas), and returns to the shared buckets when Redis heals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+import redis.asyncio as aredis
+
+from proxy.clock import Clock
+from proxy.fleet.limits import SharedLimits, local_share
+from proxy.settings.spec import LLMLimitsSpec
+from tests.support.net import free_port
+from tests.support.proxy import Process, wait_http
+from tests.support.wait import eventually
+
+RPM = 20
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def config(target: str, redis_url: str, **limits) -> dict:
+    lim = {"requests_per_minute": RPM, "shared": {"url": redis_url, "timeout": "500ms"}, "expected_replicas": 2,
+           **limits}
+    up = {"protocol": "openai", "listen": f"127.0.0.1:{free_port()}", "targets": [{"name": "stable", "url": target}],
+          "retry": {"attempts": 1}, "health": {"enabled": False}, "fallback": {"cache_entries": 0},
+          "llm": {"limits": lim, "degraded": {"enabled": False}}}
+    return {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "log": {"level": "info"}, "upstreams": {"llm": up}}
+
+
+def client(cfg: dict) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://" + cfg["upstreams"]["llm"]["listen"] + "/api/v1",
+                              api_key="placeholder", max_retries=0)
+
+
+async def ask(c: openai.AsyncOpenAI, n: int, tokens: list | None = None, **kw) -> tuple[int, int]:
+    """n completions, one at a time → (answered, refused with the sidecar's 429); `tokens` gets each
+    answer's usage.total_tokens."""
+    ok = refused = 0
+    for i in range(n):
+        try:
+            r = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}], **kw)
+            ok += 1
+            if tokens is not None:
+                tokens.append(r.usage.total_tokens)
+        except openai.RateLimitError:
+            refused += 1
+    return ok, refused
+
+
+async def test_two_sidecars_together_stay_within_one_requests_budget(fake, another_redis, start_proxy, tmp_path):
+    redis_url = f"redis://127.0.0.1:{another_redis()}/0"
+    a_cfg, b_cfg = config(fake.url, redis_url), config(fake.url, redis_url)
+    a = Process.run(a_cfg, tmp_path / "a.yaml")
+    try:
+        await wait_http("http://" + a_cfg["upstreams"]["llm"]["listen"] + "/api/v1/models")
+        await start_proxy(b_cfg)
+        calls_before = len(fake.requests)
+        started = time.monotonic()
+        (a_ok, a_refused), (b_ok, b_refused) = await asyncio.gather(ask(client(a_cfg), 25), ask(client(b_cfg), 25))
+        elapsed = time.monotonic() - started
+        sent = len(fake.requests) - calls_before
+        # one budget of RPM for both, plus what refilled while they sent (RPM/60 a second), plus one
+        allowed = RPM + RPM / 60 * elapsed + 1
+        assert a_ok + b_ok == sent <= allowed, (a_ok, b_ok, sent, elapsed)
+        assert a_ok > 0 and b_ok > 0 and a_refused + b_refused == 50 - sent
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            keys = await r.keys("resilience-proxy:*")
+        finally:
+            await r.aclose()
+        assert keys == [b"resilience-proxy:{llm:llm}:rpm"]  # the fleet's one bucket, in one cluster slot
+    finally:
+        await a.stop()
+
+
+async def test_redis_cut_each_keeps_its_share_and_healed_it_shares_again(fake, another_redis, toxic_link,
+                                                                      start_proxy, metrics, json_log):
+    redis_port = another_redis()
+    link, redis_through = toxic_link(f"redis://127.0.0.1:{redis_port}")
+    cfg = config(fake.url, redis_through + "/0")
+    await start_proxy(cfg)
+    c = client(cfg)
+    assert await ask(c, 1) == (1, 0)  # shared: one of the fleet's RPM taken
+    link.disable()
+    ok, refused = await ask(c, RPM)
+    assert ok == RPM // 2 and refused == RPM - ok  # this pod's share: RPM / expected_replicas
+    # counted per decision: an admitted request is decided twice (admission, its attempt), a refused one once
+    assert metrics.delta("llm_limits_local_total", name="llm") == 2 * ok + refused
+    assert json_log.events("llm_limits_local", upstream="llm")
+    direct = aredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    sec, usec = await direct.time()
+    healed_at = sec + usec / 1e6
+    link.enable()
+
+    async def shared_again():
+        await ask(c, 1)
+        return json_log.events("llm_limits_shared", upstream="llm")
+
+    await eventually(shared_again, what="back on the shared buckets once Redis healed (its breaker rests 5 s)")
+    try:
+        written_at = float(await direct.hget("resilience-proxy:{llm:llm}:rpm", "a"))
+    finally:
+        await direct.aclose()
+    assert written_at > healed_at  # the shared bucket is charged again
+
+
+class _Gone:
+    """A redis-py client whose every call fails: the local share must decide."""
+
+    def register_script(self, script):
+        async def run(keys, args):
+            raise ConnectionError("refused")
+        return run
+
+    async def aclose(self):
+        pass
+
+
+class _Events:
+    local = 0
+
+    def limits_local(self):
+        self.local += 1
+
+
+async def test_the_local_share_is_each_limit_over_expected_replicas():
+    spec = LLMLimitsSpec(requests_per_minute=100, tokens_per_minute=9000, expected_replicas=3,
+                         models={"big": {"requests_per_minute": 2}}, shared={"url": "redis://127.0.0.1:1"})
+    share = local_share(spec)
+    assert (share.requests_per_minute, share.tokens_per_minute, share.models["big"].requests_per_minute) == (33, 3000, 1)
+    events = _Events()
+    lim = SharedLimits("llm", spec, Clock(), events, make_client=lambda s: _Gone())
+    for _ in range(33):
+        assert (await lim.acquire("m", 10))[0] == 0
+    wait, why = await lim.acquire("m", 10)
+    assert wait > 0 and why == "requests_per_minute" and events.local == 34
+    assert (await lim.acquire("big", 10))[1] == "requests_per_minute"  # the upstream's share is spent first
+    await lim.close()
+
+
+@pytest.mark.parametrize("mode", ["take", "check"])
+async def test_the_script_takes_only_when_every_bucket_has_it(another_redis, mode):
+    url = f"redis://127.0.0.1:{another_redis()}/0"
+    spec = LLMLimitsSpec(requests_per_minute=5, tokens_per_minute=100, shared={"url": url},
+                         models={"m": {"tokens_per_minute": 50}})
+    lim = SharedLimits("llm", spec, Clock(), _Events())
+    try:
+        if mode == "take":
+            assert await lim.acquire("m", 40) == (0.0, "")
+            wait, why = await lim.acquire("m", 40)  # the model's 50 tokens hold it back; nothing is taken
+            assert why == "models.m.tokens_per_minute" and 0 < wait <= 60
+            assert await lim.acquire("other", 40) == (0.0, "")  # the upstream's buckets were not charged twice
+            lim.correct("m", 40, 5)  # the answer used 5 of 40: 35 back, without waiting
+            await asyncio.gather(*lim._corrections)  # sent without waiting: wait for it here
+            assert await lim.check("m", 40) == (0.0, "")
+        else:
+            for _ in range(3):
+                assert await lim.check("m", 40) == (0.0, "")  # asking takes nothing
+            r = aredis.Redis.from_url(url)
+            try:
+                assert await r.keys("*") == []
+            finally:
+                await r.aclose()
+    finally:
+        await lim.close()
+
+
+async def test_two_sidecars_together_stay_within_one_tokens_budget(fake, another_redis, start_proxy, tmp_path):
+    """Tokens: each request is charged its estimate at admission (its prompt and its `max_tokens`, as
+    providers reserve) and corrected from `usage` after; the answers the provider sent for both sidecars
+    add up to one budget and what refilled meanwhile."""
+    tpm = 300
+    redis_url = f"redis://127.0.0.1:{another_redis()}/0"
+    a_cfg, b_cfg = (config(fake.url, redis_url, requests_per_minute=None, tokens_per_minute=tpm) for _ in range(2))
+    a = Process.run(a_cfg, tmp_path / "a.yaml")
+    try:
+        await wait_http("http://" + a_cfg["upstreams"]["llm"]["listen"] + "/api/v1/models")
+        await start_proxy(b_cfg)
+        used: list[int] = []
+        started = time.monotonic()
+        (a_ok, _), (b_ok, _) = await asyncio.gather(ask(client(a_cfg), 25, used, max_tokens=12),
+                                                    ask(client(b_cfg), 25, used, max_tokens=12))
+        elapsed = time.monotonic() - started
+        assert max(used) <= 17  # the fake's answers fit their reservation: no estimate falls short
+        assert sum(used) <= tpm + tpm / 60 * elapsed, (sum(used), a_ok, b_ok, elapsed)
+        assert a_ok > 0 and b_ok > 0 and a_ok + b_ok < 50
+    finally:
+        await a.stop()
