@@ -127,6 +127,62 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def cmd_rollback_receiver(args: argparse.Namespace) -> int:
+    from proxy.obs import log
+    from proxy.settings.spec import parse_listen
+    from proxy.settings.units import parse_duration
+
+    log.configure("info")
+    namespace = args.namespace or os.environ.get("POD_NAMESPACE")
+    if not namespace:
+        print("rollback-receiver: --namespace (or $POD_NAMESPACE) is needed: the one namespace it acts in",
+              file=sys.stderr)
+        return EXIT_USAGE
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            print(f"rollback-receiver: cannot read --token-file: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        if not token:
+            print("rollback-receiver: --token-file is empty", file=sys.stderr)
+            return EXIT_USAGE
+    elif not args.no_token:
+        print("rollback-receiver: --token-file is needed (Alertmanager sends it as a bearer token: "
+              "http_config.authorization.credentials_file), or --no-token to accept any caller", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        host, port = parse_listen(args.listen)
+        per = parse_duration(args.per)
+    except ValueError as exc:
+        print(f"rollback-receiver: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from aiohttp import web
+
+    from proxy.fleet.rollback import Kube, Receiver, app
+    from proxy.obs.metrics import ReceiverMetrics
+
+    try:
+        kube = Kube.connect(args.kubeconfig)
+    except Exception as exc:  # noqa: BLE001 — no in-cluster config, an unreadable kubeconfig
+        print(f"rollback-receiver: no Kubernetes API: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    metrics = ReceiverMetrics()
+    receiver = Receiver(kube, namespace, args.configmap, args.key, dry_run=args.dry_run,
+                        max_actions=args.max_actions, per=per, events=metrics)
+    log.info("rollback_receiver_started", namespace=namespace, configmap=args.configmap, dry_run=args.dry_run,
+             listen=args.listen)
+    try:
+        web.run_app(app(receiver, token, metrics.registry), host=host, port=port, print=None,
+                    handle_signals=True)
+    except OSError as exc:
+        print(f"rollback-receiver: cannot listen on {args.listen}: {exc.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
 def _add_inject_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classic", action="store_true", help="a classic sidecar container (clusters before 1.29)")
     p.add_argument("--image", default=None, help="the sidecar image")
@@ -171,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--listen", default="0.0.0.0:8443")
     _add_inject_flags(wh)
     wh.set_defaults(func=cmd_webhook)
+    rb = sub.add_parser("rollback-receiver", help="roll a bad canary back for the fleet, on Alertmanager's webhook")
+    rb.add_argument("--listen", default="0.0.0.0:9095")
+    rb.add_argument("--namespace", default=None, help="the namespace it acts in (default: $POD_NAMESPACE)")
+    rb.add_argument("--configmap", default="resilience-proxy-config", help="the sidecars' ConfigMap")
+    rb.add_argument("--key", default="config.yaml", help="the ConfigMap key holding the sidecar config")
+    rb.add_argument("--token-file", default=None, help="the bearer token Alertmanager must send")
+    rb.add_argument("--no-token", action="store_true", help="accept the webhook from any caller")
+    rb.add_argument("--dry-run", action="store_true", help="decide and record, write nothing")
+    rb.add_argument("--max-actions", type=int, default=5, help="actions per --per at most (default 5)")
+    rb.add_argument("--per", default="10m", help="the rate limit's window (default 10m)")
+    rb.add_argument("--kubeconfig", default=None, help="a kubeconfig (default: the in-cluster service account)")
+    rb.set_defaults(func=cmd_rollback_receiver)
     return p
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test: ruff, then pytest. Needs the venv (made by `make test`), the go-built tools
-# (scripts/tools.sh builds them once, into a cache outside the clone) and the Debian tools the tests
+# (scripts/tools.sh and scripts/kube.sh build them once, into a cache outside the clone) and the Debian tools the tests
 # drive (redis-server, prometheus/promtool, amtool; .ci/run installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PATH="$(bash scripts/tools.sh):$PATH"
 export PATH
+# etcd and kube-apiserver for the tests against a real API server (built once, ~15 minutes; cached)
+RESILIENCE_PROXY_KUBE="$(bash scripts/kube.sh)"
+export RESILIENCE_PROXY_KUBE
 for t in redis-server redis-server-7.4 promtool prometheus amtool; do
   command -v "$t" >/dev/null 2>&1 || { echo "missing $t: apt-get install redis-server prometheus prometheus-alertmanager (.ci/run does)" >&2; exit 1; }
 done

@@ -407,3 +407,16 @@ class UpstreamMetrics:
         if c is None:
             c = self._fallbacks[key] = self.m.fallbacks.labels(self.name, source, reason)
         c.inc()
+
+
+class ReceiverMetrics:
+    """The rollback receiver's (proxy/fleet/rollback.py): a process of its own, a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.actions = Counter("rollback_actions", "Rollback decisions by action (track_weight_zero | rollout_abort "
+                               "| none) and result (done | dry_run | unchanged | rate_limited | refused | failed | "
+                               "duplicate).", ["action", "result"], registry=self.registry)
+
+    def rollback(self, action: str, result: str) -> None:
+        self.actions.labels(action, result).inc()
