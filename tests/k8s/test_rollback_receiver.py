@@ -1,13 +1,11 @@
-"""The rollback receiver against a real API server (tests/support/kube.py: etcd and kube-apiserver, RBAC
-on), with the shipped overlay's ServiceAccount, Role and RoleBinding and the Argo Rollouts CRD from its
-Go module's manifests: as that ServiceAccount, the receiver zeroes a dependency canary in the real
-ConfigMap and aborts a real Rollout — and can do nothing else."""
+"""The rollback receiver against a real API server (tests/k8s/conftest.py `api`: etcd and kube-apiserver,
+RBAC on, the CRDs installed from their Go modules), with the shipped overlay's ServiceAccount, Role and
+RoleBinding: as that ServiceAccount, the receiver zeroes a dependency canary in the real ConfigMap and
+aborts a real Rollout — and can do nothing else."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 
 import pytest
 import yaml
@@ -17,23 +15,6 @@ from tests.support.kube import ApiServer
 from tests.support.tools import ROOT, tool
 
 NS = "shop"
-ARGO_ROLLOUTS = "v1.10.1"
-
-
-def _argo_crd() -> dict:
-    out = subprocess.run(["go", "mod", "download", "-json", f"github.com/argoproj/argo-rollouts@{ARGO_ROLLOUTS}"],
-                         capture_output=True, text=True, timeout=600, cwd=str(ROOT / "scripts/kube/etcd"))
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)["Dir"]
-    with open(f"{d}/manifests/crds/rollout-crd.yaml") as f:
-        return yaml.safe_load(f)
-
-
-@pytest.fixture(scope="module")
-def api():
-    server = ApiServer().start()
-    yield server
-    server.stop()
 
 
 def _rendered() -> list[dict]:
@@ -45,21 +26,13 @@ def _rendered() -> list[dict]:
 @pytest.fixture(scope="module")
 def cluster(api):
     """The namespace, the overlay's RBAC and the sidecar ConfigMap (with a canary track on the database
-    gateway, as a team rolling one out has it), the Rollout CRD and the app's Rollout."""
+    gateway, as a team rolling one out has it), and the app's Rollout."""
     from kubernetes import client, utils
 
     admin = api.client()
     core = client.CoreV1Api(admin)
     core.create_namespace({"metadata": {"name": NS}})
     core.create_namespaced_service_account(NS, {"metadata": {"name": "default"}})  # no controllers here
-    ext = client.ApiextensionsV1Api(admin)
-    ext.create_custom_resource_definition(_argo_crd())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        crd = ext.read_custom_resource_definition("rollouts.argoproj.io")
-        if any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])):
-            break
-        time.sleep(0.2)
     docs = _rendered()
     for d in docs:
         if d["kind"] in ("ServiceAccount", "Role", "RoleBinding"):

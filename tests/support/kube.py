@@ -77,7 +77,10 @@ class ApiServer:
 
     def client(self, token: str | None = None):
         """The official client's ApiClient, as `token` (default: the admin)."""
+        import urllib3
         from kubernetes import client
+
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # self-signed on loopback, on purpose
 
         cfg = client.Configuration()
         cfg.host = f"https://127.0.0.1:{self.port}"
