@@ -6,8 +6,6 @@ changes nothing but the answer's headers; private answers never reach Redis."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 
 import aiohttp
 import openai
@@ -19,6 +17,7 @@ from multidict import CIMultiDict
 
 from tests.support.net import free_port
 from tests.support.proxy import Process, wait_http
+from tests.support.redis import start_cluster
 from tests.support.toxiproxy import add_toxic
 from tests.support.wait import eventually
 
@@ -195,27 +194,8 @@ async def test_admin_config_and_logs_never_show_the_caches_password(item_upstrea
     assert "cache-secret-pw" not in json_log.text
 
 
-def _cluster(another_redis, tmp_path) -> list[int]:
-    """A real three-master Redis Cluster on loopback (no replicas), its slots assigned."""
-    # the bus port named, not the default port + 10000 (past 65535 for a high free port)
-    ports = [another_redis("--cluster-enabled", "yes", "--dir", str(tmp_path), "--cluster-config-file",
-                           f"nodes-{i}.conf", "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()))
-             for i in range(3)]
-    cli = shutil.which("redis-cli")
-    assert cli, "redis-cli is needed (apt-get install redis-tools; .ci/run does it)"
-    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
-                   check=True, capture_output=True, timeout=60)
-    return ports
-
-
 async def test_a_redis_cluster_shares_the_cache_too(item_upstream, toxic_link, another_redis, start_proxy, tmp_path):
-    ports = _cluster(another_redis, tmp_path)
-
-    async def cluster_ok():
-        out = subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True)
-        return "cluster_state:ok" in out.stdout
-
-    await eventually(cluster_ok, what="the cluster is up")
+    ports = await start_cluster(another_redis, tmp_path)
     link, through = toxic_link(item_upstream)
     shared = {"url": f"redis://127.0.0.1:{ports[1]}", "cluster": True}
     a_cfg = config(through, shared)

@@ -190,3 +190,30 @@ async def test_two_sidecars_together_stay_within_one_tokens_budget(fake, another
         assert a_ok > 0 and b_ok > 0 and a_ok + b_ok < 50
     finally:
         await a.stop()
+
+
+async def test_on_a_redis_cluster_one_upstreams_buckets_share_a_slot_and_hold(another_redis, tmp_path):
+    """The script touches several buckets at once: on a cluster they must be in one slot (a hash tag),
+    or every decision would be a CROSSSLOT error and the pod would live on its local share."""
+    from tests.support.redis import start_cluster
+
+    ports = await start_cluster(another_redis, tmp_path)
+    spec = LLMLimitsSpec(requests_per_minute=5, tokens_per_minute=1000, models={"m": {"tokens_per_minute": 500}},
+                         shared={"url": f"redis://127.0.0.1:{ports[0]}", "cluster": True, "timeout": "2s"})
+    events = _Events()
+    lim = SharedLimits("llm", spec, Clock(), events)
+    try:
+        results = [await lim.acquire("m", 10) for _ in range(6)]
+        assert [w == 0 for w, _ in results] == [True] * 5 + [False] and results[-1][1] == "requests_per_minute"
+        assert events.local == 0  # every decision was the cluster's
+        rc = aredis.RedisCluster.from_url(f"redis://127.0.0.1:{ports[1]}")
+        try:
+            await rc.initialize()
+            slots = {rc.keyslot(k) for k in ("resilience-proxy:{llm:llm}:rpm", "resilience-proxy:{llm:llm}:tpm",
+                                              "resilience-proxy:{llm:llm}:models.m.tpm")}
+            assert len(slots) == 1
+            assert await rc.exists("resilience-proxy:{llm:llm}:models.m.tpm") == 1
+        finally:
+            await rc.aclose()
+    finally:
+        await lim.close()

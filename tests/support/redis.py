@@ -63,3 +63,30 @@ async def read_until(reader, *needles: bytes, timeout: float = 30) -> bytes:
             break
         data += chunk
     return data
+
+
+async def start_cluster(another_redis, tmp_path) -> list[int]:
+    """A real three-master Redis Cluster on loopback (no replicas), its slots assigned and its state ok.
+    `another_redis` is the fixture of that name (it stops the servers after the test)."""
+    import asyncio
+
+    from tests.support.net import free_port
+    from tests.support.wait import eventually
+
+    # the bus port named, not the default port + 10000 (past 65535 for a high free port)
+    ports = [another_redis("--cluster-enabled", "yes", "--dir", str(tmp_path), "--cluster-config-file",
+                           f"nodes-{i}.conf", "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()))
+             for i in range(3)]
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise RuntimeError("redis-cli is needed (apt-get install redis-tools; .ci/run does it)")
+    await asyncio.to_thread(subprocess.run, [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                                             "--cluster-yes"], check=True, capture_output=True, timeout=60)
+
+    async def ok():
+        out = await asyncio.to_thread(subprocess.run, [cli, "-p", str(ports[0]), "cluster", "info"],
+                                      capture_output=True, text=True)
+        return "cluster_state:ok" in out.stdout
+
+    await eventually(ok, what="the cluster is up")
+    return ports
