@@ -116,7 +116,7 @@ class SharedCache:
         self._make_client = make_client
         self._client = None
         self.breaker = BreakerState("shared-cache", upstream, _BREAKER, clock)
-        self.pending: dict[str, bytes] = {}  # key → value, oldest first; a newer value keeps its place
+        self.pending: dict[str, tuple] = {}  # key → answer, oldest first; a newer answer keeps its place
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task | None = None
         self.closed = False
@@ -142,7 +142,7 @@ class SharedCache:
         if self.closed or len(body) > self.spec.max_body:
             return
         key = self.prefix + digest_
-        value = encode(status, headers, body, time.time())
+        value = (status, headers, body, time.time())  # encoded by the writer, off the request path
         if key in self.pending:
             self.pending[key] = value  # coalesced: the newest answer for the key, written once
             return
@@ -167,7 +167,7 @@ class SharedCache:
                     batch.append((key, self.pending.pop(key)))
                 await self._write(batch)
 
-    async def _write(self, batch: list[tuple[str, bytes]]) -> None:
+    async def _write(self, batch: list[tuple[str, tuple]]) -> None:
         token = self.breaker.admit()
         if token is None:
             self.events.shared_write("dropped", len(batch))  # Redis is resting: these answers are not shared
@@ -176,8 +176,8 @@ class SharedCache:
         try:
             async with asyncio.timeout(max(_WRITE_TIMEOUT, self.spec.timeout)):
                 pipe = self.client.pipeline(transaction=False)
-                for key, value in batch:
-                    pipe.set(key, value, px=self._px)
+                for key, (status, headers, body, stored) in batch:
+                    pipe.set(key, encode(status, headers, body, stored), px=self._px)
                 await pipe.execute()
         except asyncio.CancelledError:
             self.breaker.cancel(token)

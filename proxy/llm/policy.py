@@ -134,7 +134,7 @@ class LLMFallback(Fallback):
         the listener ends the after-body phase with the assembled completion)."""
         no_store = req.llm is not None and req.llm.cache_mode == "no-store"
         if not no_store and resp.status == 200:
-            skey = self.shared_key(req, key) if self.cache.shared is not None else None
+            skey = functools.partial(self.shared_key, req, key) if self.cache.shared is not None else None
             resp.after_body(functools.partial(_store_replayable, self.cache, key, is_completion(req.path), skey),
                             self.spec.max_body)
 
@@ -173,7 +173,7 @@ class LLMFallback(Fallback):
         return out
 
 
-def _store_replayable(cache, key: bytes, completion: bool, shared_key: str | None, verdict: Verdict | None,
+def _store_replayable(cache, key: bytes, completion: bool, shared_key, verdict: Verdict | None,
                       body: bytes | None) -> None:
     if replayable(body, completion):
         store_after_body(cache, key, 200, CIMultiDict({"Content-Type": _JSON}), shared_key, verdict, body)

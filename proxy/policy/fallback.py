@@ -120,9 +120,10 @@ class FallbackCache(CacheSize):
         self.shared = shared  # the SharedCache of `fallback.shared` (proxy/fleet/cache.py), else None
 
 
-    def store(self, key: Hashable, status: int, headers, body: bytes, shared_key: str | None = None) -> None:
-        """Keep a fresh answer; with `shared_key`, queue it for the shared cache too (unless it is the same
-        answer again within a second: the shared copy is as fresh as that)."""
+    def store(self, key: Hashable, status: int, headers, body: bytes, shared_key=None) -> None:
+        """Keep a fresh answer; with `shared_key` (a callable giving the request's shared digest, asked only
+        when it is needed), queue it for the shared cache too — unless it is the same answer again within a
+        second: the shared copy is as fresh as that."""
         if self.spec.cache_entries == 0 or len(body) > self.spec.max_body:
             return
         drop = _NOT_STORED
@@ -141,7 +142,7 @@ class FallbackCache(CacheSize):
             return
         entry = Entry(status, kept, body, now)
         if shared_key is not None and self.shared is not None:
-            self.shared.put(shared_key, status, kept, body)
+            self.shared.put(shared_key(), status, kept, body)
         if entry.size > self.cache.maxsize:
             return
         self.cache[key] = entry
@@ -188,7 +189,7 @@ def storable(resp: ProxyResponse) -> bool:
     return "no-store" not in cc and "private" not in cc
 
 
-def store_after_body(cache, key, status: int, headers, shared_key: str | None, verdict: Verdict | None,
+def store_after_body(cache, key, status: int, headers, shared_key, verdict: Verdict | None,
                      body: bytes | None) -> None:
     """After the body: a whole, successful body is stored (one over max_body is not kept)."""
     if verdict is Verdict.SUCCESS and body is not None:
@@ -233,7 +234,8 @@ class Fallback:
         """Store a fresh answer (now, or once its body has streamed through the listener)."""
         if not storable(resp):
             return
-        skey = self.shared_key(req, key) if self.cache.shared is not None else None
+        # the digest is worked out only when the answer is really queued (not for a hot key's repeats)
+        skey = functools.partial(self.shared_key, req, key) if self.cache.shared is not None else None
         if resp.body is not None and resp.stream is None:
             self.cache.store(key, resp.status, resp.headers, resp.body, skey)
         else:
