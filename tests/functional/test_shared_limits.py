@@ -199,7 +199,7 @@ async def test_on_a_redis_cluster_one_upstreams_buckets_share_a_slot_and_hold(an
 
     ports = await start_cluster(another_redis, tmp_path)
     spec = LLMLimitsSpec(requests_per_minute=5, tokens_per_minute=1000, models={"m": {"tokens_per_minute": 500}},
-                         shared={"url": f"redis://127.0.0.1:{ports[0]}", "cluster": True, "timeout": "2s"})
+                         shared={"url": f"redis://127.0.0.1:{ports[0]}", "cluster": True, "timeout": "10s"})
     events = _Events()
     lim = SharedLimits("llm", spec, Clock(), events)
     try:

@@ -83,10 +83,14 @@ async def start_cluster(another_redis, tmp_path) -> list[int]:
     await asyncio.to_thread(subprocess.run, [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                                              "--cluster-yes"], check=True, capture_output=True, timeout=60)
 
+    # every node, not just one: a node whose own view is not ok yet answers CLUSTERDOWN to what it is sent
     async def ok():
-        out = await asyncio.to_thread(subprocess.run, [cli, "-p", str(ports[0]), "cluster", "info"],
-                                      capture_output=True, text=True)
-        return "cluster_state:ok" in out.stdout
+        for p in ports:
+            out = await asyncio.to_thread(subprocess.run, [cli, "-p", str(p), "cluster", "info"],
+                                          capture_output=True, text=True)
+            if "cluster_state:ok" not in out.stdout:
+                return False
+        return True
 
-    await eventually(ok, what="the cluster is up")
+    await eventually(ok, what="every node of the cluster is ok")
     return ports
