@@ -54,6 +54,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from proxy.settings.schema import config_schema, dumps
+
+    sys.stdout.write(dumps(config_schema()))
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.obs import log
 
@@ -201,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("--strict", action="store_true", help="unresolved ${env:}/${file:} references are errors")
     c.set_defaults(func=cmd_check)
+    cs = sub.add_parser("config-schema", help="print the JSON Schema of config.yaml (for editors and CI)")
+    cs.set_defaults(func=cmd_config_schema)
     d = sub.add_parser("demo", help="run the proxy against built-in local upstreams")
     d.add_argument("--config", default=None, help="demo config (default: the packaged demo.yaml)")
     d.add_argument("--port-base", type=int, default=None, metavar="N",

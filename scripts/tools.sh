@@ -54,6 +54,8 @@ redis74() {
 redis74
 build toxiproxy-server github.com/Shopify/toxiproxy/v2/cmd/server v2.12.0 server
 build kustomize sigs.k8s.io/kustomize/kustomize/v5 v5.4.3
+# Helm 4 (v3.22.0 is served here but not an approved release; v4 renders and installs the same v2 charts)
+build helm helm.sh/helm/v4/cmd/helm v4.3.2
 if [ "${1:-}" = "--bench" ]; then
   build vegeta github.com/tsenart/vegeta/v12 v12.13.0
 fi

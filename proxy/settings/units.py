@@ -59,5 +59,23 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration, when_used="json")]
-Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, when_used="json")]
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$"
+
+
+class _Literal:
+    """What the JSON Schema of the config says of a duration or size: the number the field takes (with its
+    bounds) or the literal a user writes (`5s`, `64MiB`). Only `resilience-proxy config-schema` and the
+    Helm chart's values.schema.json read it; validation itself is the parser above."""
+
+    def __init__(self, pattern: str, what: str) -> None:
+        self.pattern, self.what = pattern, what
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        return {"anyOf": [handler(core_schema), {"type": "string", "pattern": self.pattern}], "description": self.what}
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration, when_used="json"),
+                     _Literal(DURATION_PATTERN, "a duration: 250ms, 5s, 1m, 1h or a number of seconds")]
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, when_used="json"),
+                 _Literal(SIZE_PATTERN, "a size: 512KiB, 1MiB, 1GiB or a number of bytes")]
