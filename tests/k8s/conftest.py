@@ -11,6 +11,51 @@ import yaml
 
 from tests.support.tools import ROOT, tool
 
+CORE = {"v1", "apps/v1", "policy/v1", "batch/v1", "admissionregistration.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
+# CRD kind → (apiVersion, required dotted paths under the object)
+CRDS = {
+    "PodMonitor": ("monitoring.coreos.com/v1", ["spec.selector", "spec.podMetricsEndpoints"]),
+    "PrometheusRule": ("monitoring.coreos.com/v1", ["spec.groups"]),
+    "AlertmanagerConfig": ("monitoring.coreos.com/v1alpha1", ["spec.route", "spec.receivers"]),
+    "Rollout": ("argoproj.io/v1alpha1", ["spec.selector", "spec.strategy"]),
+    "AnalysisTemplate": ("argoproj.io/v1alpha1", ["spec.metrics"]),
+    "Canary": ("flagger.app/v1beta1", ["spec.targetRef", "spec.service.port", "spec.analysis"]),
+    "MetricTemplate": ("flagger.app/v1beta1", ["spec.provider.type", "spec.query"]),
+    "PodChaos": ("chaos-mesh.org/v1alpha1", ["spec.action", "spec.mode", "spec.selector"]),
+    "NetworkChaos": ("chaos-mesh.org/v1alpha1", ["spec.action", "spec.mode", "spec.selector"]),
+    "StressChaos": ("chaos-mesh.org/v1alpha1", ["spec.mode", "spec.selector", "spec.stressors"]),
+    "Certificate": ("cert-manager.io/v1", ["spec.secretName", "spec.issuerRef.name"]),
+    "Issuer": ("cert-manager.io/v1", ["spec"]),
+}
+
+
+def _get(obj, dotted):
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def check_objects(docs: list[dict], where: str) -> None:
+    """Core kinds strictly against the Kubernetes 1.30 schemas; CRD objects: apiVersion, kind, name and the
+    fields their controllers need. (The real API server's own check is tests/k8s/test_apiserver.py.)"""
+    import kubernetes_validate
+
+    assert docs, f"{where}: nothing rendered"
+    for d in docs:
+        kind, api = d["kind"], d["apiVersion"]
+        if api in CORE:
+            kubernetes_validate.validate(d, "1.30.0", strict=True)
+        else:
+            assert kind in CRDS, f"{where}: unexpected kind {api}/{kind}"
+            want_api, required = CRDS[kind]
+            assert api == want_api, f"{kind}: apiVersion {api}, want {want_api}"
+            assert d.get("metadata", {}).get("name"), f"{kind} without a name"
+            for path in required:
+                assert _get(d, path) not in (None, [], ""), f"{where}: {kind} {d['metadata']['name']}: {path} missing"
+
+
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s/overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
@@ -94,3 +139,35 @@ def api():
         yield server
     finally:
         server.stop()
+
+
+def dry_run(api, docs: list[dict], namespace: str) -> list[str]:
+    """A server-side dry-run apply of each object (the server's own validation, defaulting and the CRDs'
+    schemas: what `kubectl apply --server-side --dry-run=server` says) → one line per refusal."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+    from kubernetes.dynamic import DynamicClient
+
+    admin = api.client()
+    dyn = DynamicClient(admin)
+    core = client.CoreV1Api(admin)
+    namespace = namespace.replace("_", "-")[:60]
+    # namespaces are made for real (a dry-run Namespace holds nothing), everything else is a dry run
+    for ns in {namespace, *(d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"),
+               *(d["metadata"].get("namespace") for d in docs if d["metadata"].get("namespace"))}:
+        try:
+            core.create_namespace({"metadata": {"name": ns}})
+        except ApiException as e:
+            assert e.status == 409, e
+    failures = []
+    for d in docs:
+        if d["kind"] == "Namespace":
+            continue
+        resource = dyn.resources.get(api_version=d["apiVersion"], kind=d["kind"])
+        ns = d["metadata"].get("namespace", namespace) if resource.namespaced else None
+        try:
+            resource.server_side_apply(body=d, name=d["metadata"]["name"], namespace=ns, field_manager="ci",
+                                       dry_run="All", force_conflicts=True)
+        except ApiException as e:
+            failures.append(f"{d['kind']}/{d['metadata']['name']}: {e.status} {e.body[:400] if e.body else e.reason}")
+    return failures

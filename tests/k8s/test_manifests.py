@@ -7,53 +7,16 @@ from __future__ import annotations
 import json
 import subprocess
 
-import kubernetes_validate
 import pytest
 import yaml
 
-from tests.k8s.conftest import OVERLAYS
+from tests.k8s.conftest import OVERLAYS, check_objects
 from tests.support.tools import ROOT, tool
-
-CORE = {"v1", "apps/v1", "policy/v1", "batch/v1", "admissionregistration.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
-# CRD kind → (apiVersion, required dotted paths under the object)
-CRDS = {
-    "PodMonitor": ("monitoring.coreos.com/v1", ["spec.selector", "spec.podMetricsEndpoints"]),
-    "PrometheusRule": ("monitoring.coreos.com/v1", ["spec.groups"]),
-    "Rollout": ("argoproj.io/v1alpha1", ["spec.selector", "spec.strategy"]),
-    "AnalysisTemplate": ("argoproj.io/v1alpha1", ["spec.metrics"]),
-    "Canary": ("flagger.app/v1beta1", ["spec.targetRef", "spec.service.port", "spec.analysis"]),
-    "MetricTemplate": ("flagger.app/v1beta1", ["spec.provider.type", "spec.query"]),
-    "PodChaos": ("chaos-mesh.org/v1alpha1", ["spec.action", "spec.mode", "spec.selector"]),
-    "NetworkChaos": ("chaos-mesh.org/v1alpha1", ["spec.action", "spec.mode", "spec.selector"]),
-    "StressChaos": ("chaos-mesh.org/v1alpha1", ["spec.mode", "spec.selector", "spec.stressors"]),
-    "Certificate": ("cert-manager.io/v1", ["spec.secretName", "spec.issuerRef.name"]),
-    "Issuer": ("cert-manager.io/v1", ["spec"]),
-}
-
-
-def _get(obj, dotted):
-    for part in dotted.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return None
-        obj = obj[part]
-    return obj
 
 
 @pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
 def test_every_object_is_valid(rendered, overlay):
-    docs = rendered[overlay]
-    assert docs
-    for d in docs:
-        kind, api = d["kind"], d["apiVersion"]
-        if api in CORE:
-            kubernetes_validate.validate(d, "1.30.0", strict=True)
-        else:
-            assert kind in CRDS, f"{overlay}: unexpected kind {api}/{kind}"
-            want_api, required = CRDS[kind]
-            assert api == want_api, f"{kind}: apiVersion {api}, want {want_api}"
-            assert d.get("metadata", {}).get("name"), f"{kind} without a name"
-            for path in required:
-                assert _get(d, path) not in (None, [], ""), f"{overlay}: {kind} {d['metadata']['name']}: {path} missing"
+    check_objects(rendered[overlay], overlay)
 
 
 def _pod_spec(docs, kind="Deployment", name="shop-api"):

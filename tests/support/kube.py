@@ -88,6 +88,20 @@ class ApiServer:
         cfg.api_key = {"authorization": f"Bearer {token or self.admin_token}"}
         return client.ApiClient(cfg)
 
+    def kubeconfig(self) -> Path:
+        """A kubeconfig for tools that take one (helm), as the admin."""
+        import yaml
+
+        path = self.dir / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": f"https://127.0.0.1:{self.port}",
+                                                      "insecure-skip-tls-verify": True}}],
+            "users": [{"name": "admin", "user": {"token": self.admin_token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}]}))
+        path.chmod(0o600)
+        return path
+
     @staticmethod
     def client_for_token(admin, token: str):
         """Another ApiClient to the same server as `admin`, as `token` (a ServiceAccount's)."""
