@@ -93,8 +93,11 @@ def client_for(spec):
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
+    # max_connections: redis-py's own default (100) fails the next call at once, which would read as
+    # Redis being down in the very burst of an outage; callers wait on `Slots` for one instead
     kw: dict[str, Any] = dict(socket_timeout=max(spec.timeout, 0.05), socket_connect_timeout=max(spec.timeout, 0.05),
-                              retry=Retry(NoBackoff(), 0), decode_responses=False)
+                              retry=Retry(NoBackoff(), 0), decode_responses=False,
+                              max_connections=spec.max_connections)
     if spec.url.startswith("rediss://"):
         tls = spec.tls
         kw.update(ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file,
@@ -106,6 +109,12 @@ def client_for(spec):
     return aredis.Redis.from_url(spec.url, **kw)
 
 
+def slots(spec) -> asyncio.Semaphore:
+    """As many calls in flight as the client has connections: one more waits (within the caller's
+    timeout) instead of failing, so a burst of reads in an outage is served, not counted as Redis down."""
+    return asyncio.Semaphore(spec.max_connections)
+
+
 class SharedCache:
     """State per (upstream, fallback spec): survives a reload that leaves both unchanged; registered as a
     pool, so a reload that drops it closes it (its queued writes are given a moment to go)."""
@@ -115,6 +124,7 @@ class SharedCache:
         self.prefix = f"{spec.key_prefix}{upstream}:{key_spec}:"
         self._make_client = make_client
         self._client = None
+        self._slots = slots(spec)
         self.breaker = BreakerState("shared-cache", upstream, _BREAKER, clock)
         self.pending: dict[str, tuple] = {}  # key → answer, oldest first; a newer answer keeps its place
         self._wake: asyncio.Event | None = None
@@ -174,7 +184,7 @@ class SharedCache:
             return
         start = self.clock.monotonic()
         try:
-            async with asyncio.timeout(max(_WRITE_TIMEOUT, self.spec.timeout)):
+            async with asyncio.timeout(max(_WRITE_TIMEOUT, self.spec.timeout)), self._slots:
                 pipe = self.client.pipeline(transaction=False)
                 for key, (status, headers, body, stored) in batch:
                     pipe.set(key, encode(status, headers, body, stored), px=self._px)
@@ -200,7 +210,7 @@ class SharedCache:
             return None
         start = self.clock.monotonic()
         try:
-            async with asyncio.timeout(self.spec.timeout):
+            async with asyncio.timeout(self.spec.timeout), self._slots:
                 raw = await self.client.get(self.prefix + digest_)
         except asyncio.CancelledError:
             self.breaker.cancel(token)

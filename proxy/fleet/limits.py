@@ -21,7 +21,7 @@ import math
 
 from proxy.clock import Clock
 from proxy.exchange import Verdict
-from proxy.fleet.cache import client_for
+from proxy.fleet.cache import client_for, slots
 from proxy.llm.limits import Limits
 from proxy.obs import log
 from proxy.policy.breaker import BreakerState
@@ -94,6 +94,7 @@ class SharedLimits:
         self._make_client = make_client
         self._client = None
         self._script = None
+        self._slots = slots(spec.shared)
         tag = "{" + f"llm:{upstream}" + "}"  # one hash tag: one cluster slot for all of them
         self._prefix = f"{spec.shared.key_prefix}{tag}:"
         self.breaker = BreakerState("llm-limits", upstream, _BREAKER, clock)
@@ -134,7 +135,7 @@ class SharedLimits:
             args = [mode]
             for _, cap, rate, cost, _ in buckets:
                 args += [cap, repr(rate), cost]
-            async with asyncio.timeout(self.shared.timeout):
+            async with asyncio.timeout(self.shared.timeout), self._slots:
                 wait, index = await self._script(keys=[b[0] for b in buckets], args=args)
             result = float(wait), int(index)
         except asyncio.CancelledError:

@@ -199,6 +199,21 @@ def _redis_url(v: str) -> str:
     return v
 
 
+class SharedTLSSpec(Spec):
+    """rediss:// for the fleet's Redis (redis-py): the certificate is checked against the URL's host, so
+    there is no server_name to give."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> SharedTLSSpec:
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+
 class SharedCacheSpec(Spec):
     """`fallback.shared`: a second level of the fallback cache in Redis, shared by a workload's sidecars
     (proxy/fleet/cache.py). Read only after a failure, written off the request path."""
@@ -211,7 +226,9 @@ class SharedCacheSpec(Spec):
     max_body: Size = 1024 * 1024
     timeout: Duration = Field(default=0.1, gt=0, le=10)  # a read, on the failure path
     write_queue: int = Field(default=1000, ge=1, le=1_000_000)
-    tls: TLSSpec = TLSSpec()       # rediss://: the CA (and a client certificate)
+    # connections to Redis at most (per node of a cluster); more calls at once wait for one within `timeout`
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+    tls: SharedTLSSpec = SharedTLSSpec()  # rediss://: the CA (and a client certificate)
 
     @field_validator("url")
     @classmethod
@@ -270,6 +287,9 @@ class FallbackSpec(Spec):
     def _ttls(self) -> FallbackSpec:
         if self.stale_ttl < self.cache_ttl:
             raise ValueError("stale_ttl must be >= cache_ttl")
+        if self.shared is not None and self.cache_entries == 0:
+            # answers reach Redis through the local cache's write, and its key is what Redis is asked for
+            raise ValueError("shared needs the local cache: set cache_entries > 0")
         return self
 
 
@@ -346,7 +366,8 @@ class SharedLimitsSpec(Spec):
     cluster: bool = False
     key_prefix: str = Field(default="resilience-proxy:", max_length=200)
     timeout: Duration = Field(default=0.25, gt=0, le=10)  # a bucket decision; past it, the local share decides
-    tls: TLSSpec = TLSSpec()
+    max_connections: int = Field(default=64, ge=1, le=10_000)  # as fallback.shared's
+    tls: SharedTLSSpec = SharedTLSSpec()
 
     @field_validator("url")
     @classmethod

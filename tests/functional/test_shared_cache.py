@@ -105,6 +105,33 @@ async def test_a_fresh_sidecar_serves_its_neighbours_answer_when_the_upstream_is
         await a.stop()
 
 
+async def test_a_burst_in_the_outage_is_served_from_the_shared_cache_not_counted_as_redis_down(
+        item_upstream, toxic_link, another_redis, start_proxy, tmp_path, metrics):
+    """Every request in flight fails at once in an outage, and each asks the shared cache: more of them
+    than the client has connections wait for one (within `timeout`), none is turned away as an error,
+    and the breaker stays closed."""
+    link, through = toxic_link(item_upstream)
+    redis_url = f"redis://127.0.0.1:{another_redis()}/0"
+    shared = {"url": redis_url, "cache_ttl": "1ms", "timeout": "10s", "max_connections": 4}
+    a = await warm_in_another_process(config(through, shared), tmp_path, redis_url)
+    try:
+        link.disable()
+        b_cfg = config(through, shared, limits={"max_in_flight": 1000})
+        await start_proxy(b_cfg)
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            async def one():
+                async with s.get(url_of(b_cfg) + "/item") as r:
+                    return r.status, r.headers.get("X-Fallback"), await r.read()
+
+            answers = await asyncio.gather(*(one() for _ in range(200)))
+        assert answers == [(200, "shared-stale", BODY)] * 200
+        assert metrics.delta("shared_cache_reads_total", name="db", result="hit") == 200
+        assert metrics.added("shared_cache_reads_total", name="db", result="error") == 0
+    finally:
+        await a.stop()
+
+
 async def test_a_young_shared_entry_is_shared_cache_and_a_younger_local_one_wins(
         item_upstream, toxic_link, another_redis, start_proxy, tmp_path):
     link, through = toxic_link(item_upstream)

@@ -175,7 +175,10 @@ async def test_two_sidecars_together_stay_within_one_tokens_budget(fake, another
     add up to one budget and what refilled meanwhile."""
     tpm = 300
     redis_url = f"redis://127.0.0.1:{another_redis()}/0"
-    a_cfg, b_cfg = (config(fake.url, redis_url, requests_per_minute=None, tokens_per_minute=tpm) for _ in range(2))
+    # expected_replicas 1: each pod's local share is the whole budget, so only the shared buckets keep the
+    # two of them within one
+    a_cfg, b_cfg = (config(fake.url, redis_url, requests_per_minute=None, tokens_per_minute=tpm, expected_replicas=1)
+                    for _ in range(2))
     a = Process.run(a_cfg, tmp_path / "a.yaml")
     try:
         await wait_http("http://" + a_cfg["upstreams"]["llm"]["listen"] + "/api/v1/models")
@@ -188,8 +191,34 @@ async def test_two_sidecars_together_stay_within_one_tokens_budget(fake, another
         assert max(used) <= 17  # the fake's answers fit their reservation: no estimate falls short
         assert sum(used) <= tpm + tpm / 60 * elapsed, (sum(used), a_ok, b_ok, elapsed)
         assert a_ok > 0 and b_ok > 0 and a_ok + b_ok < 50
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            assert [k for k in await r.keys("*") if k.endswith(b":tpm")], "the tokens bucket lives in Redis"
+        finally:
+            await r.aclose()
     finally:
         await a.stop()
+
+
+async def test_a_burst_of_decisions_waits_for_a_connection_instead_of_going_local(another_redis):
+    """More decisions at once than the client has connections (redis-py fails the 101st at once by
+    default): they queue for one within `timeout`, and none falls to the local share."""
+    url = f"redis://127.0.0.1:{another_redis()}/0"
+    spec = LLMLimitsSpec(requests_per_minute=10_000, shared={"url": url, "timeout": "10s", "max_connections": 8})
+    events = _Events()
+    lim = SharedLimits("llm", spec, Clock(), events)
+    try:
+        results = await asyncio.gather(*(lim.acquire("m", 1) for _ in range(300)))
+        assert [w for w, _ in results] == [0.0] * 300
+        assert events.local == 0 and lim.breaker.state == "closed"
+        r = aredis.Redis.from_url(url)
+        try:
+            clients = await r.client_list()
+            assert len(clients) <= 8 + 1  # its pool, and this connection
+        finally:
+            await r.aclose()
+    finally:
+        await lim.close()
 
 
 async def test_on_a_redis_cluster_one_upstreams_buckets_share_a_slot_and_hold(another_redis, tmp_path):

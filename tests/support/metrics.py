@@ -50,3 +50,8 @@ class Baseline:
 
     value = staticmethod(value)
     sample = staticmethod(sample)
+
+    def added(self, name: str, /, **labels: str) -> float:
+        """What this test added to a counter that may never have been exported (nothing happened: 0)."""
+        now = sample(name, **labels)
+        return (now or 0.0) - self.before.get((name, frozenset(labels.items())), 0.0)

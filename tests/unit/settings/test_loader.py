@@ -50,8 +50,8 @@ FULL = {
                          "static": {"status": 203, "content_type": "text/plain", "body": "{}", "headers": {"X-A": "b"}},
                          "shared": {"url": "rediss://cache.example:6380/2", "cluster": True, "key_prefix": "shop:",
                                     "cache_ttl": "30s", "stale_ttl": "30m", "max_body": "256KiB", "timeout": "50ms",
-                                    "write_queue": 10, "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem",
-                                                               "key_file": "/k.pem", "server_name": "cache"}}},
+                                    "write_queue": 10, "max_connections": 7,
+                                    "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem"}}},
             "routes": [{"name": "reports", "match": {"methods": ["GET"], "path_prefix": "/reports"},
                         "timeouts": {"total": "2m"}, "retry": {"attempts": 1}, "fallback": {"cache_ttl": "5m"}}],
             "metrics": {"buckets": [0.1, 1, 10]},
@@ -73,9 +73,8 @@ FULL = {
                     "limits": {"requests_per_minute": 500, "tokens_per_minute": 200000, "max_wait": "2s",
                                "models": {"openai/o1": {"requests_per_minute": 20, "tokens_per_minute": 30000}},
                                "shared": {"url": "rediss://limits.example:6380/1", "cluster": True,
-                                          "key_prefix": "shop:", "timeout": "100ms",
-                                          "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem",
-                                                  "server_name": "limits"}},
+                                          "key_prefix": "shop:", "timeout": "100ms", "max_connections": 9,
+                                          "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem"}},
                                "expected_replicas": 4},
                     "prices": {"openai/o1": {"prompt": 15.0, "completion": 60.0}},
                     "degraded": {"enabled": False, "message": "try later", "status": 503}},
@@ -324,6 +323,12 @@ def test_semantic_errors(tmp_path):
     assert any("URL" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "targets": [{"name": "a", "url": "db:80"}]}}}))
     assert any("stale_ttl" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "fallback": {"cache_ttl": "2h"}}}}))
     assert any("retry.on" in e for e in errors_of(tmp_path, {"upstreams": {"db": {**base, "retry": {"on": ["sometimes"]}}}}))
+    shared = {"url": "rediss://cache:6380/0"}
+    errs = errors_of(tmp_path, {"upstreams": {"db": {**base, "fallback": {"cache_entries": 0, "shared": shared}}}})
+    assert any(e.startswith("upstreams.db.fallback") and "cache_entries > 0" in e for e in errs), errs
+    errs = errors_of(tmp_path, {"upstreams": {"db": {**base, "fallback": {
+        "shared": {**shared, "tls": {"server_name": "cache.internal"}}}}}})
+    assert any(e.startswith("upstreams.db.fallback.shared.tls.server_name") for e in errs), errs
     errs = errors_of(tmp_path, {"upstreams": {"db": {**base, "routes": [{"name": "r", "retry": {"attempts": 99}}]}}})
     assert any(e.startswith("upstreams.db.routes") and "r.retry" in e for e in errs), errs
 
