@@ -156,6 +156,11 @@ def cmd_rollback_receiver(args: argparse.Namespace) -> int:
         if not token:
             print("rollback-receiver: --token-file is empty", file=sys.stderr)
             return EXIT_USAGE
+        if "REPLACE-ME" in token or len(token) < 16:
+            # the shipped placeholder is public: anyone who read the repository could roll canaries back
+            print("rollback-receiver: --token-file holds the shipped placeholder or under 16 characters: "
+                  "put a long random token in the Secret (openssl rand -hex 32)", file=sys.stderr)
+            return EXIT_USAGE
     elif not args.no_token:
         print("rollback-receiver: --token-file is needed (Alertmanager sends it as a bearer token: "
               "http_config.authorization.credentials_file), or --no-token to accept any caller", file=sys.stderr)

@@ -36,6 +36,7 @@ _MAX_BODY = 1024 * 1024
 _SEEN = 10_000      # (fingerprint, startsAt) pairs remembered
 _HISTORY = 500
 _CONFLICTS = 3      # a ConfigMap changed under us: read and try again this often
+_AGAIN = frozenset({"failed", "rate_limited"})  # not acted on: a later delivery of the firing tries again
 
 
 class Refusal(Exception):
@@ -43,6 +44,15 @@ class Refusal(Exception):
 
 
 # -- the ConfigMap edit --------------------------------------------------------------------------------
+def current_weights(text: str, upstream: str) -> dict[str, int]:
+    """The tracks' weights of `upstream` as the config has them (what a rollback entry changed from)."""
+    import yaml
+
+    doc = yaml.safe_load(text)
+    targets = doc["upstreams"][upstream]["targets"]
+    return {t["name"]: int(t.get("weight", 100)) for t in targets if isinstance(t, dict)}
+
+
 def zero_track(text: str, upstream: str, track: str) -> tuple[str, dict[str, int]]:
     """The sidecar config with `track`'s weight at 0 and its share given to the other weighted tracks of
     `upstream` (in proportion to their weights, each at most 100, the total kept where it can be) →
@@ -176,11 +186,11 @@ class Receiver:
         if key in self.seen:
             self._count("duplicate", "none")
             return None  # Alertmanager repeating one firing
-        self.seen[key] = None
+        self.seen[key] = None  # taken now, so a delivery racing this one is a duplicate, not a second act
         while len(self.seen) > _SEEN:
             self.seen.popitem(last=False)
         annotations = alert.get("annotations") if isinstance(alert.get("annotations"), dict) else {}
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "alertname": labels.get("alertname"),
+        entry = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "alertname": labels.get("alertname"),
                  "fingerprint": key[0], "startsAt": key[1], "namespace": labels.get("namespace"),
                  "reason": annotations.get("summary") or annotations.get("description") or labels.get("alertname"),
                  "dry_run": self.dry_run}
@@ -193,9 +203,13 @@ class Receiver:
                 entry.update(result="failed", detail=f"{type(exc).__name__}: {_status(exc) or ''} "
                                                      f"{getattr(exc, 'reason', '') or ''}".strip())
         entry.setdefault("action", "none")
+        if entry["result"] in _AGAIN:
+            # not acted on: Alertmanager's next delivery of this firing (its retry after our 5xx, or the
+            # repeat_interval) must get another go, or the rollback would wait for the alert to resolve
+            self.seen.pop(key, None)
         self.history.append(entry)
         self._count(entry["result"], entry["action"])
-        log.warning("rollback_action", **{k: v for k, v in entry.items() if k != "time"})
+        log.warning("rollback_action", **{k: v for k, v in entry.items() if k != "timestamp"})
         return entry
 
     async def _act(self, labels: dict) -> dict:
@@ -222,6 +236,7 @@ class Receiver:
         for _ in range(_CONFLICTS):
             text, version = await asyncio.to_thread(self.kube.read_config, self.namespace, self.configmap, self.key)
             new, weights = zero_track(text, what["upstream"], what["track"])
+            what["previous_weights"] = current_weights(text, what["upstream"])
             if new == text:
                 return {**what, "result": "unchanged", "weights": weights, "detail": "the track's weight is 0 already"}
             validate(new)
@@ -247,24 +262,35 @@ class Receiver:
 def app(receiver: Receiver, token: str | None, registry=None):
     from aiohttp import web
 
-    async def alerts(request: web.Request) -> web.Response:
+    def _denied(request: web.Request) -> web.Response | None:
         if token is not None:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response({"error": "a bearer token is needed"}, status=401)
+        return None
+
+    async def alerts(request: web.Request) -> web.Response:
+        denied = _denied(request)
+        if denied is not None:
+            return denied
         if request.content_length is not None and request.content_length > _MAX_BODY:
             return web.json_response({"error": f"payload over {_MAX_BODY} bytes"}, status=413)
         try:
-            raw = await request.content.read(_MAX_BODY + 1)
-            if len(raw) > _MAX_BODY:
-                return web.json_response({"error": f"payload over {_MAX_BODY} bytes"}, status=413)
+            # the whole body, however many segments it came in (client_max_size bounds it: a 413)
+            raw = await request.read()
             payload = json.loads(raw)
             entries = await receiver.receive(payload)
         except (ValueError, RecursionError) as exc:
             return web.json_response({"error": f"invalid payload: {str(exc)[:200]}"}, status=400)
-        return web.json_response({"status": "ok", "actions": entries})
+        # a failed action is a 5xx, so Alertmanager delivers it again (with its own backoff)
+        failed = any(e["result"] == "failed" for e in entries)
+        return web.json_response({"status": "failed" if failed else "ok", "actions": entries},
+                                 status=503 if failed else 200)
 
     async def history(request: web.Request) -> web.Response:
+        denied = _denied(request)  # what it did and why: alert summaries, ConfigMap names, weights
+        if denied is not None:
+            return denied
         return web.json_response({"rollbacks": list(receiver.history)})
 
     async def healthz(request: web.Request) -> web.Response:

@@ -78,7 +78,7 @@ async def test_as_its_service_account_it_zeroes_the_canary_and_aborts_the_rollou
     assert [(t["name"], t["weight"]) for t in targets] == [("stable", 100), ("canary", 0)]
     r = client.CustomObjectsApi(admin).get_namespaced_custom_object("argoproj.io", "v1alpha1", NS, "rollouts", rollout)
     assert r["status"]["abort"] is True
-    history = await (await http.get("/history")).json()
+    history = await (await http.get("/history", headers=auth)).json()
     assert [h["result"] for h in history["rollbacks"]] == ["done", "done"]
 
 

@@ -153,5 +153,88 @@ async def test_the_webhook_wants_its_token_and_a_real_payload(aiohttp_client):
     assert (await client.post("/alerts", data=b"x" * (2 << 20), headers=auth)).status == 413
     resp = await client.post("/alerts", json=payload(alert(rollout="shop-api")), headers=auth)
     assert resp.status == 200 and (await resp.json())["actions"][0]["result"] == "done"
-    history = await (await client.get("/history")).json()
+    history = await (await client.get("/history", headers=auth)).json()
     assert [h["rollout"] for h in history["rollbacks"]] == ["shop-api"]
+
+
+async def test_a_failed_or_rate_limited_firing_is_acted_on_when_delivered_again(aiohttp_client):
+    class Flaky(FakeKube):
+        fail = 1
+
+        def abort_rollout(self, namespace, name):
+            if self.fail:
+                self.fail -= 1
+
+                class ServerError(Exception):
+                    status = 500
+                raise ServerError()
+            super().abort_rollout(namespace, name)
+
+    kube = Flaky()
+    r = Receiver(kube, "shop", "cm", "config.yaml")
+    client = await aiohttp_client(app(r, None))
+    resp = await client.post("/alerts", json=payload(alert(rollout="shop-api")))
+    assert resp.status == 503 and (await resp.json())["actions"][0]["result"] == "failed"  # Alertmanager retries
+    resp = await client.post("/alerts", json=payload(alert(rollout="shop-api")))  # the same firing, again
+    assert resp.status == 200 and (await resp.json())["actions"][0]["result"] == "done"
+    assert kube.aborts == [("shop", "shop-api")]
+
+    clock = [0.0]
+    limited = Receiver(FakeKube(), "shop", "cm", "config.yaml", max_actions=1, per=600, clock=lambda: clock[0])
+    assert (await limited.receive(payload(alert(fingerprint="a", rollout="x"))))[0]["result"] == "done"
+    assert (await limited.receive(payload(alert(fingerprint="b", rollout="x"))))[0]["result"] == "rate_limited"
+    clock[0] = 601  # the window passed; Alertmanager's repeat_interval sends firing b again
+    assert (await limited.receive(payload(alert(fingerprint="b", rollout="x"))))[0]["result"] == "done"
+    assert limited.kube.aborts == [("shop", "x"), ("shop", "x")]
+
+
+async def test_a_payload_arriving_in_pieces_is_read_whole(aiohttp_server):
+    import asyncio
+    import json
+
+    r = Receiver(FakeKube(), "shop", "cm", "config.yaml")
+    server = await aiohttp_server(app(r, None))
+    body = json.dumps(payload(alert(fingerprint="p1", rollout="a"), alert(fingerprint="p2", rollout="b"))).encode()
+
+    async def send(head: bytes, parts: list[bytes]) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # separate segments: the body is not all there when the handler runs
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    head = b"POST /alerts HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    half = len(body) // 2
+    answer = await send(head + b"Content-Length: %d\r\n\r\n" % len(body), [body[:half], body[half:]])
+    assert answer.startswith(b"HTTP/1.1 200") and b'"done"' in answer, answer[:300]
+    chunked = [b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:])] + [b"0\r\n\r\n"]
+    answer = await send(head + b"Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]  # the same alerts: duplicates, still a 200
+    assert r.kube.aborts == [("shop", "a"), ("shop", "b")]
+
+
+async def test_history_needs_the_token_and_records_the_weights_before_and_after(aiohttp_client):
+    r = Receiver(FakeKube(), "shop", "cm", "config.yaml")
+    client = await aiohttp_client(app(r, "s3cret"))
+    auth = {"Authorization": "Bearer s3cret"}
+    assert (await client.post("/alerts", json=payload(alert(upstream="db", track="canary")), headers=auth)).status == 200
+    assert (await client.get("/history")).status == 401
+    (entry,) = (await (await client.get("/history", headers=auth)).json())["rollbacks"]
+    assert entry["previous_weights"] == {"stable": 60, "green": 30, "canary": 10}
+    assert entry["weights"] == {"stable": 67, "green": 33, "canary": 0} and entry["timestamp"].endswith("Z")
+
+
+@pytest.mark.parametrize("token", ["REPLACE-ME-with-a-long-random-token", "short"])
+def test_the_cli_refuses_the_shipped_placeholder_token(tmp_path, token):
+    import subprocess
+    import sys
+
+    f = tmp_path / "token"
+    f.write_text(token + "\n")
+    out = subprocess.run([sys.executable, "-m", "proxy", "rollback-receiver", "--namespace", "shop", "--token-file",
+                          str(f)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "placeholder" in out.stderr, out.stderr
