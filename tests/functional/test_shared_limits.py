@@ -108,6 +108,38 @@ async def test_redis_cut_each_keeps_its_share_and_healed_it_shares_again(fake, a
     assert written_at > healed_at  # the shared bucket is charged again
 
 
+async def test_redis_killed_the_pod_decides_on_its_share_and_restarted_it_shares_again():
+    """A real kill (SIGKILL: the server and its scripts gone), then a new redis-server on the same port:
+    the script is loaded again (NOSCRIPT) and the decisions are Redis's once the breaker's rest is over."""
+    from proxy.clock import ManualClock
+    from tests.support.redis import start_redis
+    from tests.support.tools import stop_process
+
+    proc, port = start_redis()
+    url = f"redis://127.0.0.1:{port}/0"
+    clock, events = ManualClock(), _Events()
+    lim = SharedLimits("llm", LLMLimitsSpec(requests_per_minute=100, expected_replicas=4,
+                                            shared={"url": url, "timeout": "5s"}), clock, events)
+    try:
+        assert await lim.acquire("m", 1) == (0.0, "") and events.local == 0
+        proc.kill()
+        proc.wait(10)
+        assert await lim.acquire("m", 1) == (0.0, "") and events.local == 1 and lim.on_local
+        assert await lim.acquire("m", 1) == (0.0, "") and events.local == 2  # resting: not even asked
+        proc, _ = start_redis(port=port)
+        clock.advance(6)  # past the breaker's 5 s rest: the next decision probes Redis
+        assert await lim.acquire("m", 1) == (0.0, "") and events.local == 2 and not lim.on_local
+        r = aredis.Redis.from_url(url)
+        try:
+            level = float(await r.hget("resilience-proxy:{llm:llm}:rpm", "l"))
+        finally:
+            await r.aclose()
+        assert level == 99  # the new server's bucket: full, less this one request
+    finally:
+        await lim.close()
+        stop_process(proc)
+
+
 class _Gone:
     """A redis-py client whose every call fails: the local share must decide."""
 

@@ -12,14 +12,15 @@ from tests.support.tools import start_process
 
 
 def start_redis(*args: str, tls: tuple[str, str, str] | None = None,
-                server: str = "redis-server") -> tuple[subprocess.Popen, int]:
+                server: str = "redis-server", port: int | None = None) -> tuple[subprocess.Popen, int]:
     """A real redis-server (extra command-line `args`; `tls` = (cert, key, CA) files for a TLS-only one;
-    `server`: redis-server-7.4 for Redis 7.4, which scripts/tools.sh fetches), answering once this returns."""
+    `server`: redis-server-7.4 for Redis 7.4, which scripts/tools.sh fetches; `port`: a given one, to
+    start a server again where one was killed), answering once this returns."""
     binary = shutil.which(server)
     if binary is None:
         raise RuntimeError(f"{server} is not installed (redis-server: apt-get install redis-server; "
                            "redis-server-7.4: scripts/tools.sh; .ci/run does both)")
-    port = free_port()
+    port = port or free_port()
     argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "16"]
     wrap = lambda s: s  # noqa: E731
     if tls is None:
