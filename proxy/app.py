@@ -148,6 +148,7 @@ class ProxyApp:
             family.sources.append(source)
         self._spawn(self._watch())
         self._spawn(self._watch_loop_lag())
+        self._spawn(self._admin.status_page.run())
         self._spawn(self._first_checks())
         log.info("started", upstreams=sorted(runtime.upstreams), admin=loaded.settings.admin.listen,
                  config_hash=runtime.digest)

@@ -16,10 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import __version__
 from proxy.admin import bodies
 from proxy.admin.probes import readiness
+from proxy.admin.ui import HEADERS as UI_HEADERS
+from proxy.admin.ui import StatusPage, asset
 from proxy.http1.server import BodyTooLarge, Request, Response, json_response
 from proxy.obs import log, redact
 from proxy.settings import redacted
 from proxy.settings.spec import is_loopback, parse_listen
+
+_PAGE = frozenset({"/admin/ui", "/admin/ui.js", "/admin/ui.css"})
 
 
 def _json_error(status: int, message: str) -> Response:
@@ -34,6 +38,7 @@ class Admin:
     def __init__(self, app) -> None:
         self.app = app
         self.started = time.monotonic()
+        self.status_page = StatusPage(app)
 
         r = re.compile
         # (method, path pattern, handler); GET routes answer HEAD too
@@ -44,6 +49,8 @@ class Admin:
             ("GET", r(r"/health/startup"), self.startup),
             ("GET", r(r"/health"), self.health),
             ("GET", r(r"/app-health/(?P<kind>live|ready)"), self.app_health),
+            ("GET", r(r"/admin/(?P<asset>ui|ui\.js|ui\.css)"), self.ui),
+            ("GET", r(r"/admin/status"), self.status),
             ("GET", r(r"/admin/upstreams"), self.upstreams),
             ("GET", r(r"/admin/config"), self.config),
             ("POST", r(r"/admin/upstreams/(?P<name>[^/]+)/breaker"), self.breaker),
@@ -97,6 +104,8 @@ class Admin:
     def _auth(self, request: Request) -> Response | None:
         if not request.path.startswith("/admin/"):
             return None
+        if request.path in _PAGE and request.method in ("GET", "HEAD"):
+            return None  # the page's files hold no data: its fetches of /admin/status carry the token
         mutating = request.method not in ("GET", "HEAD")
         host, _ = parse_listen(self.app.runtime.settings.admin.listen)
         if mutating or not is_loopback(host):
@@ -166,6 +175,16 @@ class Admin:
         if up is None:
             raise _NotFound
         return up
+
+    # -- the status page ---------------------------------------------------------------------------------
+    async def ui(self, request: Request, params: dict) -> Response:
+        body, ctype = asset(params["asset"])
+        return Response(body=body, headers={"Content-Type": ctype, **UI_HEADERS})
+
+    async def status(self, request: Request, params: dict) -> Response:
+        r = json_response(self.status_page.status())
+        r.headers["Cache-Control"] = "no-store"
+        return r
 
     async def upstreams(self, request: Request, params: dict) -> Response:
         out = {}

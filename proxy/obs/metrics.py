@@ -227,6 +227,57 @@ class Metrics:
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 
+    def status_totals(self) -> dict:
+        """What the status page (proxy/admin/ui.py) samples, read from the counters themselves: per
+        (upstream, track) the answers, the failed ones (the upstream failed: a fallback, an error the proxy
+        produced, a 5xx — as the DependencyCanaryErrors rule counts them), shed ones and the latency
+        buckets; per upstream the retries and the fallbacks by reason; per (upstream, track) the aborts."""
+        tracks: dict = {}
+        ups: dict = {}
+
+        def row(name, track):
+            r = tracks.get((name, track))
+            if r is None:
+                r = tracks[(name, track)] = {"requests": 0.0, "failed": 0.0, "shed": 0.0, "buckets": {}, "aborts": 0.0}
+            return r
+
+        def up(name):
+            u = ups.get(name)
+            if u is None:
+                u = ups[name] = {"retries": 0.0, "fallbacks": {}}
+            return u
+
+        for fam in self.requests.collect():
+            for smp in fam.samples:
+                if not smp.name.endswith("_total"):
+                    continue
+                lb = smp.labels
+                r = row(lb["name"], lb["track"])
+                r["requests"] += smp.value
+                if lb["outcome"] == "shed":
+                    r["shed"] += smp.value
+                elif lb["outcome"] in ("fallback", "rejected") or lb["status"].startswith("5"):
+                    r["failed"] += smp.value
+        for fam in self.duration.collect():
+            for smp in fam.samples:
+                if smp.name.endswith("_bucket"):
+                    le = float(smp.labels["le"])
+                    row(smp.labels["name"], smp.labels["track"])["buckets"][le] = smp.value
+        for fam in self.retries.collect():
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    up(smp.labels["name"])["retries"] += smp.value
+        for fam in self.fallbacks.collect():
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    fb = up(smp.labels["name"])["fallbacks"]
+                    fb[smp.labels["reason"]] = fb.get(smp.labels["reason"], 0.0) + smp.value
+        for fam in self.canary_aborts.collect():
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    row(smp.labels["name"], smp.labels["track"])["aborts"] += smp.value
+        return {"tracks": tracks, "upstreams": ups}
+
     def breaker_events(self, upstream: str, track: str) -> BreakerEvents:
         return BreakerEvents(self.breaker_state.labels(upstream, track), self.breaker_opened.labels(upstream, track))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import time
 
 from proxy.clock import Clock
 from proxy.exchange import Call, Failure, Handler, ProxyRequest, ProxyResponse, Verdict, open_response
@@ -114,6 +115,8 @@ class BreakerState:
         self.episode = 0      # half-open episodes so far: a probe's token
         self.opened_total = 0
         self.last_failure: str | None = None
+        # the last few changes (wall time, from, to, why) for the status page; never read on the data path
+        self.transitions: collections.deque[tuple[float, str, str, str | None]] = collections.deque(maxlen=8)
         self.model = model  # a model's breaker on this target (protocol: openai), else the target's
         self.events = None if metrics is None else (
             metrics.breaker_events(upstream, track) if model is None else metrics.model_breaker_events(upstream, track, model))
@@ -246,6 +249,7 @@ class BreakerState:
     def force(self, mode: str) -> None:
         """mode: open | closed | auto."""
         prev = self.state
+        self.transitions.append((time.time(), prev, "closed" if mode == "auto" else f"forced_{mode}", "operator"))
         self.forced = None if mode == "auto" else mode
         if mode == "auto":
             self.cb.close()
@@ -282,6 +286,8 @@ class BreakerState:
                 self.window.clear()
         if self.events is not None:
             self.events.changed(_NAMES[new])
+        self.transitions.append((time.time(), _NAMES.get(old, old), _NAMES[new],
+                                 self.last_failure if new == OPEN else None))
         fields = dict(upstream=self.upstream, track=self.track, state=_NAMES[new], previous=_NAMES.get(old, old),
                       failures=self.cb.fail_counter, **({"model": self.model} if self.model else {}))
         if new == OPEN:
