@@ -82,8 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    if args.port_base is not None and not 1 <= args.port_base <= 65533:
-        print("resilience-proxy demo: --port-base must be 1..65533 (it uses N, N+1 and N+2)", file=sys.stderr)
+    if args.port_base is not None and not 1 <= args.port_base <= 65528:
+        print("resilience-proxy demo: --port-base must be 1..65528 (it uses N to N+7)", file=sys.stderr)
         return EXIT_USAGE
     _install_uvloop()
     return asyncio.run(run_demo(args.config, args.port_base))
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the proxy against built-in local upstreams")
     d.add_argument("--config", default=None, help="demo config (default: the packaged demo.yaml)")
     d.add_argument("--port-base", type=int, default=None, metavar="N",
-                   help="listener, admin and gateway on N, N+1, N+2 (default: 9002, 9901, 18002)")
+                   help="the listeners, admin and built-in upstreams on N..N+7 (default: the config's ports)")
     d.set_defaults(func=cmd_demo)
     from proxy.status import DEFAULT_ADMIN
 

@@ -251,9 +251,32 @@ async def test_secret_file_rotation_is_picked_up_and_never_logged(tmp_path, upst
     assert "sk-first-secret" not in logs and "sk-second-secret" not in logs
 
 
-async def test_demo_on_a_port_base_and_its_curl_lines_work(tmp_path):
-    """The demo beside anything else on the machine: on a free port base, printing the ports it uses."""
-    base = free_ports(3)
+def _sse_text(out: str) -> tuple[str, bool]:
+    """(the streamed answer's text, whether it ended with [DONE]) from curl's SSE output."""
+    import json
+
+    text, done = "", False
+    for line in out.splitlines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            done = True
+            continue
+        for choice in json.loads(data).get("choices", []):
+            text += choice.get("delta", {}).get("content") or ""
+    return text, done
+
+
+async def test_the_demo_on_a_port_base_runs_every_path_as_it_prints_it(tmp_path):
+    """`make demo`'s every line, run as printed, in order, on a free port base: HTTP cache and static
+    fallbacks and the breaker; an LLM stream cut and continued, a model failover; a stale Redis read with
+    the server stopped; a canary aborted by the watchdog."""
+    import re
+
+    from proxy.demo import ANSWER
+
+    base = free_ports(8)
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port-base", str(base)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -261,29 +284,49 @@ async def test_demo_on_a_port_base_and_its_curl_lines_work(tmp_path):
         lines = []
         while True:
             line = (await asyncio.to_thread(proc.stdout.readline)).decode()
-            assert line, "the demo ended before printing its curl lines"
+            assert line, "the demo ended before printing its lines:\n" + "".join(lines)
             lines.append(line)
             if line.startswith("Ctrl-C"):
                 break
         text = "".join(lines)
         assert f"proxy 127.0.0.1:{base} → fake database gateway 127.0.0.1:{base + 2}" in text
-        curls = [ln.split("#")[0].strip() for ln in lines if ln.strip().startswith("curl ")]
-        import re
-
-        assert len(curls) == 7
-        assert {int(port) for c in curls for port in re.findall(r"localhost:(\d+)", c)} == {base, base + 1, base + 2}
-        outputs = []
-        for c in curls:
+        assert f"status page: http://127.0.0.1:{base + 1}/admin/ui" in text
+        # each line as bash runs it (its comment is only for the reader): a command printed twice gets both outputs
+        commands = [ln.split("  #")[0].strip() for ln in lines if re.match(r"\s+(curl|redis-cli|\S*python\S*|for) ", ln)]
+        ports = {int(p) for c in commands for p in re.findall(r"(?:localhost:|-p )(\d+)", c)}
+        assert ports == set(range(base, base + 8)) - {base + 6}, ports  # redis-server is reached through the proxy
+        out = {}
+        for c in commands:
             r = await asyncio.to_thread(subprocess.run, ["bash", "-c", c], capture_output=True, text=True, timeout=60)
-            assert r.returncode == 0, (c, r.stderr)
-            outputs.append(r.stdout)
-        joined = "\n".join(outputs)
-        assert "X-Fallback: cache" in joined and "X-Fallback: static" in joined
-        assert 'circuit_breaker_state{name="database",track="stable"} 1.0' in joined
-        assert '"state": "open"' in joined
+            assert r.returncode == 0, (c, r.stdout, r.stderr)
+            out.setdefault(c, []).append(r.stdout)
+        http = "\n".join(v for c, vs in out.items() if f"localhost:{base}/" in c for v in vs)
+        assert "X-Fallback: cache" in http and "X-Fallback: static" in http
+        metrics = "\n".join(v for c, vs in out.items() if "/metrics" in c for v in vs)
+        assert 'circuit_breaker_state{name="database",track="stable"} 1.0' in metrics
+        assert 'canary_weight{name="database",track="canary"} 0.0' in metrics
+        streamed = next(vs for c, vs in out.items() if '"stream": true' in c)
+        assert len(streamed) == 2  # before and after the cut
+        for answer in streamed:
+            assert _sse_text(answer) == (f"{ANSWER} (demo/large)", True)  # whole, once, even when cut
+        (failover,) = next(vs for c, vs in out.items() if '"stream": false' in c)
+        assert '"model": "demo/small"' in failover.replace('":"', '": "') and "(demo/small)" in failover
+        gets = next(vs for c, vs in out.items() if c.endswith("GET greeting"))
+        assert [g.strip() for g in gets] == ["hello", "hello"]  # the second with redis-server stopped
+        import urllib.request
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        scraped = await asyncio.to_thread(scrape)
+        # the stream really was cut and continued (not merely answered whole), and Redis really was away
+        assert re.search(r'llm_stream_recoveries_total\{[^}]*outcome="recovered"[^}]*\} 1\.0', scraped), scraped
+        assert re.search(r'upstream_requests_total\{name="cache",[^}]*outcome="fallback"[^}]*\} 1\.0', scraped)
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.to_thread(proc.wait, 30)
+    assert proc.returncode == 0
 
 
 async def test_the_process_runs_without_importing_aiohttp(upstream, tmp_path):
