@@ -33,8 +33,12 @@ class UpstreamRuntime:
     """One upstream as the data path sees it, for one config load. The protocol (proxy/protocols) builds
     its transports and its routes' chains; the rest is the same for every protocol."""
 
-    def __init__(self, name: str, spec: UpstreamSpec, store: StateStore, clock: Clock, metrics=METRICS) -> None:
+    def __init__(self, name: str, spec: UpstreamSpec, store: StateStore, clock: Clock, metrics=METRICS,
+                 tracing=None) -> None:
         self.name, self.spec = name, spec
+        # the OpenTelemetry tracer when `tracing` is on (proxy/obs/tracing.py), else None: read by the
+        # listener (server spans) and by the chains the protocol builds (a client span per attempt)
+        self.tracing = tracing
         self.protocol = protocol = protocols.get(spec.protocol)
         self.metrics = UpstreamMetrics(name, [t.name for t in spec.targets], spec.metrics.buckets, metrics)
         self.counters = store.counters_for(name, spec)
@@ -117,5 +121,8 @@ class Runtime:
         self.settings = loaded.settings
         self.digest = loaded.digest
         store.begin()
-        self.upstreams = {name: UpstreamRuntime(name, spec, store, clock)
+        from proxy.obs.tracing import tracing_for
+
+        tracing = tracing_for(loaded.settings, store, store.metrics or METRICS)
+        self.upstreams = {name: UpstreamRuntime(name, spec, store, clock, tracing=tracing)
                           for name, spec in loaded.settings.upstreams.items()}

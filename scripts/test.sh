@@ -9,6 +9,9 @@ export PATH
 # etcd and kube-apiserver for the tests against a real API server (built once, ~15 minutes; cached)
 RESILIENCE_PROXY_KUBE="$(bash scripts/kube.sh)"
 export RESILIENCE_PROXY_KUBE
+# a real OpenTelemetry Collector for the tracing tests (built once, ~1-4 minutes; cached)
+RESILIENCE_PROXY_OTELCOL="$(bash scripts/otelcol.sh)"
+export RESILIENCE_PROXY_OTELCOL
 for t in redis-server redis-server-7.4 promtool prometheus amtool; do
   command -v "$t" >/dev/null 2>&1 || { echo "missing $t: apt-get install redis-server prometheus prometheus-alertmanager (.ci/run does)" >&2; exit 1; }
 done

@@ -11,6 +11,7 @@ counts against the target's breaker. The openai listener subclasses this and ove
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import math
 import os
@@ -129,6 +130,10 @@ async def collect(content, idle: float, max_body: int | None, keep: int | None =
     return chunks, n, False
 
 
+# inside a request's server span: the listener's body runs once more, untraced (tracing: on only)
+_IN_SPAN: contextvars.ContextVar[bool] = contextvars.ContextVar("resilience_proxy_in_span", default=False)
+
+
 class HttpListener:
     """The request handler of one upstream's listener (proxy/http1/server.py); reads the runtime per request."""
 
@@ -201,11 +206,14 @@ class HttpListener:
 
     async def handle(self, request: Request) -> StreamResponse:
         """One request, start to end. Written as one coroutine on purpose: it runs for every request,
-        and each nested coroutine is a frame to create, suspend and resume."""
+        and each nested coroutine is a frame to create, suspend and resume (only the traced path adds one:
+        the server span around this same body)."""
         up = self.app.runtime.upstreams.get(self.name)
         rid = new_request_id(request.headers.get("X-Request-Id"))
         if up is None:
             return self.error(503, "unavailable", "upstream removed by a config reload", rid)
+        if up.tracing is not None and not _IN_SPAN.get():
+            return await self._traced(request, up)
         # In flight from the first byte: the drain waits for uploads too, and the budget sees them.
         counters = up.counters
         counters.in_flight += 1
@@ -244,6 +252,8 @@ class HttpListener:
             started = time.monotonic()
             resp = await chain(preq)
             track = resp.target.name if resp.target is not None else preq.target.name
+            if up.tracing is not None:
+                self.trace_answer(preq, resp, track, route.name)
             if resp.outcome == "upstream":
                 up.metrics.duration(track, time.monotonic() - started)
             try:
@@ -273,6 +283,54 @@ class HttpListener:
             if resp is not None:
                 resp.release()
             counters.in_flight -= 1
+
+    async def _traced(self, request: Request, up) -> StreamResponse:
+        """The server span of this request: the app's trace context continued, current while the chain
+        runs (each attempt's client span is its child), ended once the answer is sent."""
+        from opentelemetry import context, trace
+
+        from proxy.obs.tracing import extract
+
+        parent = extract(request.headers)
+        span = up.tracing.tracer.start_span(
+            f"{request.method} {self.name}", context=parent, kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "url.path": request.path,
+                        "resilience.upstream": self.name, "network.peer.address": request.remote or ""})
+        token = context.attach(trace.set_span_in_context(span, parent))
+        try:
+            inside = _IN_SPAN.set(True)
+            try:
+                sent = await self.handle(request)  # the same body, now inside the span
+            finally:
+                _IN_SPAN.reset(inside)
+        except BaseException as exc:
+            span.set_attribute("error.type", type(exc).__name__)
+            raise
+        else:
+            status = getattr(sent, "status", None)
+            if isinstance(status, int):
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
+            return sent
+        finally:
+            context.detach(token)
+            span.end()
+
+    @staticmethod
+    def trace_answer(preq: ProxyRequest, resp: ProxyResponse, track: str, route: str) -> None:
+        """What the server span says of the answer: the track, the route, the fallback taken and why."""
+        from opentelemetry import trace
+
+        span = trace.get_current_span()
+        span.set_attribute("resilience.track", track)
+        span.set_attribute("resilience.route", route)
+        span.set_attribute("resilience.outcome", resp.outcome)
+        span.set_attribute("resilience.attempts", preq.attempts)
+        if resp.source is not None:
+            span.set_attribute("resilience.fallback", resp.source)
+        if resp.reason is not None:
+            span.set_attribute("resilience.fallback_reason", resp.reason.value)
 
     # -- the answer ------------------------------------------------------------------------------------
     def error_response(self, preq: ProxyRequest, resp: ProxyResponse) -> Response:

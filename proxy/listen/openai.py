@@ -109,9 +109,39 @@ class OpenAIListener(HttpListener):
         return Response(status=entry.status, body=entry.body,
                             headers={**dict(entry.headers), **headers})
 
+    @staticmethod
+    def trace_call(up, preq: ProxyRequest, completion: dict | None = None) -> None:
+        """GenAI attributes on the request's server span (tracing on): what was asked, and once the
+        answer is whole, what answered (model, tokens, finish reasons). Prompt and completion text only
+        with tracing.capture_content."""
+        from opentelemetry import trace
+
+        from proxy.obs.tracing import gen_ai_response
+
+        span = trace.get_current_span()
+        call = preq.llm
+        capture = up.tracing.spec.capture_content
+        if completion is None:
+            span.set_attribute("gen_ai.operation.name", "chat" if preq.path.endswith("/chat/completions")
+                               else "text_completion")
+            span.set_attribute("gen_ai.provider.name", "openai")
+            asked = call.doc.get("model") if call.doc else None
+            if isinstance(asked, str):
+                span.set_attribute("gen_ai.request.model", asked)
+            if call.model_fallback:
+                span.set_attribute("resilience.model_fallback", call.model_fallback)
+            if capture and call.doc and isinstance(call.doc.get("messages"), list):
+                span.set_attribute("gen_ai.input.messages", json.dumps(call.doc["messages"])[:65536])
+            return
+        if call.continuations:
+            span.set_attribute("resilience.stream.continuations", call.continuations)
+        gen_ai_response(span, completion, capture)
+
     async def respond(self, request: Request, up, route, preq: ProxyRequest,
                       resp: ProxyResponse) -> tuple[str, StreamResponse]:
         call = preq.llm
+        if up.tracing is not None:
+            self.trace_call(up, preq)
         if call.model_fallback and resp.headers is not None:
             if not isinstance(resp.headers, CIMultiDict):  # an upstream's headers are read-only
                 resp.headers = CIMultiDict(resp.headers)
@@ -133,7 +163,10 @@ class OpenAIListener(HttpListener):
             def counted(verdict: Verdict | None, body: bytes | None) -> None:
                 if verdict is Verdict.SUCCESS and body is not None:
                     try:
-                        up.metrics.tokens(model, json.loads(body).get("usage"), op, asked)
+                        doc = json.loads(body)
+                        up.metrics.tokens(model, doc.get("usage"), op, asked)
+                        if up.tracing is not None:
+                            self.trace_call(up, preq, doc)
                     except (ValueError, AttributeError, RecursionError):
                         pass
 
@@ -222,6 +255,8 @@ class OpenAIListener(HttpListener):
                 await sr.write(sse.DONE)
             completion = sp.asm.completion()
             up.metrics.tokens(model, completion.get("usage"), op, current)
+            if up.tracing is not None:
+                self.trace_call(up, preq, completion)
             if sp.part:
                 up.metrics.stream_recovery("recovered")
             assembled = None

@@ -224,6 +224,9 @@ class Metrics:
         self.inbound_duration = PerSeriesHistogram("http_request_duration_seconds",
                                                    "The app's inbound latency, request → response headers.",
                                                    ("method", "track"), r)
+        self.tracing_dropped = Counter(
+            "tracing_spans_dropped", "Spans dropped because the export queue (tracing.max_queue) was full: the "
+            "data path never waits for the exporter.", registry=r)
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 

@@ -99,7 +99,7 @@ class HttpProtocol(Protocol):
 
     def policies(self, up, store, clock, timeouts, retry, fallback, cache) -> list:
         """A route's chain, outer to inner: fallback → shed → total timeout → (model failover) → retry
-        (budget) → breaker → classify → attempt timeout."""
+        (budget) → breaker → (the attempt's span, tracing on) → classify → attempt timeout."""
         spec = up.spec
         return [
             self.fallback_policy(up, fallback, cache, clock),
@@ -108,9 +108,17 @@ class HttpProtocol(Protocol):
             self.failover_policy(up, clock),
             self.retry_policy(up, retry, clock) if retry.attempts > 1 else None,
             self.breaker_policy(clock),
+            self.trace_policy(up),
             Classify(status_matcher(spec.breaker.failure_statuses)),
             AttemptTimeout(timeouts.attempt, clock, store.deadlines),
         ]
+
+    def trace_policy(self, up):
+        if up.tracing is None:
+            return None
+        from proxy.policy.trace import AttemptSpan  # the OpenTelemetry SDK only with tracing on
+
+        return AttemptSpan(up.tracing.tracer, up.name)
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
         """→ (the route's chain, its chain for streamed answers or None, its chain that continues a

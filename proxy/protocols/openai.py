@@ -68,7 +68,7 @@ class OpenAIProtocol(HttpProtocol):
         return Retry(retry, up.counters.budget, clock, up.metrics, rate_limit_retry=True, skip=skip)
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
-        fb, shed, total, failover, retrying, breaker, classify, attempt = self.policies(
+        fb, shed, total, failover, retrying, breaker, trace, classify, attempt = self.policies(
             up, store, clock, timeouts, retry, fallback, cache)
         llm = up.spec.llm
         limit = charge = None
@@ -83,11 +83,12 @@ class OpenAIProtocol(HttpProtocol):
                                    lambda: SharedLimits(up.name, lim, clock, up.metrics))
             limit = LLMLimit(state, fb, llm.fallback_models, clock, lim.max_wait, up.metrics)
             charge = LLMCharge(state, fallback.max_body)
-        policies = [fb, shed, total, limit, failover, retrying, charge, breaker, classify, attempt]
+        policies = [fb, shed, total, limit, failover, retrying, charge, breaker, trace, classify, attempt]
         terminal = HttpTerminal()
         first_byte = AttemptTimeout(timeouts.first_byte, clock, store.deadlines, "first_byte")
         first_event = FirstEvent(terminal, fallback.max_body)
-        stream = build_chain([fb, shed, limit, failover, retrying, charge, breaker, classify, first_byte], first_event)
+        stream = build_chain([fb, shed, limit, failover, retrying, charge, breaker, trace, classify, first_byte],
+                             first_event)
         cont = None
         if llm.continuation.enabled and llm.continuation.max:
             # asks for the rest of a broken stream: no cache or degraded answer can be spliced in, and no
@@ -96,7 +97,7 @@ class OpenAIProtocol(HttpProtocol):
             prefill = store.keep(("llm-prefill", up.name), PrefillMemory)  # learnt refusals outlive a reload
             cont = build_chain([ModelFailover(llm.fallback_models, clock, (), prefill,
                                                 llm.continuation.no_prefill_models),
-                                retrying, charge, breaker, classify, first_byte], first_event)
+                                retrying, charge, breaker, trace, classify, first_byte], first_event)
         return build_chain(policies, WholeBody(terminal, fallback.max_body)), stream, cont
 
     def stand_in(self, up) -> bool:

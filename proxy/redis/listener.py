@@ -124,6 +124,10 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
     def connection_lost(self, exc) -> None:
         self.up.connections -= 1
         self._abandon()
+        if self._spans:
+            from proxy.obs.tracing import end_unanswered
+
+            end_unanswered(self._spans)
 
     def _abandon(self) -> None:
         """Nothing more can be answered to this client (it hung up, it was evicted, its input was refused):
@@ -166,12 +170,30 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             self._forward_rest(cmds)
             return
         self.read_at = self.clock.monotonic()
-        self._corked(self._dispatch_all, cmds, len(cmds) > 1)
+        tracing = self.up.tracing
+        if tracing is not None and cmds:
+            self._traced_batch(tracing, cmds)
+        else:
+            self._corked(self._dispatch_all, cmds, len(cmds) > 1)
         if self.mem or self.parser.buf or self.memory.total > self.memory.soft:
             self._account(read=True)
         if len(self.slots) > MAX_PENDING_SLOTS and not self.paused:
             self.paused = True
             self.transport.pause_reading()
+
+    def _traced_batch(self, tracing, cmds: list[list[bytes]]) -> None:
+        """A span for one read of commands (sampled by tracing.sample_ratio: these are roots): the command
+        names only, never an argument; ended when the batch's last reply is written (ReplyOrder._flush)."""
+        from proxy.obs.tracing import redis_batch
+
+        span = redis_batch(tracing, self.name, self.target.name, cmds)
+        self._corked(self._dispatch_all, cmds, len(cmds) > 1)
+        if span is None:
+            return
+        if self.slots:
+            self._spans.append((self.slots[-1], span))
+        else:
+            span.end()  # answered at once (local commands, refusals)
 
     def _corked(self, fn, arg, cork: bool = True) -> None:
         """Run fn(arg) with the dedicated connection corked: the commands it sends go out in one write

@@ -58,6 +58,8 @@ class ReplyOrder:
         self.corked = False
         self._after: list[bytes] = []      # out-of-band bytes waiting behind owed replies
         self.replies_held = 0              # bytes of resolved replies (and out-of-band) not yet written
+        # (the last slot of a traced batch, its span), oldest first: ended when that slot is written
+        self._spans: collections.deque = collections.deque()
 
     def _new_slot(self) -> Slot:
         """The place of the next reply owed, in command order."""
@@ -83,6 +85,17 @@ class ReplyOrder:
         if self.slots and self.slots[0] is slot:
             self._flush()
 
+    def _end_spans(self) -> None:
+        """The traced batches whose last reply is out now (their slot left the queue)."""
+        waiting = self.slots[0] if self.slots else None
+        spans = self._spans
+        while spans:
+            slot, span = spans[0]
+            if waiting is not None and slot in self.slots:
+                return
+            spans.popleft()
+            span.end()
+
     def _batch(self, start: bool) -> None:
         self.corked = start
         if not start:
@@ -96,6 +109,8 @@ class ReplyOrder:
         while slots and slots[0].reply is not None:
             out.append(slots.popleft().reply)
         freed = len(out)
+        if self._spans:
+            self._end_spans()
         if not slots and self._after:
             out.extend(self._after)
             self._after = []

@@ -25,6 +25,7 @@ from proxy.settings.spec import (
     LogSpec,
     ReloadSpec,
     ShutdownSpec,
+    TracingSpec,
     UpstreamSpec,
     parse_listen,
     protocol_table,
@@ -54,6 +55,7 @@ class Settings(BaseSettings):
     reload: ReloadSpec = ReloadSpec()
     app: AppSpec = AppSpec()
     liveness: LivenessSpec = LivenessSpec()
+    tracing: TracingSpec = TracingSpec()
     inbound: InboundSpec | None = None
     upstreams: dict[str, UpstreamSpec] = {}
 

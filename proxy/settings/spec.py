@@ -663,6 +663,29 @@ class ReloadSpec(Spec):
     interval: Duration = Field(default=5.0, gt=0)
 
 
+class TracingSpec(Spec):
+    """`tracing`: OpenTelemetry traces over OTLP (proxy/obs/tracing.py). A server span per request the app
+    makes (its W3C `traceparent` continued), a client span per upstream attempt (the context injected
+    upstream), GenAI attributes on openai upstreams, a span per Redis command batch. Off: nothing of the
+    SDK is imported."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318"   # the Collector (http/protobuf: /v1/traces is added)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # of traces the app did not decide (parent-based)
+    service_name: str = Field(default="resilience-proxy", min_length=1, max_length=200)
+    capture_content: bool = False  # prompt and completion text on GenAI spans: never, unless set
+    max_queue: int = Field(default=2048, ge=1, le=1_000_000)  # spans waiting for export; past it: dropped
+    timeout: Duration = Field(default=10.0, gt=0, le=60)      # one export
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or "@" in v.partition("://")[2].split("/")[0]:
+            raise ValueError("must be an http:// or https:// URL without user info (a token goes in a header)")
+        return v
+
+
 class AppSpec(Spec):
     """The app next to the sidecar: its own probe endpoints, checked in the background."""
 

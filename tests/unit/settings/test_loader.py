@@ -19,6 +19,8 @@ FULL = {
     "admin": {"listen": "127.0.0.1:9911", "token_file": "/tmp/token"},
     "shutdown": {"drain_timeout": "21s", "quiet_period": "3s"},
     "log": {"level": "debug", "access": True},
+    "tracing": {"enabled": True, "endpoint": "http://otel-collector:4317", "protocol": "grpc", "sample_ratio": 0.25,
+                "service_name": "shop-sidecar", "capture_content": True, "max_queue": 99, "timeout": "3s"},
     "reload": {"interval": "6s"},
     "liveness": {"max_loop_lag": "3s"},
     "app": {"ready_url": "http://127.0.0.1:8000/ready", "live_url": "http://127.0.0.1:8000/live",

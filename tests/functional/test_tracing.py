@@ -1,0 +1,199 @@
+"""OpenTelemetry traces end to end, into a real OpenTelemetry Collector (tests/support/otel.py: its OTLP
+receiver and the contrib file exporter): the span tree of a retried request, of a fallback, of a model
+failover and of a Redis pipeline; the app's traceparent continued and the attempt's injected upstream;
+gRPC as well as http/protobuf; an exporter that is away never slows or fails the data path (its queue
+is bounded and drops are counted); and tracing off imports nothing of the SDK."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+import redis.asyncio as aredis
+from aiohttp import web
+
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.net import free_port
+from tests.support.otel import Collector
+from tests.support.wait import eventually
+
+APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+APP_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{APP_TRACE}-{APP_SPAN}-01"
+SERVER, CLIENT = 2, 3  # SpanKind in OTLP JSON
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def collector():
+    c = Collector().start()
+    yield c
+    c.stop()
+
+
+def tracing(c: Collector, **kw) -> dict:
+    return {"enabled": True, "endpoint": c.http, **kw}
+
+
+async def spans_of(c: Collector, trace_id: str | None = None, *, at_least: int = 1, where=None) -> list[dict]:
+    """The spans the Collector wrote (of one trace), once at least `at_least` are there."""
+    async def enough():
+        found = [s for s in c.spans() if (trace_id is None or s["trace"] == trace_id) and (where is None or where(s))]
+        return found if len(found) >= at_least else None
+
+    return await eventually(enough, what=f"{at_least} spans reached the Collector's file exporter")
+
+
+def _kind(spans, kind):
+    return [s for s in spans if s["kind"] == kind]
+
+
+async def test_a_retried_request_is_one_server_span_with_a_client_span_per_attempt(collector, start_proxy,
+                                                                                  aiohttp_server):
+    seen = []
+
+    async def flaky(request):
+        seen.append(request.headers.get("traceparent"))
+        return web.Response(status=503 if len(seen) == 1 else 200, text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{p:.*}", flaky)
+    server = await aiohttp_server(app)
+    name = f"t{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector),
+           "upstreams": {name: {"listen": f"127.0.0.1:{free_port()}", "retry": {"attempts": 3, "backoff_base": "1ms"},
+                                "targets": [{"name": "stable", "url": f"http://127.0.0.1:{server.port}"}]}}}
+    await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{cfg['upstreams'][name]['listen']}/items/1", headers={"traceparent": TRACEPARENT}) as r:
+            assert r.status == 200
+    spans = await spans_of(collector, APP_TRACE, at_least=3)
+    (srv,) = _kind(spans, SERVER)
+    attempts = sorted(_kind(spans, CLIENT), key=lambda s: s["attributes"].get("http.request.resend_count", 0))
+    assert srv["parent"] == APP_SPAN and srv["name"] == f"GET {name}"  # the app's trace continued
+    assert srv["attributes"]["http.response.status_code"] == 200 and srv["attributes"]["resilience.track"] == "stable"
+    assert srv["attributes"]["resilience.attempts"] == 2 and srv["resource"]["service.name"] == "resilience-proxy"
+    assert [a["parent"] for a in attempts] == [srv["span"]] * 2
+    first, second = attempts
+    assert "http.request.resend_count" not in first["attributes"] and second["attributes"]["http.request.resend_count"] == 1
+    assert first["attributes"]["http.response.status_code"] == 503 and first["status"].get("code") == 2  # ERROR
+    assert second["attributes"]["resilience.breaker.state"] == "closed"
+    # what the upstream got: each attempt's own context, so its spans hang under that attempt
+    assert seen == [f"00-{APP_TRACE}-{a['span']}-01" for a in attempts]
+
+
+async def test_a_fallback_says_which_and_why_on_the_server_span(collector, start_proxy, make_upstream):
+    up = await make_upstream()
+    name = f"t{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector),
+           "upstreams": {name: {"listen": f"127.0.0.1:{free_port()}", "retry": {"attempts": 1},
+                                "targets": [{"name": "stable", "url": up.url}], "fallback": {"cache_ttl": "1ms"}}}}
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/x") as r:
+            assert r.status == 200
+        async def failing(request):
+            return web.Response(status=500)
+
+        up.behaviour = failing
+        async with s.get(p.url + "/x") as r:
+            assert r.headers["X-Fallback"] == "stale"
+            trace_id = None
+    spans = await spans_of(collector, at_least=2, where=lambda s: s["kind"] == SERVER and
+                           s["attributes"].get("resilience.upstream") == name)
+    fb = [s for s in spans if s["attributes"].get("resilience.fallback")]
+    assert len(fb) == 1 and trace_id is None
+    assert fb[0]["attributes"]["resilience.fallback"] == "stale"
+    assert fb[0]["attributes"]["resilience.fallback_reason"] == "upstream_5xx"
+    assert fb[0]["attributes"]["resilience.outcome"] == "fallback"
+    (attempt,) = [s for s in collector.spans() if s["trace"] == fb[0]["trace"] and s["kind"] == CLIENT]
+    assert attempt["attributes"]["http.response.status_code"] == 500 and attempt["parent"] == fb[0]["span"]
+
+
+async def test_a_model_failover_shows_each_model_asked_and_the_one_that_answered(collector, start_proxy,
+                                                                                aiohttp_server):
+    import openai
+
+    fake = FakeOpenAI()
+    fake.fail_models = {"big"}
+    server = await aiohttp_server(fake.app())
+    name = f"llm{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector),
+           "upstreams": {name: {"protocol": "openai", "listen": f"127.0.0.1:{free_port()}",
+                                "targets": [{"name": "stable", "url": f"http://127.0.0.1:{server.port}"}],
+                                "retry": {"attempts": 1}, "health": {"enabled": False},
+                                "llm": {"fallback_models": ["small"], "degraded": {"enabled": False}}}}}
+    await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=f"http://{cfg['upstreams'][name]['listen']}/api/v1", api_key="sk-test",
+                                max_retries=0, default_headers={"traceparent": TRACEPARENT})
+    r = await client.chat.completions.create(model="big", messages=[{"role": "user", "content": "secret prompt"}])
+    assert r.model == "small"
+    spans = await spans_of(collector, APP_TRACE, at_least=3)
+    (srv,) = _kind(spans, SERVER)
+    a = srv["attributes"]
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "big"
+    assert a["gen_ai.response.model"] == "small" and a["resilience.model_fallback"] == "small"
+    assert a["gen_ai.usage.input_tokens"] == r.usage.prompt_tokens and a["gen_ai.usage.output_tokens"] == r.usage.completion_tokens
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    asked = [(s["attributes"]["gen_ai.request.model"], s["attributes"]["http.response.status_code"])
+             for s in sorted(_kind(spans, CLIENT), key=lambda s: s["attributes"].get("http.request.resend_count", 0))]
+    assert asked == [("big", 500), ("small", 200)]
+    assert all(s["parent"] == srv["span"] for s in _kind(spans, CLIENT))
+    assert "secret prompt" not in json.dumps(spans)  # no prompt text unless capture_content
+
+
+async def test_a_redis_pipeline_is_one_span_with_the_command_names_only(collector, start_proxy, redis_server):
+    name = f"r{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector, protocol="grpc",
+                                                                                 endpoint=collector.grpc),
+           "upstreams": {name: {"protocol": "redis", "listen": f"127.0.0.1:{free_port()}",
+                                "targets": [{"name": "stable", "url": redis_server + "/3"}]}}}
+    await start_proxy(cfg)
+    r = aredis.Redis.from_url(f"redis://{cfg['upstreams'][name]['listen']}/0")
+    try:
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.set("tracing-key", "secret-value").get("tracing-key").incr("tracing-n")
+            assert (await pipe.execute())[1] == b"secret-value"
+    finally:
+        await r.aclose()
+    spans = await spans_of(collector, at_least=1, where=lambda s: s["attributes"].get("resilience.upstream") == name
+                           and s["attributes"].get("db.operation.name") == "PIPELINE")
+    (p,) = spans
+    assert p["kind"] == CLIENT and p["attributes"]["db.system.name"] == "redis"
+    assert p["attributes"]["db.operation.batch.size"] == 3
+    assert p["attributes"]["resilience.redis.commands"] == ["SET", "GET", "INCRBY"]  # redis-py sends INCR as INCRBY
+    everything = json.dumps(collector.spans())
+    assert "secret-value" not in everything and "tracing-key" not in everything  # never an argument
+
+
+async def test_an_exporter_that_is_away_never_slows_or_fails_a_request(start_proxy, make_upstream, metrics):
+    up = await make_upstream()
+    name = f"t{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"},
+           "tracing": {"enabled": True, "endpoint": f"http://127.0.0.1:{free_port()}", "max_queue": 4, "timeout": "1s"},
+           "upstreams": {name: {"listen": f"127.0.0.1:{free_port()}", "targets": [{"name": "stable", "url": up.url}]}}}
+    p = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for i in range(60):
+            async with s.get(p.url + f"/x{i}") as r:
+                assert r.status == 200
+    # two spans a request into a queue of four that nothing empties: the rest were dropped, and counted
+    assert metrics.delta("tracing_spans_dropped_total") >= 100
+
+
+def test_tracing_off_imports_nothing_of_the_sdk(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"admin": {"listen": f"127.0.0.1:{free_port()}"},
+                               "upstreams": {"db": {"listen": f"127.0.0.1:{free_port()}",
+                                                    "targets": [{"name": "stable", "url": "http://127.0.0.1:1"}]}}}))
+    script = (f"import asyncio, sys\nfrom proxy.app import ProxyApp\nfrom proxy.settings import load\n"
+              f"async def main():\n    app = ProxyApp({str(cfg)!r})\n    await app.start(load({str(cfg)!r}))\n"
+              f"    await app.close()\n    print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+              f"asyncio.run(main())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
