@@ -1,4 +1,4 @@
-"""`python -m bench soak --minutes N`: the soak (bench/soak.py). `python -m bench [--quick] [--only S1,S5,...]`: runs the scenarios side by side and writes
+"""`python -m bench soak --minutes N`: the soak (bench/soak.py). `python -m bench tracing`: tracing's cost (bench/tracing.py). `python -m bench [--quick] [--only S1,S5,...]`: runs the scenarios side by side and writes
 bench/results/<date>.md, .json and PNG plots. `--quick` is a smoke run of about two minutes. Exits 1 when
 a run proves nothing (an invalid answer of the proxy or of the direct baseline, a scenario that measured
 nothing); a target not met is a result, never a failure."""
@@ -44,6 +44,10 @@ def main() -> int:
         from bench import soak
 
         return soak.main(sys.argv[2:])
+    if sys.argv[1:2] == ["tracing"]:  # python -m bench tracing: what OpenTelemetry costs
+        from bench import tracing
+
+        return tracing.main(sys.argv[2:])
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
     ap.add_argument("--only", default="S1,S2,S3,S4,S5,S6,S7", help="scenarios to run (S1..S7)")

@@ -163,7 +163,7 @@ def lean(up: int) -> Proc:
 
 
 def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict | None = None,
-          interpreted: bool = False) -> tuple[Proc, dict]:
+          interpreted: bool = False, tracing: dict | None = None) -> tuple[Proc, dict]:
     """The proxy with the full chain on: breaker, retry with budget, timeouts, fallback cache, metrics and
     two canary tracks (stable 95 / canary 5, to the two nginx servers)."""
     port, admin = free_port(), free_port()
@@ -184,6 +184,8 @@ def proxy(tmp: Path, ups: list[int], name: str = "resilience-proxy", extra: dict
            }}}
     for k, v in (extra or {}).items():
         cfg["upstreams"]["db"][k] = v
+    if tracing is not None:
+        cfg["tracing"] = tracing
     p = _run_proxy(tmp, name, cfg, port, admin, interpreted)
     return p, {"port": port, "admin": admin, "config": cfg, "path": tmp / f"{name}.yaml"}
 

@@ -11,7 +11,6 @@ counts against the target's breaker. The openai listener subclasses this and ove
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from proxy.exchange import HOP_BY_HOP, Failure, ProxyRequest, ProxyResponse, Ver
 from proxy.http1.client import BODY_ERRORS, ClientResponse
 from proxy.http1.server import BodyTooLarge, HeadLines, MalformedBody, Request, Response, StreamResponse
 from proxy.obs import log
+from proxy.obs.tracing import IN_SPAN
 from proxy.route.tracks import BadOverride
 
 _REQ_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id", "content-length"}
@@ -130,10 +130,6 @@ async def collect(content, idle: float, max_body: int | None, keep: int | None =
     return chunks, n, False
 
 
-# inside a request's server span: the listener's body runs once more, untraced (tracing: on only)
-_IN_SPAN: contextvars.ContextVar[bool] = contextvars.ContextVar("resilience_proxy_in_span", default=False)
-
-
 class HttpListener:
     """The request handler of one upstream's listener (proxy/http1/server.py); reads the runtime per request."""
 
@@ -212,7 +208,8 @@ class HttpListener:
         rid = new_request_id(request.headers.get("X-Request-Id"))
         if up is None:
             return self.error(503, "unavailable", "upstream removed by a config reload", rid)
-        if up.tracing is not None and not _IN_SPAN.get():
+        tracing = up.tracing
+        if tracing is not None and not IN_SPAN.get() and tracing.sampled(request.headers):
             return await self._traced(request, up)
         # In flight from the first byte: the drain waits for uploads too, and the budget sees them.
         counters = up.counters
@@ -242,7 +239,12 @@ class HttpListener:
                 preq = ProxyRequest(request.method, request.raw_path, request.path, out, request.headers, body,
                                     replayable, rid, route.name, target,
                                     route.idempotent(request.method, request.headers))
-                chain = route.chain if self.plain else await self.prepare(request, up, route, preq)
+                if not self.plain:
+                    chain = await self.prepare(request, up, route, preq)
+                elif route.traced_chain is not None and IN_SPAN.get():
+                    chain = route.traced_chain  # the same chain, with a client span per attempt
+                else:
+                    chain = route.chain
             except Refused as r:
                 if route is not None:
                     up.metrics.request(up.targets[0].name, route.name, str(r.status), "rejected")
@@ -252,7 +254,7 @@ class HttpListener:
             started = time.monotonic()
             resp = await chain(preq)
             track = resp.target.name if resp.target is not None else preq.target.name
-            if up.tracing is not None:
+            if tracing is not None and IN_SPAN.get():
                 self.trace_answer(preq, resp, track, route.name)
             if resp.outcome == "upstream":
                 up.metrics.duration(track, time.monotonic() - started)
@@ -298,11 +300,11 @@ class HttpListener:
                         "resilience.upstream": self.name, "network.peer.address": request.remote or ""})
         token = context.attach(trace.set_span_in_context(span, parent))
         try:
-            inside = _IN_SPAN.set(True)
+            inside = IN_SPAN.set(True)
             try:
                 sent = await self.handle(request)  # the same body, now inside the span
             finally:
-                _IN_SPAN.reset(inside)
+                IN_SPAN.reset(inside)
         except BaseException as exc:
             span.set_attribute("error.type", type(exc).__name__)
             raise

@@ -17,9 +17,16 @@ exports in batches; a full queue drops the span and counts it (`tracing_spans_dr
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import random
 
 from proxy.obs import log
+
+# Set while a request runs inside its (sampled) server span: the chain's attempt spans are made only
+# then. The sampling decision is taken once, before any span exists, so an unsampled request costs a
+# coin toss and nothing of the SDK.
+IN_SPAN: contextvars.ContextVar[bool] = contextvars.ContextVar("resilience_proxy_in_span", default=False)
 
 # the SDK logs one warning per span dropped from a full queue: counted instead (below)
 logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
@@ -51,7 +58,7 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
         from proxy import __version__
 
@@ -68,12 +75,23 @@ class Tracing:
 
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": spec.service_name, "service.version": __version__}),
-            sampler=ParentBased(TraceIdRatioBased(spec.sample_ratio)))
+            sampler=ALWAYS_ON)  # sampled() decided before the span was made
         self.processor = Bounded(exporter, max_queue_size=spec.max_queue, schedule_delay_millis=1000,
-                                 max_export_batch_size=min(512, spec.max_queue))
+                                 max_export_batch_size=min(128, spec.max_queue))  # shorter GIL holds: p99
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("resilience-proxy", __version__)
         log.info("tracing_started", protocol=spec.protocol, sample_ratio=spec.sample_ratio)
+
+    def sampled(self, headers, rand=random.random) -> bool:
+        """Trace this request? The app's decision when it sent a traceparent (its sampled flag), else
+        tracing.sample_ratio — what ParentBased(TraceIdRatioBased) decides, without making a span first."""
+        tp = headers.get("traceparent")
+        if tp is not None and len(tp) == 55 and tp[2] == "-" and tp[52] == "-":
+            try:
+                return bool(int(tp[53:55], 16) & 1)
+            except ValueError:
+                pass
+        return rand() < self.spec.sample_ratio
 
     async def close(self) -> None:
         import asyncio
@@ -144,7 +162,7 @@ def gen_ai_response(span, completion: dict, capture_content: bool) -> None:
 
 
 def redis_batch(tracing, upstream: str, track: str, cmds: list[list[bytes]]):
-    """A client span for one read of Redis commands, or None when the sampler leaves it out."""
+    """A client span for one read of Redis commands (the caller has sampled it: a root span)."""
     from opentelemetry.trace import SpanKind
 
     names = [bytes(c[0]).upper().decode("ascii", "replace") for c in cmds[:64] if c]
@@ -154,10 +172,7 @@ def redis_batch(tracing, upstream: str, track: str, cmds: list[list[bytes]]):
     if len(cmds) > 1:
         attrs["db.operation.batch.size"] = len(cmds)
         attrs["resilience.redis.commands"] = names  # the names only, never an argument
-    span = tracing.tracer.start_span(f"{op} {upstream}", kind=SpanKind.CLIENT, attributes=attrs)
-    if not span.is_recording():
-        return None
-    return span
+    return tracing.tracer.start_span(f"{op} {upstream}", kind=SpanKind.CLIENT, attributes=attrs)
 
 
 def end_unanswered(spans) -> None:

@@ -10,7 +10,7 @@ listener lasts until the body is through."""
 from __future__ import annotations
 
 from proxy.exchange import Handler, ProxyRequest, ProxyResponse, Verdict
-from proxy.obs.tracing import inject
+from proxy.obs.tracing import IN_SPAN, inject
 
 
 class AttemptSpan:
@@ -23,6 +23,8 @@ class AttemptSpan:
         self.status_error = (Status, StatusCode.ERROR)
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        if not IN_SPAN.get():  # a request the sampler left out: no span at all
+            return await call_next(req)
         target = req.target
         url = target.spec.url
         host, _, port = url.partition("://")[2].split("/", 1)[0].rpartition(":")

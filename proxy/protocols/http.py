@@ -32,8 +32,8 @@ _PATH_SAFE = "/%:@!$&'()*+,;=?~-._"  # keeps what is already encoded, and the qu
 class RouteRuntime:
     """One route of an upstream, built per config load: its sections and its folded chain."""
 
-    __slots__ = ("name", "methods", "prefix", "chain", "stream_chain", "continue_chain", "timeouts", "retry",
-                 "fallback", "cache")
+    __slots__ = ("name", "methods", "prefix", "chain", "stream_chain", "continue_chain", "traced_chain", "timeouts",
+                 "retry", "fallback", "cache")
 
     def __init__(self, name: str, route, timeouts, retry, fallback, chain, cache) -> None:
         self.name = name
@@ -42,6 +42,9 @@ class RouteRuntime:
         self.timeouts, self.retry, self.fallback = timeouts, retry, fallback
         self.chain, self.cache = chain, cache
         self.stream_chain = self.continue_chain = None
+        # tracing on: the chain with a client span per attempt, for the requests the sampler picked (the
+        # others keep the fused chain)
+        self.traced_chain = None
 
     def idempotent(self, method: str, headers) -> bool:
         return method in IDEMPOTENT_METHODS or self.retry.non_idempotent or "Idempotency-Key" in headers
@@ -67,6 +70,7 @@ class HttpProtocol(Protocol):
             chain, *more = self.chains(up, store, clock, timeouts, retry, fallback, cache)
             rr = RouteRuntime(route.name if route else "default", route, timeouts, retry, fallback, chain, cache)
             rr.stream_chain, rr.continue_chain = (*more, None, None)[:2]
+            rr.traced_chain = self.traced_chain(up, store, clock, timeouts, retry, fallback, cache)
             up.routes.append(rr)
         up.default_route = up.routes[-1]
 
@@ -97,7 +101,7 @@ class HttpProtocol(Protocol):
     def retry_policy(self, up, retry, clock):
         return Retry(retry, up.counters.budget, clock, up.metrics)
 
-    def policies(self, up, store, clock, timeouts, retry, fallback, cache) -> list:
+    def policies(self, up, store, clock, timeouts, retry, fallback, cache, traced: bool = True) -> list:
         """A route's chain, outer to inner: fallback → shed → total timeout → (model failover) → retry
         (budget) → breaker → (the attempt's span, tracing on) → classify → attempt timeout."""
         spec = up.spec
@@ -108,7 +112,7 @@ class HttpProtocol(Protocol):
             self.failover_policy(up, clock),
             self.retry_policy(up, retry, clock) if retry.attempts > 1 else None,
             self.breaker_policy(clock),
-            self.trace_policy(up),
+            self.trace_policy(up) if traced else None,
             Classify(status_matcher(spec.breaker.failure_statuses)),
             AttemptTimeout(timeouts.attempt, clock, store.deadlines),
         ]
@@ -122,8 +126,15 @@ class HttpProtocol(Protocol):
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
         """→ (the route's chain, its chain for streamed answers or None, its chain that continues a
-        broken stream or None)."""
-        return build_chain(self.policies(up, store, clock, timeouts, retry, fallback, cache), HttpTerminal()), None, None
+        broken stream or None). The attempt span is left out: traced requests take `traced_chain`."""
+        ps = self.policies(up, store, clock, timeouts, retry, fallback, cache, traced=False)
+        return build_chain(ps, HttpTerminal()), None, None
+
+    def traced_chain(self, up, store, clock, timeouts, retry, fallback, cache):
+        """The route's chain with the attempt span (tracing on), else None."""
+        if up.tracing is None:
+            return None
+        return build_chain(self.policies(up, store, clock, timeouts, retry, fallback, cache), HttpTerminal())
 
     # -- the listener ----------------------------------------------------------------------------------
     def listener(self, app, name: str, spec) -> Listening:

@@ -67,6 +67,9 @@ class OpenAIProtocol(HttpProtocol):
         skip = frozenset({"timeout"}) if llm.failover_on_timeout and llm.fallback_models else frozenset()
         return Retry(retry, up.counters.budget, clock, up.metrics, rate_limit_retry=True, skip=skip)
 
+    def traced_chain(self, up, store, clock, timeouts, retry, fallback, cache):
+        return None  # the LLM chains carry the attempt span already (it skips an unsampled request)
+
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
         fb, shed, total, failover, retrying, breaker, trace, classify, attempt = self.policies(
             up, store, clock, timeouts, retry, fallback, cache)

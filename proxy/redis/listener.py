@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 
 from proxy.exchange import Reason
 from proxy.obs import log
@@ -171,7 +172,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             return
         self.read_at = self.clock.monotonic()
         tracing = self.up.tracing
-        if tracing is not None and cmds:
+        if tracing is not None and cmds and random.random() < tracing.spec.sample_ratio:
             self._traced_batch(tracing, cmds)
         else:
             self._corked(self._dispatch_all, cmds, len(cmds) > 1)
@@ -182,14 +183,12 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             self.transport.pause_reading()
 
     def _traced_batch(self, tracing, cmds: list[list[bytes]]) -> None:
-        """A span for one read of commands (sampled by tracing.sample_ratio: these are roots): the command
+        """A span for one read of commands (sampled by tracing.sample_ratio by the caller: roots): the command
         names only, never an argument; ended when the batch's last reply is written (ReplyOrder._flush)."""
         from proxy.obs.tracing import redis_batch
 
         span = redis_batch(tracing, self.name, self.target.name, cmds)
         self._corked(self._dispatch_all, cmds, len(cmds) > 1)
-        if span is None:
-            return
         if self.slots:
             self._spans.append((self.slots[-1], span))
         else:

@@ -197,3 +197,43 @@ def test_tracing_off_imports_nothing_of_the_sdk(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+async def test_sampling_follows_the_apps_decision_and_the_ratio_for_the_rest(collector, start_proxy, aiohttp_server):
+    seen = []
+
+    async def ok(request):
+        seen.append(request.headers.get("traceparent"))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{p:.*}", ok)
+    server = await aiohttp_server(app)
+    name = f"t{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector, sample_ratio=0),
+           "upstreams": {name: {"listen": f"127.0.0.1:{free_port()}", "fallback": {"cache_entries": 0},
+                                "targets": [{"name": "stable", "url": f"http://127.0.0.1:{server.port}"}]}}}
+    p = await start_proxy(cfg)
+    unsampled = f"00-{APP_TRACE[::-1]}-{APP_SPAN}-00"
+    async with aiohttp.ClientSession() as s:
+        for headers in ({}, {"traceparent": unsampled}, {"traceparent": TRACEPARENT}):
+            async with s.get(p.url + "/x", headers=headers) as r:
+                assert r.status == 200
+    # ratio 0: nothing of its own; the app's unsampled context passes through untouched; the app's
+    # sampled one is followed whatever the ratio
+    assert seen[0] is None and seen[1] == unsampled and seen[2].startswith(f"00-{APP_TRACE}-")
+    spans = await spans_of(collector, APP_TRACE, at_least=2)
+    assert {s["kind"] for s in spans} == {SERVER, CLIENT}
+    assert {s["trace"] for s in collector.spans() if s["attributes"].get("resilience.upstream") == name} == {APP_TRACE}
+
+
+def test_the_sampling_decision():
+    from proxy.obs.tracing import Tracing
+    from proxy.settings.spec import TracingSpec
+
+    t = Tracing.__new__(Tracing)  # the decision alone: no exporter
+    t.spec = TracingSpec(enabled=True, sample_ratio=0.25)
+    assert t.sampled({}, rand=lambda: 0.2) and not t.sampled({}, rand=lambda: 0.3)
+    assert t.sampled({"traceparent": TRACEPARENT}, rand=lambda: 0.99)
+    assert not t.sampled({"traceparent": TRACEPARENT[:-2] + "00"}, rand=lambda: 0.0)
+    assert t.sampled({"traceparent": "garbage"}, rand=lambda: 0.1)  # unreadable: as if none was sent
