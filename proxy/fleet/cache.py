@@ -123,7 +123,10 @@ class SharedCache:
         self.upstream, self.spec, self.clock, self.events = upstream, spec, clock, events
         self.prefix = f"{spec.key_prefix}{upstream}:{key_spec}:"
         self._make_client = make_client
-        self._client = None
+        try:  # at the config load: redis-py's import (~200 ms with OpenTelemetry) is not a request's to wait for
+            self._client = make_client(spec)
+        except Exception:  # noqa: BLE001 — made again at the first use, where a failure is "no shared entry"
+            self._client = None
         self._slots = slots(spec)
         self.breaker = BreakerState("shared-cache", upstream, _BREAKER, clock)
         self.pending: dict[str, tuple] = {}  # key → answer, oldest first; a newer answer keeps its place

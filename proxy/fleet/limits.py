@@ -92,8 +92,14 @@ class SharedLimits:
         self.local = Limits(local_share(spec), clock)
         self.shared = spec.shared
         self._make_client = make_client
-        self._client = None
-        self._script = None
+        # made at the config load, not at the first decision: importing redis-py (and the OpenTelemetry it
+        # pulls in when installed) takes a few hundred ms, which the first request would otherwise wait
+        self._client = self._script = None
+        try:
+            self._client = make_client(self.shared)
+            self._script = self._client.register_script(_SCRIPT)
+        except Exception:  # noqa: BLE001 — a client that cannot even be made: tried again at the first decision
+            self._client = self._script = None
         self._slots = slots(spec.shared)
         tag = "{" + f"llm:{upstream}" + "}"  # one hash tag: one cluster slot for all of them
         self._prefix = f"{spec.shared.key_prefix}{tag}:"
