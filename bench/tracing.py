@@ -47,10 +47,8 @@ def spans_received(path: Path) -> int:
 
 def dropped(admin: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("tracing_spans_dropped_total"):
-                return float(line.split()[-1])
-    return 0.0
+        return sum(float(line.split()[-1]) for line in r.read().decode().splitlines()
+                   if line.startswith("tracing_spans_dropped_total"))
 
 
 def run(seconds: float, rounds: int, out_dir: Path) -> dict:

@@ -272,7 +272,7 @@ def lines(ports: dict[str, int], token_file: str, redis_note: str | None) -> str
         "resilience-proxy demo is running.",
         f"  app → proxy 127.0.0.1:{db} → fake database gateway 127.0.0.1:{gw} (canary build 127.0.0.1:{ports['canary']})",
         f"  admin/metrics on 127.0.0.1:{admin}, admin token: {token_file}",
-        f"  status page: http://127.0.0.1:{admin}/admin/ui  (paste the token when it asks)",
+        f"  status page: http://127.0.0.1:{admin}/admin/ui  (admin on loopback: reading needs no token)",
         "",
         "HTTP: the cache and static fallbacks, the breaker",
         f"  curl -s localhost:{db}/products/42                      # call: pass-through, with X-Request-Id",
@@ -399,6 +399,7 @@ async def run_demo(config: str | None = None, port_base: int | None = None) -> i
             await r.cleanup()
         if redis is not None:
             redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the admin token and the configs written for this run
 
 
 def _redis_cli(argv: list[str]) -> int:

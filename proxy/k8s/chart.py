@@ -13,7 +13,6 @@ from pathlib import Path
 from proxy.settings.schema import DRAFT, config_schema, dumps, embedded
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "resilience-proxy"
-_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"}  # a Kubernetes object name
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 _RESOURCES = {"type": "object", "additionalProperties": False, "properties": {
     "requests": {"type": "object", "additionalProperties": {"type": ["string", "number"]}},
@@ -29,10 +28,10 @@ def _obj(required: tuple[str, ...] = (), **props) -> dict:
 
 
 def _secret(generate: bool) -> dict:
-    props = {"name": _NAME, "value": {"type": "string"}}
+    props = {"value": {"type": "string"}}
     if generate:
         props["generate"] = {"type": "boolean"}
-    return _obj(("name",), **props)
+    return _obj(**props)
 
 
 def values_schema() -> dict:
@@ -44,7 +43,7 @@ def values_schema() -> dict:
         **_obj(
             image=_obj(repository={"type": "string", "minLength": 1}, tag={"type": "string"},
                        pullPolicy={"enum": ["Always", "IfNotPresent", "Never"]}),
-            sidecar=_obj(enabled={"type": "boolean"}, configMapName=_NAME),
+            sidecar=_obj(enabled={"type": "boolean"}),
             config=config,
             secrets=_obj(openrouterApiKey=_secret(False), adminToken=_secret(True), redisPassword=_secret(False)),
             podMonitor=_obj(enabled={"type": "boolean"}, selector={**_LABELS, "minProperties": 1},

@@ -254,8 +254,6 @@ class HttpListener:
             started = time.monotonic()
             resp = await chain(preq)
             track = resp.target.name if resp.target is not None else preq.target.name
-            if tracing is not None and IN_SPAN.get():
-                self.trace_answer(preq, resp, track, route.name)
             if resp.outcome == "upstream":
                 up.metrics.duration(track, time.monotonic() - started)
             try:
@@ -264,6 +262,8 @@ class HttpListener:
             except ConnectionResetError:
                 status, sent = "client_closed", Response(status=499)  # the app went away; nothing to send
             up.metrics.request(track, route.name, status, resp.outcome)
+            if tracing is not None and IN_SPAN.get():
+                self.trace_answer(preq, resp, track, route.name, status)
             if preq.target.canary is not None and resp.outcome != "shed" and (
                     resp.failure is None or resp.failure.kind != "bad_request"):
                 # the track's own result: a fallback means its upstream failed
@@ -320,11 +320,16 @@ class HttpListener:
             span.end()
 
     @staticmethod
-    def trace_answer(preq: ProxyRequest, resp: ProxyResponse, track: str, route: str) -> None:
-        """What the server span says of the answer: the track, the route, the fallback taken and why."""
+    def trace_answer(preq: ProxyRequest, resp: ProxyResponse, track: str, route: str, status: str) -> None:
+        """What the server span says of the answer: the track, the route, the fallback taken and why, and
+        an answer that broke after its headers (`reset`: the app saw a cut body, whatever the status)."""
         from opentelemetry import trace
 
         span = trace.get_current_span()
+        if not status.isdigit():  # reset, client_closed
+            span.set_attribute("resilience.result", status)
+            if status == "reset":
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "the answer broke after its headers were sent"))
         span.set_attribute("resilience.track", track)
         span.set_attribute("resilience.route", route)
         span.set_attribute("resilience.outcome", resp.outcome)

@@ -23,6 +23,7 @@ from proxy.llm.call import LLMCall
 from proxy.llm.policy import MAX_JSON_DEPTH, cache_key, error_event, json_depth_over, operation
 from proxy.llm.splice import Splice
 from proxy.obs import log
+from proxy.obs.tracing import IN_SPAN
 from proxy.policy.fallback import cache_key as http_cache_key
 from proxy.settings.units import parse_duration
 
@@ -140,7 +141,7 @@ class OpenAIListener(HttpListener):
     async def respond(self, request: Request, up, route, preq: ProxyRequest,
                       resp: ProxyResponse) -> tuple[str, StreamResponse]:
         call = preq.llm
-        if up.tracing is not None:
+        if up.tracing is not None and IN_SPAN.get():
             self.trace_call(up, preq)
         if call.model_fallback and resp.headers is not None:
             if not isinstance(resp.headers, CIMultiDict):  # an upstream's headers are read-only
@@ -165,7 +166,7 @@ class OpenAIListener(HttpListener):
                     try:
                         doc = json.loads(body)
                         up.metrics.tokens(model, doc.get("usage"), op, asked)
-                        if up.tracing is not None:
+                        if up.tracing is not None and IN_SPAN.get():
                             self.trace_call(up, preq, doc)
                     except (ValueError, AttributeError, RecursionError):
                         pass
@@ -255,7 +256,7 @@ class OpenAIListener(HttpListener):
                 await sr.write(sse.DONE)
             completion = sp.asm.completion()
             up.metrics.tokens(model, completion.get("usage"), op, current)
-            if up.tracing is not None:
+            if up.tracing is not None and IN_SPAN.get():
                 self.trace_call(up, preq, completion)
             if sp.part:
                 up.metrics.stream_recovery("recovered")

@@ -225,15 +225,16 @@ class Metrics:
                                                    "The app's inbound latency, request → response headers.",
                                                    ("method", "track"), r)
         self.tracing_dropped = Counter(
-            "tracing_spans_dropped", "Spans dropped because the export queue (tracing.max_queue) was full: the "
-            "data path never waits for the exporter.", registry=r)
+            "tracing_spans_dropped", "Spans that never reached the Collector, reason: queue_full (tracing.max_queue: "
+            "the data path never waits for the exporter) | export_failed (the Collector away or refusing).",
+            ["reason"], registry=r)
         self.reloads = Counter("config_reload", "Config reloads by result.", ["result"], registry=r)
         self.config_info = Gauge("config_info", "Hash of the running config (value is always 1).", ["hash"], registry=r)
 
     def status_totals(self) -> dict:
         """What the status page (proxy/admin/ui.py) samples, read from the counters themselves: per
         (upstream, track) the answers, the failed ones (the upstream failed: a fallback, an error the proxy
-        produced, a 5xx — as the DependencyCanaryErrors rule counts them), shed ones and the latency
+        produced with a 5xx, an upstream 5xx, a body cut), shed ones and the latency
         buckets; per upstream the retries and the fallbacks by reason; per (upstream, track) the aborts."""
         tracks: dict = {}
         ups: dict = {}
@@ -259,7 +260,8 @@ class Metrics:
                 r["requests"] += smp.value
                 if lb["outcome"] == "shed":
                     r["shed"] += smp.value
-                elif lb["outcome"] in ("fallback", "rejected") or lb["status"].startswith("5"):
+                # not a 4xx the proxy answered itself (the app's bad request is not the track's failure)
+                elif lb["outcome"] == "fallback" or lb["status"].startswith("5") or lb["status"] == "reset":
                     r["failed"] += smp.value
         for fam in self.duration.collect():
             for smp in fam.samples:

@@ -64,14 +64,39 @@ class Tracing:
 
         self.spec = spec
         exporter = _EXPORTERS[spec.protocol](spec)  # OTLP's transport, not one of the proxy's protocols
-        dropped = metrics.tracing_dropped
+        full, failed = metrics.tracing_dropped.labels("queue_full"), metrics.tracing_dropped.labels("export_failed")
 
         class Bounded(BatchSpanProcessor):
             def on_end(self, span) -> None:
                 queue = getattr(self._batch_processor, "_queue", None)
                 if queue is not None and len(queue) >= queue.maxlen:
-                    dropped.inc()  # the oldest waiting span goes: the data path never waits for the exporter
+                    full.inc()  # the oldest waiting span goes: the data path never waits for the exporter
                 super().on_end(span)
+
+        class Counted:
+            """The exporter, with the spans it could not deliver counted (a Collector away or refusing)."""
+
+            def __init__(self, inner) -> None:
+                self.inner = inner
+
+            def export(self, spans):
+                from opentelemetry.sdk.trace.export import SpanExportResult
+
+                try:
+                    result = self.inner.export(spans)
+                except Exception:  # noqa: BLE001 — an exporter that raises: the batch is lost all the same
+                    result = SpanExportResult.FAILURE
+                if result is not SpanExportResult.SUCCESS:
+                    failed.inc(len(spans))
+                return result
+
+            def shutdown(self):
+                return self.inner.shutdown()
+
+            def force_flush(self, timeout_millis: int = 30000) -> bool:
+                return self.inner.force_flush(timeout_millis)
+
+        exporter = Counted(exporter)
 
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": spec.service_name, "service.version": __version__}),

@@ -13,6 +13,18 @@ from proxy.exchange import Handler, ProxyRequest, ProxyResponse, Verdict
 from proxy.obs.tracing import IN_SPAN, inject
 
 
+def _address(target) -> tuple[str, int | None]:
+    """(host, port) of the target's URL — never its user info, which may be credentials."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(target.spec.url)
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    return u.hostname or "", port
+
+
 class AttemptSpan:
     __slots__ = ("tracer", "upstream", "kind", "status_error")
 
@@ -26,13 +38,12 @@ class AttemptSpan:
         if not IN_SPAN.get():  # a request the sampler left out: no span at all
             return await call_next(req)
         target = req.target
-        url = target.spec.url
-        host, _, port = url.partition("://")[2].split("/", 1)[0].rpartition(":")
-        attrs = {"http.request.method": req.method, "url.path": req.path, "server.address": host or port,
+        host, port = _address(target)
+        attrs = {"http.request.method": req.method, "url.path": req.path, "server.address": host,
                  "resilience.upstream": self.upstream, "resilience.track": target.name,
                  "resilience.breaker.state": target.breaker.state}
-        if host and port.isdigit():
-            attrs["server.port"] = int(port)
+        if port is not None:
+            attrs["server.port"] = port
         if req.attempts:
             attrs["http.request.resend_count"] = req.attempts
         call = getattr(req, "llm", None)

@@ -85,16 +85,12 @@ class ReplyOrder:
         if self.slots and self.slots[0] is slot:
             self._flush()
 
-    def _end_spans(self) -> None:
-        """The traced batches whose last reply is out now (their slot left the queue)."""
-        waiting = self.slots[0] if self.slots else None
+    def _end_spans(self, gone: set[int]) -> None:
+        """The traced batches whose last reply is out now (their slot left the queue in this flush: the
+        queue is in order, so an older one left in an earlier flush and was ended then)."""
         spans = self._spans
-        while spans:
-            slot, span = spans[0]
-            if waiting is not None and slot in self.slots:
-                return
-            spans.popleft()
-            span.end()
+        while spans and id(spans[0][0]) in gone:
+            spans.popleft()[1].end()
 
     def _batch(self, start: bool) -> None:
         self.corked = start
@@ -106,11 +102,17 @@ class ReplyOrder:
             return  # the end of the batch flushes
         slots = self.slots
         out = []
-        while slots and slots[0].reply is not None:
-            out.append(slots.popleft().reply)
+        if self._spans:  # traced batches waiting (tracing on): note which slots leave, to end their spans
+            gone = set()
+            while slots and slots[0].reply is not None:
+                s = slots.popleft()
+                gone.add(id(s))
+                out.append(s.reply)
+            self._end_spans(gone)
+        else:
+            while slots and slots[0].reply is not None:
+                out.append(slots.popleft().reply)
         freed = len(out)
-        if self._spans:
-            self._end_spans()
         if not slots and self._after:
             out.extend(self._after)
             self._after = []

@@ -682,7 +682,8 @@ class TracingSpec(Spec):
     @classmethod
     def _endpoint(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")) or "@" in v.partition("://")[2].split("/")[0]:
-            raise ValueError("must be an http:// or https:// URL without user info (a token goes in a header)")
+            raise ValueError("must be an http:// or https:// URL without user info (the Collector's credentials go "
+                             "in OTEL_EXPORTER_OTLP_HEADERS, read by the exporter)")
         return v
 
 

@@ -25,8 +25,7 @@ FULL = {
     "injector": {"enabled": True},
     "argoRollouts": {"analysisTemplates": True},
     "flagger": {"metricTemplates": True},
-    "secrets": {"openrouterApiKey": {"name": "openrouter-api-key", "value": "sk-or-test-key"},
-                "redisPassword": {"name": "redis-password", "value": "hunter2"}},
+    "secrets": {"openrouterApiKey": {"value": "sk-or-test-key"}, "redisPassword": {"value": "hunter2"}},
     "prometheusUrl": "http://prometheus.monitoring.svc:9090",
 }
 
@@ -199,3 +198,35 @@ def test_install_upgrade_uninstall_on_a_real_api_server(api):
     assert out.returncode == 0, out.stderr
     assert [c.metadata.name for c in core.list_namespaced_config_map(ns).items
             if c.metadata.name.startswith("resilience-proxy")] == []
+
+
+def test_a_secret_you_made_yourself_is_left_alone(api):
+    """The admin token's Secret created out of band before the install: the chart does not try to own it
+    (Helm would refuse the install), and the user's token stays."""
+    from kubernetes import client
+
+    kc = api.kubeconfig()
+    ns = "helm-byo"
+    core = client.CoreV1Api(api.client())
+    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespaced_secret(ns, {"metadata": {"name": "resilience-proxy-admin-token"},
+                                       "stringData": {"token": "my-own-long-admin-token"}})
+    out = helm("install", "rp", str(CHART), "-n", ns, kubeconfig=kc)
+    assert out.returncode == 0, out.stderr
+    secret = core.read_namespaced_secret("resilience-proxy-admin-token", ns)
+    assert base64.b64decode(secret.data["token"]) == b"my-own-long-admin-token"
+    assert "meta.helm.sh/release-name" not in (secret.metadata.annotations or {})
+    assert helm("uninstall", "rp", "-n", ns, kubeconfig=kc).returncode == 0
+    assert core.read_namespaced_secret("resilience-proxy-admin-token", ns).data == secret.data  # still theirs
+
+
+def test_values_in_yaml_1_1_need_the_on_key_quoted(tmp_path):
+    """Helm reads a values file as YAML 1.1: an unquoted `on:` is the boolean true, refused by the schema
+    (unknown key) instead of read as retry.on — the README and values.yaml say to quote it."""
+    f = tmp_path / "v.yaml"
+    f.write_text("config:\n  upstreams:\n    database:\n      retry: {on: [reset]}\n")
+    assert "retry" in refused("--values", str(f))
+    f.write_text('config:\n  upstreams:\n    database:\n      retry: {"on": [reset, "503"]}\n')
+    cm = next(d for d in yaml.safe_load_all(helm("template", "rp", str(CHART), "--values", str(f)).stdout)
+              if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == "resilience-proxy-config")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["upstreams"]["database"]["retry"]["on"] == ["reset", "503"]
