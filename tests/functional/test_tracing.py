@@ -276,3 +276,60 @@ async def test_credentials_in_a_target_url_never_reach_a_span_and_a_cut_body_is_
     assert attempt["attributes"]["server.address"] == "127.0.0.1"
     (srv,) = _kind(spans, SERVER)
     assert srv["attributes"]["resilience.result"] == "reset" and srv["status"].get("code") == 2
+
+
+async def test_a_stream_cut_and_continued_is_one_server_span_with_both_attempts(collector, start_proxy,
+                                                                              aiohttp_server):
+    import openai
+
+    fake = FakeOpenAI()
+    fake.cut_after, fake.fault_times = 3, 1  # the first stream is cut after three chunks, once
+    server = await aiohttp_server(fake.app())
+    name = f"llm{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector),
+           "upstreams": {name: {"protocol": "openai", "listen": f"127.0.0.1:{free_port()}",
+                                "targets": [{"name": "stable", "url": f"http://127.0.0.1:{server.port}"}],
+                                "health": {"enabled": False}, "llm": {"degraded": {"enabled": False}}}}}
+    await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=f"http://{cfg['upstreams'][name]['listen']}/api/v1", api_key="sk-test",
+                                max_retries=0, default_headers={"traceparent": TRACEPARENT})
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                  stream=True, stream_options={"include_usage": True})
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == fake.content({"messages": [{"role": "user", "content": "hi"}]})  # whole, once
+    spans = await spans_of(collector, APP_TRACE, at_least=3)
+    (srv,) = _kind(spans, SERVER)
+    attempts = _kind(spans, CLIENT)
+    assert len(attempts) == 2 and all(a["parent"] == srv["span"] for a in attempts)  # the first, its continuation
+    assert all(a["attributes"]["gen_ai.request.model"] == "m" for a in attempts)
+    assert srv["attributes"]["resilience.stream.continuations"] == 1
+    assert srv["attributes"]["gen_ai.response.finish_reasons"] == ["stop"]
+
+
+async def test_redis_batches_are_sampled_by_the_ratio(collector, start_proxy, redis_server, monkeypatch):
+    import random as stdlib_random
+
+    from proxy.redis import listener
+
+    draws = iter([0.05, 0.5, 0.05, 0.9])  # two of four batches under the ratio of 0.1
+    monkeypatch.setattr(listener, "random", type("R", (), {"random": staticmethod(lambda: next(draws, 0.99))}))
+    assert stdlib_random.random  # the module's own, untouched
+    name = f"r{next(_names)}"
+    cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector, sample_ratio=0.1),
+           "upstreams": {name: {"protocol": "redis", "listen": f"127.0.0.1:{free_port()}",
+                                "targets": [{"name": "stable", "url": redis_server + "/4"}]}}}
+    await start_proxy(cfg)
+    import asyncio
+
+    host, port = cfg["upstreams"][name]["listen"].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))  # raw RESP: one batch per command, no
+    try:                                                              # handshake of a client library
+        for i, cmd in enumerate((b"SET", b"GET", b"INCR", b"DEL")):
+            args = [cmd, f"k{i}".encode()] + ([b"v"] if cmd == b"SET" else [])
+            writer.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+            await writer.drain()
+            assert await reader.readline()
+    finally:
+        writer.close()
+    spans = await spans_of(collector, at_least=2, where=lambda s: s["attributes"].get("resilience.upstream") == name)
+    assert sorted(s["attributes"]["db.operation.name"] for s in spans) == ["INCR", "SET"]  # the 1st and 3rd
