@@ -123,8 +123,7 @@ class OpenAIListener(HttpListener):
         call = preq.llm
         capture = up.tracing.spec.capture_content
         if completion is None:
-            span.set_attribute("gen_ai.operation.name", "chat" if preq.path.endswith("/chat/completions")
-                               else "text_completion")
+            span.set_attribute("gen_ai.operation.name", operation(preq.path))
             span.set_attribute("gen_ai.provider.name", "openai")
             asked = call.doc.get("model") if call.doc else None
             if isinstance(asked, str):

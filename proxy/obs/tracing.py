@@ -107,7 +107,7 @@ class Tracing:
         self.tracer = self.provider.get_tracer("resilience-proxy", __version__)
         log.info("tracing_started", protocol=spec.protocol, sample_ratio=spec.sample_ratio)
 
-    def sampled(self, headers, rand=random.random) -> bool:
+    def sampled(self, headers, rand=None) -> bool:
         """Trace this request? The app's decision when it sent a traceparent (its sampled flag), else
         tracing.sample_ratio — what ParentBased(TraceIdRatioBased) decides, without making a span first."""
         tp = headers.get("traceparent")
@@ -116,7 +116,11 @@ class Tracing:
                 return bool(int(tp[53:55], 16) & 1)
             except ValueError:
                 pass
-        return rand() < self.spec.sample_ratio
+        return self.coin(rand)
+
+    def coin(self, rand=None) -> bool:
+        """A root span's sampling (a request without a parent, a Redis batch): tracing.sample_ratio."""
+        return (rand or random.random)() < self.spec.sample_ratio
 
     async def close(self) -> None:
         import asyncio

@@ -9,51 +9,50 @@ listener lasts until the body is through."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from opentelemetry.trace import SpanKind, Status, StatusCode  # imported only with tracing on
+
 from proxy.exchange import Handler, ProxyRequest, ProxyResponse, Verdict
+from proxy.llm.policy import operation
 from proxy.obs.tracing import IN_SPAN, inject
 
 
-def _address(target) -> tuple[str, int | None]:
-    """(host, port) of the target's URL — never its user info, which may be credentials."""
-    from urllib.parse import urlsplit
-
+def _target_attributes(upstream: str, target) -> dict:
+    """What every attempt to this target says of where it went — host and port, never the URL's user
+    info (it may be credentials). Worked out once per config load."""
     u = urlsplit(target.spec.url)
+    attrs = {"server.address": u.hostname or "", "resilience.upstream": upstream, "resilience.track": target.name}
     try:
-        port = u.port
+        if u.port is not None:
+            attrs["server.port"] = u.port
     except ValueError:
-        port = None
-    return u.hostname or "", port
+        pass
+    return attrs
 
 
 class AttemptSpan:
-    __slots__ = ("tracer", "upstream", "kind", "status_error")
+    __slots__ = ("tracer", "upstream", "targets")
 
-    def __init__(self, tracer, upstream: str) -> None:
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        self.tracer, self.upstream, self.kind = tracer, upstream, SpanKind.CLIENT
-        self.status_error = (Status, StatusCode.ERROR)
+    def __init__(self, tracer, upstream: str, targets) -> None:
+        self.tracer, self.upstream = tracer, upstream
+        self.targets = {t.name: _target_attributes(upstream, t) for t in targets}
 
     async def __call__(self, req: ProxyRequest, call_next: Handler) -> ProxyResponse:
         if not IN_SPAN.get():  # a request the sampler left out: no span at all
             return await call_next(req)
         target = req.target
-        host, port = _address(target)
-        attrs = {"http.request.method": req.method, "url.path": req.path, "server.address": host,
-                 "resilience.upstream": self.upstream, "resilience.track": target.name,
+        attrs = {**self.targets[target.name], "http.request.method": req.method, "url.path": req.path,
                  "resilience.breaker.state": target.breaker.state}
-        if port is not None:
-            attrs["server.port"] = port
         if req.attempts:
             attrs["http.request.resend_count"] = req.attempts
         call = getattr(req, "llm", None)
         if call is not None:
-            attrs["gen_ai.operation.name"] = "chat" if req.path.endswith("/chat/completions") else "text_completion"
-            model = call.asked
-            if isinstance(model, str):
-                attrs["gen_ai.request.model"] = model
+            attrs["gen_ai.operation.name"] = operation(req.path)
             attrs["gen_ai.provider.name"] = "openai"
-        span = self.tracer.start_span(f"{req.method} {self.upstream}", kind=self.kind, attributes=attrs)
+            if isinstance(call.asked, str):
+                attrs["gen_ai.request.model"] = call.asked
+        span = self.tracer.start_span(f"{req.method} {self.upstream}", kind=SpanKind.CLIENT, attributes=attrs)
         inject(span, req.headers)
         try:
             resp = await call_next(req)
@@ -65,7 +64,6 @@ class AttemptSpan:
         if resp.verdict is not Verdict.SUCCESS or resp.failure is not None:
             why = resp.failure.error_type if resp.failure is not None else f"{resp.status}"
             span.set_attribute("error.type", why)
-            status, error = self.status_error
-            span.set_status(status(error, why))
+            span.set_status(Status(StatusCode.ERROR, why))
         span.end()
         return resp

@@ -122,7 +122,7 @@ class HttpProtocol(Protocol):
             return None
         from proxy.policy.trace import AttemptSpan  # the OpenTelemetry SDK only with tracing on
 
-        return AttemptSpan(up.tracing.tracer, up.name)
+        return AttemptSpan(up.tracing.tracer, up.name, up.targets)
 
     def chains(self, up, store, clock, timeouts, retry, fallback, cache):
         """→ (the route's chain, its chain for streamed answers or None, its chain that continues a

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import random
 
 from proxy.exchange import Reason
 from proxy.obs import log
@@ -172,7 +171,7 @@ class RedisClientProtocol(SessionCommands, FlowControl, ReplyOrder, asyncio.Prot
             return
         self.read_at = self.clock.monotonic()
         tracing = self.up.tracing
-        if tracing is not None and cmds and random.random() < tracing.spec.sample_ratio:
+        if tracing is not None and cmds and tracing.coin():
             self._traced_batch(tracing, cmds)
         else:
             self._corked(self._dispatch_all, cmds, len(cmds) > 1)

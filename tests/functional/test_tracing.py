@@ -307,13 +307,10 @@ async def test_a_stream_cut_and_continued_is_one_server_span_with_both_attempts(
 
 
 async def test_redis_batches_are_sampled_by_the_ratio(collector, start_proxy, redis_server, monkeypatch):
-    import random as stdlib_random
-
-    from proxy.redis import listener
+    from proxy.obs import tracing as tracing_module
 
     draws = iter([0.05, 0.5, 0.05, 0.9])  # two of four batches under the ratio of 0.1
-    monkeypatch.setattr(listener, "random", type("R", (), {"random": staticmethod(lambda: next(draws, 0.99))}))
-    assert stdlib_random.random  # the module's own, untouched
+    monkeypatch.setattr(tracing_module, "random", type("R", (), {"random": staticmethod(lambda: next(draws, 0.99))}))
     name = f"r{next(_names)}"
     cfg = {"admin": {"listen": f"127.0.0.1:{free_port()}"}, "tracing": tracing(collector, sample_ratio=0.1),
            "upstreams": {name: {"protocol": "redis", "listen": f"127.0.0.1:{free_port()}",
