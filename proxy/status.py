@@ -12,6 +12,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.obs.metrics import bucket_p99
+
 DEFAULT_ADMIN = os.environ.get("PROXY_ADMIN_URL", "http://127.0.0.1:9901")
 
 
@@ -64,15 +66,8 @@ def _scrape(admin: str) -> dict:
 
 
 def _p99(b1: dict, b0: dict) -> str:
-    les = sorted(b1)
-    deltas = [(le, b1[le] - b0.get(le, 0.0)) for le in les]
-    total = deltas[-1][1] if deltas else 0
-    if total <= 0:
-        return "-"
-    for le, n in deltas:
-        if n >= 0.99 * total:
-            return "inf" if le == float("inf") else f"<{le:g}s"
-    return "-"
+    le = bucket_p99(b1, b0)
+    return "-" if le is None else "inf" if le == float("inf") else f"<{le:g}s"
 
 
 def render(admin: str, token: str | None, interval: float) -> str:

@@ -18,6 +18,9 @@ import collections
 import time
 from importlib import resources
 
+from proxy import __version__
+from proxy.obs.metrics import bucket_p99
+
 SAMPLE_EVERY = 5.0
 KEEP = 120  # ten minutes of samples
 _FILES = {"ui": ("index.html", "text/html; charset=utf-8"), "ui.js": ("ui.js", "text/javascript; charset=utf-8"),
@@ -41,19 +44,19 @@ def asset(name: str) -> tuple[bytes, str] | None:
 
 
 def _p99(now: dict, then: dict | None) -> float | None:
-    """The 99th percentile's bucket bound over the interval (None: no answers in it)."""
-    les = sorted(now)
-    if not les:
-        return None
-    base = then or {}
-    deltas = [(le, now[le] - base.get(le, 0.0)) for le in les]
-    total = deltas[-1][1]
-    if total <= 0:
-        return None
-    for le, n in deltas:
-        if n >= 0.99 * total:
-            return None if le == float("inf") else le
-    return None
+    le = bucket_p99(now, then)
+    return None if le == float("inf") else le  # JSON has no infinity: past the last bound shows as unknown
+
+
+def _interval(a: dict | None, b: dict | None, seconds: float) -> tuple[float | None, float | None, float | None]:
+    """(requests/s, failed share, p99) of one track between two samples (b older; None: no series yet)."""
+    if a is None:
+        return None, None, None
+    n = a["requests"] - (b["requests"] if b else 0.0)
+    answered = n - (a["shed"] - (b["shed"] if b else 0.0))
+    failed = a["failed"] - (b["failed"] if b else 0.0)
+    return (round(n / max(seconds, 1e-9), 3), round(failed / answered, 4) if answered > 0 else None,
+            _p99(a["buckets"], b["buckets"] if b else None))
 
 
 class StatusPage:
@@ -90,14 +93,8 @@ class StatusPage:
             tracks = []
             for t in up.targets:
                 key = (name, t.name)
-                a, b = now["tracks"].get(key), ref["tracks"].get(key)
-                rate = err = p99 = None
-                if a is not None:
-                    n = a["requests"] - (b["requests"] if b else 0.0)
-                    shed = a["shed"] - (b["shed"] if b else 0.0)
-                    rate = round(n / span, 3)
-                    err = round((a["failed"] - (b["failed"] if b else 0.0)) / (n - shed), 4) if n - shed > 0 else None
-                    p99 = _p99(a["buckets"], b["buckets"] if b else None)
+                a = now["tracks"].get(key)
+                rate, err, p99 = _interval(a, ref["tracks"].get(key), span)
                 br = t.breaker
                 tracks.append({
                     "name": t.name, "weight": t.weight, "effective_weight": up.weights.get(t.name, 0),
@@ -118,30 +115,13 @@ class StatusPage:
                 "retry_rate": round((u_now.get("retries", 0.0) - u_ref.get("retries", 0.0)) / span, 3),
                 "fallbacks": fallbacks, "cache_entries": sum(len(c) for c in up.caches()), "tracks": tracks,
             })
-        return {"ready": ready, "version": self._version(), "config_hash": self.app.runtime.digest,
+        return {"ready": ready, "version": __version__, "config_hash": self.app.runtime.digest,
                 "sample_seconds": SAMPLE_EVERY, "generated_at": round(time.time(), 3), "upstreams": out}
-
-    @staticmethod
-    def _version() -> str:
-        from proxy import __version__
-
-        return __version__
 
     @staticmethod
     def _series(points: list[tuple[float, dict]], key: tuple[str, str]) -> dict:
         """Per interval between consecutive samples: requests/s, failed share, p99 (None where no answer)."""
-        rate, err, p99 = [], [], []
-        for (t0, s0), (t1, s1) in zip(points, points[1:], strict=False):
-            a, b = s1["tracks"].get(key), s0["tracks"].get(key)
-            dt = max(t1 - t0, 1e-9)
-            if a is None:
-                rate.append(0.0)
-                err.append(None)
-                p99.append(None)
-                continue
-            n = a["requests"] - (b["requests"] if b else 0.0)
-            shed = a["shed"] - (b["shed"] if b else 0.0)
-            rate.append(round(n / dt, 3))
-            err.append(round((a["failed"] - (b["failed"] if b else 0.0)) / (n - shed), 4) if n - shed > 0 else None)
-            p99.append(_p99(a["buckets"], b["buckets"] if b else None))
-        return {"rate": rate, "error_ratio": err, "p99_seconds": p99}
+        steps = [_interval(s1["tracks"].get(key), s0["tracks"].get(key), t1 - t0)
+                 for (t0, s0), (t1, s1) in zip(points, points[1:], strict=False)]
+        return {"rate": [r or 0.0 for r, _, _ in steps], "error_ratio": [e for _, e, _ in steps],
+                "p99_seconds": [p for _, _, p in steps]}

@@ -38,6 +38,17 @@ class _Histogram:
         self.sum += value
 
 
+def bucket_p99(now: dict, then: dict | None) -> float | None:
+    """The bound of the bucket holding the 99th percentile of what a cumulative histogram ({le: count})
+    added since `then` (inf: past the last bound; None: nothing added). `resilience-proxy status` and the status page read it."""
+    base = then or {}
+    deltas = [(le, now[le] - base.get(le, 0.0)) for le in sorted(now)]
+    total = deltas[-1][1] if deltas else 0
+    if total <= 0:
+        return None
+    return next((le for le, n in deltas if n >= 0.99 * total), None)
+
+
 class PerSeriesHistogram(Collector):
     """A histogram family whose buckets are chosen per series (LLM calls need minutes, a DB gateway
     milliseconds); prometheus-client fixes buckets per family and walks them in Python."""
