@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from aiohttp import web
@@ -235,9 +236,7 @@ def _with_port_base(path: str, base: int, tmp: str) -> tuple[str, int]:
 
 def _moved(url: str, port: int) -> str:
     """The URL on 127.0.0.1:port, its scheme and path kept."""
-    scheme, _, rest = url.partition("://")
-    _, slash, path = rest.partition("/")
-    return f"{scheme}://127.0.0.1:{port}{slash}{path}"
+    return urlsplit(url)._replace(netloc=f"127.0.0.1:{port}").geturl()
 
 
 def _without(path: str, name: str, tmp: str) -> str:
@@ -255,7 +254,7 @@ def _targets(cfg: dict) -> dict[str, int]:
     found: dict[str, int] = {}
     for i, (name, up) in enumerate(ups.items()):
         for t in up.get("targets") or []:
-            port = int(str(t["url"]).split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+            port = urlsplit(str(t["url"])).port
             if i == 0:
                 found["canary" if t.get("name") == "canary" else "gateway"] = port
             elif name in BEHIND:

@@ -44,19 +44,10 @@ class Refusal(Exception):
 
 
 # -- the ConfigMap edit --------------------------------------------------------------------------------
-def current_weights(text: str, upstream: str) -> dict[str, int]:
-    """The tracks' weights of `upstream` as the config has them (what a rollback entry changed from)."""
-    import yaml
-
-    doc = yaml.safe_load(text)
-    targets = doc["upstreams"][upstream]["targets"]
-    return {t["name"]: int(t.get("weight", 100)) for t in targets if isinstance(t, dict)}
-
-
-def zero_track(text: str, upstream: str, track: str) -> tuple[str, dict[str, int]]:
+def zero_track(text: str, upstream: str, track: str) -> tuple[str, dict[str, int], dict[str, int]]:
     """The sidecar config with `track`'s weight at 0 and its share given to the other weighted tracks of
     `upstream` (in proportion to their weights, each at most 100, the total kept where it can be) →
-    (the new YAML, the new weights). Comments and layout are kept (ruamel's round trip)."""
+    (the new YAML, the new weights, the weights before). Comments and layout are kept (ruamel's round trip)."""
     from ruamel.yaml import YAML
 
     y = YAML()
@@ -71,9 +62,10 @@ def zero_track(text: str, upstream: str, track: str) -> tuple[str, dict[str, int
     if bad is None:
         raise Refusal(f"upstream {upstream!r} has no track {track!r}")
     weight = lambda t: int(t.get("weight", 100))  # noqa: E731 — the spec's default
+    before = {t["name"]: weight(t) for t in targets}
     others = [t for t in targets if t is not bad and weight(t) > 0]
     if weight(bad) == 0:
-        return text, {t["name"]: weight(t) for t in targets}  # already rolled back: nothing to write
+        return text, before, before  # already rolled back: nothing to write
     if not others:
         raise Refusal(f"track {track!r} is the only weighted track of {upstream!r}: every sidecar would refuse "
                       "a config without one")
@@ -94,7 +86,7 @@ def zero_track(text: str, upstream: str, track: str) -> tuple[str, dict[str, int
         t["weight"] = new[id(t)]
     out = io.StringIO()
     y.dump(doc, out)
-    return out.getvalue(), {t["name"]: weight(t) for t in targets}
+    return out.getvalue(), {t["name"]: weight(t) for t in targets}, before
 
 
 def validate(text: str) -> None:
@@ -235,8 +227,7 @@ class Receiver:
             return {**what, "result": "dry_run" if self.dry_run else "done"}
         for _ in range(_CONFLICTS):
             text, version = await asyncio.to_thread(self.kube.read_config, self.namespace, self.configmap, self.key)
-            new, weights = zero_track(text, what["upstream"], what["track"])
-            what["previous_weights"] = current_weights(text, what["upstream"])
+            new, weights, what["previous_weights"] = zero_track(text, what["upstream"], what["track"])
             if new == text:
                 return {**what, "result": "unchanged", "weights": weights, "detail": "the track's weight is 0 already"}
             validate(new)

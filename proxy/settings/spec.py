@@ -69,17 +69,26 @@ def _as_str_tuple(v: object) -> object:
     return v
 
 
-class TLSSpec(Spec):
+class SharedTLSSpec(Spec):
+    """rediss:// for the fleet's Redis (redis-py): the certificate is checked against the URL's host, so
+    there is no server_name to give."""
+
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    server_name: str | None = None
 
     @model_validator(mode="after")
-    def _pair(self) -> TLSSpec:
+    def _pair(self) -> SharedTLSSpec:
         if self.key_file and not self.cert_file:
             raise ValueError("key_file needs cert_file")
         return self
+
+
+class TLSSpec(SharedTLSSpec):
+    """A target's TLS: the CA, a client certificate, and the name its certificate is checked against
+    (and sent as SNI) when it is not the URL's host."""
+
+    server_name: str | None = None
 
 
 class TargetSpec(Spec):
@@ -197,21 +206,6 @@ def _redis_url(v: str) -> str:
         # user info in it is redacted where every config error line is (ConfigError)
         raise ValueError(f"must be a redis:// or rediss:// URL, got {v!r}")
     return v
-
-
-class SharedTLSSpec(Spec):
-    """rediss:// for the fleet's Redis (redis-py): the certificate is checked against the URL's host, so
-    there is no server_name to give."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    @model_validator(mode="after")
-    def _pair(self) -> SharedTLSSpec:
-        if self.key_file and not self.cert_file:
-            raise ValueError("key_file needs cert_file")
-        return self
 
 
 class SharedCacheSpec(Spec):

@@ -27,12 +27,12 @@ upstreams:
 
 
 def test_the_track_is_zeroed_and_its_share_goes_to_the_others_in_proportion():
-    text, weights = zero_track(CONFIG, "db", "canary")
+    text, weights, _ = zero_track(CONFIG, "db", "canary")
     assert weights == {"stable": 67, "green": 33, "canary": 0}  # 60:30 of 100, summing to 100 again
     assert "# the stable track" in text and "# the sidecar config" in text
     doc = yaml.safe_load(text)
     assert [t["weight"] for t in doc["upstreams"]["db"]["targets"]] == [67, 33, 0]
-    again, _ = zero_track(text, "db", "canary")
+    again, _, _ = zero_track(text, "db", "canary")
     assert again == text  # already rolled back: nothing to write
 
 
