@@ -82,12 +82,14 @@ CRD_SOURCES = {
 }
 
 
-class _CrdLoader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's `=` value tag (a plain string in YAML 1.2, as the API server reads it)."""
+class _CrdLoader(yaml.CSafeLoader):
+    """libyaml's SafeLoader (the CRDs are megabytes of YAML: the pure-Python parser took 21 s of the
+    session fixture's first test, past its timeout on a busy machine), without YAML 1.1's `=` value tag
+    (a plain string in YAML 1.2, as the API server reads it)."""
 
 
 _CrdLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:value"]
-                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+                                      for k, v in yaml.CSafeLoader.yaml_implicit_resolvers.items()}
 
 
 def crd_documents() -> list[dict]:
